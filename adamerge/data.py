@@ -1,0 +1,149 @@
+"""CalibrationDataModule: unlabeled batches from every task, one batch of each task per step.
+
+Batches are a pure function of (seed, step, task), so a resumed run sees exactly the batches the
+uninterrupted run would have seen, and each DDP rank takes its own slice of the global batch.
+Labels are dropped before anything reaches training: they are only read for evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+
+class DataError(ValueError):
+    """A problem with calibration or test data: names the task and file at fault."""
+
+
+def read_jsonl(path: str | Path, task: str, need_labels: bool = False) -> tuple[list[str], list[int]]:
+    """Texts (and labels) from a JSON-lines file of ``{"text": ..., "label": ...}`` objects."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"task '{task}': data file {p} does not exist")
+    texts, labels = [], []
+    with p.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                texts.append(str(row["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"task '{task}': {p} line {i} is not a JSON object with a 'text' field ({e})") from e
+            if need_labels:
+                if "label" not in row:
+                    raise DataError(f"task '{task}': {p} line {i} has no 'label' (needed for evaluation)")
+                labels.append(int(row["label"]))
+    if not texts:
+        raise DataError(f"task '{task}': {p} has no examples (empty calibration/test data)")
+    return texts, labels
+
+
+def load_tokenizer(path: str | Path, causal: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if causal:
+        tok.padding_side = "right"  # entropy masks assume padding at the end
+    return tok
+
+
+def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop padding columns no row of this batch uses (inputs are padded to max_length once)."""
+    n = int(batch["attention_mask"].sum(1).max())
+    return {k: v[:, :n] for k, v in batch.items()}
+
+
+def step_indices(n: int, batch_size: int, step: int, seed: int, task_idx: int) -> torch.Tensor:
+    """Indices of one task's global batch at ``step``: consecutive slices of seeded permutations."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, pos = divmod(start + len(out), n)
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + task_idx * 7_919 + epoch)
+        perm = torch.randperm(n, generator=g)
+        out.extend(perm[pos: pos + batch_size - len(out)].tolist())
+    return torch.tensor(out)
+
+
+class StepBatches(IterableDataset):
+    """Infinite stream: item s is {task: inputs} for micro-step s, this rank's slice only."""
+
+    def __init__(self, encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, seed: int,
+                 start: int = 0, rank: int = 0, world: int = 1):
+        self.encoded, self.batch_size, self.seed = encoded, batch_size, seed
+        self.start, self.rank, self.world = start, rank, world
+
+    def batch(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
+        out = {}
+        for k, (task, enc) in enumerate(self.encoded.items()):
+            n = enc["input_ids"].shape[0]
+            idx = step_indices(n, self.batch_size, step, self.seed, k)[self.rank:: self.world]
+            out[task] = trim({name: v[idx] for name, v in enc.items()})
+        return out
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+class CalibrationDataModule(pl.LightningDataModule):
+    """Unlabeled calibration texts of every task, tokenized once, served one global step at a time."""
+
+    def __init__(self, calibration: dict[str, list[str]], tokenizer, batch_size: int = 16,
+                 max_length: int = 64, seed: int = 0, size: int | None = None):
+        super().__init__()
+        if not calibration:
+            raise DataError("no calibration data: the pool has no task with a calibration file")
+        if batch_size <= 0:
+            raise DataError(f"data.batch_size must be > 0, got {batch_size}")
+        if max_length <= 1:
+            raise DataError(f"data.max_length must be > 1, got {max_length}")
+        for task, texts in calibration.items():
+            if not texts:
+                raise DataError(f"task '{task}' has no calibration examples")
+        self.texts = {t: (v[:size] if size else v) for t, v in calibration.items()}
+        self.tokenizer, self.batch_size, self.max_length, self.seed = tokenizer, batch_size, max_length, seed
+        self.encoded = {t: encode(tokenizer, v, max_length) for t, v in self.texts.items()}
+
+    @classmethod
+    def from_pool(cls, pool, batch_size: int = 16, max_length: int = 64, seed: int = 0,
+                  size: int | None = None, tokenizer=None) -> CalibrationDataModule:
+        cal = {}
+        for name, spec in pool.tasks.items():
+            if not spec.calibration:
+                raise DataError(f"task '{name}' has no calibration file in the pool config")
+            cal[name] = read_jsonl(spec.calibration, name)[0]
+        tok = tokenizer or load_tokenizer(pool.base_path, causal=pool.model_class == "causal_lm")
+        return cls(cal, tok, batch_size=batch_size, max_length=max_length, seed=seed, size=size)
+
+    def _world(self) -> tuple[int, int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1, 0
+        if self.batch_size % trainer.world_size:
+            raise DataError(
+                f"data.batch_size={self.batch_size} (the global batch per task) must be divisible by the "
+                f"number of processes ({trainer.world_size})"
+            )
+        # micro-step index: resuming at global_step s continues with the batches of step s
+        start = trainer.global_step * trainer.accumulate_grad_batches
+        return trainer.global_rank, trainer.world_size, start
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world, start = self._world()
+        ds = StepBatches(self.encoded, self.batch_size, self.seed, start=start, rank=rank, world=world)
+        return DataLoader(ds, batch_size=None, num_workers=0)

@@ -1,0 +1,104 @@
+"""Per-task accuracy through each task's own head; absolute and normalized averages as one table.
+
+Normalized accuracy is averaged per task: mean_t acc_merged(t) / acc_expert(t) (as TALL masks and
+LiNeS report it), not the ratio of averages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.func import functional_call
+from torchmetrics.classification import MulticlassAccuracy
+
+from .data import encode, read_jsonl, trim
+
+TestSets = dict[str, tuple[dict[str, torch.Tensor], torch.Tensor, int]]
+
+
+def load_test_sets(pool, tokenizer, max_length: int = 64, max_examples: int | None = None) -> TestSets:
+    """{task: (encoded inputs, labels, num_classes)} from each task's labelled test file."""
+    out = {}
+    for name, spec in pool.tasks.items():
+        if not spec.test:
+            continue
+        texts, labels = read_jsonl(spec.test, name, need_labels=True)
+        if max_examples:
+            texts, labels = texts[:max_examples], labels[:max_examples]
+        n_cls = spec.num_labels or (max(labels) + 1)
+        out[name] = (encode(tokenizer, texts, max_length), torch.tensor(labels), n_cls)
+    return out
+
+
+@torch.no_grad()
+def accuracy(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], enc: dict[str, torch.Tensor],
+             labels: torch.Tensor, num_classes: int, batch_size: int = 64,
+             device: torch.device | str = "cpu") -> float:
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    n = labels.shape[0]
+    for i in range(0, n, batch_size):
+        batch = trim({k: v[i: i + batch_size].to(device) for k, v in enc.items()})
+        metric.update(logits_fn(batch).argmax(-1), labels[i: i + batch_size].to(device))
+    return float(metric.compute())
+
+
+@torch.no_grad()
+def evaluate_params(base: torch.nn.Module, params_for_task: Callable[[str], dict[str, torch.Tensor]],
+                    test_sets: TestSets, batch_size: int = 64) -> dict[str, float]:
+    """Accuracy per task of ``base`` run with ``params_for_task(task)`` (merged weights + that head)."""
+    device = next(base.parameters()).device
+    was = base.training
+    base.eval()
+    res = {}
+    for task, (enc, labels, n_cls) in test_sets.items():
+        params = params_for_task(task)
+        res[task] = accuracy(lambda b, p=params: functional_call(base, p, args=(), kwargs=b).logits,
+                             enc, labels, n_cls, batch_size, device)
+    base.train(was)
+    return res
+
+
+def reference_rows(pool, test_sets: TestSets, batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """The pretrained backbone with the experts' heads, and each expert on its own task (the ceiling)."""
+    pre = evaluate_params(pool.base_model, lambda t: pool.head(t), test_sets, batch_size)
+    device = next(pool.base_model.parameters()).device
+    exp = evaluate_params(
+        pool.base_model,
+        lambda t: {n: v.to(device) for n, v in pool.iter_expert_state(t)},
+        test_sets, batch_size,
+    )
+    return {"pretrained": pre, "expert": exp}
+
+
+def summarize(rows: dict[str, dict[str, float]], ceiling: str = "expert") -> dict:
+    """Add ``avg`` and ``norm`` (per-task merged/expert, averaged) to each row."""
+    tasks = list(next(iter(rows.values())).keys()) if rows else []
+    table = {}
+    for name, accs in rows.items():
+        row = dict(accs)
+        row["avg"] = sum(accs[t] for t in tasks) / max(1, len(tasks))
+        if ceiling in rows:
+            row["norm"] = sum(accs[t] / max(rows[ceiling][t], 1e-12) for t in tasks) / max(1, len(tasks))
+        table[name] = row
+    return {"tasks": tasks, "rows": table}
+
+
+def markdown(summary: dict) -> str:
+    tasks = summary["tasks"]
+    cols = tasks + ["avg", "norm"]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in summary["rows"].items():
+        cells = [f"{100 * row[c]:.1f}" if c in row else "–" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_report(summary: dict, out_dir: str | Path) -> None:
+    from .export import atomic_write_text
+
+    out = Path(out_dir)
+    atomic_write_text(out / "eval.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "eval.md", markdown(summary) + "\n")

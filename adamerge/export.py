@@ -1,0 +1,167 @@
+"""Export: merged model (``save_pretrained``), per-task heads, coefficients.json, heatmap — atomically.
+
+Layout of an export directory::
+
+    model/                 merged model, loadable with transformers ``from_pretrained`` (+ tokenizer)
+    heads/<task>.safetensors, heads.json   each task's own head, so every task can be served
+    coefficients.json, coefficients.png    the learned combination (and loss curve)
+    eval.json, eval.md                     the evaluation table, when evaluated
+
+Everything is written into a temporary sibling directory that is renamed into place at the end, so
+an interrupted or failed export never leaves a half-written directory and never harms a previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+class ExportError(ValueError):
+    """The export target cannot be written (exists and not overwritable, not writable, ...)."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_export_target(export_dir: str | Path, overwrite: bool) -> None:
+    """Refuse early (before any training) to clobber a non-empty export directory."""
+    d = Path(export_dir)
+    if d.exists() and not d.is_dir():
+        raise ExportError(f"export directory {d} exists and is not a directory")
+    if d.exists() and any(d.iterdir()) and not overwrite:
+        raise ExportError(f"export directory {d} exists and is not empty; set export.overwrite=true to replace it")
+
+
+def atomic_directory(export_dir: str | Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_dir)`` then rename ``tmp_dir`` to ``export_dir`` (replacing it if allowed)."""
+    d = Path(export_dir)
+    check_export_target(d, overwrite)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{d.name}.tmp-"))
+    try:
+        write(tmp)
+        if d.exists():
+            old = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{d.name}.old-"))
+            os.rmdir(old)
+            os.replace(d, old)
+            os.replace(tmp, d)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, d)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return d
+
+
+def plot_coefficients(report: dict, path: str | Path, losses: list[tuple[int, float]] | None = None) -> None:
+    """Heatmap of the coefficients (tasks × merged tensors) and, when given, the loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = torch.tensor(report["coefficients"]).T  # [K, L]
+    n_plots = 2 if losses else 1
+    fig, axes = plt.subplots(n_plots, 1, figsize=(max(6, 0.12 * table.shape[1] + 3), 2.2 + 0.4 * table.shape[0] + 3 * (n_plots - 1)),
+                             squeeze=False)
+    ax = axes[0, 0]
+    im = ax.imshow(table.numpy(), aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(report["tasks"])), report["tasks"])
+    ax.set_xlabel("merged tensor (layer order)")
+    ax.set_title(f"{report['method']}: coefficients ({report['granularity']}-wise)")
+    fig.colorbar(im, ax=ax)
+    if losses:
+        steps, vals = zip(*losses)
+        axes[1, 0].plot(steps, vals)
+        axes[1, 0].set_xlabel("step")
+        axes[1, 0].set_ylabel("loss")
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra: dict[str, str] | None = None,
+                  losses: list[tuple[int, float]] | None = None) -> Path:
+    """Write the merged model, heads, coefficients and any ``extra`` text files, atomically."""
+    pool = method.pool
+    merged_sd = method.merged.merged_state_dict()
+    for n, t in merged_sd.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ExportError(f"refusing to export: merged tensor '{n}' has NaN/Inf values")
+    report = method.report()
+
+    def write(tmp: Path) -> None:
+        model_dir = tmp / "model"
+        pool.base_model.save_pretrained(model_dir, state_dict=merged_sd)
+        try:
+            from .data import load_tokenizer
+
+            load_tokenizer(pool.base_path).save_pretrained(model_dir)
+        except (OSError, ValueError):
+            pass  # a base without a tokenizer exports the model alone
+        heads_meta = {}
+        for task, spec in pool.tasks.items():
+            head = {n: t.detach().cpu().contiguous() for n, t in pool.head(task).items()}
+            if head:
+                (tmp / "heads").mkdir(exist_ok=True)
+                save_file(head, str(tmp / "heads" / f"{task}.safetensors"))
+            heads_meta[task] = {"num_labels": spec.num_labels, "label_names": spec.label_names,
+                                "tensors": sorted(head)}
+        (tmp / "heads.json").write_text(json.dumps(heads_meta, indent=2))
+        (tmp / "coefficients.json").write_text(json.dumps(report, indent=2))
+        plot_coefficients(report, tmp / "coefficients.png", losses)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+
+    return atomic_directory(export_dir, overwrite, write)
+
+
+def load_task_model(export_dir: str | Path, task: str):
+    """The exported merged model with ``task``'s head, as a ``transformers`` model ready to serve."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    d = Path(export_dir)
+    meta = json.loads((d / "heads.json").read_text())
+    if task not in meta:
+        raise KeyError(f"task '{task}' is not in {d / 'heads.json'} (tasks: {sorted(meta)})")
+    m = meta[task]
+    kwargs = {"num_labels": m["num_labels"]} if m.get("num_labels") else {}
+    if m.get("label_names"):
+        kwargs["id2label"] = dict(enumerate(m["label_names"]))
+        kwargs["label2id"] = {v: i for i, v in enumerate(m["label_names"])}
+    model = AutoModelForSequenceClassification.from_pretrained(str(d / "model"), ignore_mismatched_sizes=True, **kwargs)
+    head_file = d / "heads" / f"{task}.safetensors"
+    if head_file.exists():
+        missing = model.load_state_dict(load_file(str(head_file)), strict=False)
+        if missing.unexpected_keys:
+            raise KeyError(f"{head_file}: tensors {missing.unexpected_keys} do not fit the model")
+    return model.eval()

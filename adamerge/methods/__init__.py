@@ -1,0 +1,21 @@
+"""Merge methods by name (the ``name`` key of a ``configs/method/*.yaml``)."""
+
+from __future__ import annotations
+
+from .adamerging import AdaMerging
+from .base import CheckpointError, MergeMethod
+from .static import StaticMerge
+
+METHODS: dict[str, type[MergeMethod]] = {
+    "static": StaticMerge,
+    "adamerging": AdaMerging,
+}
+
+
+def get_method(name: str) -> type[MergeMethod]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; available: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "CheckpointError", "MergeMethod", "get_method"]

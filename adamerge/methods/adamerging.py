@@ -1,0 +1,15 @@
+"""AdaMerging and AdaMerging++ (Yang et al., ICLR 2024; ALGORITHMS.md §2).
+
+Minimise the summed mean prediction entropy of every task's own head on unlabeled calibration
+batches over task-wise ``[K]`` or layer-wise ``[L, K]`` coefficients (init 0.3, optional clamp to
+[0, 1], Adam lr 1e-3). AdaMerging++ is the same on TIES-trimmed, sign-elected task vectors
+(``ties:`` in the method config). The loss and the per-task backward live in ``MergeMethod``.
+"""
+
+from __future__ import annotations
+
+from .base import MergeMethod
+
+
+class AdaMerging(MergeMethod):
+    name = "adamerging"

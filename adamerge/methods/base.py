@@ -1,0 +1,183 @@
+"""The base every merge method stands on: builds the MergedModel, owns checkpoint metadata and reports.
+
+Subclasses choose how task vectors are prepared, how coefficients are parametrized, and the loss.
+Devices, loops, precision, DDP and checkpoint files belong to the Lightning Trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from ..coefficients import Coefficients, ConcreteMask
+from ..merged_model import MergedModel
+from ..objectives import entropy
+from ..pool import ModelPool
+from ..task_vectors import TaskVectors
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed here: foreign, from another pool/method, or corrupt."""
+
+
+def prepare_task_vectors(tv: TaskVectors, cfg: dict) -> TaskVectors:
+    """The data-free transforms a method starts from, in a fixed order: DARE, TIES, consensus."""
+    if cfg.get("dare"):
+        tv = tv.dare(p=float(cfg["dare"].get("p", 0.5)), seed=int(cfg["dare"].get("seed", 0)))
+    if cfg.get("ties"):
+        t = cfg["ties"]
+        tv = tv.ties_trim(float(t.get("density", 0.2))).ties_elect()
+        if t.get("merge", "sum") == "mean":
+            # disjoint mean = Σ_k τ̂_k / #agreeing, expressed on the vectors so coefficients still apply
+            counts = {n: (v != 0).sum(0).clamp(min=1) for n, v in tv.items()}
+            tv = tv.map(lambda n, v: (v.float() / counts[n]).to(v.dtype))
+    if cfg.get("consensus"):
+        c = cfg["consensus"]
+        tv = tv.consensus(k=int(c.get("k", 2)), lam=float(c.get("lam", 0.4)))
+    return tv
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = sorted(set(a) | set(b))
+    return "; ".join(f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
+
+
+class MergeMethod(pl.LightningModule):
+    """Shared base: ``self.merged`` is the one MergedModel; only coefficients/masks are parameters."""
+
+    name = "merge"
+    trainable = True
+
+    def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
+        super().__init__()
+        tv_cfg = dict(task_vectors or {})
+        self.method_cfg = dict(method)
+        self.save_hyperparameters({"method": self.method_cfg, "task_vectors": tv_cfg})
+        object.__setattr__(self, "pool", pool)
+        self.fingerprint = pool.fingerprint()
+        tv_device = tv_cfg.pop("device", None)
+        tv = TaskVectors.from_pool(
+            pool, include=tv_cfg.get("include") or None, exclude=tv_cfg.get("exclude") or None,
+            dtype=tv_cfg.get("dtype", "float32"), pin_memory=bool(tv_cfg.get("pin_memory", False)),
+        )
+        tv = prepare_task_vectors(tv, self.method_cfg)
+        heads = {t: pool.head(t) for t in pool.task_names}
+        self.merged = MergedModel(pool.base_model, tv, self.build_coefficients(tv), heads,
+                                  mask=self.build_mask(tv), tv_device=tv_device)
+        self.causal = pool.model_class == "causal_lm"
+
+    @property
+    def method_id(self) -> str:
+        """The config's ``id`` (e.g. ``adamerging_layerwise``): what a checkpoint must match."""
+        return str(self.method_cfg.get("id", self.name))
+
+    # -- what subclasses choose ---------------------------------------------------------------
+    def build_coefficients(self, tv: TaskVectors) -> Coefficients:
+        m = self.method_cfg
+        clamp = m.get("clamp")
+        return Coefficients(
+            tv.K, len(tv), granularity=m.get("granularity", "layer"), init=m.get("init", 0.3),
+            clamp=tuple(clamp) if clamp else None, transform=m.get("transform", "clamp"),
+        )
+
+    def build_mask(self, tv: TaskVectors) -> ConcreteMask | None:
+        return None
+
+    # -- model outputs ------------------------------------------------------------------------
+    def task_logits(self, task: str, inputs: dict[str, torch.Tensor], params: dict | None = None):
+        """(logits, mask): per-example logits, or next-token logits with padding masked for causal LMs."""
+        out = self.merged(task=task, params=params, **inputs)
+        if self.causal:
+            return out.logits, inputs.get("attention_mask")
+        return out.logits, None
+
+    def task_loss(self, task: str, inputs: dict[str, torch.Tensor], params: dict | None = None) -> torch.Tensor:
+        """Default objective: mean prediction entropy of the task's own head (AdaMerging)."""
+        logits, mask = self.task_logits(task, inputs, params)
+        return entropy(logits, mask)
+
+    def step_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective value, tensor to backward) for one global step over every task's batch.
+
+        Merge once, then one task's micro-batch forward+backward at a time into ∂L/∂W (activations
+        of one task alive at once); the returned surrogate Σ⟨W, ∂L/∂W⟩ has the same gradient with
+        respect to the coefficients (and masks) as the summed loss.
+        """
+        params = self.merged.merged_params()
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        total = torch.zeros((), device=self.device)
+        for task, inputs in batch.items():
+            loss = self.task_loss(task, inputs, leaves)
+            loss.backward()
+            total = total + loss.detach()
+        surrogate = sum((p * leaves[n].grad.to(p.dtype)).sum() for n, p in params.items() if leaves[n].grad is not None)
+        return total, surrogate + self.regularizer()
+
+    def regularizer(self) -> torch.Tensor:
+        return torch.zeros((), device=self.device)
+
+    # -- Lightning -------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        value, to_backward = self.step_loss(batch)
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"non-finite loss {value.item()} at step {self.global_step}")
+        self.log("loss", value, prog_bar=True, on_step=True, sync_dist=False)
+        t = self.merged.coefficients.values().detach()
+        self.log_dict({"coef/mean": t.mean(), "coef/min": t.min(), "coef/max": t.max()}, on_step=True)
+        return to_backward
+
+    def configure_optimizers(self):
+        m = self.method_cfg
+        lr = float(m.get("lr", 1e-3))
+        if lr <= 0:
+            raise ValueError(f"method.lr must be > 0, got {lr}")
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=lr,
+                                betas=tuple(m.get("betas", (0.9, 0.999))), weight_decay=float(m.get("weight_decay", 0.0)))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = {"format_version": CHECKPOINT_FORMAT, "method": self.method_id, "fingerprint": self.fingerprint,
+                "torch_rng": torch.get_rng_state()}
+        if self.merged.mask is not None:
+            meta["mask_rng"] = self.merged.mask.get_rng_state()
+        checkpoint["adamerge"] = meta
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("adamerge")
+        if meta is None:
+            raise CheckpointError("not an adamerge checkpoint (no 'adamerge' metadata)")
+        if meta.get("format_version", 0) > CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"checkpoint format {meta.get('format_version')} is newer than this adamerge ({CHECKPOINT_FORMAT})"
+            )
+        if meta.get("method") != self.method_id:
+            raise CheckpointError(
+                f"checkpoint was made by method '{meta.get('method')}', this run is '{self.method_id}'"
+            )
+        if meta.get("fingerprint") != self.fingerprint:
+            raise CheckpointError("checkpoint was made from a different pool: " + _diff(meta.get("fingerprint") or {},
+                                                                                     self.fingerprint))
+        torch.set_rng_state(meta["torch_rng"])
+        if "mask_rng" in meta and self.merged.mask is not None:
+            self.merged.mask.set_rng_state(meta["mask_rng"])
+
+    # -- reports ---------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        """What ``coefficients.json`` holds: the learned (or fixed) combination, by task and tensor."""
+        c = self.merged.coefficients
+        rep = {
+            "method": self.method_id,
+            "tasks": self.merged.task_names,
+            "tensors": self.merged.names,
+            "granularity": c.granularity,
+            "coefficients": c.table().tolist(),
+            "num_trainable": int(sum(p.numel() for p in self.parameters() if p.requires_grad)),
+        }
+        if c.granularity == "chunk":
+            rep["chunks"] = dict(zip(self.merged.names, c.chunk_counts))
+        if self.merged.mask is not None:
+            rep["mask_sparsity"] = dict(zip(self.merged.names, self.merged.mask.sparsity()))
+        return rep

@@ -1,0 +1,471 @@
+"""ModelPool: one pretrained model and the named experts fine-tuned from it.
+
+Experts are read lazily, tensor by tensor, from
+  (a) a Hugging Face ``save_pretrained`` directory (safetensors or .bin, sharded with an index),
+  (b) a single ``.safetensors`` file holding a state dict, or
+  (c) a PEFT LoRA adapter directory (task vector = scaling * B @ A on its target modules).
+Every expert is validated against the base (names, shapes, dtypes, finite values) and each problem
+is reported with the expert and tensor at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this project may reach a hub at run time
+
+
+class PoolError(ValueError):
+    """A problem with the models of a pool: always names the expert/file and tensor at fault."""
+
+
+MODEL_CLASSES = {
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "causal_lm": "AutoModelForCausalLM",
+    "auto": "AutoModel",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor sources: lazy, by name
+# ----------------------------------------------------------------------------------------------
+class TensorSource:
+    """Read-only, lazy mapping from tensor name to tensor (one checkpoint on disk)."""
+
+    path: Path
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise PoolError(f"{path}: unreadable or truncated safetensors file ({e})") from e
+
+
+class SafetensorsSource(TensorSource):
+    """One or several ``.safetensors`` files (a sharded checkpoint has an index naming them)."""
+
+    def __init__(self, files: list[Path]):
+        self.path = files[0].parent if len(files) > 1 else files[0]
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with _open_safetensors(f) as h:
+                for k in h.keys():
+                    self._where[k] = f
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self._where[name]
+        try:
+            with _open_safetensors(f) as h:
+                return h.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise PoolError(f"{f}: cannot read tensor '{name}' ({e})") from e
+
+
+class TorchBinSource(TensorSource):
+    """``pytorch_model*.bin`` files, memory-mapped so they are not read whole."""
+
+    def __init__(self, files: list[Path]):
+        self.path = files[0].parent
+        self._sd: dict[str, torch.Tensor] = {}
+        for f in files:
+            try:
+                self._sd.update(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+            except Exception as e:  # torch raises many types for corrupt pickles/zips
+                raise PoolError(f"{f}: unreadable or truncated .bin checkpoint ({e})") from e
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._sd[name]
+
+
+def open_checkpoint(path: str | Path) -> TensorSource:
+    """A lazy tensor source for an HF model directory or a single ``.safetensors`` file."""
+    p = Path(path)
+    if not p.exists():
+        raise PoolError(f"{p}: path does not exist")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise PoolError(f"{p}: a single-file checkpoint must be a .safetensors state dict")
+        return SafetensorsSource([p])
+    for index_name, cls in (("model.safetensors.index.json", SafetensorsSource),
+                            ("pytorch_model.bin.index.json", TorchBinSource)):
+        index = p / index_name
+        if index.exists():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise PoolError(f"{index}: malformed shard index ({e})") from e
+            missing = [f for f in files if not (p / f).exists()]
+            if missing:
+                raise PoolError(f"{index}: shard file(s) missing: {missing}")
+            return cls([p / f for f in files])
+    if (p / "model.safetensors").exists():
+        return SafetensorsSource([p / "model.safetensors"])
+    if (p / "pytorch_model.bin").exists():
+        return TorchBinSource([p / "pytorch_model.bin"])
+    raise PoolError(
+        f"{p}: not a model directory (no model.safetensors, pytorch_model.bin, shard index "
+        "or adapter_config.json)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Experts
+# ----------------------------------------------------------------------------------------------
+def _strip_prefixes(name: str, prefixes: tuple[str, ...]) -> str:
+    for pre in prefixes:
+        if pre and name.startswith(pre):
+            return name[len(pre):]
+    return name
+
+
+@dataclass
+class Expert:
+    """One fine-tuned model, resolved lazily to (dense) task-vector tensors by canonical name."""
+
+    name: str
+    path: Path
+    source: TensorSource
+    lora: dict | None = None  # adapter config when the expert is a PEFT LoRA adapter
+    # canonical name -> name in the file (filled by ModelPool when it aligns names)
+    file_names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora is not None
+
+
+def _lora_scaling(cfg: dict, module: str) -> tuple[int, float]:
+    """Rank and scaling of one LoRA module, honouring rank/alpha patterns and rsLoRA."""
+    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+    for pat, val in (cfg.get("rank_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pat}", module):
+            r = val
+    for pat, val in (cfg.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pat}", module):
+            alpha = val
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return r, scale
+
+
+def load_expert(name: str, path: str | Path) -> Expert:
+    p = Path(path)
+    if p.is_dir() and (p / "adapter_config.json").exists():
+        try:
+            cfg = json.loads((p / "adapter_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise PoolError(f"expert '{name}': {p / 'adapter_config.json'} is not valid JSON ({e})") from e
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise PoolError(f"expert '{name}': {p} is a {cfg.get('peft_type')} adapter; only LoRA is supported")
+        if cfg.get("use_dora"):
+            raise PoolError(f"expert '{name}': {p} is a DoRA adapter; only plain LoRA is supported")
+        f = p / "adapter_model.safetensors"
+        if not f.exists():
+            raise PoolError(f"expert '{name}': {p} has adapter_config.json but no adapter_model.safetensors")
+        return Expert(name, p, SafetensorsSource([f]), lora=cfg)
+    try:
+        src = open_checkpoint(p)
+    except PoolError as e:
+        raise PoolError(f"expert '{name}': {e}") from e
+    return Expert(name, p, src)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pool
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TaskSpec:
+    """What a pool knows about one task: its expert, head, and data files."""
+
+    name: str
+    expert: str
+    calibration: str | None = None
+    test: str | None = None
+    num_labels: int | None = None
+    label_names: list[str] | None = None
+
+
+def build_model(model_class: str, path: str | Path, **kwargs) -> nn.Module:
+    """``from_pretrained`` of the pool's model class (offline)."""
+    import transformers
+
+    if model_class not in MODEL_CLASSES:
+        raise PoolError(f"unknown model_class '{model_class}'; choose one of {sorted(MODEL_CLASSES)}")
+    cls = getattr(transformers, MODEL_CLASSES[model_class])
+    try:
+        return cls.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise PoolError(f"base model {path}: cannot be loaded with {cls.__name__}.from_pretrained ({e})") from e
+
+
+class ModelPool:
+    """The pretrained model (in memory, frozen) and lazily read experts, validated against it.
+
+    Canonical tensor names are the base module's ``named_parameters()``. Experts saved with or
+    without the model's ``base_model_prefix`` (e.g. ``bert.``) are aligned to them.
+    """
+
+    def __init__(
+        self,
+        base: str | Path,
+        tasks: dict[str, TaskSpec],
+        model_class: str = "sequence_classification",
+        head_prefixes: list[str] | tuple[str, ...] = ("classifier.",),
+        check_finite: bool = True,
+    ):
+        if not tasks:
+            raise PoolError("the pool has no tasks/experts")
+        self.base_path = Path(base)
+        if not self.base_path.exists():
+            raise PoolError(f"base model {self.base_path}: path does not exist")
+        self.model_class = model_class
+        self.tasks = dict(tasks)
+        self.head_prefixes = tuple(head_prefixes)
+        kwargs = {}
+        if model_class == "sequence_classification":
+            nl = [t.num_labels for t in self.tasks.values() if t.num_labels]
+            if nl:
+                kwargs["num_labels"] = nl[0]
+        self.base_model: nn.Module = build_model(model_class, self.base_path, **kwargs)
+        self.base_model.eval().requires_grad_(False)
+        self._params = dict(self.base_model.named_parameters())
+        prefix = getattr(self.base_model, "base_model_prefix", "") or ""
+        self._prefix = prefix + "." if prefix else ""
+        self.experts: dict[str, Expert] = {}
+        for t in self.tasks.values():
+            self.experts[t.name] = load_expert(t.name, t.expert)
+        for e in self.experts.values():
+            self._align_and_validate(e, check_finite)
+
+    # -- names -----------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def is_head(self, name: str) -> bool:
+        return any(name.startswith(h) for h in self.head_prefixes)
+
+    def shared_names(self) -> list[str]:
+        """Floating-point parameters of the shared backbone (candidates for merging)."""
+        return [n for n, p in self._params.items() if not self.is_head(n) and p.is_floating_point()]
+
+    def head_names(self) -> list[str]:
+        return [n for n in self._params if self.is_head(n)]
+
+    def base_tensor(self, name: str) -> torch.Tensor:
+        return self._params[name].detach()
+
+    # -- validation ------------------------------------------------------------------------
+    def _canonical(self, file_name: str) -> str | None:
+        """Map a name in an expert file to the base module's parameter name (or None)."""
+        for cand in (file_name, self._prefix + file_name, _strip_prefixes(file_name, (self._prefix,))):
+            if cand in self._params:
+                return cand
+        return None
+
+    def _align_and_validate(self, e: Expert, check_finite: bool) -> None:
+        if e.is_lora:
+            return self._validate_lora(e, check_finite)
+        names = e.source.keys()
+        for fname in names:
+            canon = self._canonical(fname)
+            if canon is None:
+                if self._is_buffer_name(fname):
+                    continue  # buffers such as position_ids are not merged
+                raise PoolError(
+                    f"expert '{e.name}' ({e.path}): extra tensor '{fname}' that the base model does not have "
+                    "(different architecture?)"
+                )
+            e.file_names[canon] = fname
+        missing = [n for n in self.shared_names() if n not in e.file_names]
+        if missing:
+            raise PoolError(
+                f"expert '{e.name}' ({e.path}): missing tensor '{missing[0]}'"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        for canon, fname in e.file_names.items():
+            t = e.source.get(fname)
+            self._check_tensor(e, canon, t, check_finite, compare_shape=not self.is_head(canon))
+
+    def _is_buffer_name(self, fname: str) -> bool:
+        buffers = {n for n, _ in self.base_model.named_buffers()}
+        return any(c in buffers for c in (fname, self._prefix + fname, _strip_prefixes(fname, (self._prefix,))))
+
+    def _check_tensor(self, e: Expert, canon: str, t: torch.Tensor, check_finite: bool, compare_shape=True):
+        ref = self._params[canon]
+        where = f"expert '{e.name}' ({e.path}), tensor '{canon}'"
+        if compare_shape and tuple(t.shape) != tuple(ref.shape):
+            extra = ""
+            if "embed" in canon and t.dim() == 2 and t.shape[1] == ref.shape[1]:
+                extra = f" — vocabulary size differs: expert {t.shape[0]} vs base {ref.shape[0]}"
+            raise PoolError(f"{where}: shape {tuple(t.shape)} does not match the base's {tuple(ref.shape)}{extra}")
+        if t.dtype != ref.dtype:
+            raise PoolError(f"{where}: dtype {t.dtype} does not match the base's {ref.dtype}")
+        if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
+            raise PoolError(f"{where}: contains NaN or Inf values")
+
+    def _validate_lora(self, e: Expert, check_finite: bool) -> None:
+        for fname in e.source.keys():
+            inner = _strip_prefixes(fname, ("base_model.model.",))
+            m = re.fullmatch(r"(.*)\.lora_([AB])(?:\.[^.]+)?\.weight", inner)
+            if m:
+                canon = self._canonical(m.group(1) + ".weight")
+                if canon is None:
+                    raise PoolError(
+                        f"expert '{e.name}' ({e.path}): LoRA target '{m.group(1)}' does not exist in the base "
+                        "model — the adapter was made for another base model"
+                    )
+                e.file_names.setdefault(canon, m.group(1))
+                continue
+            if ".lora_" in inner or "lora_magnitude" in inner:
+                raise PoolError(f"expert '{e.name}' ({e.path}): unsupported adapter tensor '{fname}'")
+            inner = inner.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+            canon = self._canonical(inner)
+            if canon is None:
+                raise PoolError(
+                    f"expert '{e.name}' ({e.path}): adapter tensor '{fname}' has no counterpart in the base "
+                    "model — the adapter was made for another base model"
+                )
+            e.file_names[canon] = fname  # a full tensor (modules_to_save)
+        for canon in list(e.file_names):
+            t = self.expert_tensor(e.name, canon)
+            self._check_tensor(e, canon, t.to(self._params[canon].dtype) if self._is_lora_module(e, canon) else t,
+                               check_finite, compare_shape=not self.is_head(canon))
+
+    def _is_lora_module(self, e: Expert, canon: str) -> bool:
+        return e.is_lora and not e.file_names[canon].startswith("base_model.model.")
+
+    # -- access ----------------------------------------------------------------------------
+    def expert_tensor(self, task: str, name: str) -> torch.Tensor:
+        """The expert's full value of one tensor (base + its delta), read lazily."""
+        e = self.experts[task]
+        if name not in e.file_names:
+            if e.is_lora and name in self._params:
+                return self.base_tensor(name)  # LoRA leaves this tensor untouched
+            raise PoolError(f"expert '{task}' ({e.path}): missing tensor '{name}'")
+        if self._is_lora_module(e, name):
+            return self.base_tensor(name) + self._lora_delta(e, name).to(self._params[name].dtype)
+        return e.source.get(e.file_names[name])
+
+    def _lora_delta(self, e: Expert, name: str) -> torch.Tensor:
+        module = e.file_names[name]
+        keys = e.source.keys()
+
+        def find(ab: str) -> torch.Tensor:
+            pre = f"base_model.model.{module}.lora_{ab}"
+            for k in (pre + ".weight", pre + ".default.weight"):
+                if k in keys:
+                    return e.source.get(k).float()
+            raise PoolError(f"expert '{e.name}' ({e.path}): lora_{ab} for '{module}' is missing")
+
+        a, b = find("A"), find("B")
+        _, scale = _lora_scaling(e.lora, module)
+        delta = (b @ a) * scale
+        if e.lora.get("fan_in_fan_out"):
+            delta = delta.T
+        ref = self._params[name]
+        if tuple(delta.shape) != tuple(ref.shape):
+            raise PoolError(
+                f"expert '{e.name}' ({e.path}), tensor '{name}': LoRA delta shape {tuple(delta.shape)} does not "
+                f"match the base's {tuple(ref.shape)} — the adapter was made for another base model"
+            )
+        return delta
+
+    def task_vector(self, task: str, name: str) -> torch.Tensor:
+        """Expert minus base for one shared tensor."""
+        e = self.experts[task]
+        if name in e.file_names and self._is_lora_module(e, name):
+            return self._lora_delta(e, name).to(self._params[name].dtype)
+        return self.expert_tensor(task, name) - self.base_tensor(name)
+
+    def head(self, task: str) -> dict[str, torch.Tensor]:
+        """The per-task head tensors (never merged). Falls back to the base's head."""
+        out = {}
+        for n in self.head_names():
+            e = self.experts[task]
+            out[n] = self.expert_tensor(task, n) if n in e.file_names else self.base_tensor(n)
+        return out
+
+    def iter_expert_state(self, task: str) -> Iterator[tuple[str, torch.Tensor]]:
+        for n in self._params:
+            yield n, self.expert_tensor(task, n)
+
+    def fingerprint(self) -> dict:
+        """Names, shapes and content hashes of the base and experts: refuses foreign checkpoints."""
+        h = hashlib.sha256()
+        for n in self.shared_names():
+            t = self.base_tensor(n)
+            h.update(f"{n}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.float().flatten()[:: max(1, t.numel() // 64)].numpy().tobytes())
+        experts = {}
+        for task in self.task_names:
+            eh = hashlib.sha256()
+            for n in self.shared_names()[:: max(1, len(self.shared_names()) // 8)]:
+                eh.update(self.task_vector(task, n).float().flatten()[:: 97].numpy().tobytes())
+            experts[task] = eh.hexdigest()[:16]
+        return {"base": h.hexdigest()[:16], "tasks": self.task_names, "experts": experts,
+                "n_shared": len(self.shared_names())}
+
+
+def pool_from_config(cfg: dict) -> ModelPool:
+    """Build a ModelPool from a plain dict (the ``pool`` config group, recipe already resolved)."""
+    for key in ("base", "tasks"):
+        if key not in cfg or cfg[key] in (None, "", {}):
+            raise PoolError(f"pool config: key '{key}' is required")
+    tasks = {}
+    for name, t in cfg["tasks"].items():
+        if isinstance(t, str):
+            t = {"expert": t}
+        if "expert" not in t:
+            raise PoolError(f"pool config: task '{name}' has no 'expert' path")
+        tasks[name] = TaskSpec(
+            name=name, expert=t["expert"], calibration=t.get("calibration"), test=t.get("test"),
+            num_labels=t.get("num_labels"), label_names=list(t["label_names"]) if t.get("label_names") else None,
+        )
+    return ModelPool(
+        cfg["base"], tasks, model_class=cfg.get("model_class", "sequence_classification"),
+        head_prefixes=list(cfg.get("head_prefixes", ["classifier."])),
+        check_finite=cfg.get("check_finite", True),
+    )
+
+
+def resolve_recipe(cfg: dict, root: str | Path) -> dict:
+    """A pool config with ``recipe: path/to/file.py`` is built by that file's ``build(cfg)``.
+
+    The recipe returns the explicit form (base, model_class, head_prefixes, tasks); explicit
+    configs are returned unchanged.
+    """
+    if not cfg.get("recipe"):
+        return cfg
+    import importlib.util
+
+    path = Path(root) / cfg["recipe"]
+    if not path.exists():
+        raise PoolError(f"pool recipe {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"adamerge_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build({k: v for k, v in cfg.items() if k != "recipe"})

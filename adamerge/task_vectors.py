@@ -1,0 +1,181 @@
+"""TaskVectors: per-tensor stacked deltas ``[K, *shape]`` and the data-free transforms on them.
+
+Every transform returns a new ``TaskVectors`` (or merged deltas), so methods compose them:
+``tv.ties_trim(0.2).ties_elect()`` is what AdaMerging++ starts from.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .pool import ModelPool, PoolError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"task_vectors.dtype: unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def select_names(names: Iterable[str], include: list[str] | None, exclude: list[str] | None) -> list[str]:
+    """Names matching any ``include`` regex (all when empty) and no ``exclude`` regex."""
+    out = []
+    for n in names:
+        if include and not any(re.search(p, n) for p in include):
+            continue
+        if exclude and any(re.search(p, n) for p in exclude):
+            continue
+        out.append(n)
+    return out
+
+
+class TaskVectors:
+    """Ordered mapping ``name -> Tensor[K, *shape]`` plus the task order.
+
+    Placement (device, dtype) is a setting: the tensors may stay on CPU while the model runs
+    elsewhere; ``MergedModel`` moves them one tensor at a time.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], task_names: list[str]):
+        if not tensors:
+            raise PoolError("no tensors selected for merging (check task_vectors.include/exclude)")
+        self.tensors = dict(tensors)
+        self.task_names = list(task_names)
+        for n, t in self.tensors.items():
+            if t.shape[0] != len(self.task_names):
+                raise ValueError(f"task vector '{n}' has {t.shape[0]} rows for {len(self.task_names)} tasks")
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_pool(
+        cls,
+        pool: ModelPool,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        pin_memory: bool = False,
+    ) -> TaskVectors:
+        """Read each expert lazily, one tensor at a time, into stacked deltas."""
+        dt = resolve_dtype(dtype)
+        names = select_names(pool.shared_names(), include, exclude)
+        tensors = {}
+        for n in names:
+            stacked = torch.stack([pool.task_vector(t, n).to(torch.float32) for t in pool.task_names]).to(dt)
+            if pin_memory and torch.cuda.is_available():
+                stacked = stacked.pin_memory()
+            tensors[n] = stacked.to(device)
+        return cls(tensors, pool.task_names)
+
+    # -- mapping helpers --------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    @property
+    def K(self) -> int:
+        return len(self.task_names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def items(self):
+        return self.tensors.items()
+
+    def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> TaskVectors:
+        return TaskVectors({n: fn(n, t) for n, t in self.tensors.items()}, self.task_names)
+
+    def to(self, device=None, dtype=None) -> TaskVectors:
+        return self.map(lambda n, t: t.to(device=device, dtype=dtype))
+
+    def select_tasks(self, idx: list[int]) -> TaskVectors:
+        return TaskVectors({n: t[idx] for n, t in self.tensors.items()}, [self.task_names[i] for i in idx])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def numel_per_task(self) -> int:
+        return sum(t[0].numel() for t in self.tensors.values())
+
+    # -- data-free transforms ---------------------------------------------------------------
+    def ties_trim(self, density: float = 0.2) -> TaskVectors:
+        """Keep, per task, the top ``density`` fraction of entries by magnitude over the whole model."""
+        if not 0 < density <= 1:
+            raise ValueError(f"ties density must be in (0, 1], got {density}")
+        thresholds = []
+        for k in range(self.K):
+            flat = torch.cat([t[k].abs().flatten().float() for t in self.tensors.values()])
+            n_keep = max(1, int(round(density * flat.numel())))
+            # kthvalue of the (n - n_keep + 1)-th smallest == n_keep-th largest
+            thresholds.append(flat.kthvalue(flat.numel() - n_keep + 1).values)
+            del flat
+        th = torch.stack(thresholds)
+
+        def trim(n, t):
+            view = th.view(-1, *([1] * (t.dim() - 1))).to(t.device)
+            return torch.where(t.abs().float() >= view, t, torch.zeros_like(t))
+
+        return self.map(trim)
+
+    def elected_signs(self) -> dict[str, torch.Tensor]:
+        """TIES sign election: sign of the summed mass per entry; zeros take the majority sign."""
+        signs = {n: torch.sign(t.float().sum(0)) for n, t in self.tensors.items()}
+        # as in the reference code: the majority sign is the sign of the summed entry signs
+        majority = 1.0 if sum(s.sum().item() for s in signs.values()) >= 0 else -1.0
+        return {n: torch.where(s == 0, torch.full_like(s, majority), s) for n, s in signs.items()}
+
+    def ties_elect(self) -> TaskVectors:
+        """Zero the entries that disagree with the elected sign (TIES without the final merge)."""
+        signs = self.elected_signs()
+        return self.map(lambda n, t: torch.where(torch.sign(t.float()) == signs[n], t, torch.zeros_like(t)))
+
+    def disjoint_merge(self, mode: str = "sum") -> dict[str, torch.Tensor]:
+        """Combine agreeing entries: ``sum`` ([AM]/[FB] default) or ``mean`` (the TIES paper)."""
+        if mode not in ("sum", "mean"):
+            raise ValueError(f"disjoint merge mode must be 'sum' or 'mean', got '{mode}'")
+        elected = self.ties_elect()
+        out = {}
+        for n, t in elected.items():
+            s = t.float().sum(0)
+            if mode == "mean":
+                s = s / (t != 0).sum(0).clamp(min=1)
+            out[n] = s
+        return out
+
+    def dare(self, p: float = 0.5, seed: int = 0, rescale: bool = True) -> TaskVectors:
+        """Drop each entry with probability ``p`` (seeded), rescale survivors by 1/(1-p)."""
+        if not 0 <= p < 1:
+            raise ValueError(f"dare drop probability must be in [0, 1), got {p}")
+        g = torch.Generator().manual_seed(int(seed))
+
+        def drop(n, t):
+            keep = torch.rand(t.shape, generator=g) >= p
+            out = torch.where(keep.to(t.device), t, torch.zeros_like(t))
+            return out / (1 - p) if rescale else out
+
+        return self.map(drop)
+
+    def tall_masks(self, lam: float = 0.4) -> dict[str, torch.Tensor]:
+        """TALL masks: m_t = |τ_t| >= λ·|τ_MTL − τ_t| with τ_MTL = Σ_t τ_t.  Bool ``[K, *shape]``."""
+        out = {}
+        for n, t in self.tensors.items():
+            tf = t.float()
+            mtl = tf.sum(0, keepdim=True)
+            out[n] = tf.abs() >= lam * (mtl - tf).abs()
+        return out
+
+    def consensus(self, k: int = 2, lam: float = 0.4) -> TaskVectors:
+        """Keep entries active in the TALL masks of at least ``k`` tasks (drop selfish/catastrophic)."""
+        masks = self.tall_masks(lam)
+        return self.map(lambda n, t: torch.where((masks[n].sum(0) >= k).unsqueeze(0), t, torch.zeros_like(t)))

