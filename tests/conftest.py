@@ -1,0 +1,29 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_pool_cfg(tmp_path_factory):
+    """Two full-fine-tune experts of a tiny BERT (heads of 2 and 3 classes) with data files."""
+    import helpers
+
+    return helpers.make_pool(tmp_path_factory.mktemp("pool_full"), k=2, form="full")
+
+
+@pytest.fixture(scope="session")
+def tiny_conf_dir(tmp_path_factory, tiny_pool_cfg):
+    """An extra Hydra config dir holding ``pool/tiny.yaml`` for ``train.py --config-dir``."""
+    import helpers
+
+    d = tmp_path_factory.mktemp("conf")
+    helpers.write_pool_config(d, "tiny", tiny_pool_cfg)
+    return d

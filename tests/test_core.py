@@ -1,0 +1,250 @@
+"""ModelPool, TaskVectors, MergedModel, data-free merges and export on tiny models built here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.func import functional_call
+
+from adamerge.coefficients import Coefficients
+from adamerge.export import export_merged, load_task_model
+from adamerge.merged_model import MergedModel, combine
+from adamerge.methods import get_method
+from adamerge.pool import pool_from_config
+from adamerge.task_vectors import TaskVectors
+
+
+def expert_sd(pool_cfg, task):
+    return load_file(str(Path(pool_cfg["tasks"][task]["expert"]) / "model.safetensors"))
+
+
+def base_sd(pool_cfg):
+    return load_file(str(Path(pool_cfg["base"]) / "model.safetensors"))
+
+
+def make(pool_cfg, method_cfg):
+    pool = pool_from_config(pool_cfg)
+    return pool, get_method(method_cfg["name"])(pool, method_cfg, {})
+
+
+def reference_merge(pool_cfg, fn):
+    """Direct computation: for each shared float tensor, base + fn(name, [τ_k])."""
+    b = base_sd(pool_cfg)
+    exps = [expert_sd(pool_cfg, t) for t in pool_cfg["tasks"]]
+    out = {}
+    for n, w0 in b.items():
+        if n.startswith("classifier.") or not w0.is_floating_point():
+            continue
+        out[n] = w0 + fn(n, [e[n] - w0 for e in exps])
+    return out
+
+
+def assert_merged_equals(method, ref, atol=1e-6):
+    sd = method.merged.merged_state_dict()
+    assert ref
+    for n, v in ref.items():
+        torch.testing.assert_close(sd[n], v, atol=atol, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_weight_average_and_task_arithmetic(tiny_pool_cfg):
+    _, wa = make(tiny_pool_cfg, {"name": "static", "id": "weight_average", "scale": None})
+    assert_merged_equals(wa, reference_merge(tiny_pool_cfg, lambda n, ts: sum(ts) / len(ts)))
+    _, ta = make(tiny_pool_cfg, {"name": "static", "id": "task_arithmetic", "scale": 0.3})
+    assert_merged_equals(ta, reference_merge(tiny_pool_cfg, lambda n, ts: 0.3 * sum(ts)))
+
+
+def _ties_reference(tiny_pool_cfg, density, mode, lam, pre=None):
+    b = base_sd(tiny_pool_cfg)
+    names = [n for n, v in b.items() if not n.startswith("classifier.") and v.is_floating_point()]
+    exps = [expert_sd(tiny_pool_cfg, t) for t in tiny_pool_cfg["tasks"]]
+    taus = [{n: e[n] - b[n] for n in names} for e in exps]
+    if pre:
+        taus = [pre(k, t) for k, t in enumerate(taus)]
+    # 1. trim: top `density` by magnitude over the whole flattened task vector
+    trimmed = []
+    for t in taus:
+        flat = torch.cat([t[n].flatten() for n in names]).abs()
+        k = int(round(density * flat.numel()))
+        th = flat.sort(descending=True).values[k - 1]
+        trimmed.append({n: torch.where(t[n].abs() >= th, t[n], torch.zeros_like(t[n])) for n in names})
+    # 2. elect: sign of summed mass; zero -> sign of the summed signs over all entries
+    sums = {n: sum(t[n] for t in trimmed) for n in names}
+    maj = torch.sign(sum(torch.sign(sums[n]).sum() for n in names))
+    out = {}
+    for n in names:
+        s = torch.sign(sums[n])
+        s[s == 0] = maj
+        agree = [torch.where(torch.sign(t[n]) == s, t[n], torch.zeros_like(t[n])) for t in trimmed]
+        tot = sum(agree)
+        if mode == "mean":
+            tot = tot / sum((a != 0).float() for a in agree).clamp(min=1)
+        out[n] = b[n] + lam * tot
+    return out
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_ties_merging(tiny_pool_cfg, mode):
+    _, m = make(tiny_pool_cfg, {"name": "static", "id": "ties", "scale": 0.3, "ties": {"density": 0.2, "merge": mode}})
+    assert_merged_equals(m, _ties_reference(tiny_pool_cfg, 0.2, mode, 0.3), atol=1e-5)
+
+
+def test_dare_task_arithmetic_and_dare_ties(tiny_pool_cfg):
+    p, seed = 0.5, 3
+    _, m = make(tiny_pool_cfg, {"name": "static", "id": "dare", "scale": 0.3, "dare": {"p": p, "seed": seed}})
+    sd = m.merged.merged_state_dict()
+    # reference: same seeded generator, one draw per tensor in merge order, stacked over tasks
+    b = base_sd(tiny_pool_cfg)
+    exps = [expert_sd(tiny_pool_cfg, t) for t in tiny_pool_cfg["tasks"]]
+    g = torch.Generator().manual_seed(seed)
+    names = m.merged.names
+    for n in names:
+        tau = torch.stack([e[n] - b[n] for e in exps])
+        keep = torch.rand(tau.shape, generator=g) >= p
+        ref = b[n] + 0.3 * (torch.where(keep, tau, torch.zeros_like(tau)) / (1 - p)).sum(0)
+        torch.testing.assert_close(sd[n], ref, atol=1e-6, rtol=1e-5)
+    # about half of the entries are dropped
+    tv = m.merged.task_vectors
+    frac = sum((t == 0).sum().item() for t in tv.tensors.values()) / sum(t.numel() for t in tv.tensors.values())
+    assert 0.45 < frac < 0.55
+    # DARE then TIES: the TIES reference applied to the same dropped vectors
+    _, dt = make(tiny_pool_cfg, {"name": "static", "id": "dare_ties", "scale": 0.3, "dare": {"p": p, "seed": seed},
+                                 "ties": {"density": 0.2}})
+    dropped = {n: m.merged.task_vectors[n] for n in names}
+    ref = _ties_reference(tiny_pool_cfg, 0.2, "sum", 0.3, pre=lambda k, t: {n: dropped[n][k] for n in t})
+    assert_merged_equals(dt, ref, atol=1e-5)
+
+
+def test_consensus(tiny_pool_cfg):
+    _, m = make(tiny_pool_cfg, {"name": "static", "id": "cons", "scale": 0.3, "consensus": {"k": 2, "lam": 0.4}})
+
+    def fn(n, ts):
+        t = torch.stack(ts)
+        mtl = t.sum(0)
+        masks = t.abs() >= 0.4 * (mtl - t).abs()
+        keep = masks.sum(0) >= 2
+        return 0.3 * torch.where(keep, mtl, torch.zeros_like(mtl))
+
+    assert_merged_equals(m, reference_merge(tiny_pool_cfg, fn))
+
+
+def test_functional_forward_equals_plain_model(tiny_pool_cfg):
+    from transformers import BertForSequenceClassification
+
+    pool, m = make(tiny_pool_cfg, {"name": "adamerging", "id": "am", "granularity": "layer", "init": 0.3})
+    with torch.no_grad():
+        m.merged.coefficients.raw.uniform_(0, 1)  # arbitrary, distinct layer-wise coefficients
+    ids = torch.randint(1000, 2000, (3, 7))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        out = m.merged(task="task1", **inputs).logits
+        plain = BertForSequenceClassification.from_pretrained(tiny_pool_cfg["tasks"]["task1"]["expert"]).eval()
+        sd = m.merged.merged_state_dict()
+        sd.update(pool.head("task1"))
+        plain.load_state_dict(sd)
+        ref = plain(**inputs).logits
+    assert out.shape == (3, 3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer", "chunk"])
+def test_inner_product_gradient_equals_autograd(granularity):
+    torch.manual_seed(0)
+    K, shapes = 3, [(5, 4), (7,), (2, 3, 3)]
+    taus = [torch.randn(K, *s) for s in shapes]
+    numels = [int(torch.tensor(s).prod()) for s in shapes]
+    c = Coefficients(K, len(shapes), granularity=granularity, init=0.3, chunks=[3, 2, 4], tensor_numels=numels)
+    with torch.no_grad():
+        c.raw.uniform_(-1, 1)
+    targets = [torch.randn(s) for s in shapes]
+
+    def loss_with(merge):
+        return sum(((merge(i, coef) - targets[i]) ** 2).sum() for i, coef in enumerate(c()))
+
+    ours = torch.autograd.grad(loss_with(lambda i, coef: combine(coef, taus[i], None, c.chunk_sizes[i] if c.chunk_sizes else 0)), c.raw)[0]
+
+    def plain(i, coef):
+        t = taus[i].flatten(1)
+        if coef.dim() == 1:
+            return (coef[:, None] * t).sum(0).view(shapes[i])
+        per = coef.repeat_interleave(c.chunk_sizes[i], dim=1)[:, : t.shape[1]]
+        return (per * t).sum(0).view(shapes[i])
+
+    ref = torch.autograd.grad(loss_with(plain), c.raw)[0]
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_per_task_backward_surrogate_equals_summed_loss_gradient(tiny_pool_cfg):
+    pool, m = make(tiny_pool_cfg, {"name": "adamerging", "id": "am", "granularity": "layer", "init": 0.3})
+    ids = torch.randint(1000, 2000, (4, 6))
+    batch = {t: {"input_ids": ids + i, "attention_mask": torch.ones_like(ids)} for i, t in enumerate(pool.task_names)}
+    value, surrogate = m.step_loss(batch)
+    g1 = torch.autograd.grad(surrogate, m.merged.coefficients.raw)[0]
+    total = sum(m.task_loss(t, inp) for t, inp in batch.items())
+    g2 = torch.autograd.grad(total, m.merged.coefficients.raw)[0]
+    torch.testing.assert_close(value, total.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-4)
+    assert g1.abs().sum() > 0
+
+
+def test_task_vectors_placement_and_dtype(tiny_pool_cfg):
+    pool = pool_from_config(tiny_pool_cfg)
+    tv32 = TaskVectors.from_pool(pool)
+    tv16 = TaskVectors.from_pool(pool, dtype="bfloat16", exclude=[r"embeddings\."])
+    assert all(t.dtype == torch.bfloat16 for t in tv16.tensors.values())
+    assert not any("embeddings." in n for n in tv16.names)
+    assert tv16.nbytes() * 2 < tv32.nbytes()
+    assert not any(n.startswith("classifier.") for n in tv32.names)  # heads are never merged
+    c = Coefficients(tv16.K, len(tv16), "layer", init=0.3)
+    mm = MergedModel(pool.base_model, tv16, c)
+    w = mm.merged_params()
+    n = tv16.names[0]
+    ref = pool.base_tensor(n) + 0.3 * tv16[n].float().sum(0)
+    torch.testing.assert_close(w[n], ref, atol=1e-6, rtol=1e-5)
+
+
+def test_export_roundtrip_from_pretrained(tiny_pool_cfg, tmp_path):
+    from transformers import AutoModel
+
+    pool, m = make(tiny_pool_cfg, {"name": "static", "id": "task_arithmetic", "scale": 0.3})
+    out = export_merged(m, tmp_path / "export")
+    ids = torch.randint(1000, 2000, (2, 5))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        merged = m.merged.merged_params()
+        for task in pool.task_names:
+            served = load_task_model(out, task)
+            ref = functional_call(pool.base_model, {**merged, **pool.head(task)}, args=(), kwargs=inputs).logits
+            torch.testing.assert_close(served(**inputs).logits, ref, atol=1e-5, rtol=1e-5)
+        enc = AutoModel.from_pretrained(str(out / "model")).eval()
+        hid = functional_call(pool.base_model.bert, {k[5:]: v for k, v in merged.items()}, args=(), kwargs=inputs)
+        torch.testing.assert_close(enc(**inputs).last_hidden_state, hid.last_hidden_state, atol=1e-5, rtol=1e-5)
+    rep = json.loads((out / "coefficients.json").read_text())
+    assert rep["tasks"] == pool.task_names and len(rep["coefficients"]) == len(m.merged.names)
+    assert (out / "coefficients.png").stat().st_size > 1000
+    assert (out / "model" / "tokenizer_config.json").exists()
+
+
+def test_interrupted_export_leaves_previous_export_intact(tiny_pool_cfg, tmp_path, monkeypatch):
+    import adamerge.export as ex
+
+    pool, m = make(tiny_pool_cfg, {"name": "static", "id": "task_arithmetic", "scale": 0.3})
+    out = export_merged(m, tmp_path / "export")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(ValueError, match="not empty"):
+        export_merged(m, out)  # refused without overwrite
+
+    def boom(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ex, "plot_coefficients", boom)
+    with pytest.raises(OSError, match="disk full"):
+        export_merged(m, out, overwrite=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp dir left behind
+    with pytest.raises(OSError):
+        export_merged(m, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
