@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from .adamerging import AdaMerging
 from .base import CheckpointError, MergeMethod
+from .concrete import ConcreteAdaMerging, ConcreteTaskArithmetic
+from .expert_merging import ExpertMerging, ExpertMergingPP
+from .frank_wolfe import FrankWolfeMerging
+from .projective import ProjectiveMerge
 from .static import StaticMerge
 
 METHODS: dict[str, type[MergeMethod]] = {
     "static": StaticMerge,
     "adamerging": AdaMerging,
+    "fw_merging": FrankWolfeMerging,
+    "concrete_task_arithmetic": ConcreteTaskArithmetic, "concrete_adamerging": ConcreteAdaMerging,
+    "projective": ProjectiveMerge,
+    "expert_merging": ExpertMerging, "expert_merging_pp": ExpertMergingPP,
 }
 
 

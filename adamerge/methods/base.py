@@ -6,6 +6,7 @@ Devices, loops, precision, DDP and checkpoint files belong to the Lightning Trai
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytorch_lightning as pl
@@ -68,6 +69,9 @@ class MergeMethod(pl.LightningModule):
         heads = {t: pool.head(t) for t in pool.task_names}
         self.merged = MergedModel(pool.base_model, tv, self.build_coefficients(tv), heads,
                                   mask=self.build_mask(tv), tv_device=tv_device)
+        # which tensors are merged is part of what a checkpoint's coefficients mean
+        self.fingerprint["merged_tensors"] = len(tv)
+        self.fingerprint["merged_names"] = hashlib.sha256("\n".join(tv.names).encode()).hexdigest()[:16]
         self.causal = pool.model_class == "causal_lm"
 
     @property

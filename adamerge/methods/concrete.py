@@ -1,0 +1,247 @@
+"""Concrete subspace learning (Tang et al. 2023; ALGORITHMS.md §3): Concrete TA and Concrete AdaMerging.
+
+One binary-Concrete mask per merged tensor, shared by every task vector, is learned by entropy
+minimisation; merging happens inside the masked subspace, ``W = W0 + m̂/mean(m̂) ⊙ Σ_k λ_k τ_k``
+(the mask lives in ``MergedModel``: one logit per merged weight, not one per expert).
+
+* ``ConcreteTaskArithmetic``: λ fixed (task-wise, 0.3); only the mask logits train (Adam).
+* ``ConcreteAdaMerging`` (task-wise or layer-wise λ): first-order bi-level phase, then plain
+  AdaMerging on λ with the mask fixed. See the class docstring.
+
+Final mask (evaluation, export, and phase 2): ``continuous`` is one binary-Concrete sample drawn
+with its own fixed seed (so every call — evaluation, export, each phase-2 step, a resumed run —
+sees the same mask); ``hard`` is the T → 0 limit of that same sample thresholded at 0.5 ([SF]'s
+binary mask at T = 0.001), i.e. entry kept iff logit(u) + x > 0. Both are rescaled by their mean.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from ..coefficients import Coefficients, ConcreteMask
+from ..data import trim
+from ..task_vectors import TaskVectors
+from .base import MergeMethod
+
+
+def _num(cfg: dict, key: str, default: float, positive: bool = True) -> float:
+    v = float(cfg.get(key, default))
+    if positive and not v > 0:
+        raise ValueError(f"method.{key} must be > 0, got {v}")
+    return v
+
+
+class SubspaceMask(ConcreteMask):
+    """``ConcreteMask`` with a reproducible final mask, also used while training when ``frozen``.
+
+    Training samples use the mask's own generator (saved in checkpoints by ``MergeMethod``); the
+    final mask uses a fresh generator seeded with ``seed + 1`` on each call, so it is a pure
+    function of the logits and never advances the training stream.
+    """
+
+    def __init__(self, shapes: list[torch.Size], temperature: float = 0.5, init_logit: float = 0.0,
+                 eval_mode: str = "continuous", seed: int = 0):
+        super().__init__(shapes, temperature=temperature, init_logit=init_logit, eval_mode=eval_mode, seed=seed)
+        self.final_seed = int(seed) + 1
+        self.frozen = False  # phase 2 of Concrete AdaMerging: train λ under the final mask
+
+    def _final_raw(self) -> list[torch.Tensor]:
+        """(noise logit(u) + x) per tensor with the fixed final-mask noise, before temperature."""
+        g = torch.Generator().manual_seed(self.final_seed)
+        out = []
+        for x in self.logits:
+            u = torch.rand(x.shape, generator=g).clamp(1e-6, 1 - 1e-6).to(x.device)
+            out.append(torch.log(u) - torch.log1p(-u) + x.detach())
+        return out
+
+    @torch.no_grad()
+    def final(self) -> list[torch.Tensor]:
+        out = []
+        for z in self._final_raw():
+            m = (z > 0).to(z.dtype) if self.eval_mode == "hard" else torch.sigmoid(z / self.temperature)
+            out.append(m / m.mean().clamp(min=1e-6))
+        return out
+
+    def forward(self) -> list[torch.Tensor]:
+        if self.training and not self.frozen:
+            return self.sample()
+        return self.final()
+
+    @torch.no_grad()
+    def sparsity(self) -> list[float]:
+        """Fraction of entries the final mask drops (hard) or keeps below 0.5 (continuous), per tensor."""
+        return [float((z <= 0).float().mean()) for z in self._final_raw()]
+
+
+def build_subspace_mask(tv: TaskVectors, cfg: dict) -> SubspaceMask:
+    return SubspaceMask([t.shape[1:] for _, t in tv.items()], temperature=_num(cfg, "temperature", 0.5),
+                        init_logit=float(cfg.get("init_logit", 0.0)), eval_mode=cfg.get("eval_mode", "continuous"),
+                        seed=int(cfg.get("mask_seed", 0)))
+
+
+def _mask_report(method: MergeMethod, rep: dict[str, Any]) -> dict[str, Any]:
+    m = method.merged.mask
+    rep["mask"] = {"eval_mode": m.eval_mode, "temperature": m.temperature,
+                   "mean_sparsity": sum(rep["mask_sparsity"].values()) / max(1, len(rep["mask_sparsity"]))}
+    return rep
+
+
+class ConcreteTaskArithmetic(MergeMethod):
+    """θ = θ0 + λ Σ_k m̂ ⊙ τ_k with λ fixed (``scale``, task-wise); only the mask logits train.
+
+    The loss is the base's summed per-task entropy; the optimizer (Adam, ``lr``) sees only the mask
+    logits because the coefficients do not require gradients.
+    """
+
+    name = "concrete_task_arithmetic"
+
+    def build_coefficients(self, tv: TaskVectors) -> Coefficients:
+        coefs = Coefficients(tv.K, len(tv), granularity="task", init=float(self.method_cfg.get("scale", 0.3)))
+        coefs.requires_grad_(False)
+        return coefs
+
+    def build_mask(self, tv: TaskVectors) -> SubspaceMask:
+        return build_subspace_mask(tv, self.method_cfg)
+
+    def report(self) -> dict[str, Any]:
+        return _mask_report(self, super().report())
+
+
+def split_halves(batch: dict[str, dict[str, torch.Tensor]]):
+    """Each task's batch cut in two: (first halves, second halves), padding re-trimmed."""
+    first, second = {}, {}
+    for task, inputs in batch.items():
+        n = next(iter(inputs.values())).shape[0]
+        if n < 2:
+            raise ValueError(f"concrete AdaMerging splits each task's batch in two halves but task '{task}' has "
+                             f"{n} example(s) per process; raise data.batch_size")
+        h = n // 2
+        first[task] = trim({k: v[:h] for k, v in inputs.items()})
+        second[task] = trim({k: v[h:] for k, v in inputs.items()})
+    return first, second
+
+
+class ConcreteAdaMerging(MergeMethod):
+    """Concrete AdaMerging: first-order bi-level mask learning, then AdaMerging under the fixed mask.
+
+    Phase 1 (``global_step < mask_steps``), per step:
+      1. remember the mask generator's state (one mask sample serves both sub-steps);
+      2. reset λ to its init; inner step: entropy on the *first half* of every task's batch,
+         gradient w.r.t. λ only, one Adam step with ``inner_lr`` (1). Like [FB], this Adam keeps
+         its moments across outer steps; only λ is reset;
+      3. restore the generator (same sample), re-merge with the updated λ; mask step: entropy on the
+         *second half* of every task's batch ("a fresh batch"), gradient w.r.t. the mask logits
+         only (λ detached), Adam ``lr`` (1e-3). No backpropagation through the inner step.
+    Halving keeps one data batch per step, so resumed runs see the same data (``data.batch_size``
+    is the two halves together: 32 reproduces the paper's 16 + 16).
+
+    Phase 2 (``mask_steps <= global_step < trainer.max_steps``): the mask is the final mask
+    (``eval_mode``); λ is reset to its init at the first phase-2 step, then plain AdaMerging with
+    its own Adam (``adamerging_lr``). A run that stops in phase 1 exports λ at its init.
+
+    Optimization is manual. Exactly one optimizer step per training step goes through Lightning (the
+    mask step, or the phase-2 λ step); the inner step uses the bare torch optimizer, so
+    ``global_step`` counts training steps, which the data module (batch index on resume), max_steps
+    and checkpoint names rely on. Gradients are taken with ``torch.autograd.grad`` w.r.t. the
+    parameters of the sub-step and averaged over processes by hand: two backward passes per step
+    over different parameter sets would break DDP's reducer.
+    """
+
+    name = "concrete_adamerging"
+
+    def __init__(self, pool, method: dict, task_vectors: dict | None = None):
+        super().__init__(pool, method, task_vectors)
+        self.automatic_optimization = False
+        m = self.method_cfg
+        self.mask_steps = int(m.get("mask_steps", 2000))
+        if self.mask_steps < 0:
+            raise ValueError(f"method.mask_steps must be >= 0, got {self.mask_steps}")
+        self.inner_lr = _num(m, "inner_lr", 1.0)
+        self.adamerging_lr = _num(m, "adamerging_lr", 1e-3)
+        # λ's init (raw parameter space), restored before every inner step and at phase 2
+        self.register_buffer("coef_init", self.merged.coefficients.raw.detach().clone(), persistent=False)
+
+    def build_mask(self, tv: TaskVectors) -> SubspaceMask:
+        return build_subspace_mask(tv, self.method_cfg)
+
+    def configure_optimizers(self):
+        m = self.method_cfg
+        betas = tuple(m.get("betas", (0.9, 0.999)))
+        lam = [self.merged.coefficients.raw]
+        return [torch.optim.Adam(lam, lr=self.inner_lr, betas=betas),
+                torch.optim.Adam(self.merged.mask.parameters(), lr=_num(m, "lr", 1e-3), betas=betas),
+                torch.optim.Adam(lam, lr=self.adamerging_lr, betas=betas)]
+
+    def on_fit_start(self) -> None:
+        # checkpoints after the step are exactly what resuming needs; Lightning's hint says otherwise
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError("concrete AdaMerging computes its gradients itself and does not support a gradient "
+                             "scaler (precision=16-mixed); use 32-true or bf16-mixed")
+        if (self.trainer.max_steps or 0) <= self.mask_steps:
+            self.print(f"note: trainer.max_steps={self.trainer.max_steps} <= method.mask_steps={self.mask_steps}: "
+                       "no AdaMerging phase; λ stays at its init")
+
+    # -- one sub-step ------------------------------------------------------------------------------
+    def _grads_into(self, batch, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """Entropy over ``batch``; its gradient w.r.t. ``params`` (mean over processes) set as ``.grad``."""
+        value, surrogate = self.step_loss(batch)
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"non-finite loss {value.item()} at step {self.global_step}")
+        grads = torch.autograd.grad(surrogate, params, allow_unused=True)
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        for p, g in zip(params, grads):
+            g = torch.zeros_like(p) if g is None else g
+            if world > 1:
+                dist.all_reduce(g)
+                g = g / world
+            p.grad = g
+        return value
+
+    @torch.no_grad()
+    def _reset_coefficients(self) -> None:
+        self.merged.coefficients.raw.copy_(self.coef_init)
+
+    def training_step(self, batch, batch_idx):
+        inner_opt, mask_opt, lam_opt = self.optimizers()
+        mask = self.merged.mask
+        lam = self.merged.coefficients.raw
+        phase = 1 if self.global_step < self.mask_steps else 2
+        mask.frozen = phase == 2
+        if phase == 1:
+            first, second = split_halves(batch)
+            rng = mask.get_rng_state()
+            self._reset_coefficients()
+            inner = self._grads_into(first, [lam])
+            inner_opt.optimizer.step()  # bare torch step: not counted in global_step
+            inner_opt.optimizer.zero_grad(set_to_none=True)
+            mask.set_rng_state(rng)
+            value = self._grads_into(second, list(mask.parameters()))
+            mask_opt.step()
+            mask_opt.zero_grad(set_to_none=True)
+            self.log("loss_inner", inner, on_step=True)
+        else:
+            if self.global_step == self.mask_steps:
+                self._reset_coefficients()
+            value = self._grads_into(batch, [lam])
+            lam_opt.step()
+            lam_opt.zero_grad(set_to_none=True)
+        self.log("loss", value, prog_bar=True, on_step=True)
+        t = self.merged.coefficients.values().detach()
+        self.log_dict({"phase": float(phase), "coef/mean": t.mean(), "coef/min": t.min(), "coef/max": t.max()},
+                      on_step=True)
+
+    def on_train_end(self) -> None:
+        # λ after a phase-1 step is the throwaway inner-step value; without phase 2 keep the init
+        if self.global_step <= self.mask_steps:
+            self._reset_coefficients()
+        self.merged.mask.frozen = False
+
+    def report(self) -> dict[str, Any]:
+        rep = _mask_report(self, super().report())
+        rep["mask"]["mask_steps"] = self.mask_steps
+        return rep

@@ -1,0 +1,300 @@
+"""Expert Merging and Expert Merging++ (Zhang et al., arXiv 2509.25712; ALGORITHMS.md §4).
+
+Coefficients σ(w) per merged tensor and task (Expert Merging) or per contiguous chunk of each
+flattened tensor (Expert Merging++), initialised at α̅ (``init``: 0.1, or per-task values such as
+the task-arithmetic λ). For a calibration batch of task k the loss is
+
+    β_k·T²·KL(softmax(z_k/T) ‖ softmax(z_merged/T)) + β_k·w_h·mean_{ℓ∈S} MSE(h_ℓ, h_ℓ^(k)) + γ·R,
+    R = Σ|σ(w) − α̅| / (#coefficients / K),
+
+with z_k, h^(k) the logits and hidden states of expert k itself (its own head for classification
+pools; next-token logits, padding masked, for causal-LM pools). The per-task forward/backward into
+∂L/∂W is the base class's ``step_loss``; this file only adds the targets, the loss and the optimizer.
+
+Scale: the authors take one sample at a time and add γ·R to every sample's loss; here every
+micro-step holds one batch of every task, so each task's term is divided by K and γ·R is added once:
+the step's gradient is the authors' per-sample mean, and ``gradient_clip_val`` keeps its meaning.
+
+Expert targets are computed on the fly: expert k = base + τ_k (plus the expert's own values of
+any tensor excluded from merging) through the same ``functional_call`` as the merged model,
+in a no-grad forward just before the merged forward of that task's micro-batch. Why not cache them
+once per calibration sample: the cache would be K·N·T·V floats of logits (plus hidden states) —
+for an LLM vocabulary far more than the task vectors themselves — and it would have to be rebuilt
+identically on resume; the on-the-fly target costs one forward without activations kept, reuses
+the task vectors already in memory, and is a pure function of (expert, batch), so resumed runs
+see exactly the same targets. Peak extra memory is one transient set of expert weights, freed
+before the merged forward; never K model copies.
+
+Expert Merging++ is a second run: ``first_pass`` names the ``coefficients.json`` (or the export
+directory holding it) of an Expert Merging run on the same pool. Layer importance
+I_ℓ = normalize(Σ_k |α_k^ℓ|·mean|τ_k^ℓ|·n_ℓ) and the allocation m_ℓ = ⌊B·I_ℓ^κ / Σ_j I_j^κ⌋
+(≥ 1 each, Σ m_ℓ ≤ B) are a pure function of that file and the pool, recomputed identically on
+resume (the checkpoint records the allocation and refuses a different one); chunk coefficients
+start at α̅ and are trained with the same loss. The allocation goes to ``coefficients.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..coefficients import Coefficients
+from ..objectives import distill_kl, hidden_mse, l1_to_init
+from ..pool import ModelPool
+from ..task_vectors import TaskVectors
+from .base import CheckpointError, MergeMethod
+
+
+class ExpertMerging(MergeMethod):
+    """Layer-wise σ(w) coefficients aligned to each expert's logits (and hidden states)."""
+
+    name = "expert_merging"
+
+    def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
+        for key in ("dare", "ties", "consensus"):
+            if method.get(key):
+                raise ValueError(f"{method.get('id', self.name)}: '{key}' is not supported — the experts are the "
+                                 "teachers, so their task vectors must stay unprocessed")
+        super().__init__(pool, method, task_vectors)
+        m = self.method_cfg
+        self.temperature = float(m.get("temperature", 1.0))
+        if self.temperature <= 0:
+            raise ValueError(f"method.temperature must be > 0, got {self.temperature}")
+        self.hidden_weight = float(m.get("hidden_weight", 1.0))
+        self.hidden_layers = [int(i) for i in (m.get("hidden_layers") or [])]
+        self.reg_weight = float(m.get("reg_weight", 5.0))
+        weights = dict(m.get("loss_weights") or {})
+        unknown = sorted(set(weights) - set(pool.task_names))
+        if unknown:
+            raise ValueError(f"method.loss_weights names unknown task(s) {unknown}; tasks: {pool.task_names}")
+        self.loss_weights = {t: float(weights.get(t, 1.0)) for t in pool.task_names}
+        self.register_buffer("alpha_init", _init_values(m.get("init", 0.1), len(pool.task_names)), persistent=False)
+        # expert values of shared tensors that are not merged (task_vectors.exclude): the teacher is
+        # the real expert, the merged model keeps the base value there
+        merged = set(self.merged.names)
+        self._teacher_extra: dict[str, torch.Tensor] = {}
+        for n in pool.shared_names():
+            if n not in merged:
+                t = torch.stack([pool.task_vector(task, n) for task in pool.task_names])
+                if t.any():
+                    self._teacher_extra[n] = t
+
+    # -- coefficients ------------------------------------------------------------------------
+    def build_coefficients(self, tv: TaskVectors) -> Coefficients:
+        return Coefficients(tv.K, len(tv), granularity=self.method_cfg.get("granularity", "layer"),
+                            init=_init_values(self.method_cfg.get("init", 0.1), tv.K).tolist(), transform="sigmoid")
+
+    # -- targets -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def expert_params(self, task: str) -> dict[str, torch.Tensor]:
+        """Expert ``task``'s weights (base + τ_k) for every tensor the merge touches, for functional_call."""
+        k = self.merged.task_names.index(task)
+        base = dict(self.merged.base.named_parameters())
+        tv = self.merged.task_vectors
+        out = {}
+        for n in self.merged.names:
+            w0 = base[n]
+            out[n] = w0 + tv[n][k].to(w0.device, w0.dtype)
+        for n, t in self._teacher_extra.items():
+            w0 = base[n]
+            out[n] = w0 + t[k].to(w0.device, w0.dtype)
+        return out
+
+    def _forward_kwargs(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(inputs)
+        if self.hidden_layers:
+            kw["output_hidden_states"] = True
+        if self.causal:
+            kw["use_cache"] = False  # no key/value cache is needed for teacher forcing
+        return kw
+
+    def _hidden(self, out, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The configured layers' hidden states, restricted to non-padding positions."""
+        hs = out.hidden_states
+        for i in self.hidden_layers:
+            if not -len(hs) <= i < len(hs):
+                raise ValueError(f"method.hidden_layers: layer {i} is out of range; the model returns "
+                                 f"{len(hs)} hidden states (embeddings + {len(hs) - 1} layers)")
+        mask = inputs.get("attention_mask")
+        picked = [hs[i] for i in self.hidden_layers]
+        if mask is not None and all(h.dim() == 3 and h.shape[:2] == mask.shape for h in picked):
+            keep = mask.bool()
+            picked = [h[keep] for h in picked]
+        return picked
+
+    # -- loss ----------------------------------------------------------------------------------
+    def task_loss(self, task: str, inputs: dict[str, torch.Tensor], params: dict | None = None) -> torch.Tensor:
+        """β_k·(T²·KL(expert ‖ merged) + w_h·hidden MSE) / K for one batch of task k."""
+        kw = self._forward_kwargs(inputs)
+        with torch.no_grad():
+            t_out = self.merged(task=task, params=self.expert_params(task), **kw)
+            t_logits = t_out.logits.detach()
+            t_hidden = [h.detach() for h in self._hidden(t_out, inputs)] if self.hidden_layers else []
+            del t_out
+        s_out = self.merged(task=task, params=params, **kw)
+        mask = inputs.get("attention_mask") if self.causal else None
+        kl = distill_kl(s_out.logits, t_logits, self.temperature, mask)
+        loss = kl
+        if self.hidden_layers and self.hidden_weight:
+            hid = hidden_mse(self._hidden(s_out, inputs), t_hidden).to(kl.device)
+            loss = loss + self.hidden_weight * hid
+            self._log(f"hidden/{task}", hid)
+        self._log(f"kl/{task}", kl)
+        return self.loss_weights[task] * loss / self.merged.task_vectors.K
+
+    def regularizer(self) -> torch.Tensor:
+        """γ·Σ|σ(w) − α̅| / (#coefficients per task)."""
+        if not self.reg_weight:
+            return torch.zeros((), device=self.device)
+        c = self.merged.coefficients
+        v = c.values()
+        if c.granularity == "chunk":
+            v = v.T  # [Σm, K]: l1_to_init normalises by the size of the last (task) dim
+        r = l1_to_init(v, self.alpha_init.to(v.device, v.dtype))
+        self._log("reg", r)
+        return self.reg_weight * r
+
+    def _log(self, key: str, value: torch.Tensor) -> None:
+        if self._trainer is not None and self.trainer.training:
+            self.log(key, value.detach(), on_step=True)
+
+    # -- optimizer -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        """AdamW on w + cosine warm restarts stepped once per optimizer step (after accumulation)."""
+        m = self.method_cfg
+        lr = float(m.get("lr", 0.5))
+        if lr <= 0:
+            raise ValueError(f"method.lr must be > 0, got {lr}")
+        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=lr,
+                                betas=tuple(m.get("betas", (0.9, 0.999))),
+                                weight_decay=float(m.get("weight_decay", 1e-5)))
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            opt, T_0=int(m.get("restart_period", 50)), T_mult=int(m.get("restart_mult", 2)),
+            eta_min=float(m.get("eta_min_ratio", 0.1)) * lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+def _init_values(init: float | Sequence[float], K: int) -> torch.Tensor:
+    """α̅ per task from a scalar or a list of K values, each in (0, 1)."""
+    t = torch.as_tensor(init, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        t = t.expand(K).clone()
+    if t.numel() != K:
+        raise ValueError(f"method.init: {t.numel()} values for {K} tasks")
+    if not ((t > 0) & (t < 1)).all():
+        raise ValueError(f"method.init must lie in (0, 1) (σ(w) is initialised there), got {t.tolist()}")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert Merging++
+# ----------------------------------------------------------------------------------------------
+def layer_importance(alphas: torch.Tensor, mean_abs_tau: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
+    """I_ℓ = Σ_k |α_k^ℓ|·mean|τ_k^ℓ|·n_ℓ, ℓ1-normalised. ``alphas``, ``mean_abs_tau``: ``[L, K]``."""
+    n = torch.as_tensor(list(numels), dtype=torch.float64)
+    raw = (alphas.double().abs() * mean_abs_tau.double()).sum(1) * n
+    total = raw.sum()
+    return raw / total if total > 0 else torch.full_like(raw, 1.0 / len(raw))
+
+
+def allocate_chunks(importance: Sequence[float] | torch.Tensor, budget: int, kappa: float = 1.0,
+                    numels: Sequence[int] | None = None) -> list[int]:
+    """m_ℓ = ⌊B·I_ℓ^κ / Σ_j I_j^κ⌋, at least 1 and at most n_ℓ per tensor, Σ m_ℓ ≤ B.
+
+    Raising the empty tensors to 1 can overshoot B; the excess is taken back one chunk at a time
+    from the largest allocation (the least important among equals), so more important tensors
+    never end with fewer chunks than less important ones of the same size.
+    """
+    imp = torch.as_tensor(importance, dtype=torch.float64).flatten()
+    L = imp.numel()
+    if not torch.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError("chunk allocation: importances must be finite and non-negative")
+    if kappa <= 0:
+        raise ValueError(f"method.kappa must be > 0, got {kappa}")
+    if budget < L:
+        raise ValueError(f"method.budget={budget} chunks cannot give each of the {L} merged tensors one chunk")
+    w = imp.pow(kappa)
+    p = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / L)
+    m = torch.floor(budget * p + 1e-9).long().clamp(min=1)
+    if numels is not None:
+        m = torch.minimum(m, torch.as_tensor(list(numels), dtype=torch.long))
+    while int(m.sum()) > budget:
+        # largest allocation first; among equals the least important
+        order = sorted(range(L), key=lambda i: (-int(m[i]), float(imp[i])))
+        m[order[0]] -= 1
+    return m.tolist()
+
+
+def read_first_pass(path: str | Path, task_names: list[str], tensor_names: list[str]) -> torch.Tensor:
+    """The ``[L, K]`` coefficients of a first Expert Merging run, checked against this pool."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "coefficients.json"
+    if not p.exists():
+        raise FileNotFoundError(f"method.first_pass: {p} does not exist (give the export/coefficients.json "
+                                "of an expert_merging run on this pool)")
+    try:
+        rep = json.loads(p.read_text())
+        tasks, tensors, table = rep["tasks"], rep["tensors"], rep["coefficients"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"method.first_pass: {p} is not a coefficients.json ({e})") from e
+    if list(tasks) != list(task_names):
+        raise ValueError(f"method.first_pass: {p} was made for tasks {tasks}, this pool has {task_names}")
+    if list(tensors) != list(tensor_names):
+        diff = sorted(set(tensors) ^ set(tensor_names))[:3]
+        raise ValueError(f"method.first_pass: {p} merged other tensors than this run (e.g. {diff}); use the same "
+                         "task_vectors.include/exclude")
+    t = torch.tensor(table, dtype=torch.float64)
+    if t.shape != (len(tensor_names), len(task_names)):
+        raise ValueError(f"method.first_pass: {p} has a coefficient table of shape {tuple(t.shape)}")
+    return t
+
+
+class ExpertMergingPP(ExpertMerging):
+    """Expert Merging with importance-guided chunk counts taken from a first Expert Merging run."""
+
+    name = "expert_merging_pp"
+
+    def build_coefficients(self, tv: TaskVectors) -> Coefficients:
+        m = self.method_cfg
+        if not m.get("first_pass"):
+            raise ValueError(f"{m.get('id', self.name)} needs method.first_pass=<export dir or coefficients.json "
+                             "of an expert_merging run on this pool>")
+        alphas = read_first_pass(m["first_pass"], tv.task_names, tv.names)
+        numels = [tv[n][0].numel() for n in tv.names]
+        mean_abs = torch.stack([tv[n].abs().float().flatten(1).mean(1) for n in tv.names])
+        self.importance = layer_importance(alphas, mean_abs, numels)
+        budget = m.get("budget")
+        self.budget = int(budget) if budget is not None else int(math.floor(float(m.get("budget_per_tensor", 4.0))
+                                                                            * len(tv)))
+        self.kappa = float(m.get("kappa", 1.0))
+        chunks = allocate_chunks(self.importance, self.budget, self.kappa, numels)
+        return Coefficients(tv.K, len(tv), granularity="chunk", chunks=chunks, tensor_numels=numels,
+                            init=_init_values(m.get("init", 0.1), tv.K).tolist(), transform="sigmoid")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["adamerge"]["chunks"] = list(self.merged.coefficients.chunk_counts)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint["adamerge"].get("chunks")
+        if saved != list(self.merged.coefficients.chunk_counts):
+            raise CheckpointError("checkpoint has another chunk allocation than this run: method.first_pass, "
+                                  "budget or kappa changed since it was written")
+
+    def report(self) -> dict[str, Any]:
+        rep = super().report()
+        c = self.merged.coefficients
+        rep["allocation"] = {
+            "first_pass": str(self.method_cfg["first_pass"]), "budget": self.budget, "kappa": self.kappa,
+            "total_chunks": int(sum(c.chunk_counts)),
+            "importance": dict(zip(self.merged.names, self.importance.tolist())),
+        }
+        rep["chunk_coefficients"] = {n: v.detach().cpu().tolist() for n, v in zip(self.merged.names, c())}  # [K][m]
+        return rep

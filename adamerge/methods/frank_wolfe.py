@@ -1,0 +1,401 @@
+"""FW-Merging (Chen et al., ICCV 2025; ALGORITHMS.md §5): Frank-Wolfe over a pool of candidate models.
+
+    min_{θ ∈ conv{θ_1..θ_N}} ℓ(θ),   ℓ = the pool's tasks' objective through each task's own head
+    (prediction entropy on unlabeled calibration batches, or cross-entropy on labelled examples).
+
+One FW iteration per Lightning training step. At θ_t: g = ∇ℓ(θ_t); the linear minimization oracle
+scores every vertex i by the true FW linear term ⟨g, θ_i − θ_t⟩ (task-wise: summed over tensors, one
+whole candidate wins; layer-wise: per tensor). Vertices are the candidates (plus θ_0 as "initial").
+  hard: θ_{t+1} = θ_t + γ_t · MergeFn(s_t − θ_t), γ_t = step_size·2/(t+2), MergeFn = task arithmetic
+        (scale 0.3) or TIES trim; θ_0 = task arithmetic of the candidates.
+  soft: one LMO per task's gradient (distinct vertices s_j), then layer-wise AdaMerging over
+        {s_j − θ_t} with θ_t as the base — ``MergedModel`` + ``MergeMethod.step_loss``; θ_0 = pretrained.
+
+Memory is constant in the number of candidates: θ_t is one state dict (its delta from the base, held
+as the single row of ``self.merged``'s task vectors with coefficient 1, so evaluation and export see
+θ_t unchanged); candidates are read from disk one tensor at a time when scored and when stepped to.
+Per tensor and candidate, the weight of each checkpoint in θ_t is tracked ([L, 1+N]: pretrained, then
+candidates); it is what ``coefficients.json`` reports (exact for task arithmetic and soft, nominal for TIES).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections import Counter
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from ..candidates import CandidatePool, candidate_paths
+from ..coefficients import Coefficients
+from ..data import StepBatches, encode, load_tokenizer, read_jsonl, trim
+from ..merged_model import MergedModel
+from ..pool import ModelPool
+from ..task_vectors import TaskVectors, select_names
+from .base import CheckpointError, MergeMethod
+
+log = logging.getLogger("adamerge")
+# Checkpoints hold θ_{t+1}, the state after an iteration, which is what resuming needs; Lightning warns
+# about exactly that for every manual-optimization module.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+Grads = dict[str, torch.Tensor]
+
+
+def lmo(scores: torch.Tensor, granularity: str, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Vertex index per tensor ``[L]`` minimizing the linear term; ``scores[i, l] = ⟨∇_l ℓ, v_{i,l} − θ_l⟩``.
+
+    task: one vertex for every tensor (smallest sum over tensors); layer: the smallest per tensor.
+    ``exclude`` ``[V, L]`` marks (vertex, tensor) pairs that may not be chosen.
+    """
+    s = scores if exclude is None else scores.masked_fill(exclude, math.inf)
+    if granularity == "task":
+        return s.sum(1).argmin().expand(s.shape[1]).clone()
+    return s.argmin(0)
+
+
+class FrankWolfeMerging(MergeMethod):
+    name = "fw_merging"
+    trainable = True
+
+    def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
+        # Not MergeMethod.__init__: it stacks every expert's task vector; here θ_t is the only model held.
+        pl.LightningModule.__init__(self)
+        tv_cfg = dict(task_vectors or {})
+        m = self.method_cfg = dict(method)
+        self.save_hyperparameters({"method": self.method_cfg, "task_vectors": tv_cfg})
+        object.__setattr__(self, "pool", pool)
+        self.causal = pool.model_class == "causal_lm"
+        self.automatic_optimization = False
+        self.variant = self._choice("variant", "hard", ("hard", "soft"))
+        self.granularity = self._choice("granularity", "task", ("task", "layer"))
+        self.objective = self._choice("objective", "entropy", ("entropy", "cross_entropy"))
+        self.merge_fn = self._choice("merge_fn", "task_arithmetic", ("task_arithmetic", "ties"))
+        self.inner_granularity = self._choice("inner_granularity", "layer", ("task", "layer"))
+        if self.objective == "cross_entropy" and pool.model_class != "sequence_classification":
+            raise ValueError("method.objective=cross_entropy needs a sequence_classification pool")
+        self.step_size, self.merge_scale = float(m.get("step_size", 0.1)), float(m.get("merge_scale", 0.3))
+        self.inner_steps = int(m.get("inner_steps", 500))
+        if self.step_size <= 0 or self.inner_steps < 1:
+            raise ValueError(f"method.step_size must be > 0 and inner_steps >= 1 (got {self.step_size}, "
+                             f"{self.inner_steps})")
+
+        paths = candidate_paths(m.get("candidates"), m.get("candidates_dir"))
+        self.candidates = CandidatePool(pool, paths or None, check_finite=bool(m.get("check_finite", True)))
+        self.names = select_names(pool.shared_names(), tv_cfg.get("include") or None, tv_cfg.get("exclude") or None)
+        if not self.names:
+            raise ValueError("no tensors selected for merging (check task_vectors.include/exclude)")
+        N, L = len(self.candidates), len(self.names)
+
+        # θ_0 and the weight of each checkpoint in it, per tensor: columns [pretrained, candidates...]
+        init = self._choice("init", "task_arithmetic" if self.variant == "hard" else "pretrained",
+                            ("task_arithmetic", "pretrained"))
+        self.weights = torch.zeros(L, 1 + N, dtype=torch.float64)
+        if init == "task_arithmetic":
+            scale = float(m.get("init_scale", 0.3))
+            delta0 = self._task_arithmetic(scale)
+            self.weights[:, 0], self.weights[:, 1:] = 1 - scale * N, scale
+        else:
+            delta0 = {n: torch.zeros_like(pool.base_tensor(n), dtype=torch.float32) for n in self.names}
+            self.weights[:, 0] = 1
+        # [FB] adds θ_0 to the vertex set ("initial"): one more model in memory, whatever N
+        self.vertex_names = list(self.candidates.names)
+        self._initial: Grads | None = None
+        if m.get("init_vertex", self.variant == "hard"):
+            self._initial = {n: d.clone() for n, d in delta0.items()}
+            self._initial_weights = self.weights.clone()
+            self.vertex_names.append("initial")
+
+        coefs = Coefficients(1, L, granularity="task", init=1.0).requires_grad_(False)
+        theta = TaskVectors({n: d.unsqueeze(0) for n, d in delta0.items()}, ["frank_wolfe"])
+        heads = {t: pool.head(t) for t in pool.task_names}
+        self.merged = MergedModel(pool.base_model, theta, coefs, heads, tv_device=tv_cfg.get("device"))
+        self.fingerprint = {**pool.fingerprint(), "candidates": list(self.candidates.names)}
+        self.history: list[dict[str, Any]] = []
+        self._stream: StepBatches | None = None  # soft inner steps: batches of their own (use_data)
+        self._tokenizer, self._max_length = None, int(m.get("max_length", 64))
+        self._labelled: dict[str, list[tuple[dict, torch.Tensor]]] = {}
+
+    def _choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        v = self.method_cfg.get(key) or default
+        if v not in allowed:
+            raise ValueError(f"method.{key} must be one of {allowed}, got '{v}'")
+        return v
+
+    # -- θ_t and vertices ----------------------------------------------------------------------
+    def delta(self, name: str) -> torch.Tensor:
+        """θ_t − θ_pretrained for one merged tensor (a view: updated in place)."""
+        return self.merged.task_vectors[name][0]
+
+    def theta(self, name: str) -> torch.Tensor:
+        d = self.delta(name)
+        return self.pool.base_tensor(name).to(d.device, torch.float32) + d.float()
+
+    def vertex_tensor(self, i: int, name: str) -> torch.Tensor:
+        """Vertex ``i``'s value of one tensor: a candidate read from disk now, or θ_0 ("initial")."""
+        if i < len(self.candidates):
+            return self.candidates.tensor(i, name)
+        return self.pool.base_tensor(name).float() + self._initial[name].to(self.pool.base_tensor(name).device)
+
+    def _vertex_weights(self, i: int, li: int) -> torch.Tensor:
+        if i < len(self.candidates):
+            w = torch.zeros(self.weights.shape[1], dtype=torch.float64)
+            w[i + 1] = 1
+            return w
+        return self._initial_weights[li]
+
+    @torch.no_grad()
+    def _task_arithmetic(self, scale: float) -> Grads:
+        """scale · Σ_i (θ_i − θ_pretrained), streamed: one tensor of one candidate in memory at a time."""
+        out = {}
+        for n in self.names:
+            base = self.pool.base_tensor(n).float()
+            acc = torch.zeros_like(base)
+            for i in range(len(self.candidates)):
+                acc += self.candidates.tensor(i, n).float() - base
+            out[n] = acc.mul_(scale)
+        return out
+
+    # -- objective ------------------------------------------------------------------------------
+    def use_data(self, dm) -> None:
+        """Take the tokenizer, max_length and a batch stream (for soft inner steps) from a CalibrationDataModule."""
+        self._stream = StepBatches(dm.encoded, dm.batch_size, dm.seed + 1)  # its own stream, not the FW batches
+        self._tokenizer, self._max_length = dm.tokenizer, dm.max_length
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            raise ValueError("fw_merging runs in one process (it has no trainable parameters for DDP to sync)")
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "encoded"):
+            self.use_data(dm)
+
+    def _labelled_set(self, task: str) -> list[tuple[dict, torch.Tensor]]:
+        """Micro-batches of the first ``labelled_size`` labelled examples of the task's calibration file."""
+        if task not in self._labelled:
+            m = self.method_cfg
+            split = m.get("labelled_split", "calibration")
+            path = getattr(self.pool.tasks[task], split, None)
+            if not path:
+                raise ValueError(f"objective=cross_entropy: task '{task}' has no {split} file in the pool config")
+            texts, labels = read_jsonl(path, task, need_labels=True)
+            n = int(m.get("labelled_size", 100))
+            if self._tokenizer is None:
+                self._tokenizer = load_tokenizer(self.pool.base_path)
+            enc, y = encode(self._tokenizer, texts[:n], self._max_length), torch.tensor(labels[:n])
+            bs = int(m.get("labelled_batch_size", 16))
+            self._labelled[task] = [(trim({k: v[i:i + bs] for k, v in enc.items()}), y[i:i + bs])
+                                    for i in range(0, len(y), bs)]
+        return self._labelled[task]
+
+    def _task_losses(self, task: str, batch: dict, params: dict):
+        """The task's objective as micro-batch terms that sum to it (one backward each)."""
+        if self.objective == "entropy":
+            if task in batch:
+                yield self.task_loss(task, batch[task], params)
+            return
+        mbs = self._labelled_set(task)
+        total = sum(len(y) for _, y in mbs)
+        for inputs, y in mbs:
+            logits, _ = self.task_logits(task, {k: v.to(self.device) for k, v in inputs.items()}, params)
+            yield F.cross_entropy(logits.float(), y.to(logits.device), reduction="sum") / total
+
+    def objective_grads(self, batch: dict, per_task: bool) -> tuple[torch.Tensor, list[Grads]]:
+        """ℓ(θ_t) (summed over tasks) and ∇ℓ(θ_t) w.r.t. the merged tensors: one gradient, or one per task."""
+        with torch.no_grad():
+            leaves = {n: p.detach().requires_grad_(True) for n, p in self.merged.merged_params().items()}
+        total, grads = torch.zeros((), device=self.device), []
+        with torch.enable_grad():
+            for task in self.pool.task_names:
+                for loss in self._task_losses(task, batch, leaves):
+                    loss.backward()
+                    total = total + loss.detach()
+                if per_task:
+                    grads.append({n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in leaves.items()})
+                    for p in leaves.values():
+                        p.grad = None
+        if not per_task:
+            grads = [{n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in leaves.items()}]
+        return total, grads
+
+    # -- Frank-Wolfe --------------------------------------------------------------------------
+    @torch.no_grad()
+    def linear_terms(self, grads: list[Grads]) -> torch.Tensor:
+        """``[G, V, L]``: ⟨g_n, v_{i,n} − θ_{t,n}⟩ per gradient, vertex and tensor — each vertex read one tensor at a time."""
+        per_tensor = []
+        for n in self.names:
+            th = self.theta(n).flatten()
+            gs = torch.stack([g[n].flatten().to(th.device, torch.float32) for g in grads])
+            per_tensor.append(torch.stack([gs @ (self.vertex_tensor(i, n).to(th.device, torch.float32).flatten() - th)
+                                           for i in range(len(self.vertex_names))], 1))
+        return torch.stack(per_tensor, -1).double().cpu()
+
+    def iterate(self, batch: dict) -> dict[str, Any]:
+        """One FW iteration at θ_t; returns its record (also appended to ``history``)."""
+        t = len(self.history)
+        value, grads = self.objective_grads(batch, per_task=self.variant == "soft")
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"non-finite objective {value.item()} at FW iteration {t}")
+        scores = self.linear_terms(grads)
+        L = len(self.names)
+        rec: dict[str, Any] = {"iteration": t, "objective": float(value)}
+        if self.variant == "hard":
+            sel = lmo(scores[0], self.granularity)
+            best = scores[0].gather(0, sel[None])[0]  # [L] linear term of the chosen vertex
+            # no ascent steps: where no vertex has a negative linear term, θ_t is stationary (gap <= 0)
+            move = best < 0 if self.granularity == "layer" else (best.sum() < 0).expand(L)
+            gamma = self.step_size * 2 / (t + 2)
+            self._hard_step(sel, move, gamma)
+            rec.update(gamma=gamma, gap=float(-best.sum()), moved=float(move.double().mean()),
+                       selected={"all": self._counts(sel[move])})
+        else:
+            sels, tasks, exclude = [], [], torch.zeros(len(self.vertex_names), L, dtype=torch.bool)
+            for k, task in enumerate(self.pool.task_names):
+                if len(sels) >= len(self.vertex_names):
+                    break  # every vertex already chosen by an earlier task
+                sel = lmo(scores[k], self.granularity, exclude)
+                exclude[sel, torch.arange(L)] = True  # [FB]: each task adds a distinct vertex
+                sels.append(sel)
+                tasks.append(task)
+            gaps = [float(-scores[k].gather(0, s[None]).sum()) for k, s in enumerate(sels)]
+            coefs = self._soft_step(sels, t)
+            rec.update(gap=sum(gaps), coef_mean=float(coefs[:, 1:].mean()),
+                       selected={task: self._counts(s) for task, s in zip(tasks, sels)})
+        self.history.append(rec)
+        log.info("FW iteration %d: objective %.5f, %s, selected %s", t, rec["objective"],
+                 f"γ {rec['gamma']:.4g}" if "gamma" in rec else f"mean coefficient {rec['coef_mean']:.4g}",
+                 rec["selected"])
+        return rec
+
+    def _counts(self, sel: torch.Tensor) -> dict[str, int]:
+        return {self.vertex_names[i]: c for i, c in Counter(sel.tolist()).most_common()}
+
+    @torch.no_grad()
+    def _hard_step(self, sel: torch.Tensor, move: torch.Tensor, gamma: float) -> None:
+        """θ ← θ + γ·scale·MergeFn(s − θ), streamed per tensor (TIES needs the whole step: one model)."""
+        a = gamma * self.merge_scale
+        steps = {}
+        for li, n in enumerate(self.names):
+            d = self.delta(n)
+            if not move[li]:
+                steps[n] = torch.zeros_like(d)
+                continue
+            step = self.vertex_tensor(int(sel[li]), n).to(d.device, torch.float32) - self.theta(n)
+            if self.merge_fn == "task_arithmetic":
+                d.add_(step.to(d.dtype), alpha=a)
+            else:
+                steps[n] = step
+            self.weights[li] = (1 - a) * self.weights[li] + a * self._vertex_weights(int(sel[li]), li)
+        if self.merge_fn == "ties" and move.any():
+            # TIES of one vector: keep its top-density entries by magnitude (sign election is trivial)
+            trimmed = TaskVectors({n: s.unsqueeze(0) for n, s in steps.items()}, ["step"]).ties_trim(
+                float(self.method_cfg.get("ties_density", 0.2))).ties_elect()
+            for n in self.names:
+                self.delta(n).add_(trimmed[n][0], alpha=a)
+
+    def _soft_step(self, sels: list[torch.Tensor], t: int) -> torch.Tensor:
+        """Layer-wise AdaMerging over {s_j − θ_t} with θ_t as the base; returns the coefficients ``[L, 1+m]``.
+
+        The merge is ``MergedModel`` over rows [θ_t − θ_0, s_1 − θ_t, ..., s_m − θ_t] with the first
+        coefficient frozen at 1, trained by ``MergeMethod.step_loss`` (entropy) with Adam.
+        """
+        m, dev = len(sels), self.delta(self.names[0]).device
+        with torch.no_grad():
+            rows = {}
+            for li, n in enumerate(self.names):
+                th = self.theta(n)
+                rows[n] = torch.stack([self.delta(n).float()] + [
+                    self.vertex_tensor(int(s[li]), n).to(dev, torch.float32) - th for s in sels])
+            tv = TaskVectors(rows, ["theta_t"] + [f"vertex{j}" for j in range(m)])
+        cfg = self.method_cfg
+        c0 = float(cfg.get("inner_init_first", 0.3) if t == 0 else cfg.get("inner_init", 1e-8))
+        clamp = cfg.get("inner_clamp")
+        coefs = Coefficients(1 + m, len(self.names), granularity=self.inner_granularity, init=[1.0] + [c0] * m,
+                             clamp=tuple(clamp) if clamp else None).to(self.device)
+        keep = torch.ones(1 + m, device=coefs.raw.device)
+        keep[0] = 0  # θ_t is the base: its coefficient stays 1
+        coefs.raw.register_hook(lambda g: g * keep)
+        inner = MergedModel(self.pool.base_model, tv, coefs, self.merged.heads)
+        opt = torch.optim.Adam([coefs.raw], lr=float(cfg.get("inner_lr", 1e-3)))
+        outer = self.merged
+        try:
+            self.merged = inner  # step_loss and task_loss act on self.merged
+            with torch.enable_grad():
+                for j in range(self.inner_steps):
+                    _, surrogate = self.step_loss(self._inner_batch(t, j))
+                    opt.zero_grad()
+                    surrogate.backward()
+                    opt.step()
+        finally:
+            self.merged = outer
+        with torch.no_grad():
+            new = inner.deltas()  # (θ_t − θ_0) + Σ_j c_j (s_j − θ_t) = θ_{t+1} − θ_0, in float32
+            table = coefs.table().double()
+            for li, n in enumerate(self.names):
+                self.delta(n).copy_(new[n])
+                c = table[li, 1:]
+                self.weights[li] = (1 - c.sum()) * self.weights[li] + sum(
+                    c[j] * self._vertex_weights(int(s[li]), li) for j, s in enumerate(sels))
+        return table
+
+    def _inner_batch(self, t: int, j: int) -> dict:
+        if self._stream is None:
+            raise RuntimeError("soft FW needs calibration batches: call use_data(datamodule) (train.py does)")
+        b = self._stream.batch(t * self.inner_steps + j)
+        return {task: {k: v.to(self.device) for k, v in inputs.items()} for task, inputs in b.items()}
+
+    # -- Lightning ------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        rec = self.iterate(batch)
+        self.log("loss", rec["objective"], prog_bar=True, on_step=True)
+        metrics = {"fw/gap": rec["gap"]}
+        if "gamma" in rec:
+            metrics.update({"fw/gamma": rec["gamma"], "fw/moved": rec["moved"]})
+        else:
+            metrics["fw/coef_mean"] = rec["coef_mean"]
+        for key, counts in rec["selected"].items():
+            if counts:  # most chosen vertex (index) and the share of tensors that chose it
+                top, c = next(iter(counts.items()))
+                sfx = "" if key == "all" else f"/{key}"
+                metrics[f"fw/selected{sfx}"] = float(self.vertex_names.index(top))
+                metrics[f"fw/selected_share{sfx}"] = c / len(self.names)
+        self.log_dict(metrics, on_step=True)
+        # manual optimization counts optimizer steps: this no-op step advances global_step (and checkpoints)
+        self.optimizers().step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.merged.coefficients.raw], lr=0.0)  # no parameter trains; see training_step
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["frank_wolfe"] = {"theta_delta": {n: self.delta(n).detach().cpu().clone() for n in self.names},
+                                     "weights": self.weights.clone(), "history": list(self.history)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        fw = checkpoint.get("frank_wolfe")
+        if fw is None:
+            raise CheckpointError("checkpoint has no Frank-Wolfe state (θ_t)")
+        with torch.no_grad():
+            for n in self.names:
+                self.delta(n).copy_(fw["theta_delta"][n])
+        self.weights, self.history = fw["weights"].clone(), list(fw["history"])
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "method": self.method_id,
+            "tasks": ["pretrained"] + list(self.candidates.names),  # columns: weight of each checkpoint in θ_T
+            "tensors": self.names,
+            "granularity": self.granularity,
+            "coefficients": self.weights.float().tolist(),
+            "num_trainable": 0,
+            "frank_wolfe": {
+                "variant": self.variant, "objective": self.objective, "merge_fn": self.merge_fn,
+                "coefficients_exact": self.variant == "soft" or self.merge_fn == "task_arithmetic",
+                "candidates": dict(zip(self.candidates.names, self.candidates.paths())),
+                "skipped": self.candidates.skipped, "iterations": len(self.history), "history": self.history,
+            },
+        }

@@ -1,0 +1,238 @@
+"""DOGE: adaptive projective gradient descent (Wei et al., ICML 2025; ALGORITHMS.md §6).
+
+Data-free step, run once when the method is built (no Trainer loop): for every merged 2-D weight,
+learn a modification Δ (zero init, Adam) that minimises
+
+    L(Δ) = Σ_j Σ_rows ⟨τ_j, τ_j − τ_m⟩²,   τ_m = Σ_i λ_i (τ_i + Δ_i),   λ_i = η / ‖τ_i‖_F,
+
+with every gradient projected out of the subspace the tasks share, g ← (I − UUᵀ) g. Then the task
+vectors become (τ_i + Δ_i) ⊙ M_i, M_i the top ``density`` entries of τ_i by magnitude. They go into
+the one ``MergedModel`` like any other method's:
+
+- ``coefficients: eta`` (DOGE-TA): fixed layer-wise λ_i^l = η/‖τ_i^l‖, one Δ shared by all tasks;
+- ``coefficients: learned`` (DOGE-AM): per-task Δ_i, then layer-wise AdaMerging (the base class's
+  entropy loss and training path) on the modified vectors.
+
+Layers are independent and Adam is element-wise, so all layers of one shape are stacked and
+optimised as one batched Δ: the same result as layer after layer, in far fewer, larger steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+import torch
+
+from ..coefficients import Coefficients
+from ..merged_model import MergedModel
+from ..pool import ModelPool, PoolError
+from ..task_vectors import TaskVectors, select_names
+from .base import MergeMethod
+
+log = logging.getLogger("adamerge")
+
+DEFAULT_INCLUDE = [r"encoder\."]  # [FB]: encoder 2-D weights only; LayerNorm, biases, embeddings stay pretrained
+
+
+def doge_names(pool: ModelPool, tv_cfg: dict, include: list[str] | None) -> list[str]:
+    """The 2-D weights DOGE modifies: global task-vector selection ∩ ``include`` regexes ∩ dim 2."""
+    names = select_names(pool.shared_names(), tv_cfg.get("include") or None, tv_cfg.get("exclude") or None)
+    return [n for n in select_names(names, include or None, None) if pool.base_tensor(n).dim() == 2]
+
+
+def layer_lambdas(tv: TaskVectors, eta: float) -> torch.Tensor:
+    """``[L, K]`` task-aware coefficients η/‖τ_i^l‖_F (0 where a task leaves a tensor unchanged)."""
+    norms = torch.stack([t.float().flatten(1).norm(dim=1) for t in tv.tensors.values()])
+    return torch.where(norms > 0, eta / norms.clamp(min=1e-30), torch.zeros_like(norms))
+
+
+def shared_subspace(tau: torch.Tensor, subspace: float) -> torch.Tensor:
+    """Orthonormal ``[G, R, r]`` basis of the directions the tasks share, per layer.
+
+    ``tau``: ``[G, K, R, C]``. Each τ_i contributes its top min(R, C)/K left singular vectors; the
+    SVD of their concatenation keeps the top min(R, C)/``subspace`` directions ([FB]).
+    """
+    G, K, R, C = tau.shape
+    m = min(R, C)
+    per_task = max(1, m // K)
+    u = torch.linalg.svd(tau, full_matrices=False)[0][..., :per_task]          # [G, K, R, p]
+    stacked = u.permute(0, 2, 1, 3).reshape(G, R, K * per_task)
+    basis = torch.linalg.svd(stacked, full_matrices=False)[0]
+    return basis[..., : max(1, min(int(m / subspace), basis.shape[-1]))].contiguous()
+
+
+def project_out(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """(I − UUᵀ) g for ``[G, R, C]`` or per-task ``[G, K, R, C]`` gradients; U is ``[G, R, r]``."""
+    if grad.dim() == 4:
+        return grad - basis.unsqueeze(1) @ (basis.transpose(-1, -2).unsqueeze(1) @ grad)
+    return torch.baddbmm(grad, basis, basis.transpose(-1, -2) @ grad, alpha=-1)
+
+
+def delta_loss(tau: torch.Tensor, lam: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Reference L(Δ) = Σ_j Σ_rows ⟨τ_j, τ_j − τ_m⟩², summed over a stack of layers ([FB]'s form).
+
+    ``tau`` ``[G, K, R, C]``, ``lam`` ``[G, K]``, ``delta`` ``[G, R, C]`` (shared) or ``[G, K, R, C]``.
+    """
+    shifted = tau + (delta.unsqueeze(1) if delta.dim() == 3 else delta)
+    tm = torch.einsum("gk,gkrc->grc", lam, shifted).unsqueeze(1)
+    return (tau * (tau - tm)).sum(-1).pow(2).sum()
+
+
+class DeltaProblem:
+    """L(Δ) and its projected gradient for a stack of same-shape layers, regrouped to be cheap.
+
+    ⟨τ_j, τ_j − Σ_i λ_i τ_i⟩ per row is a constant; only ⟨τ_j, D⟩ with D = Σ_i λ_i Δ_i moves. A step
+    is then two batched mat-vecs over the rows, one projection of ∂L/∂D, and the optimizer update.
+    """
+
+    def __init__(self, tau: torch.Tensor, lam: torch.Tensor, per_task: bool = False):
+        G, K, R, C = tau.shape
+        self.shape = (G, K, R, C) if per_task else (G, R, C)
+        self.lam, self.per_task = lam, per_task
+        self.rows = tau.transpose(1, 2).contiguous()                          # [G, R, K, C]
+        base = (lam.unsqueeze(1) @ tau.flatten(2)).view(G, R, 1, C)           # Σ_i λ_i τ_i
+        self.target = (self.rows * (self.rows - base)).sum(-1, keepdim=True)  # [G, R, K, 1]
+
+    def combined(self, delta: torch.Tensor) -> torch.Tensor:
+        """D = Σ_i λ_i Δ_i, ``[G, R, C]``."""
+        if self.per_task:
+            G, K, R, C = delta.shape
+            return (self.lam.unsqueeze(1) @ delta.flatten(2)).view(G, R, C)
+        return self.lam.sum(1).view(-1, 1, 1) * delta
+
+    def residual(self, delta: torch.Tensor) -> torch.Tensor:
+        """⟨τ_j, τ_j − τ_m⟩ per row, ``[G, R, K, 1]``."""
+        return self.target - self.rows @ self.combined(delta).unsqueeze(-1)
+
+    def loss(self, delta: torch.Tensor) -> torch.Tensor:
+        return self.residual(delta).pow(2).sum()
+
+    def grad(self, delta: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
+        """∂L/∂Δ, projected by (I − UUᵀ) when ``basis`` U is given (before the λ_i, which commute)."""
+        g = (self.residual(delta).transpose(-1, -2) @ self.rows).squeeze(2)  # −½ ∂L/∂D, [G, R, C]
+        if basis is not None:
+            g = project_out(g, basis)
+        if self.per_task:
+            return (-2 * self.lam)[:, :, None, None] * g.unsqueeze(1)
+        return (-2 * self.lam.sum(1)).view(-1, 1, 1) * g
+
+
+@torch.no_grad()
+def optimize_delta(tau: torch.Tensor, lam: torch.Tensor, basis: torch.Tensor, steps: int = 400, lr: float = 1e-4,
+                   per_task: bool = False) -> tuple[torch.Tensor, list[float]]:
+    """Adam on Δ (zero init) for a stack of same-shape layers: (Δ, loss before each step and at the end).
+
+    ``tau`` ``[G, K, R, C]``, ``lam`` ``[G, K]``, ``basis`` ``[G, R, r]``; Δ is ``[G, R, C]`` (one shared by
+    the tasks) or ``[G, K, R, C]`` (per task). Adam is element-wise and the layers' losses are
+    independent, so this equals optimizing each layer on its own.
+    """
+    problem = DeltaProblem(tau, lam, per_task)
+    delta = torch.zeros(problem.shape, device=tau.device)
+    opt = torch.optim.Adam([delta], lr=lr, fused=True)  # one kernel per step instead of ~8 passes
+    losses = []
+    for _ in range(int(steps)):
+        losses.append(problem.loss(delta))
+        delta.grad = problem.grad(delta, basis)
+        opt.step()
+    losses.append(problem.loss(delta))
+    return delta, torch.stack(losses).tolist()
+
+
+def topk_masks(tv: TaskVectors, density: float) -> dict[str, torch.Tensor]:
+    """Per task, the entries among its top ``density`` fraction by |τ| over all merged tensors ([FB])."""
+    if not 0 < density <= 1:
+        raise ValueError(f"method.density must be in (0, 1], got {density}")
+    th = []
+    for k in range(tv.K):
+        flat = torch.cat([t[k].abs().flatten().float() for t in tv.tensors.values()])
+        n_keep = max(1, int(round(density * flat.numel())))  # the same count as TaskVectors.ties_trim
+        th.append(flat.kthvalue(flat.numel() - n_keep + 1).values)
+        del flat
+    th = torch.stack(th)
+    return {n: t.abs().float() >= th.view(-1, *([1] * (t.dim() - 1))).to(t.device) for n, t in tv.items()}
+
+
+def doge_transform(tv: TaskVectors, eta: float = 0.07, subspace: float | None = 6, steps: int = 400,
+                   lr: float = 1e-4, per_task: bool = False, density: float = 0.3,
+                   device: str | torch.device | None = None) -> tuple[TaskVectors, dict[str, Any]]:
+    """(τ_i + Δ_i) ⊙ M_i for every tensor of ``tv`` (all 2-D), and a summary for the report."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    subspace = float(subspace) if subspace else float(tv.K)  # null: K directions' worth, as [FB] DOGE-AM
+    if subspace <= 0:
+        raise ValueError(f"method.subspace must be > 0, got {subspace}")
+    start = time.perf_counter()
+    lam_all = layer_lambdas(tv, eta)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (n, t) in enumerate(tv.items()):
+        if t.dim() != 3:
+            raise ValueError(f"DOGE modifies 2-D weights only; '{n}' has shape {tuple(t.shape[1:])}")
+        groups.setdefault(tuple(t.shape[1:]), []).append(i)
+    names, deltas, stats = tv.names, {}, []
+    for shape, idx in groups.items():
+        tau = torch.stack([tv[names[i]].to(device=device, dtype=torch.float32) for i in idx])
+        basis = shared_subspace(tau, subspace)
+        delta, losses = optimize_delta(tau, lam_all[idx].to(device), basis, steps, lr, per_task)
+        rank = basis.shape[-1]
+        del tau, basis
+        for j, i in enumerate(idx):
+            deltas[names[i]] = delta[j].cpu()
+        stats.append({"shape": list(shape), "layers": len(idx), "rank": rank,
+                      "loss_start": losses[0], "loss_end": losses[-1]})
+    masks = topk_masks(tv, density)
+
+    def apply(n: str, t: torch.Tensor) -> torch.Tensor:
+        d = deltas[n].to(t.device)
+        return torch.where(masks[n], t.float() + d, torch.zeros_like(d)).to(t.dtype)
+
+    out = tv.map(apply)
+    seconds = time.perf_counter() - start
+    log.info("DOGE: Δ for %d tensors in %d shape groups, %d Adam steps each, %.1f s on %s",
+             len(tv), len(groups), steps, seconds, device)
+    summary = {"eta": eta, "subspace": subspace, "delta_steps": int(steps), "delta_lr": lr, "per_task_delta": per_task,
+               "density": density, "device": str(device), "seconds": round(seconds, 3), "groups": stats}
+    return out, summary
+
+
+class ProjectiveMerge(MergeMethod):
+    """DOGE-TA (``coefficients: eta``, data-free) or DOGE-AM (``coefficients: learned``)."""
+
+    name = "projective"
+
+    def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
+        m, tv_cfg = dict(method), dict(task_vectors or {})
+        mode = m.get("coefficients", "eta")
+        if mode not in ("eta", "learned"):
+            raise ValueError(f"method.coefficients must be 'eta' or 'learned', got '{mode}'")
+        names = doge_names(pool, tv_cfg, m.get("merge_include", DEFAULT_INCLUDE))
+        if not names:
+            raise PoolError("DOGE: no 2-D weight matches task_vectors.include/exclude and method.merge_include")
+        # the base reads exactly these tensors; every other one stays at its pretrained value
+        tv_cfg.update(include=[f"^{re.escape(n)}$" for n in names], exclude=[])
+        super().__init__(pool, m, tv_cfg)
+        self.trainable = mode == "learned"
+        tv, self.doge = doge_transform(
+            self.merged.task_vectors, eta=float(m.get("eta", 0.07)), subspace=m.get("subspace", 6),
+            steps=int(m.get("delta_steps", 400)), lr=float(m.get("delta_lr", 1e-4)),
+            per_task=bool(m.get("per_task_delta", False)), density=float(m.get("density", 0.3)),
+            device=m.get("delta_device"),
+        )
+        old = self.merged
+        self.merged = MergedModel(old.base, tv, old.coefficients, old.heads, mask=old.mask, tv_device=old.tv_device)
+
+    def build_coefficients(self, tv: TaskVectors) -> Coefficients:
+        if self.method_cfg.get("coefficients", "eta") == "learned":
+            return super().build_coefficients(tv)  # AdaMerging's: granularity, init, clamp from the config
+        coefs = Coefficients(tv.K, len(tv), granularity="layer", init=0.0)
+        with torch.no_grad():
+            coefs.raw.copy_(layer_lambdas(tv, float(self.method_cfg.get("eta", 0.07))))
+        coefs.requires_grad_(False)
+        return coefs
+
+    def report(self) -> dict[str, Any]:
+        rep = super().report()
+        rep["doge"] = self.doge
+        return rep

@@ -1,0 +1,109 @@
+"""AdaMerging end to end through the real train.py: learning, resume, DDP, bf16, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import run_train
+
+
+def coefs(run: Path) -> torch.Tensor:
+    return torch.tensor(json.loads((run / "export" / "coefficients.json").read_text())["coefficients"])
+
+
+def losses(run: Path) -> list[float]:
+    out = []
+    for f in sorted((run / "logs").glob("*/metrics.csv")):
+        with f.open() as fh:
+            out += [float(r["loss"]) for r in csv.DictReader(fh) if r.get("loss")]
+    return out
+
+
+def train(conf, out, *extra, **kw):
+    # a larger lr than the authors' 1e-3 so a few steps on a tiny model move the coefficients visibly
+    lr = ["method.lr=0.05"] if any("method=adamerging" in a for a in extra) else []
+    return run_train(["--config-dir", str(conf), "pool=tiny", f"out_dir={out}", "data.batch_size=8",
+                      "trainer.log_every_n_steps=1", *lr, *extra], **kw)
+
+
+def test_layerwise_entropy_goes_down_and_coefficients_move(tiny_conf_dir, tmp_path):
+    proc = train(tiny_conf_dir, tmp_path / "run", "method=adamerging_layerwise", "trainer.max_steps=15")
+    ls = losses(tmp_path / "run")
+    assert len(ls) == 15
+    assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3  # entropy decreases
+    c = coefs(tmp_path / "run")
+    assert c.shape[1] == 2 and c.shape[0] > 30  # [L, K] layer-wise
+    assert (c - 0.3).abs().max() > 0.1  # moved from the init
+    assert ((c >= 0) & (c <= 1)).all()  # clamped
+    assert "adamerging_layerwise" in proc.stdout and "| expert |" in proc.stdout  # the table is printed
+    assert (tmp_path / "run" / "export" / "coefficients.png").exists()
+
+
+def test_taskwise_pp_uses_trimmed_vectors(tiny_conf_dir, tmp_path):
+    train(tiny_conf_dir, tmp_path / "run", "method=adamerging_taskwise_pp", "trainer.max_steps=3")
+    rep = json.loads((tmp_path / "run" / "export" / "coefficients.json").read_text())
+    assert rep["granularity"] == "task" and rep["num_trainable"] == 2
+    c = torch.tensor(rep["coefficients"])
+    assert torch.allclose(c, c[0].expand_as(c))  # one coefficient per task for every tensor
+
+
+def test_resume_continues_exactly(tiny_conf_dir, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["method=adamerging_layerwise", "checkpoint.every_n_steps=4"]
+    train(tiny_conf_dir, full, *args, "trainer.max_steps=10")
+    train(tiny_conf_dir, part, *args, "trainer.max_steps=6", "evaluate.enabled=false")
+    assert (part / "checkpoints" / "step000004.ckpt").exists()
+    train(tiny_conf_dir, part, *args, "trainer.max_steps=10", "resume=last", "export.overwrite=true",
+          "evaluate.enabled=false")
+    torch.testing.assert_close(coefs(part), coefs(full), atol=1e-6, rtol=0)
+    assert not torch.allclose(coefs(full), torch.full_like(coefs(full), 0.3))
+
+
+def test_resume_refuses_checkpoint_of_another_method_or_pool(tiny_conf_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_conf_dir, run, "method=adamerging_layerwise", "trainer.max_steps=2", "evaluate.enabled=false")
+    p = train(tiny_conf_dir, run, "method=adamerging_taskwise", "trainer.max_steps=4", "resume=last",
+              "export.overwrite=true", check=False)
+    assert p.returncode == 2
+    assert "made by method 'adamerging_layerwise', this run is 'adamerging_taskwise'" in p.stderr
+    p = train(tiny_conf_dir, run, "method=adamerging_layerwise", "trainer.max_steps=4", "resume=last",
+              "export.overwrite=true", "task_vectors.exclude=[embeddings]", check=False)
+    assert p.returncode == 2 and "different pool" in p.stderr and "merged_tensors" in p.stderr
+
+
+def test_ddp_two_processes_equals_one(tiny_conf_dir, tmp_path):
+    args = ["method=adamerging_layerwise", "trainer.max_steps=4", "evaluate.enabled=false", "trainer.accelerator=cpu"]
+    train(tiny_conf_dir, tmp_path / "one", *args)
+    train(tiny_conf_dir, tmp_path / "two", *args, "trainer=ddp", "trainer.devices=2", timeout=600)
+    torch.testing.assert_close(coefs(tmp_path / "two"), coefs(tmp_path / "one"), atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_mixed_runs_and_stays_finite(tiny_conf_dir, tmp_path):
+    train(tiny_conf_dir, tmp_path / "run", "method=adamerging_layerwise", "trainer.max_steps=4",
+          "trainer.precision=bf16-mixed", "evaluate.enabled=false")
+    c = coefs(tmp_path / "run")
+    assert torch.isfinite(c).all() and (c - 0.3).abs().max() > 0
+    assert all(map(lambda v: v == v, losses(tmp_path / "run")))
+
+
+@pytest.mark.parametrize("method", ["adamerging_layerwise", "ties_merging"])
+def test_export_reproduces_evaluation_accuracy(tiny_conf_dir, tiny_pool_cfg, tmp_path, method):
+    from adamerge.data import encode, load_tokenizer, read_jsonl
+    from adamerge.export import load_task_model
+
+    run = tmp_path / "run"
+    train(tiny_conf_dir, run, f"method={method}", "trainer.max_steps=3")
+    report = json.loads((run / "export" / "eval.json").read_text())
+    tok = load_tokenizer(run / "export" / "model")
+    for task, spec in tiny_pool_cfg["tasks"].items():
+        model = load_task_model(run / "export", task)
+        texts, labels = read_jsonl(spec["test"], task, need_labels=True)
+        with torch.no_grad():
+            pred = model(**encode(tok, texts, 64)).logits.argmax(-1)
+        acc = (pred == torch.tensor(labels)).float().mean().item()
+        assert acc == pytest.approx(report["rows"][method][task], abs=1e-6)

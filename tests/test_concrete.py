@@ -1,0 +1,193 @@
+"""Concrete subspace masks: sampling, Concrete TA / Concrete AdaMerging through train.py, exact resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_train
+
+from adamerge.methods import get_method
+from adamerge.methods.concrete import SubspaceMask
+from adamerge.pool import pool_from_config
+
+SHAPES = [torch.Size([6, 5]), torch.Size([7])]
+
+
+def losses(run: Path) -> list[float]:
+    out = []
+    for f in sorted((run / "logs").glob("*/metrics.csv")):
+        with f.open() as fh:
+            out += [float(r["loss"]) for r in csv.DictReader(fh) if r.get("loss")]
+    return out
+
+
+def ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def train(conf, out, *extra, **kw):
+    return run_train(["--config-dir", str(conf), "pool=tiny", f"out_dir={out}", "data.batch_size=8",
+                      "trainer.log_every_n_steps=1", "evaluate.enabled=false", *extra], **kw)
+
+
+def test_mask_sampling_shape_range_rescaling_determinism():
+    m = SubspaceMask(SHAPES, temperature=0.5, seed=3)
+    s1 = m.sample()
+    assert [t.shape for t in s1] == SHAPES
+    for t in s1:
+        assert (t >= 0).all() and torch.isfinite(t).all()
+        assert t.mean().item() == pytest.approx(1.0, abs=1e-5)  # divided by its mean
+        assert t.std() > 0.1  # p = 0.5 at T = 0.5: far from constant
+    s2 = m.sample()
+    assert not torch.equal(s1[0], s2[0])  # a new sample per merge
+    again = SubspaceMask(SHAPES, temperature=0.5, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(again.sample(), s1))  # same seed, same stream
+    other = SubspaceMask(SHAPES, temperature=0.5, seed=4)
+    assert not torch.equal(other.sample()[0], s1[0])
+    state = m.get_rng_state()
+    s3 = m.sample()
+    m.set_rng_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(m.sample(), s3))  # generator state restores the sample
+    # differentiable in the logits
+    sum((t * torch.arange(t.numel()).view(t.shape)).sum() for t in m.sample()).backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in m.logits)
+
+
+def test_final_mask_is_fixed_and_hard_mask_is_binary():
+    m = SubspaceMask(SHAPES, temperature=0.5, seed=0).eval()
+    state = m.get_rng_state()
+    f1, f2 = m(), m()
+    assert all(torch.equal(a, b) for a, b in zip(f1, f2))  # evaluation and export see one mask
+    assert torch.equal(m.get_rng_state(), state)  # and the training stream does not move
+    assert all(t.mean().item() == pytest.approx(1.0, abs=1e-5) for t in f1)
+    m.train()
+    m.frozen = True  # phase 2 trains under the final mask
+    assert all(torch.equal(a, b) for a, b in zip(m(), f1))
+    h = SubspaceMask(SHAPES, temperature=0.5, seed=0, eval_mode="hard").eval()
+    for t, s in zip(h(), h.sparsity()):
+        keep = t > 0
+        assert torch.allclose(t[keep], torch.full_like(t[keep], 1.0 / keep.float().mean()))  # 0 or 1/mean
+        assert s == pytest.approx(1 - keep.float().mean().item())
+    # hard keeps exactly the entries whose continuous final sample is above 0.5 (same noise)
+    soft = [torch.sigmoid(z / 0.5) for z in h._final_raw()]
+    assert all(torch.equal(a > 0, s > 0.5) for a, s in zip(h(), soft))
+    with torch.no_grad():
+        for x in h.logits:
+            x.fill_(30.0)
+    assert all(torch.equal(t, torch.ones_like(t)) for t in h())  # logits >> 0: all ones
+    assert h.sparsity() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="eval_mode"):
+        SubspaceMask(SHAPES, eval_mode="soft")
+
+
+def test_all_ones_mask_equals_task_arithmetic(tiny_pool_cfg):
+    pool = pool_from_config(tiny_pool_cfg)
+    ta = get_method("static")(pool, {"name": "static", "id": "task_arithmetic", "scale": 0.3}, {})
+    ref = ta.merged.merged_state_dict()
+    for mode in ("hard", "continuous"):
+        cta = get_method("concrete_task_arithmetic")(
+            pool, {"name": "concrete_task_arithmetic", "id": "cta", "scale": 0.3, "init_logit": 30.0,
+                   "eval_mode": mode}, {})
+        assert cta.merged.mask is not None and not cta.merged.coefficients.raw.requires_grad
+        sd = cta.merged.merged_state_dict()
+        atol = 0.0 if mode == "hard" else 1e-6
+        for n, v in ref.items():
+            torch.testing.assert_close(sd[n], v, atol=atol, rtol=0)
+        train_params = cta.train().merged.merged_params()  # a training sample is all ones too
+        for n, v in train_params.items():
+            torch.testing.assert_close(v.detach(), ref[n], atol=1e-6, rtol=0)
+
+
+def mean_entropy(method, batches) -> float:
+    with torch.no_grad():
+        params = method.merged.merged_params()
+        return sum(method.task_loss(t, x, params).item() for b in batches for t, x in b.items()) / len(batches)
+
+
+def test_concrete_ta_training_lowers_entropy_and_moves_the_mask(tiny_conf_dir, tiny_pool_cfg, tmp_path):
+    from adamerge.data import CalibrationDataModule, StepBatches
+
+    run = tmp_path / "run"
+    train(tiny_conf_dir, run, "method=concrete_task_arithmetic", "method.lr=0.05", "trainer.max_steps=12")
+    assert len(losses(run)) == 12
+    rep = json.loads((run / "export" / "coefficients.json").read_text())
+    assert torch.allclose(torch.tensor(rep["coefficients"]), torch.tensor(0.3))  # λ fixed
+    assert set(rep["mask_sparsity"]) == set(rep["tensors"]) and rep["mask"]["eval_mode"] == "continuous"
+    assert (run / "export" / "coefficients.png").exists()
+    state = ckpt(run / "checkpoints" / "last.ckpt")["state_dict"]
+    logits = [v for k, v in state.items() if "mask.logits" in k]
+    assert len(logits) == len(rep["tensors"]) and max(v.abs().max().item() for v in logits) > 0.1
+    # the same final-mask noise with the initial and with the learned logits, on calibration batches
+    pool = pool_from_config(tiny_pool_cfg)
+    cfg = {"name": "concrete_task_arithmetic", "id": "concrete_task_arithmetic", "scale": 0.3}
+    method = get_method("concrete_task_arithmetic")(pool, cfg, {}).eval()
+    dm = CalibrationDataModule.from_pool(pool, batch_size=8, max_length=64)
+    batches = [StepBatches(dm.encoded, 8, 0).batch(s) for s in range(4)]
+    before = mean_entropy(method, batches)
+    method.load_state_dict(state)
+    after = mean_entropy(method, batches)
+    assert after < before - 1e-3, (before, after)
+
+
+def test_concrete_adamerging_resumes_exactly_in_both_phases(tiny_conf_dir, tmp_path):
+    args = ["method=concrete_adamerging_layerwise", "method.mask_steps=3", "trainer.max_steps=6",
+            "method.lr=0.05", "method.adamerging_lr=0.05"]
+    full = tmp_path / "full"
+    train(tiny_conf_dir, full, *args, "checkpoint.every_n_steps=1")
+    # one optimizer step per training step goes through Lightning: global_step == number of batches
+    assert sorted(p.name for p in (full / "checkpoints").glob("step*.ckpt")) == [f"step00000{i}.ckpt" for i in range(1, 7)]
+    assert ckpt(full / "checkpoints" / "last.ckpt")["global_step"] == 6
+    ref = ckpt(full / "checkpoints" / "last.ckpt")["state_dict"]
+    mid = ckpt(full / "checkpoints" / "step000003.ckpt")["state_dict"]
+    lam = "merged.coefficients.raw"
+    assert ref[lam].shape[1] == 2 and ref[lam].shape[0] > 30  # layer-wise [L, K]
+    assert (ref[lam] - 0.3).abs().max() > 1e-3  # phase 2 moved λ from its init
+    for k, v in ref.items():
+        if "mask.logits" in k:
+            assert torch.equal(v, mid[k])  # the mask is frozen in phase 2 ...
+    assert any(v.abs().max() > 0 for k, v in mid.items() if "mask.logits" in k)  # ... after learning in phase 1
+    for step, phase in (("step000002", 1), ("step000004", 2)):
+        part = tmp_path / f"part{phase}"
+        train(tiny_conf_dir, part, *args, f"resume={full / 'checkpoints' / (step + '.ckpt')}")
+        got = ckpt(part / "checkpoints" / "last.ckpt")
+        assert got["global_step"] == 6
+        for k, v in ref.items():
+            torch.testing.assert_close(got["state_dict"][k], v, atol=1e-6, rtol=0, msg=f"phase {phase}: {k}")
+        assert (json.loads((part / "export" / "coefficients.json").read_text())["coefficients"]
+                == pytest.approx(json.loads((full / "export" / "coefficients.json").read_text())["coefficients"],
+                                 abs=1e-6))
+    lf = losses(full)
+    assert len(lf) == 6 and all(v == v for v in lf)
+
+
+def test_concrete_adamerging_taskwise_and_phase1_only(tiny_pool_cfg, tmp_path):
+    """In-process fits: task-wise λ; stopping inside phase 1 exports λ at its init."""
+    import pytorch_lightning as pl
+
+    from adamerge.data import CalibrationDataModule
+
+    pool = pool_from_config(tiny_pool_cfg)
+    base = {"name": "concrete_adamerging", "id": "cam", "granularity": "task", "init": 0.3, "clamp": [0, 1],
+            "mask_steps": 2, "lr": 0.05, "adamerging_lr": 0.05}
+    for steps in (2, 4):
+        method = get_method("concrete_adamerging")(pool, base, {})
+        dm = CalibrationDataModule.from_pool(pool, batch_size=4, max_length=32)
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                             default_root_dir=str(tmp_path))
+        trainer.fit(method, datamodule=dm)
+        assert trainer.global_step == steps
+        lam = method.merged.coefficients.raw.detach()
+        assert lam.shape == (2,)
+        assert any(x.abs().max() > 0 for x in method.merged.mask.logits)
+        if steps == 2:
+            assert torch.equal(lam, torch.full((2,), 0.3))
+        else:
+            assert (lam - 0.3).abs().max() > 1e-3
+        rep = method.report()
+        assert rep["mask"]["mask_steps"] == 2 and rep["num_trainable"] == 2 + sum(
+            x.numel() for x in method.merged.mask.logits)

@@ -1,0 +1,246 @@
+"""FW-Merging: the LMO (true linear term), convergence on a quadratic, memory flat in the pool size,
+and the real train.py with resume between iterations."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from helpers import ROOT, run_train, tiny_config
+
+from adamerge.methods.frank_wolfe import FrankWolfeMerging, lmo
+from adamerge.pool import pool_from_config
+
+
+def method_cfg(name: str, **over) -> dict:
+    cfg = yaml.safe_load((ROOT / "configs" / "method" / f"{name}.yaml").read_text())
+    cfg.update(over)
+    return cfg
+
+
+def write_candidates(pool_cfg: dict, out: Path, n: int, noise: float = 0.05, seed: int = 1,
+                     directions: list[dict] | None = None) -> list[str]:
+    """``n`` candidates (base + noise, or base + given directions) as .safetensors state dicts."""
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_file(str(Path(pool_cfg["base"]) / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for i in range(n):
+        if directions:
+            sd = {k: (v + directions[i][k]) if k in directions[i] else v for k, v in base.items()}
+        else:
+            sd = {k: v + noise * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                  for k, v in base.items()}
+        p = out / f"cand{i:02d}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(p))
+        paths.append(str(p))
+    return paths
+
+
+def write_mismatched(out: Path) -> str:
+    from transformers import BertForSequenceClassification
+
+    BertForSequenceClassification(tiny_config(hidden_size=16, intermediate_size=32)).save_pretrained(out)
+    return str(out)
+
+
+def theta(m: FrankWolfeMerging) -> dict[str, torch.Tensor]:
+    return {n: m.theta(n).clone() for n in m.names}
+
+
+def dist(a: dict, b: dict) -> float:
+    return sum(((a[n] - b[n].float()) ** 2).sum() for n in a).sqrt().item()
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_pool_cfg):
+    return pool_from_config(tiny_pool_cfg)
+
+
+def test_lmo_picks_the_smallest_true_linear_term(pool, tiny_pool_cfg, tmp_path):
+    names = pool.shared_names()
+    g = torch.Generator().manual_seed(0)
+    grad = {n: torch.randn(pool.base_tensor(n).shape, generator=g) for n in names}
+    # A: a tiny step exactly along -∇ (cosine -1, linear term -0.01‖∇‖²);
+    # B: a long step mostly sideways (cosine ~ -0.3, linear term -‖∇‖²). The true FW oracle picks B.
+    side = {n: 3 * torch.randn(v.shape, generator=g) for n, v in grad.items()}
+    dirs = [{k: -0.01 * grad[k] for k in names}, {k: -grad[k] + side[k] for k in names}]
+    paths = write_candidates(tiny_pool_cfg, tmp_path / "ab", 2, directions=dirs)
+    paths += write_candidates(tiny_pool_cfg, tmp_path / "noise", 4, noise=0.1)
+    paths.append(write_mismatched(tmp_path / "other_arch"))
+    m = FrankWolfeMerging(pool, method_cfg("fw_merging_hard", init="task_arithmetic", candidates=paths))
+    assert "other_arch" in m.candidates.skipped and "shape" in m.candidates.skipped["other_arch"]
+    assert m.vertex_names == ["cand00", "cand01", "cand00_2", "cand01_2", "cand02", "cand03", "initial"]
+
+    scores = m.linear_terms([grad])[0]  # [V, L]
+    th = theta(m)
+    cands = [load_file(p) for p in paths[:-1]]
+    direct = torch.tensor([[float((grad[n] * (c[n].float() - th[n])).sum()) for n in m.names] for c in cands]
+                          + [[float((grad[n] * (m.vertex_tensor(6, n) - th[n])).sum()) for n in m.names]],
+                          dtype=torch.float64)
+    torch.testing.assert_close(scores, direct, rtol=1e-4, atol=1e-3)
+    assert int(lmo(scores, "task")[0]) == int(direct.sum(1).argmin())
+    assert torch.equal(lmo(scores, "layer"), direct.argmin(0))
+    # at θ = pretrained, B wins on the true linear term while a cosine score would prefer A
+    m0 = FrankWolfeMerging(pool, method_cfg("fw_merging_hard", init="pretrained", init_vertex=False,
+                                            candidates=paths[:2]))
+    s0 = m0.linear_terms([grad])[0]
+    assert int(lmo(s0, "task")[0]) == 1
+    cos = [sum(float(torch.nn.functional.cosine_similarity(grad[n].flatten(), d[n].flatten(), 0)) for n in names)
+           for d in dirs]
+    assert cos[0] < cos[1]
+    excluded = torch.zeros_like(s0, dtype=torch.bool)
+    excluded[1] = True
+    assert int(lmo(s0, "task", excluded)[0]) == 0
+
+
+class Quadratic(FrankWolfeMerging):
+    """ℓ(θ) = ½‖θ − p‖² with p outside the hull, whose closest point in the hull is a known vertex."""
+
+    target: dict[str, torch.Tensor] = {}
+
+    def objective_grads(self, batch, per_task):
+        diff = {n: self.theta(n) - self.target[n] for n in self.names}
+        return 0.5 * sum((d ** 2).sum() for d in diff.values()), [diff]
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_hard_variant_converges_to_the_optimal_vertex(pool, tiny_pool_cfg, tmp_path, granularity):
+    paths = write_candidates(tiny_pool_cfg, tmp_path / "c", 5, noise=0.05)
+    cands = [load_file(p) for p in paths]
+    j = 2
+    names = pool.shared_names()
+    centroid = {n: sum(c[n] for c in cands) / len(cands) for n in names}
+    # ⟨θ_j − p, θ_i − θ_j⟩ = ½⟨centroid − θ_j, θ_i − θ_j⟩ > 0 for every other vertex: θ_j is optimal
+    Quadratic.target = {n: cands[j][n] + 0.5 * (cands[j][n] - centroid[n]) for n in names}
+    m = Quadratic(pool, method_cfg("fw_merging_hard", candidates=paths, granularity=granularity,
+                                   step_size=1.0, merge_scale=1.0))
+    start = dist(theta(m), cands[j])
+    objectives = [m.iterate({})["objective"] for _ in range(25)]
+    end = dist(theta(m), cands[j])
+    assert end < 1e-3 * start, (start, end)
+    assert min(range(5), key=lambda i: dist(theta(m), cands[i])) == j
+    assert objectives[-1] < objectives[0]
+    # the reported weights say θ_T is candidate j (task arithmetic: exact)
+    w = torch.tensor(m.report()["coefficients"])
+    torch.testing.assert_close(w[:, 1 + j], torch.ones(len(m.names)), atol=1e-3, rtol=0)
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    import torch
+    torch.set_num_threads(1)
+    from adamerge.data import CalibrationDataModule
+    from adamerge.methods.frank_wolfe import FrankWolfeMerging
+    from adamerge.pool import pool_from_config
+    pool_cfg, cands = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    pool = pool_from_config(pool_cfg)
+    m = FrankWolfeMerging(pool, {"variant": "hard", "granularity": "layer", "merge_fn": "ties",
+                                 "candidates": cands, "step_size": 1.0})
+    dm = CalibrationDataModule.from_pool(pool, batch_size=4, max_length=16)
+    stream = dm.train_dataloader().dataset
+    for t in range(2):
+        m.iterate(stream.batch(t))
+    print("RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+""")
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_candidates(tmp_path):
+    import helpers
+
+    # a wider tiny BERT than the shared fixture, so that one model (~17 MB) stands out of the noise
+    pool_cfg = helpers.make_pool(tmp_path / "pool", k=2, n_cal=8, n_test=4)
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_config(hidden_size=128, intermediate_size=256)).save_pretrained(
+        tmp_path / "pool" / "base")
+    model_bytes = sum(v.numel() * 4 for v in load_file(str(tmp_path / "pool" / "base" / "model.safetensors")).values())
+    paths = write_candidates(pool_cfg, tmp_path / "cands", 16, noise=0.02)
+    pool_cfg["tasks"] = {t: {**spec, "expert": paths[i]} for i, (t, spec) in enumerate(pool_cfg["tasks"].items())}
+    rss = {}
+    for n in (4, 16):
+        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, json.dumps(pool_cfg), json.dumps(paths[:n])],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        rss[n] = int(out.stdout.split("RSS")[-1])
+    print(f"model {model_bytes / 2**20:.1f} MiB, peak RSS 4: {rss[4] / 2**20:.0f} MiB, 16: {rss[16] / 2**20:.0f} MiB")
+    # stacking the 12 extra candidates would cost 12 models; allow 1.5 for allocator noise
+    assert rss[16] - rss[4] < 1.5 * model_bytes, (rss, model_bytes)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    rows = []
+    for f in sorted((run / "logs").glob("*/metrics.csv")):
+        with f.open() as fh:
+            rows += [r for r in csv.DictReader(fh) if r.get("loss")]
+    return rows
+
+
+def train(conf, out, *extra, **kw):
+    return run_train(["--config-dir", str(conf), "pool=tiny", f"out_dir={out}", "data.batch_size=8",
+                      "trainer.log_every_n_steps=1", "evaluate.reference_rows=false", *extra], **kw)
+
+
+def test_soft_end_to_end_resumes_between_iterations(tiny_conf_dir, tiny_pool_cfg, pool, tmp_path):
+    from adamerge.data import CalibrationDataModule
+
+    cdir = tmp_path / "cands"
+    write_candidates(tiny_pool_cfg, cdir, 2, noise=0.05)
+    write_mismatched(cdir / "zz_other_arch")
+    cands = [spec["expert"] for spec in tiny_pool_cfg["tasks"].values()]
+    over = {"candidates": cands, "candidates_dir": str(cdir), "inner_steps": 2, "inner_lr": 0.05}
+    args = ["method=fw_merging_soft", f"method.candidates=[{','.join(cands)}]", f"method.candidates_dir={cdir}",
+            "method.inner_steps=2", "method.inner_lr=0.05", "checkpoint.every_n_steps=1"]
+    run = tmp_path / "run"
+    train(tiny_conf_dir, run, *args, "trainer.max_steps=2", "evaluate.enabled=false")
+    assert (run / "checkpoints" / "step000001.ckpt").exists()
+    proc = train(tiny_conf_dir, run, *args, "trainer.max_steps=3", "resume=last", "export.overwrite=true")
+    assert "| fw_merging_soft |" in proc.stdout
+    assert "candidate 'zz_other_arch' skipped" in proc.stdout + proc.stderr
+
+    # the same three iterations in one go, in this process
+    ref = FrankWolfeMerging(pool, method_cfg("fw_merging_soft", **over))
+    dm = CalibrationDataModule.from_pool(pool, batch_size=8, max_length=64, seed=0)
+    ref.use_data(dm)
+    stream = dm.train_dataloader().dataset
+    for t in range(3):
+        ref.iterate(stream.batch(t))
+    exported = load_file(str(run / "export" / "model" / "model.safetensors"))
+    for n in ref.names:
+        torch.testing.assert_close(exported[n], ref.theta(n), atol=1e-6, rtol=0)
+    assert dist(theta(ref), {n: pool.base_tensor(n) for n in ref.names}) > 0  # it moved
+
+    rep = json.loads((run / "export" / "coefficients.json").read_text())
+    fw = rep["frank_wolfe"]
+    assert fw["iterations"] == 3 and [h["iteration"] for h in fw["history"]] == [0, 1, 2]
+    assert "zz_other_arch" in fw["skipped"]
+    assert rep["tasks"] == ["pretrained", "task0", "task1", "cand00", "cand01"]
+    assert set(fw["history"][0]["selected"]) == {"task0", "task1"}  # one vertex per task
+    chosen = [next(iter(s)) for s in fw["history"][0]["selected"].values()]
+    assert len(set(chosen)) == 2  # distinct
+    rows = read_metrics(run)
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    assert all(r["fw/coef_mean"] and r["fw/selected/task0"] and r["fw/gap"] for r in rows)
+
+
+def test_hard_layerwise_ties_through_train(tiny_conf_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_conf_dir, run, "method=fw_merging_hard", "method.granularity=layer", "method.merge_fn=ties",
+          "method.step_size=1.0", "trainer.max_steps=2", "evaluate.enabled=false")
+    rep = json.loads((run / "export" / "coefficients.json").read_text())
+    fw = rep["frank_wolfe"]
+    assert fw["iterations"] == 2 and not fw["coefficients_exact"]
+    assert sum(fw["history"][0]["selected"]["all"].values()) <= len(rep["tensors"])
+    rows = read_metrics(run)
+    assert [float(r["fw/gamma"]) for r in rows] == pytest.approx([1.0, 2 / 3])
+    assert all(r["fw/selected"] != "" and 0 < float(r["fw/selected_share"]) <= 1 for r in rows)
