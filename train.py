@@ -38,7 +38,8 @@ def run(cfg: DictConfig) -> dict:
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    from adamerge.checkpointing import AtomicCheckpointIO, resolve_resume
+    from adamerge.checkpointing import AtomicCheckpointIO, SaveOnInterrupt, resolve_resume
+    from adamerge.config import ConfigError, check_config
     from adamerge.data import CalibrationDataModule, load_tokenizer
     from adamerge.evaluate import (
         evaluate_params,
@@ -54,6 +55,7 @@ def run(cfg: DictConfig) -> dict:
 
     out_dir = Path(HydraConfig.get().run.dir) if HydraConfig.initialized() else Path(cfg.out_dir)
     c = OmegaConf.to_container(cfg, resolve=True)
+    check_config(c)
     export_dir = Path(c["export"]["dir"])
     rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
     if rank == 0:
@@ -73,10 +75,14 @@ def run(cfg: DictConfig) -> dict:
         ckpt_dir = out_dir / "checkpoints"
         every = int(c["checkpoint"]["every_n_steps"])
         callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                                     every_n_train_steps=every, save_top_k=-1, save_last=False)]
-        trainer = pl.Trainer(**c["trainer"], callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                             logger=CSVLogger(str(out_dir), name="logs"), enable_model_summary=False,
-                             num_sanity_val_steps=0, limit_val_batches=0)
+                                     every_n_train_steps=every, save_top_k=-1, save_last=False),
+                     SaveOnInterrupt(ckpt_dir / "last.ckpt")]
+        try:
+            trainer = pl.Trainer(**c["trainer"], callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                                 logger=CSVLogger(str(out_dir), name="logs"), enable_model_summary=False,
+                                 num_sanity_val_steps=0, limit_val_batches=0)
+        except (TypeError, ValueError) as e:  # unknown key or bad value under trainer.*
+            raise ConfigError(f"config group 'trainer': {e}") from e
         trainer.fit(method, datamodule=dm, ckpt_path=resolve_resume(c["resume"], ckpt_dir))
         trainer.save_checkpoint(ckpt_dir / "last.ckpt")
         if trainer.global_rank != 0:
@@ -107,17 +113,31 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
-def main(cfg: DictConfig) -> None:
+def cli(cfg: DictConfig) -> int:
+    """Run, turning the user's errors into one line on stderr; returns the exit code."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     try:
         run(cfg)
+        return 0
+    except SIGTERMException:
+        print(f"interrupted (SIGTERM): last checkpoint written; continue with out_dir={cfg.out_dir} resume=last",
+              file=sys.stderr, flush=True)
+        return 143
     except Exception as e:  # one clear line for the user; the traceback behind verbose=true
         from adamerge.errors import is_user_error
 
         if cfg.get("verbose") or not is_user_error(e):
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        return 2
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    code = cli(cfg)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,22 @@ atomic, so a job killed at any moment leaves every existing checkpoint readable.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from .methods.base import CheckpointError
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -35,24 +42,56 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         try:
-            return torch.load(path, map_location=map_location or "cpu", weights_only=False)
+            ckpt = torch.load(path, map_location=map_location or "cpu", weights_only=False)
         except Exception as e:  # truncated zip, garbage bytes, wrong pickle ...
             raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {e})") from e
+        if not isinstance(ckpt, dict) or "adamerge" not in ckpt:
+            raise CheckpointError(f"checkpoint {path} is not an adamerge checkpoint (no 'adamerge' metadata)")
+        return ckpt
+
+
+def _readable(path: Path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return True
+    except Exception:
+        return False
 
 
 def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> str | None:
-    """``None`` -> fresh run; ``last`` -> ``ckpt_dir/last.ckpt`` (or the newest step checkpoint); a path."""
+    """``None`` -> fresh run; ``last`` -> the newest readable checkpoint in ``ckpt_dir``; or a path.
+
+    A truncated or corrupt newest checkpoint is skipped (and named) in favour of the previous one.
+    """
     if not resume:
         return None
     d = Path(ckpt_dir)
     if resume == "last":
-        if (d / "last.ckpt").exists():
-            return str(d / "last.ckpt")
-        steps = sorted(d.glob("step*.ckpt"))
-        if not steps:
+        found = sorted(d.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if not found:
             raise CheckpointError(f"resume=last: no checkpoint in {d} (give out_dir=<the run's directory>)")
-        return str(steps[-1])
+        for p in found:
+            if _readable(p):
+                return str(p)
+            log.warning("checkpoint %s is unreadable or truncated; trying the previous one", p)
+        raise CheckpointError(f"resume=last: every checkpoint in {d} is unreadable: {[p.name for p in found]}")
     p = Path(resume)
     if not p.exists():
         raise CheckpointError(f"resume={resume}: checkpoint file does not exist")
+    if not _readable(p):
+        raise CheckpointError(f"resume={resume}: checkpoint is unreadable or truncated")
     return str(p)
+
+
+class SaveOnInterrupt(Callback):
+    """On SIGTERM (Lightning stops at a step boundary) or Ctrl-C, write ``last.ckpt`` before exiting."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.saved: Path | None = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            trainer.save_checkpoint(self.path)
+            self.saved = self.path
+            rank_zero_info(f"interrupted at step {trainer.global_step}: checkpoint written to {self.path}")

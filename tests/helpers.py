@@ -134,3 +134,26 @@ def run_train(args: list[str], cwd: Path | None = None, timeout: int = 600, env:
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def compose(overrides: list[str], pool: dict | None = None):
+    """The config train.py would compose for these overrides; ``pool`` replaces the pool group."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides)
+    if pool is not None:
+        with open_dict(cfg):
+            cfg.pool = pool
+    return cfg
+
+
+def run_inprocess(overrides: list[str], pool: dict | None = None) -> int:
+    """train.py's ``cli`` in this process (no interpreter start-up): returns the exit code."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import train
+
+    return train.cli(compose(overrides, pool))

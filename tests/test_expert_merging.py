@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -100,45 +101,52 @@ def test_chunk_allocation():
     torch.testing.assert_close(i, torch.tensor([10.0, 10.0], dtype=torch.float64) / 20)
 
 
-# -- train.py: Expert Merging (lowers the loss, resumes exactly) and Expert Merging++ -----------
+# -- train.py runs ------------------------------------------------------------------------------
+def train_py(conf: Path, *overrides: str) -> None:
+    """train.py's ``run`` in this process, composed by Hydra from configs/ (+ ``conf``): the code path
+    and configs of the command line, without the ~9 s of imports a fresh process pays per run."""
+    from hydra import compose, initialize_config_dir
+
+    spec = importlib.util.spec_from_file_location("adamerge_train", helpers.ROOT / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    with initialize_config_dir(config_dir=str(helpers.ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra.searchpath=[file://{conf}]", *FAST, *overrides])
+    train.run(cfg)
+
+
 @pytest.fixture(scope="module")
-def em_runs(tmp_path_factory, tiny_conf_dir):
-    """A 4-step run, and a 2-step run resumed to 4 steps."""
+def runs(tmp_path_factory, tiny_pool_cfg):
+    """Expert Merging on the BERT pool (a) and on a causal LM (lm); then Expert Merging++ from (a):
+    4 steps straight (pp) and 2 steps resumed to 4 (pp_resumed)."""
     root = tmp_path_factory.mktemp("em_runs")
-    base = ["--config-dir", str(tiny_conf_dir), "pool=tiny", "method=expert_merging", *FAST,
-            "method.hidden_layers=[1]"]
-    helpers.run_train([*base, "trainer.max_steps=4", f"out_dir={root / 'a'}"])
-    helpers.run_train([*base, "trainer.max_steps=2", f"out_dir={root / 'b'}"])
-    helpers.run_train([*base, "trainer.max_steps=4", f"out_dir={root / 'b'}", "resume=last",
-                       "export.overwrite=true"])
+    conf = root / "conf"
+    helpers.write_pool_config(conf, "tiny", tiny_pool_cfg)
+    helpers.write_pool_config(conf, "tiny_lm", make_causal_pool(root / "lm_pool"))
+    em = ["method=expert_merging", "method.hidden_layers=[1]"]
+    train_py(conf, "pool=tiny", *em, "trainer.max_steps=4", f"out_dir={root / 'a'}")
+    # the toy LM's KL/MSE are ~0.02, where γ = 5 would pin σ(w) at its init: scale γ down
+    train_py(conf, "pool=tiny_lm", *em, "method.reg_weight=0.05", "trainer.max_steps=3", f"out_dir={root / 'lm'}")
+    pp = ["pool=tiny", "method=expert_merging_pp", f"method.first_pass={root / 'a' / 'export'}"]
+    train_py(conf, *pp, "trainer.max_steps=4", f"out_dir={root / 'pp'}")
+    train_py(conf, *pp, "trainer.max_steps=2", f"out_dir={root / 'pp_resumed'}")
+    train_py(conf, *pp, "trainer.max_steps=4", f"out_dir={root / 'pp_resumed'}", "resume=last", "export.overwrite=true")
     return root
 
 
-def test_train_lowers_loss(em_runs, tiny_pool_cfg):
+def test_train_lowers_loss(runs, tiny_pool_cfg):
     pool = pool_from_config(tiny_pool_cfg)
     m = get_method("expert_merging")(pool, em_cfg(hidden_layers=[1]))
     before = calibration_loss(m, pool)
-    after = calibration_loss(load_ckpt(m, em_runs / "a"), pool)
+    after = calibration_loss(load_ckpt(m, runs / "a"), pool)
     assert after < 0.9 * before, (before, after)
-    rep = json.loads((em_runs / "a" / "export" / "coefficients.json").read_text())
+    rep = json.loads((runs / "a" / "export" / "coefficients.json").read_text())
     assert rep["granularity"] == "layer" and rep["num_trainable"] == 2 * len(rep["tensors"])
     assert all(0 < v < 1 for row in rep["coefficients"] for v in row)
 
 
-def test_resume_continues_exactly(em_runs):
-    a = torch.load(em_runs / "a" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(em_runs / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert a["global_step"] == b["global_step"] == 4
-    assert torch.equal(a["state_dict"]["merged.coefficients.raw"], b["state_dict"]["merged.coefficients.raw"])
-    sa, sb = a["lr_schedulers"][0], b["lr_schedulers"][0]
-    assert sa["last_epoch"] == sb["last_epoch"] == 4 and sa["_last_lr"] == sb["_last_lr"]
-
-
-def test_expert_merging_pp_end_to_end(em_runs, tiny_conf_dir, tiny_pool_cfg, tmp_path):
-    out = tmp_path / "pp"
-    helpers.run_train(["--config-dir", str(tiny_conf_dir), "pool=tiny", "method=expert_merging_pp", *FAST,
-                       f"method.first_pass={em_runs / 'a' / 'export'}", "trainer.max_steps=2", f"out_dir={out}"])
-    rep = json.loads((out / "export" / "coefficients.json").read_text())
+def test_expert_merging_pp_end_to_end(runs, tiny_pool_cfg):
+    rep = json.loads((runs / "pp" / "export" / "coefficients.json").read_text())
     L = len(rep["tensors"])
     alloc = rep["allocation"]
     assert rep["granularity"] == "chunk" and alloc["budget"] == 4 * L
@@ -152,10 +160,20 @@ def test_expert_merging_pp_end_to_end(em_runs, tiny_conf_dir, tiny_pool_cfg, tmp
     # a checkpoint with another allocation is refused
     pool = pool_from_config(tiny_pool_cfg)
     m = get_method("expert_merging_pp")(pool, {**em_cfg(name="expert_merging_pp", id="expert_merging_pp"),
-                                              "first_pass": str(em_runs / "a" / "export"), "budget_per_tensor": 2})
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+                                              "first_pass": str(runs / "a" / "export"), "budget_per_tensor": 2})
+    ckpt = torch.load(runs / "pp" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     with pytest.raises(CheckpointError, match="chunk allocation"):
         m.on_load_checkpoint(ckpt)
+
+
+def test_resume_continues_exactly(runs):
+    a = torch.load(runs / "pp" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(runs / "pp_resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 4
+    assert torch.equal(a["state_dict"]["merged.coefficients.raw"], b["state_dict"]["merged.coefficients.raw"])
+    sa, sb = a["lr_schedulers"][0], b["lr_schedulers"][0]
+    assert sa["last_epoch"] == sb["last_epoch"] == 4 and sa["_last_lr"] == sb["_last_lr"]
+    assert a["optimizer_states"][0]["state"][0]["exp_avg_sq"].equal(b["optimizer_states"][0]["state"][0]["exp_avg_sq"])
 
 
 # -- causal LM pool ----------------------------------------------------------------------------
@@ -184,7 +202,7 @@ def make_causal_pool(tmp: Path, k: int = 2) -> dict:
         g = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for p in exp.parameters():
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
         exp.save_pretrained(tmp / f"lm{i}")
         rows = helpers.make_texts(8, seed=i, topics=(topic,))
         tasks[f"lm{i}"] = {"expert": str(tmp / f"lm{i}"),
@@ -192,22 +210,17 @@ def make_causal_pool(tmp: Path, k: int = 2) -> dict:
     return {"base": str(tmp / "base"), "model_class": "causal_lm", "head_prefixes": [], "tasks": tasks}
 
 
-def test_causal_lm_end_to_end(tmp_path):
+def test_causal_lm_end_to_end(runs):
+    import yaml
     from transformers import AutoModelForCausalLM
 
-    pool_cfg = make_causal_pool(tmp_path / "pool")
-    conf = tmp_path / "conf"
-    helpers.write_pool_config(conf, "lm", pool_cfg)
-    out = tmp_path / "run"
-    helpers.run_train(["--config-dir", str(conf), "pool=lm", "method=expert_merging", *FAST,
-                       "method.hidden_layers=[1]", "trainer.max_steps=3", f"out_dir={out}"])
-    pool = pool_from_config(pool_cfg)
-    m = get_method("expert_merging")(pool, em_cfg(hidden_layers=[1]))
+    pool = pool_from_config(yaml.safe_load((runs / "conf" / "pool" / "tiny_lm.yaml").read_text()))
+    m = get_method("expert_merging")(pool, em_cfg(hidden_layers=[1], reg_weight=0.05))
     before = calibration_loss(m, pool)
-    after = calibration_loss(load_ckpt(m, out), pool)
+    after = calibration_loss(load_ckpt(m, runs / "lm"), pool)
     assert after < before, (before, after)
     # the export is a loadable causal LM holding the merged weights (tied lm_head follows the merge)
-    lm = AutoModelForCausalLM.from_pretrained(str(out / "export" / "model")).eval()
+    lm = AutoModelForCausalLM.from_pretrained(str(runs / "lm" / "export" / "model")).eval()
     merged = m.merged.merged_state_dict()
     sd = lm.state_dict()
     for n in ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"):

@@ -7,6 +7,7 @@ Devices, loops, precision, DDP and checkpoint files belong to the Lightning Trai
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
 
 import pytorch_lightning as pl
@@ -19,6 +20,7 @@ from ..pool import ModelPool
 from ..task_vectors import TaskVectors
 
 CHECKPOINT_FORMAT = 1
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -128,11 +130,21 @@ class MergeMethod(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         value, to_backward = self.step_loss(batch)
         if not torch.isfinite(value):
-            raise FloatingPointError(f"non-finite loss {value.item()} at step {self.global_step}")
+            if self.method_cfg.get("nonfinite", "stop") == "skip":
+                log.warning("non-finite loss %s at step %d: step skipped", value.item(), self.global_step)
+                return None  # Lightning skips backward and the optimizer step
+            raise FloatingPointError(f"non-finite loss {value.item()} at step {self.global_step}; "
+                                     "nothing was exported (method.nonfinite=skip skips such steps)")
         self.log("loss", value, prog_bar=True, on_step=True, sync_dist=False)
         t = self.merged.coefficients.values().detach()
         self.log_dict({"coef/mean": t.mean(), "coef/min": t.min(), "coef/max": t.max()}, on_step=True)
         return to_backward
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        for n, p in self.named_parameters():
+            if p.requires_grad and not torch.isfinite(p).all():
+                raise FloatingPointError(f"parameter '{n}' became non-finite at step {self.global_step}; "
+                                         "nothing was exported")
 
     def configure_optimizers(self):
         m = self.method_cfg

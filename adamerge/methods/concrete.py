@@ -35,11 +35,13 @@ def _num(cfg: dict, key: str, default: float, positive: bool = True) -> float:
 
 
 class SubspaceMask(ConcreteMask):
-    """``ConcreteMask`` with a reproducible final mask, also used while training when ``frozen``.
+    """``ConcreteMask`` with noise drawn on the logits' device and a reproducible final mask.
 
-    Training samples use the mask's own generator (saved in checkpoints by ``MergeMethod``); the
-    final mask uses a fresh generator seeded with ``seed + 1`` on each call, so it is a pure
-    function of the logits and never advances the training stream.
+    Training samples: each draw takes one seed from the mask's own CPU generator (whose state
+    ``MergeMethod`` saves in checkpoints) and generates the uniform noise with a generator on the
+    logits' device, so no per-weight noise is made on the host and copied over every step. The final
+    mask uses a device generator seeded with ``seed + 1`` on each call: a pure function of the logits
+    that never advances the training stream. ``frozen`` makes training use the final mask too.
     """
 
     def __init__(self, shapes: list[torch.Size], temperature: float = 0.5, init_logit: float = 0.0,
@@ -48,14 +50,28 @@ class SubspaceMask(ConcreteMask):
         self.final_seed = int(seed) + 1
         self.frozen = False  # phase 2 of Concrete AdaMerging: train λ under the final mask
 
-    def _final_raw(self) -> list[torch.Tensor]:
-        """(noise logit(u) + x) per tensor with the fixed final-mask noise, before temperature."""
-        g = torch.Generator().manual_seed(self.final_seed)
+    def _noise(self, seed: int) -> list[torch.Tensor]:
+        """logit(u), u ~ U(0, 1), one tensor per mask tensor, from a device generator seeded with ``seed``."""
+        device = self.logits[0].device
+        g = torch.Generator(device=device).manual_seed(seed)
         out = []
         for x in self.logits:
-            u = torch.rand(x.shape, generator=g).clamp(1e-6, 1 - 1e-6).to(x.device)
-            out.append(torch.log(u) - torch.log1p(-u) + x.detach())
+            u = torch.rand(x.shape, generator=g, device=device).clamp_(1e-6, 1 - 1e-6)
+            out.append(torch.log(u) - torch.log1p(-u))
         return out
+
+    def sample(self, temperature: float | None = None) -> list[torch.Tensor]:
+        T = self.temperature if temperature is None else temperature
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        out = []
+        for x, n in zip(self.logits, self._noise(seed)):
+            m = torch.sigmoid((n + x) / T)
+            out.append(m / m.mean().clamp(min=1e-6))
+        return out
+
+    def _final_raw(self) -> list[torch.Tensor]:
+        """logit(u) + x per tensor with the fixed final-mask noise, before the temperature."""
+        return [n + x.detach() for x, n in zip(self.logits, self._noise(self.final_seed))]
 
     @torch.no_grad()
     def final(self) -> list[torch.Tensor]:

@@ -20,6 +20,7 @@ candidates); it is what ``coefficients.json`` reports (exact for task arithmetic
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
@@ -92,11 +93,11 @@ class FrankWolfeMerging(MergeMethod):
         N, L = len(self.candidates), len(self.names)
 
         # θ_0 and the weight of each checkpoint in it, per tensor: columns [pretrained, candidates...]
-        init = self._choice("init", "task_arithmetic" if self.variant == "hard" else "pretrained",
-                            ("task_arithmetic", "pretrained"))
+        start = self._choice("start", "task_arithmetic" if self.variant == "hard" else "pretrained",
+                             ("task_arithmetic", "pretrained"))
         self.weights = torch.zeros(L, 1 + N, dtype=torch.float64)
-        if init == "task_arithmetic":
-            scale = float(m.get("init_scale", 0.3))
+        if start == "task_arithmetic":
+            scale = float(m.get("start_scale", 0.3))
             delta0 = self._task_arithmetic(scale)
             self.weights[:, 0], self.weights[:, 1:] = 1 - scale * N, scale
         else:
@@ -114,7 +115,8 @@ class FrankWolfeMerging(MergeMethod):
         theta = TaskVectors({n: d.unsqueeze(0) for n, d in delta0.items()}, ["frank_wolfe"])
         heads = {t: pool.head(t) for t in pool.task_names}
         self.merged = MergedModel(pool.base_model, theta, coefs, heads, tv_device=tv_cfg.get("device"))
-        self.fingerprint = {**pool.fingerprint(), "candidates": list(self.candidates.names)}
+        self.fingerprint = {**pool.fingerprint(), "merged_tensors": L, "candidates": list(self.candidates.names),
+                            "merged_names": hashlib.sha256("\n".join(self.names).encode()).hexdigest()[:16]}
         self.history: list[dict[str, Any]] = []
         self._stream: StepBatches | None = None  # soft inner steps: batches of their own (use_data)
         self._tokenizer, self._max_length = None, int(m.get("max_length", 64))

@@ -110,14 +110,15 @@ class DeltaProblem:
     def loss(self, delta: torch.Tensor) -> torch.Tensor:
         return self.residual(delta).pow(2).sum()
 
-    def grad(self, delta: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
-        """∂L/∂Δ, projected by (I − UUᵀ) when ``basis`` U is given (before the λ_i, which commute)."""
-        g = (self.residual(delta).transpose(-1, -2) @ self.rows).squeeze(2)  # −½ ∂L/∂D, [G, R, C]
+    def loss_and_grad(self, delta: torch.Tensor, basis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """L(Δ) and ∂L/∂Δ, projected by (I − UUᵀ) when ``basis`` U is given (before the λ_i: they commute)."""
+        res = self.residual(delta)
+        g = (res.transpose(-1, -2) @ self.rows).squeeze(2)  # −½ ∂L/∂D, [G, R, C]
         if basis is not None:
             g = project_out(g, basis)
         if self.per_task:
-            return (-2 * self.lam)[:, :, None, None] * g.unsqueeze(1)
-        return (-2 * self.lam.sum(1)).view(-1, 1, 1) * g
+            return res.pow(2).sum(), (-2 * self.lam)[:, :, None, None] * g.unsqueeze(1)
+        return res.pow(2).sum(), (-2 * self.lam.sum(1)).view(-1, 1, 1) * g
 
 
 @torch.no_grad()
@@ -134,8 +135,8 @@ def optimize_delta(tau: torch.Tensor, lam: torch.Tensor, basis: torch.Tensor, st
     opt = torch.optim.Adam([delta], lr=lr, fused=True)  # one kernel per step instead of ~8 passes
     losses = []
     for _ in range(int(steps)):
-        losses.append(problem.loss(delta))
-        delta.grad = problem.grad(delta, basis)
+        loss, delta.grad = problem.loss_and_grad(delta, basis)
+        losses.append(loss)
         opt.step()
     losses.append(problem.loss(delta))
     return delta, torch.stack(losses).tolist()
@@ -157,8 +158,12 @@ def topk_masks(tv: TaskVectors, density: float) -> dict[str, torch.Tensor]:
 
 def doge_transform(tv: TaskVectors, eta: float = 0.07, subspace: float | None = 6, steps: int = 400,
                    lr: float = 1e-4, per_task: bool = False, density: float = 0.3,
-                   device: str | torch.device | None = None) -> tuple[TaskVectors, dict[str, Any]]:
-    """(τ_i + Δ_i) ⊙ M_i for every tensor of ``tv`` (all 2-D), and a summary for the report."""
+                   device: str | torch.device | None = None, batch: int | None = None
+                   ) -> tuple[TaskVectors, dict[str, Any]]:
+    """(τ_i + Δ_i) ⊙ M_i for every tensor of ``tv`` (all 2-D), and a summary for the report.
+
+    Layers of one shape are optimized together, at most ``batch`` at a time (None: all of them).
+    """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     subspace = float(subspace) if subspace else float(tv.K)  # null: K directions' worth, as [FB] DOGE-AM
@@ -171,8 +176,12 @@ def doge_transform(tv: TaskVectors, eta: float = 0.07, subspace: float | None = 
         if t.dim() != 3:
             raise ValueError(f"DOGE modifies 2-D weights only; '{n}' has shape {tuple(t.shape[1:])}")
         groups.setdefault(tuple(t.shape[1:]), []).append(i)
+    batches = []
+    for idx in groups.values():
+        size = int(batch) if batch else len(idx)
+        batches += [idx[i:i + size] for i in range(0, len(idx), size)]
     names, deltas, stats = tv.names, {}, []
-    for shape, idx in groups.items():
+    for idx in batches:
         tau = torch.stack([tv[names[i]].to(device=device, dtype=torch.float32) for i in idx])
         basis = shared_subspace(tau, subspace)
         delta, losses = optimize_delta(tau, lam_all[idx].to(device), basis, steps, lr, per_task)
@@ -180,7 +189,7 @@ def doge_transform(tv: TaskVectors, eta: float = 0.07, subspace: float | None = 
         del tau, basis
         for j, i in enumerate(idx):
             deltas[names[i]] = delta[j].cpu()
-        stats.append({"shape": list(shape), "layers": len(idx), "rank": rank,
+        stats.append({"shape": list(tv[names[idx[0]]].shape[1:]), "layers": len(idx), "rank": rank,
                       "loss_start": losses[0], "loss_end": losses[-1]})
     masks = topk_masks(tv, density)
 
@@ -190,8 +199,8 @@ def doge_transform(tv: TaskVectors, eta: float = 0.07, subspace: float | None = 
 
     out = tv.map(apply)
     seconds = time.perf_counter() - start
-    log.info("DOGE: Δ for %d tensors in %d shape groups, %d Adam steps each, %.1f s on %s",
-             len(tv), len(groups), steps, seconds, device)
+    log.info("DOGE: Δ for %d tensors in %d batches, %d Adam steps each, %.1f s on %s",
+             len(tv), len(batches), steps, seconds, device)
     summary = {"eta": eta, "subspace": subspace, "delta_steps": int(steps), "delta_lr": lr, "per_task_delta": per_task,
                "density": density, "device": str(device), "seconds": round(seconds, 3), "groups": stats}
     return out, summary
@@ -218,10 +227,13 @@ class ProjectiveMerge(MergeMethod):
             self.merged.task_vectors, eta=float(m.get("eta", 0.07)), subspace=m.get("subspace", 6),
             steps=int(m.get("delta_steps", 400)), lr=float(m.get("delta_lr", 1e-4)),
             per_task=bool(m.get("per_task_delta", False)), density=float(m.get("density", 0.3)),
-            device=m.get("delta_device"),
+            device=m.get("delta_device"), batch=m.get("delta_batch"),
         )
         old = self.merged
         self.merged = MergedModel(old.base, tv, old.coefficients, old.heads, mask=old.mask, tv_device=old.tv_device)
+        # the vectors the coefficients act on depend on these: a resumed run must use the same
+        self.fingerprint["doge"] = {k: self.doge[k] for k in ("eta", "subspace", "delta_steps", "delta_lr",
+                                                              "per_task_delta", "density")}
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
         if self.method_cfg.get("coefficients", "eta") == "learned":

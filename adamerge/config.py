@@ -1,0 +1,81 @@
+"""Checks on the composed config: every bad value is reported with its key, before any work starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .task_vectors import DTYPES
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong type or out of range; names the key."""
+
+
+def _get(c: dict, key: str) -> Any:
+    cur: Any = c
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def _number(c: dict, key: str, lo: float | None = None, strict_lo: bool = False, integer: bool = False,
+            optional: bool = True) -> None:
+    v = _get(c, key)
+    if v is None:
+        if optional:
+            return
+        raise ConfigError(f"config key '{key}' is required")
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok_type:
+        raise ConfigError(f"config key '{key}' must be {kind}, got {v!r} ({type(v).__name__})")
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ConfigError(f"config key '{key}' must be finite, got {v!r}")
+    if lo is not None and (v <= lo if strict_lo else v < lo):
+        raise ConfigError(f"config key '{key}' must be {'>' if strict_lo else '>='} {lo}, got {v!r}")
+
+
+def check_config(c: dict) -> None:
+    """Raise ConfigError naming the first bad key of a resolved config (a plain dict)."""
+    m = c.get("method") or {}
+    if not m.get("name"):
+        raise ConfigError("config key 'method.name' is required (choose a method with method=<name>)")
+    _number(c, "method.lr", 0, strict_lo=True)
+    _number(c, "method.steps", 0, integer=True)
+    _number(c, "method.scale")
+    init = m.get("init")
+    if isinstance(init, list):
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in init):
+            raise ConfigError(f"config key 'method.init' must be a number or a list of numbers, got {init!r}")
+    else:
+        _number(c, "method.init")
+    clamp = m.get("clamp")
+    if clamp is not None:
+        if not (isinstance(clamp, list) and len(clamp) == 2
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in clamp)):
+            raise ConfigError(f"config key 'method.clamp' must be null or [low, high], got {clamp!r}")
+        if not clamp[0] < clamp[1]:
+            raise ConfigError(f"config key 'method.clamp' bounds are reversed or empty: {clamp!r}")
+    if m.get("granularity") is not None and m["granularity"] not in ("task", "layer", "chunk"):
+        raise ConfigError(f"config key 'method.granularity' must be task, layer or chunk, got {m['granularity']!r}")
+    _number(c, "data.batch_size", 1, integer=True)
+    _number(c, "data.max_length", 2, integer=True)
+    _number(c, "data.calibration_size", 1, integer=True)
+    _number(c, "seed", 0, integer=True)
+    _number(c, "checkpoint.every_n_steps", 1, integer=True)
+    _number(c, "evaluate.batch_size", 1, integer=True)
+    _number(c, "evaluate.max_examples", 1, integer=True)
+    _number(c, "trainer.max_steps", -1, integer=True)
+    dtype = _get(c, "task_vectors.dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"config key 'task_vectors.dtype' must be one of {sorted(DTYPES)}, got {dtype!r}")
+    for key in ("task_vectors.include", "task_vectors.exclude"):
+        v = _get(c, key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            raise ConfigError(f"config key '{key}' must be a list of regexes, got {v!r}")
+    for key in ("resume", "out_dir"):
+        v = _get(c, key)
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {v!r}")

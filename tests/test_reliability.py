@@ -1,0 +1,220 @@
+"""Bad inputs give one clear line (exit code 2, no traceback); interrupted runs resume exactly;
+outputs are never half-written; config fuzzing never produces an unhandled exception."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import helpers
+from helpers import ROOT, run_train
+
+
+def train(conf, out, *extra, **kw):
+    return run_train(["--config-dir", str(conf), "pool=tiny", f"out_dir={out}", "data.batch_size=8",
+                      "evaluate.enabled=false", *extra], **kw)
+
+
+def assert_clear_error(proc, pattern: str):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    import re
+
+    assert re.search(pattern, proc.stderr), proc.stderr[-3000:]
+
+
+@pytest.fixture
+def conf(tmp_path, tiny_pool_cfg):
+    """A config dir where each test may write its own broken pool."""
+    d = tmp_path / "conf"
+    helpers.write_pool_config(d, "tiny", tiny_pool_cfg)
+    return d
+
+
+def broken_pool(conf: Path, tiny_pool_cfg: dict, tmp_path: Path, edit) -> None:
+    cfg = json.loads(json.dumps(tiny_pool_cfg))
+    edit(cfg, tmp_path)
+    helpers.write_pool_config(conf, "tiny", cfg)
+
+
+def _copy_expert(cfg, tmp, task="task1"):
+    dst = tmp / "copied"
+    shutil.copytree(cfg["tasks"][task]["expert"], dst)
+    cfg["tasks"][task]["expert"] = str(dst)
+    return dst
+
+
+def _truncate(cfg, tmp):
+    f = _copy_expert(cfg, tmp) / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+
+
+def _other_arch(cfg, tmp):
+    from transformers import BertForSequenceClassification
+
+    m = BertForSequenceClassification(helpers.tiny_config(num_hidden_layers=3))
+    m.save_pretrained(tmp / "deeper")
+    cfg["tasks"]["task1"]["expert"] = str(tmp / "deeper")
+
+
+def _empty_calibration(cfg, tmp):
+    (tmp / "empty.jsonl").write_text("")
+    cfg["tasks"]["task0"]["calibration"] = str(tmp / "empty.jsonl")
+
+
+BAD_POOLS = {
+    "missing expert path": (lambda c, t: c["tasks"]["task0"].__setitem__("expert", str(t / "nope")),
+                            r"error: expert 'task0'.*nope: path does not exist"),
+    "not a model directory": (lambda c, t: c["tasks"]["task0"].__setitem__("expert", str(t)),
+                              r"error: expert 'task0'.*not a model directory"),
+    "truncated safetensors": (_truncate, r"error: .*copied/model.safetensors: unreadable or truncated"),
+    "different architecture": (_other_arch, r"error: expert 'task1'.*extra tensor 'bert.encoder.layer.2"),
+    "empty calibration data": (_empty_calibration, r"error: task 'task0': .*empty.jsonl has no examples"),
+    "no tasks": (lambda c, t: c.__setitem__("tasks", {}), r"error: pool config: key 'tasks' is required"),
+}
+
+
+def inprocess(tmp_path, pool, *args) -> int:
+    return helpers.run_inprocess([f"out_dir={tmp_path / 'run'}", "data.batch_size=8", "evaluate.enabled=false",
+                                  *args], pool)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_POOLS))
+def test_bad_pool_inputs(tiny_pool_cfg, tmp_path, capsys, case):
+    edit, pattern = BAD_POOLS[case]
+    cfg = json.loads(json.dumps(tiny_pool_cfg))
+    edit(cfg, tmp_path)
+    assert inprocess(tmp_path, cfg, "method=adamerging_layerwise") == 2
+    assert re.search(pattern, capsys.readouterr().err)
+    assert not (tmp_path / "run" / "export").exists()
+
+
+BAD_CONFIGS = {
+    "negative lr": (["method=adamerging_layerwise", "method.lr=-1"], r"'method.lr' must be > 0, got -1"),
+    "string lr": (["method=adamerging_layerwise", "method.lr=fast"], r"'method.lr' must be a number, got 'fast'"),
+    "zero steps": (["method=adamerging_layerwise", "trainer.max_steps=0"], r"max_steps.*must be > 0"),
+    "reversed clamp": (["method=adamerging_layerwise", "method.clamp=[1,0]"], r"'method.clamp' bounds are reversed"),
+    "zero batch": (["method=adamerging_layerwise", "data.batch_size=0"], r"'data.batch_size' must be >= 1"),
+    "bad dtype": (["method=task_arithmetic", "task_vectors.dtype=int8"], r"'task_vectors.dtype' must be one of"),
+    "unknown trainer key": (["method=adamerging_layerwise", "+trainer.foo=1"], r"config group 'trainer'.*foo"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_values(tiny_pool_cfg, tmp_path, capsys, case):
+    args, pattern = BAD_CONFIGS[case]
+    assert inprocess(tmp_path, tiny_pool_cfg, *args) == 2
+    assert re.search(pattern, capsys.readouterr().err)
+
+
+def test_clear_error_from_the_command_line(conf, tmp_path):
+    """The real entry point: exit code 2, one line, no traceback wall."""
+    p = train(conf, tmp_path / "run", "method=adamerging_layerwise", "method.lr=-1", check=False)
+    assert_clear_error(p, r"^error: config key 'method.lr' must be > 0, got -1\n$")
+
+
+def test_unknown_method_and_existing_export(conf, tmp_path):
+    p = train(conf, tmp_path / "run", "method=no_such_method", check=False)
+    assert p.returncode != 0 and "Could not find 'method/no_such_method'" in p.stderr
+    assert "adamerging_layerwise" in p.stderr  # Hydra lists the available methods
+    (tmp_path / "run" / "export").mkdir(parents=True)
+    (tmp_path / "run" / "export" / "keep.txt").write_text("mine")
+    p = train(conf, tmp_path / "run", "method=task_arithmetic", check=False)
+    assert_clear_error(p, r"export directory .* exists and is not empty; set export.overwrite=true")
+    assert (tmp_path / "run" / "export" / "keep.txt").read_text() == "mine"
+
+
+def test_verbose_shows_the_traceback(conf, tmp_path):
+    p = train(conf, tmp_path / "run", "method=adamerging_layerwise", "method.lr=-1", "verbose=true", check=False)
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def _spawn(conf, out, *extra):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config-dir", str(conf), "pool=tiny", f"out_dir={out}",
+           "data.batch_size=8", "evaluate.enabled=false", "method=adamerging_layerwise", "method.lr=0.05",
+           "checkpoint.every_n_steps=2", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def _wait_for(path_glob: Path, pattern: str, timeout: float = 300) -> None:
+    t0 = time.time()
+    while not list(path_glob.glob(pattern)):
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"no {pattern} in {path_glob}")
+        time.sleep(0.2)
+
+
+def _coefs(run: Path) -> torch.Tensor:
+    return torch.tensor(json.loads((run / "export" / "coefficients.json").read_text())["coefficients"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_the_same_result(conf, tmp_path, sig):
+    steps = "trainer.max_steps=12"
+    train(conf, tmp_path / "full", "method=adamerging_layerwise", "method.lr=0.05", "checkpoint.every_n_steps=2", steps)
+    run = tmp_path / "killed"
+    p = _spawn(conf, run, steps)
+    _wait_for(run / "checkpoints", "step000004.ckpt")
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert p.returncode == 143, err[-2000:]
+        assert "resume=last" in err
+        assert (run / "checkpoints" / "last.ckpt").exists()
+    else:
+        assert p.returncode == -9
+    assert not (run / "export").exists()  # nothing half-written
+    train(conf, run, "method=adamerging_layerwise", "method.lr=0.05", "checkpoint.every_n_steps=2", steps,
+          "resume=last")
+    torch.testing.assert_close(_coefs(run), _coefs(tmp_path / "full"), atol=1e-6, rtol=0)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(conf, tmp_path):
+    run = tmp_path / "run"
+    train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=4", "checkpoint.every_n_steps=2")
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:200])
+    os.utime(last)  # newest
+    p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=6", "resume=last",
+              "checkpoint.every_n_steps=2", "export.overwrite=true")
+    assert "last.ckpt is unreadable or truncated" in p.stderr + p.stdout
+    bad = run / "checkpoints" / "bad.ckpt"
+    bad.write_bytes(last.read_bytes()[:200])
+    p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=8", f"resume={bad}",
+              "export.overwrite=true", check=False)
+    assert_clear_error(p, r"bad.ckpt: checkpoint is unreadable or truncated")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=8", f"resume={foreign}",
+              "export.overwrite=true", check=False)
+    assert_clear_error(p, r"not an adamerge checkpoint")
+
+
+def test_nonfinite_loss_stops_or_skips(conf, tmp_path, tiny_pool_cfg):
+    # an expert whose head is huge makes the logits overflow to inf -> NaN entropy
+    def huge_head(cfg, tmp):
+        from safetensors.torch import load_file, save_file
+
+        d = _copy_expert(cfg, tmp, "task0")
+        sd = load_file(str(d / "model.safetensors"))
+        sd["classifier.weight"] = torch.full_like(sd["classifier.weight"], 3e38)
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+    broken_pool(conf, tiny_pool_cfg, tmp_path, huge_head)
+    p = train(conf, tmp_path / "run", "method=adamerging_layerwise", "trainer.max_steps=3", check=False)
+    assert_clear_error(p, r"non-finite loss nan at step 0; nothing was exported")
+    assert not (tmp_path / "run" / "export").exists()
+    p = train(conf, tmp_path / "run2", "method=adamerging_layerwise", "trainer.max_steps=3", "+method.nonfinite=skip")
+    assert "step skipped" in p.stderr + p.stdout
+    assert torch.allclose(_coefs(tmp_path / "run2"), torch.tensor(0.3))  # no step was taken
