@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adamerge.config import ConfigError
 from adamerge.methods.projective import (
     DeltaProblem,
     ProjectiveMerge,
@@ -149,3 +150,10 @@ def test_batches_are_an_implementation_detail():
     assert len(summary["groups"]) == 3
     for n in tv.names:
         torch.testing.assert_close(a[n], b[n], atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key,value", [("eta", -0.1), ("density", 1.5), ("delta_steps", 2.5), ("subspace", 0),
+                                       ("delta_batch", 0), ("coefficients", "fixed"), ("delta_lr", "big")])
+def test_bad_config_names_its_key(key, value):
+    with pytest.raises(ConfigError, match=f"method.{key}"):
+        ProjectiveMerge(None, {"name": "projective", key: value})

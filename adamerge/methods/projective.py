@@ -14,7 +14,8 @@ the one ``MergedModel`` like any other method's:
   entropy loss and training path) on the modified vectors.
 
 Layers are independent and Adam is element-wise, so all layers of one shape are stacked and
-optimised as one batched Δ: the same result as layer after layer, in far fewer, larger steps.
+optimised as one batched Δ: the same result as layer after layer with 3 instead of 36 optimizer
+loops for a BERT encoder (fewer, larger kernels on an accelerator; on CPU the work is the same).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from ..coefficients import Coefficients
+from ..config import ConfigError, _number
 from ..merged_model import MergedModel
 from ..pool import ModelPool, PoolError
 from ..task_vectors import TaskVectors, select_names
@@ -206,6 +208,19 @@ def doge_transform(tv: TaskVectors, eta: float = 0.07, subspace: float | None = 
     return out, summary
 
 
+def check_doge_config(m: dict) -> None:
+    """DOGE's own keys, checked before any work, each error naming its key."""
+    c = {"method": m}
+    if m.get("coefficients", "eta") not in ("eta", "learned"):
+        raise ConfigError(f"config key 'method.coefficients' must be eta or learned, got {m['coefficients']!r}")
+    for key in ("eta", "delta_lr", "density", "subspace"):
+        _number(c, f"method.{key}", 0, strict_lo=True)
+    if m.get("density") is not None and m["density"] > 1:
+        raise ConfigError(f"config key 'method.density' must be <= 1, got {m['density']!r}")
+    _number(c, "method.delta_steps", 0, integer=True)
+    _number(c, "method.delta_batch", 1, integer=True)
+
+
 class ProjectiveMerge(MergeMethod):
     """DOGE-TA (``coefficients: eta``, data-free) or DOGE-AM (``coefficients: learned``)."""
 
@@ -213,9 +228,8 @@ class ProjectiveMerge(MergeMethod):
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
         m, tv_cfg = dict(method), dict(task_vectors or {})
+        check_doge_config(m)
         mode = m.get("coefficients", "eta")
-        if mode not in ("eta", "learned"):
-            raise ValueError(f"method.coefficients must be 'eta' or 'learned', got '{mode}'")
         names = doge_names(pool, tv_cfg, m.get("merge_include", DEFAULT_INCLUDE))
         if not names:
             raise PoolError("DOGE: no 2-D weight matches task_vectors.include/exclude and method.merge_include")
