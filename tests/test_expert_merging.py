@@ -91,8 +91,9 @@ def test_chunk_allocation():
     assert allocate_chunks(imp, 100, 1.0) == [50, 25, 15, 6, 3, 1]
     # κ > 1 concentrates the budget on the most important tensor
     assert allocate_chunks(imp, 100, 2.0)[0] > allocate_chunks(imp, 100, 1.0)[0]
-    # the floor of one chunk per tensor can overshoot B: taken back from the largest allocations
+    # tensors under one chunk get one; the rest of B is split among the others by the same formula
     assert allocate_chunks([0.97, 0.01, 0.01, 0.01], 5) == [2, 1, 1, 1]
+    assert allocate_chunks([0.0] * 8 + [0.6, 0.4], 20) == [1] * 8 + [7, 4]  # e.g. tensors LoRA leaves alone
     assert allocate_chunks([1.0, 0.0], 10, numels=[3, 8]) == [3, 1]  # never more chunks than entries
     with pytest.raises(ValueError, match="budget"):
         allocate_chunks(imp, 5)

@@ -83,6 +83,10 @@ class ExpertMerging(MergeMethod):
                 t = torch.stack([pool.task_vector(task, n) for task in pool.task_names])
                 if t.any():
                     self._teacher_extra[n] = t
+        # per task, the merged tensors its expert changes (LoRA experts: only the adapted ones); the
+        # others are left to the base in the teacher's forward instead of copying base + 0
+        tv = self.merged.task_vectors
+        self._teacher_names = [[n for n in self.merged.names if tv[n][k].any()] for k in range(tv.K)]
 
     # -- coefficients ------------------------------------------------------------------------
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
@@ -92,12 +96,12 @@ class ExpertMerging(MergeMethod):
     # -- targets -----------------------------------------------------------------------------
     @torch.no_grad()
     def expert_params(self, task: str) -> dict[str, torch.Tensor]:
-        """Expert ``task``'s weights (base + τ_k) for every tensor the merge touches, for functional_call."""
+        """Expert ``task``'s weights (base + τ_k) wherever they differ from the base, for functional_call."""
         k = self.merged.task_names.index(task)
         base = dict(self.merged.base.named_parameters())
         tv = self.merged.task_vectors
         out = {}
-        for n in self.merged.names:
+        for n in self._teacher_names[k]:
             w0 = base[n]
             out[n] = w0 + tv[n][k].to(w0.device, w0.dtype)
         for n, t in self._teacher_extra.items():
@@ -204,11 +208,11 @@ def layer_importance(alphas: torch.Tensor, mean_abs_tau: torch.Tensor, numels: S
 
 def allocate_chunks(importance: Sequence[float] | torch.Tensor, budget: int, kappa: float = 1.0,
                     numels: Sequence[int] | None = None) -> list[int]:
-    """m_ℓ = ⌊B·I_ℓ^κ / Σ_j I_j^κ⌋, at least 1 and at most n_ℓ per tensor, Σ m_ℓ ≤ B.
+    """m_ℓ = ⌊B·I_ℓ^κ / Σ_j I_j^κ⌋ chunks per tensor, at least 1 and at most n_ℓ each, Σ m_ℓ ≤ B.
 
-    Raising the empty tensors to 1 can overshoot B; the excess is taken back one chunk at a time
-    from the largest allocation (the least important among equals), so more important tensors
-    never end with fewer chunks than less important ones of the same size.
+    Tensors whose share is under one chunk get exactly one, and the formula is applied again to the
+    others with what is left of the budget (until no share falls under one): the floor of one chunk
+    never costs the important tensors more than it must, and the split among them stays proportional.
     """
     imp = torch.as_tensor(importance, dtype=torch.float64).flatten()
     L = imp.numel()
@@ -219,14 +223,20 @@ def allocate_chunks(importance: Sequence[float] | torch.Tensor, budget: int, kap
     if budget < L:
         raise ValueError(f"method.budget={budget} chunks cannot give each of the {L} merged tensors one chunk")
     w = imp.pow(kappa)
-    p = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / L)
-    m = torch.floor(budget * p + 1e-9).long().clamp(min=1)
+    if w.sum() <= 0:
+        w = torch.ones_like(w)
+    m = torch.ones(L, dtype=torch.long)
+    rest = w > 0
+    while True:
+        left = budget - (L - int(rest.sum()))  # one chunk for each tensor outside ``rest``
+        share = torch.floor(left * w / w[rest].sum() + 1e-9).long()
+        small = rest & (share < 1)
+        if not small.any():
+            break
+        rest &= ~small
+    m[rest] = share[rest]
     if numels is not None:
         m = torch.minimum(m, torch.as_tensor(list(numels), dtype=torch.long))
-    while int(m.sum()) > budget:
-        # largest allocation first; among equals the least important
-        order = sorted(range(L), key=lambda i: (-int(m[i]), float(imp[i])))
-        m[order[0]] -= 1
     return m.tolist()
 
 
