@@ -87,12 +87,18 @@ def plot_coefficients(report: dict, path: str | Path, losses: list[tuple[int, fl
     import matplotlib.pyplot as plt
 
     table = torch.tensor(report["coefficients"]).T  # [K, L]
+    labels = list(report["tasks"])
+    if report.get("mask_sparsity"):
+        # one more row: the fraction of each tensor's entries the shared mask keeps
+        keep = torch.tensor([1 - report["mask_sparsity"][n] for n in report["tensors"]]).unsqueeze(0)
+        table = torch.cat([table, keep])
+        labels.append("mask keep")
     n_plots = 2 if losses else 1
     fig, axes = plt.subplots(n_plots, 1, figsize=(max(6, 0.12 * table.shape[1] + 3), 2.2 + 0.4 * table.shape[0] + 3 * (n_plots - 1)),
                              squeeze=False)
     ax = axes[0, 0]
     im = ax.imshow(table.numpy(), aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(report["tasks"])), report["tasks"])
+    ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("merged tensor (layer order)")
     ax.set_title(f"{report['method']}: coefficients ({report['granularity']}-wise)")
     fig.colorbar(im, ax=ax)

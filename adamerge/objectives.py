@@ -36,7 +36,7 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float 
 def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
     """Mean over the given layers of the MSE between hidden states."""
     if not student:
-        return torch.zeros(())
+        return torch.zeros(())  # no layers configured: a CPU scalar, callers add it only when layers exist
     return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
 
 
