@@ -6,9 +6,13 @@ from .adamerging import AdaMerging
 from .base import CheckpointError, MergeMethod
 from .concrete import ConcreteAdaMerging, ConcreteTaskArithmetic
 from .expert_merging import ExpertMerging, ExpertMergingPP
+from .fisher import FisherMerging
 from .frank_wolfe import FrankWolfeMerging
+from .pcb import PCBMerging
 from .projective import ProjectiveMerge
+from .regmean import RegMean, RegMeanPP
 from .static import StaticMerge
+from .tsv import TSVMerging
 
 METHODS: dict[str, type[MergeMethod]] = {
     "static": StaticMerge,
@@ -17,6 +21,7 @@ METHODS: dict[str, type[MergeMethod]] = {
     "concrete_task_arithmetic": ConcreteTaskArithmetic, "concrete_adamerging": ConcreteAdaMerging,
     "projective": ProjectiveMerge,
     "expert_merging": ExpertMerging, "expert_merging_pp": ExpertMergingPP,
+    "regmean": RegMean, "regmean_pp": RegMeanPP, "fisher_merging": FisherMerging, "pcb_merging": PCBMerging, "tsv_merging": TSVMerging,
 }
 
 
