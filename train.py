@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("adamerge")
@@ -54,6 +54,13 @@ def run(cfg: DictConfig) -> dict:
     from adamerge.pool import pool_from_config, resolve_recipe
 
     out_dir = Path(HydraConfig.get().run.dir) if HydraConfig.initialized() else Path(cfg.out_dir)
+    start = cfg.method.get("init")
+    if isinstance(start, str):  # method.init=<method id>: start from that merge (configs/method/<id>.yaml)
+        path = ROOT / "configs" / "method" / f"{start}.yaml"
+        if not path.exists():
+            raise ConfigError(f"config key 'method.init': no method config {path.name} in configs/method")
+        with open_dict(cfg):  # inside the tree, so its ${data...} interpolations resolve
+            cfg.method.init = OmegaConf.load(path)
     c = OmegaConf.to_container(cfg, resolve=True)
     check_config(c)
     export_dir = Path(c["export"]["dir"])

@@ -46,7 +46,10 @@ def check_config(c: dict) -> None:
     _number(c, "method.steps", 0, integer=True)
     _number(c, "method.scale")
     init = m.get("init")
-    if isinstance(init, list):
+    if isinstance(init, dict):
+        if not init.get("name"):
+            raise ConfigError("config key 'method.init' names a starting merge whose config has no 'name'")
+    elif isinstance(init, list):
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in init):
             raise ConfigError(f"config key 'method.init' must be a number or a list of numbers, got {init!r}")
     else:

@@ -76,11 +76,14 @@ class MergedModel(nn.Module):
         heads: dict[str, dict[str, torch.Tensor]] | None = None,
         mask: ConcreteMask | None = None,
         tv_device: str | None = None,
+        offset: dict[str, torch.Tensor] | None = None,
     ):
         super().__init__()
         object.__setattr__(self, "base", base.eval().requires_grad_(False))
         object.__setattr__(self, "task_vectors", task_vectors)
         object.__setattr__(self, "heads", heads or {})
+        # a fixed starting merge (e.g. RegMean's) added under the learned part: W = W0 + offset + Σ c τ
+        object.__setattr__(self, "offset", offset or {})
         self.coefficients = coefficients
         self.mask = mask
         self.tv_device = tv_device
@@ -101,6 +104,7 @@ class MergedModel(nn.Module):
         self.base._apply(fn, recurse)
         self._base_params = dict(self.base.named_parameters())
         object.__setattr__(self, "heads", {t: {n: fn(v) for n, v in h.items()} for t, h in self.heads.items()})
+        object.__setattr__(self, "offset", {n: fn(v) for n, v in self.offset.items()})
         if self.tv_device is None:
             tv = self.task_vectors
             # follow the model's device but keep the task vectors' storage dtype
@@ -133,7 +137,11 @@ class MergedModel(nn.Module):
 
     def merged_params(self) -> dict[str, torch.Tensor]:
         """Merged values of every merged tensor, in the base's dtype."""
-        return {n: self._base_params[n] + d.to(self._base_params[n].dtype) for n, d in self.deltas().items()}
+        out = {}
+        for n, d in self.deltas().items():
+            w0 = self._base_params[n]
+            out[n] = w0 + (d + self.offset[n] if n in self.offset else d).to(w0.dtype)
+        return out
 
     def forward(self, task: str | None = None, params: dict[str, torch.Tensor] | None = None, **inputs):
         """Run the base module with merged weights (``params``, default: merge now) and ``task``'s head."""

@@ -107,3 +107,33 @@ def test_export_reproduces_evaluation_accuracy(tiny_conf_dir, tiny_pool_cfg, tmp
             pred = model(**encode(tok, texts, 64)).logits.argmax(-1)
         acc = (pred == torch.tensor(labels)).float().mean().item()
         assert acc == pytest.approx(report["rows"][method][task], abs=1e-6)
+
+
+@pytest.mark.parametrize("start", ["ties_merging", "regmean"])
+def test_learned_method_starts_from_another_merge(tiny_pool_cfg, tmp_path, start):
+    """method.init=<merge>: W = W_start + Σ c_k (θ_k − θ_start), c = 0 at the start."""
+    import helpers
+    from adamerge.methods import get_method
+    from adamerge.pool import pool_from_config
+
+    pool = pool_from_config(tiny_pool_cfg)
+    start_cfg = helpers.compose([f"method={start}"]).method
+    from omegaconf import OmegaConf
+
+    start_cfg = OmegaConf.to_container(start_cfg, resolve=True)
+    ref = get_method(start_cfg["name"])(pool, start_cfg, {}).merged.merged_state_dict()
+    m = get_method("adamerging")(pool, {"name": "adamerging", "id": "am", "init": start_cfg}, {})
+    got = m.merged.merged_state_dict()
+    for n in m.merged.names:
+        torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # c = e_k gives expert k
+        m.merged.coefficients.raw.zero_()
+        m.merged.coefficients.raw[:, 1] = 1
+    n = m.merged.names[3]
+    torch.testing.assert_close(m.merged.merged_state_dict()[n], pool.expert_tensor("task1", n), atol=1e-5, rtol=1e-5)
+    out = tmp_path / "run"
+    code = helpers.run_inprocess(["method=adamerging_layerwise", f"method.init={start}", f"out_dir={out}",
+                                  "trainer.max_steps=3", "data.batch_size=8", "method.lr=0.05",
+                                  "evaluate.enabled=false"], tiny_pool_cfg)
+    assert code == 0
+    assert json.loads((out / "export" / "coefficients.json").read_text())["coefficients"][0][0] != 0.3

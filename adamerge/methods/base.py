@@ -44,6 +44,26 @@ def prepare_task_vectors(tv: TaskVectors, cfg: dict) -> TaskVectors:
     return tv
 
 
+def start_from_merge(pool: ModelPool, start_cfg: dict, tv_cfg: dict | None,
+                     tv: TaskVectors) -> tuple[dict[str, torch.Tensor], TaskVectors]:
+    """Build the (data-free or closed-form) merge ``start_cfg`` and re-express the task vectors from it.
+
+    Returns ``D`` (start merge − base, per merged tensor) and τ'_k = τ_k − D, so that
+    W = W0 + D + Σ_k c_k τ'_k is the start merge at c = 0 and expert k at c = e_k.
+    """
+    from . import get_method
+
+    cls = get_method(start_cfg["name"])
+    if cls.trainable:
+        raise ValueError(f"method.init: '{start_cfg.get('id', start_cfg['name'])}' is a learned method; "
+                         "a starting point must be data-free or closed-form")
+    start = cls(pool, start_cfg, tv_cfg)
+    merged = start.merged.merged_params()
+    offset = {n: (merged[n].detach() - pool.base_tensor(n)).float() for n in tv.names}
+    del start, merged
+    return offset, tv.map(lambda n, t: (t.float() - offset[n]).to(t.dtype))
+
+
 def _diff(a: dict, b: dict) -> str:
     keys = sorted(set(a) | set(b))
     return "; ".join(f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
@@ -68,9 +88,16 @@ class MergeMethod(pl.LightningModule):
             dtype=tv_cfg.get("dtype", "float32"), pin_memory=bool(tv_cfg.get("pin_memory", False)),
         )
         tv = prepare_task_vectors(tv, self.method_cfg)
+        offset = None
+        start = self.method_cfg.get("init")
+        if isinstance(start, dict):  # start from another method's merge (e.g. method.init=regmean_pp)
+            offset, tv = start_from_merge(pool, start, task_vectors, tv)
+            self.method_cfg["init"] = float(self.method_cfg.get("init_coef", 0.0))
         heads = {t: pool.head(t) for t in pool.task_names}
         self.merged = MergedModel(pool.base_model, tv, self.build_coefficients(tv), heads,
-                                  mask=self.build_mask(tv), tv_device=tv_device)
+                                  mask=self.build_mask(tv), tv_device=tv_device, offset=offset)
+        if offset is not None:
+            self.fingerprint["start_from"] = start.get("id", start.get("name"))
         # which tensors are merged is part of what a checkpoint's coefficients mean
         self.fingerprint["merged_tensors"] = len(tv)
         self.fingerprint["merged_names"] = hashlib.sha256("\n".join(tv.names).encode()).hexdigest()[:16]
