@@ -102,6 +102,28 @@ def test_lmo_picks_the_smallest_true_linear_term(pool, tiny_pool_cfg, tmp_path):
     assert int(lmo(s0, "task", excluded)[0]) == 0
 
 
+def test_cross_entropy_objective_reads_calibration_labels(pool, tiny_pool_cfg):
+    from torch.func import functional_call
+
+    from adamerge.data import encode, load_tokenizer, read_jsonl
+
+    m = FrankWolfeMerging(pool, method_cfg("fw_merging_soft", objective="cross_entropy", labelled_size=10,
+                                           labelled_batch_size=4))
+    value, per_task = m.objective_grads({}, per_task=True)
+    _, total = m.objective_grads({}, per_task=False)
+    assert len(per_task) == 2
+    for n in m.names:  # the per-task gradients (soft LMOs) add up to the objective's gradient
+        torch.testing.assert_close(per_task[0][n] + per_task[1][n], total[0][n], atol=1e-6, rtol=1e-4)
+    tok = load_tokenizer(pool.base_path)
+    expected = 0.0
+    for task, spec in tiny_pool_cfg["tasks"].items():
+        texts, labels = read_jsonl(spec["calibration"], task, need_labels=True)
+        params = {**{n: m.theta(n) for n in m.names}, **pool.head(task)}
+        logits = functional_call(pool.base_model, params, args=(), kwargs=encode(tok, texts[:10], 64)).logits
+        expected += float(torch.nn.functional.cross_entropy(logits, torch.tensor(labels[:10])))
+    assert float(value) == pytest.approx(expected, rel=1e-4)
+
+
 class Quadratic(FrankWolfeMerging):
     """ℓ(θ) = ½‖θ − p‖² with p outside the hull, whose closest point in the hull is a known vertex."""
 

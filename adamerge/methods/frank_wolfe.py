@@ -224,9 +224,17 @@ class FrankWolfeMerging(MergeMethod):
         return total, grads
 
     # -- Frank-Wolfe --------------------------------------------------------------------------
+    def _fp32(self):
+        """Scores and θ updates stay in float32 under bf16/fp16 autocast (they accumulate over iterations)."""
+        return torch.autocast(self.delta(self.names[0]).device.type, enabled=False)
+
     @torch.no_grad()
     def linear_terms(self, grads: list[Grads]) -> torch.Tensor:
         """``[G, V, L]``: ⟨g_n, v_{i,n} − θ_{t,n}⟩ per gradient, vertex and tensor — each vertex read one tensor at a time."""
+        with self._fp32():
+            return self._linear_terms(grads)
+
+    def _linear_terms(self, grads: list[Grads]) -> torch.Tensor:
         per_tensor = []
         for n in self.names:
             th = self.theta(n).flatten()
@@ -250,7 +258,8 @@ class FrankWolfeMerging(MergeMethod):
             # no ascent steps: where no vertex has a negative linear term, θ_t is stationary (gap <= 0)
             move = best < 0 if self.granularity == "layer" else (best.sum() < 0).expand(L)
             gamma = self.step_size * 2 / (t + 2)
-            self._hard_step(sel, move, gamma)
+            with self._fp32():
+                self._hard_step(sel, move, gamma)
             rec.update(gamma=gamma, gap=float(-best.sum()), moved=float(move.double().mean()),
                        selected={"all": self._counts(sel[move])})
         else:
@@ -333,7 +342,7 @@ class FrankWolfeMerging(MergeMethod):
                     opt.step()
         finally:
             self.merged = outer
-        with torch.no_grad():
+        with torch.no_grad(), self._fp32():
             new = inner.deltas()  # (θ_t − θ_0) + Σ_j c_j (s_j − θ_t) = θ_{t+1} − θ_0, in float32
             table = coefs.table().double()
             for li, n in enumerate(self.names):
