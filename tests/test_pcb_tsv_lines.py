@@ -128,3 +128,16 @@ def test_end_to_end_through_train(tiny_pool_cfg, tmp_path, method, extra):
     assert rep["method"] == method and rep["num_trainable"] == 0
     assert ("LiNeS" in rep["note"]) == bool(extra)
     assert method in (out / "eval.json").read_text()
+
+
+def test_lines_applies_on_top_of_any_merge(tiny_pool_cfg):
+    """method.lines on task arithmetic scales each layer's task vectors by α + β·(l−1)/(L−1)."""
+    from adamerge.methods import get_method
+    from adamerge.pool import pool_from_config
+
+    pool = pool_from_config(tiny_pool_cfg)
+    ta = get_method("static")(pool, {"name": "static", "scale": 0.3}, {})
+    ln = get_method("static")(pool, {"name": "static", "scale": 0.3, "lines": {"alpha": 0.2, "beta": 0.6}}, {})
+    for n, want in (("bert.encoder.layer.0.output.dense.weight", 0.2),
+                       ("bert.encoder.layer.1.output.dense.weight", 0.8)):
+        torch.testing.assert_close(ln.merged.task_vectors[n], want * ta.merged.task_vectors[n])

@@ -28,7 +28,7 @@ class CheckpointError(ValueError):
 
 
 def prepare_task_vectors(tv: TaskVectors, cfg: dict) -> TaskVectors:
-    """The data-free transforms a method starts from, in a fixed order: DARE, TIES, consensus."""
+    """The data-free transforms a method starts from, in a fixed order: DARE, TIES, consensus, LiNeS."""
     if cfg.get("dare"):
         tv = tv.dare(p=float(cfg["dare"].get("p", 0.5)), seed=int(cfg["dare"].get("seed", 0)))
     if cfg.get("ties"):
@@ -41,6 +41,10 @@ def prepare_task_vectors(tv: TaskVectors, cfg: dict) -> TaskVectors:
     if cfg.get("consensus"):
         c = cfg["consensus"]
         tv = tv.consensus(k=int(c.get("k", 2)), lam=float(c.get("lam", 0.4)))
+    if cfg.get("lines"):
+        from .lines import lines_task_vectors  # LiNeS: depth-dependent scaling, on top of any merge
+
+        tv = lines_task_vectors(tv, cfg["lines"])
     return tv
 
 

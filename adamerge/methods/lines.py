@@ -125,9 +125,10 @@ class DeltaMerge(MergeMethod):
     trainable = False
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
-        super().__init__(pool, method, task_vectors)
+        # LiNeS applies here to the merged update, not to the task vectors as in prepare_task_vectors
+        super().__init__(pool, {k: v for k, v in method.items() if k != "lines"}, task_vectors)
         m = self.method_cfg
-        self.lines = lines_config(m.get("lines"))
+        self.lines = lines_config(method.get("lines"))
         self._tokenizer = None
         merged = self.merged
         tv = merged.task_vectors
