@@ -157,3 +157,14 @@ def run_inprocess(overrides: list[str], pool: dict | None = None) -> int:
     import train
 
     return train.cli(compose(overrides, pool))
+
+
+def logged_losses(run: Path) -> list[float]:
+    """The ``loss`` column of every CSV log of a run (a resumed run adds a version)."""
+    import csv
+
+    out = []
+    for f in sorted((run / "logs").glob("*/metrics.csv")):
+        with f.open() as fh:
+            out += [float(r["loss"]) for r in csv.DictReader(fh) if r.get("loss")]
+    return out

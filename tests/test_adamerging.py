@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import logged_losses as losses
 from helpers import run_train
 
 
 def coefs(run: Path) -> torch.Tensor:
     return torch.tensor(json.loads((run / "export" / "coefficients.json").read_text())["coefficients"])
 
-
-def losses(run: Path) -> list[float]:
-    out = []
-    for f in sorted((run / "logs").glob("*/metrics.csv")):
-        with f.open() as fh:
-            out += [float(r["loss"]) for r in csv.DictReader(fh) if r.get("loss")]
-    return out
 
 
 def train(conf, out, *extra, **kw):

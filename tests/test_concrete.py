@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -12,17 +11,11 @@ import torch
 from adamerge.methods import get_method
 from adamerge.methods.concrete import SubspaceMask
 from adamerge.pool import pool_from_config
+from helpers import logged_losses as losses
 from helpers import run_train
 
 SHAPES = [torch.Size([6, 5]), torch.Size([7])]
 
-
-def losses(run: Path) -> list[float]:
-    out = []
-    for f in sorted((run / "logs").glob("*/metrics.csv")):
-        with f.open() as fh:
-            out += [float(r["loss"]) for r in csv.DictReader(fh) if r.get("loss")]
-    return out
 
 
 def coefs(run: Path) -> torch.Tensor:
