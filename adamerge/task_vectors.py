@@ -63,16 +63,27 @@ class TaskVectors:
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "cpu",
         pin_memory: bool = False,
+        keep_unchanged: bool = False,
     ) -> TaskVectors:
-        """Read each expert lazily, one tensor at a time, into stacked deltas."""
+        """Read each expert lazily, one tensor at a time, into stacked deltas.
+
+        Tensors that no expert changes are left out (they stay at the base value) unless
+        ``keep_unchanged``.
+        """
         dt = resolve_dtype(dtype)
         names = select_names(pool.shared_names(), include, exclude)
         tensors = {}
         for n in names:
             stacked = torch.stack([pool.task_vector(t, n).to(torch.float32) for t in pool.task_names]).to(dt)
+            if not keep_unchanged and not stacked.any():
+                # no expert changed it (e.g. outside every LoRA target): merging it is a no-op, and leaving
+                # it out spares its gradient (the embedding's is the largest) in every training step
+                continue
             if pin_memory and torch.cuda.is_available():
                 stacked = stacked.pin_memory()
             tensors[n] = stacked.to(device)
+        if names and not tensors:
+            raise PoolError("no expert differs from the base in any selected tensor: nothing to merge")
         return cls(tensors, pool.task_names)
 
     # -- mapping helpers --------------------------------------------------------------------

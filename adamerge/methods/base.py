@@ -90,6 +90,7 @@ class MergeMethod(pl.LightningModule):
         tv = TaskVectors.from_pool(
             pool, include=tv_cfg.get("include") or None, exclude=tv_cfg.get("exclude") or None,
             dtype=tv_cfg.get("dtype", "float32"), pin_memory=bool(tv_cfg.get("pin_memory", False)),
+            keep_unchanged=bool(tv_cfg.get("keep_unchanged", False)),
         )
         tv = prepare_task_vectors(tv, self.method_cfg)
         offset = None
