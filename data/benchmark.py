@@ -337,6 +337,8 @@ def train_expert(
     model.save_pretrained(str(out), safe_serialization=True)
     if save_tokenizer:
         tokenizer.save_pretrained(str(out))
+    else:  # lean export (committed adapters): drop peft's generated model card too
+        (out / "README.md").unlink(missing_ok=True)
     info = {
         "task": name,
         "form": form,
