@@ -202,12 +202,13 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(conf, tmp_path):
 
 
 def test_nonfinite_loss_stops_or_skips(conf, tmp_path, tiny_pool_cfg):
-    # an expert whose head is huge makes the logits overflow to inf -> NaN entropy
     def huge_head(cfg, tmp):
         from safetensors.torch import load_file, save_file
 
         d = _copy_expert(cfg, tmp, "task0")
         sd = load_file(str(d / "model.safetensors"))
+        # pooled output = tanh(huge) = 1 exactly, so every logit = Σ 3e38 overflows to inf -> NaN entropy
+        sd["bert.pooler.dense.bias"] = torch.full_like(sd["bert.pooler.dense.bias"], 3e38)
         sd["classifier.weight"] = torch.full_like(sd["classifier.weight"], 3e38)
         save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
 
