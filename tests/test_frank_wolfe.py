@@ -202,8 +202,9 @@ def test_peak_memory_does_not_grow_with_the_number_of_candidates(tiny_pool_cfg, 
     assert out.returncode == 0, out.stderr[-3000:]
     rss = {int(line.split()[1]): int(line.split()[2]) for line in out.stdout.splitlines() if line.startswith("RSS")}
     print(f"model {model_bytes / 2**20:.1f} MiB, peak RSS 4: {rss[4] / 2**20:.0f} MiB, 16: {rss[16] / 2**20:.0f} MiB")
-    # stacking the 12 extra candidates would cost 12 models; allow 2 for allocator noise (measured: < 1)
-    assert rss[16] - rss[4] < 2 * model_bytes, (rss, model_bytes)
+    # stacking the 12 extra candidates would cost 12 models; allow 4 for allocator noise (measured < 1
+    # with 2 threads, ~2.3 with OMP_NUM_THREADS=1, whose allocator pattern differs)
+    assert rss[16] - rss[4] < 4 * model_bytes, (rss, model_bytes)
 
 
 def read_metrics(run: Path) -> list[dict]:
