@@ -24,27 +24,45 @@ def _expand_chunks(c: torch.Tensor, size: int, numel: int) -> torch.Tensor:
     return c.repeat_interleave(size, dim=1)[:, :numel]
 
 
+_BLOCK = 1 << 16  # columns of τ converted to fp32 at a time when τ is stored in another dtype/device
+
+
+def _blocks(tau: torch.Tensor, device: torch.device):
+    """(start, stop, fp32 block of τ.view(K, -1) on ``device``); one small reused temporary, not K copies."""
+    flat = tau.flatten(1)
+    if flat.dtype == torch.float32 and flat.device == device:
+        yield 0, flat.shape[1], flat
+        return
+    for i in range(0, flat.shape[1], _BLOCK):
+        j = min(i + _BLOCK, flat.shape[1])
+        yield i, j, flat[:, i:j].to(device, non_blocking=True).float()
+
+
 class _Combine(torch.autograd.Function):
     """delta = Σ_k c_k τ_k for one tensor; backward = ⟨g, τ_k⟩ (per chunk when chunked)."""
 
     @staticmethod
     def forward(ctx, coef: torch.Tensor, tau: torch.Tensor, device: torch.device, chunk_size: int):
-        t = tau.to(device, non_blocking=True).float().flatten(1)
-        c = coef.detach().float()
-        if c.dim() == 1:
-            delta = c @ t
-        else:
-            delta = (_expand_chunks(c, chunk_size, t.shape[1]) * t).sum(0)
+        c = coef.detach().float().to(device)
         ctx.tau, ctx.chunk_size, ctx.coef_shape = tau, chunk_size, coef.shape
+        if c.dim() == 1:
+            delta = torch.empty(tau[0].numel(), dtype=torch.float32, device=device)
+            for i, j, t in _blocks(tau, device):
+                torch.mv(t.t(), c, out=delta[i:j])
+        else:
+            t = tau.to(device, non_blocking=True).float().flatten(1)
+            delta = (_expand_chunks(c, chunk_size, t.shape[1]) * t).sum(0)
         return delta.view(tau.shape[1:])
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        t = ctx.tau.to(g.device, non_blocking=True).float().flatten(1)
         gf = g.float().flatten()
         if len(ctx.coef_shape) == 1:
-            grad = t @ gf
+            grad = torch.zeros(ctx.coef_shape, dtype=torch.float32, device=g.device)
+            for i, j, t in _blocks(ctx.tau, g.device):
+                grad.addmv_(t, gf[i:j])
         else:
+            t = ctx.tau.to(g.device, non_blocking=True).float().flatten(1)
             prod = t * gf
             K, n = prod.shape
             m = ctx.coef_shape[1]
@@ -121,24 +139,25 @@ class MergedModel(nn.Module):
         return self.task_vectors.task_names
 
     # -- merging ----------------------------------------------------------------------------
-    def deltas(self) -> dict[str, torch.Tensor]:
-        """Σ_k c_k τ_k per merged tensor (mask applied), differentiable in the trainable parts."""
+    def _deltas(self):
+        """(name, Σ_k c_k τ_k) per merged tensor (mask applied), one at a time."""
         coefs = self.coefficients()
         masks = self.mask() if self.mask is not None and self.mask.enabled else None
-        out = {}
         for i, n in enumerate(self.names):
             w0 = self._base_params[n]
             size = self.coefficients.chunk_sizes[i] if self.coefficients.chunk_sizes else 0
             d = combine(coefs[i], self.task_vectors[n], w0.device, size)
-            if masks is not None:
-                d = masks[i] * d
-            out[n] = d
-        return out
+            yield n, (masks[i] * d if masks is not None else d)
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """Σ_k c_k τ_k per merged tensor (mask applied), differentiable in the trainable parts."""
+        return dict(self._deltas())
 
     def merged_params(self) -> dict[str, torch.Tensor]:
-        """Merged values of every merged tensor, in the base's dtype."""
+        """Merged values of every merged tensor, in the base's dtype (merged one tensor at a time, so
+        no model-sized dict of deltas lives beside the merged weights)."""
         out = {}
-        for n, d in self.deltas().items():
+        for n, d in self._deltas():
             w0 = self._base_params[n]
             out[n] = w0 + (d + self.offset[n] if n in self.offset else d).to(w0.dtype)
         return out

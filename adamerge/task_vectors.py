@@ -74,7 +74,10 @@ class TaskVectors:
         names = select_names(pool.shared_names(), include, exclude)
         tensors = {}
         for n in names:
-            stacked = torch.stack([pool.task_vector(t, n).to(torch.float32) for t in pool.task_names]).to(dt)
+            # filled row by row in the storage dtype: no fp32 stack beside it
+            stacked = torch.empty((len(pool.task_names), *pool.base_tensor(n).shape), dtype=dt)
+            for k, t in enumerate(pool.task_names):
+                stacked[k].copy_(pool.task_vector(t, n))
             if not keep_unchanged and not stacked.any():
                 # no expert changed it (e.g. outside every LoRA target): merging it is a no-op, and leaving
                 # it out spares its gradient (the embedding's is the largest) in every training step

@@ -248,3 +248,20 @@ def test_interrupted_export_leaves_previous_export_intact(tiny_pool_cfg, tmp_pat
     with pytest.raises(OSError):
         export_merged(m, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
+
+
+def test_blockwise_combine_for_bf16_task_vectors(monkeypatch):
+    """τ stored in bf16 is converted a block of columns at a time: same value and gradient."""
+    import adamerge.merged_model as mm
+
+    monkeypatch.setattr(mm, "_BLOCK", 7)  # several blocks, the last one partial
+    torch.manual_seed(0)
+    tau = torch.randn(3, 5, 9).to(torch.bfloat16)
+    c = torch.tensor([0.2, -0.5, 0.9], requires_grad=True)
+    out = combine(c, tau)
+    ref_c = c.detach().clone().requires_grad_(True)
+    ref = (ref_c[:, None] * tau.float().flatten(1)).sum(0).view(5, 9)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn(5, 9)
+    torch.testing.assert_close(torch.autograd.grad((out * g).sum(), c)[0],
+                               torch.autograd.grad((ref * g).sum(), ref_c)[0], atol=1e-5, rtol=1e-5)

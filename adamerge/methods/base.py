@@ -48,6 +48,23 @@ def prepare_task_vectors(tv: TaskVectors, cfg: dict) -> TaskVectors:
     return tv
 
 
+class _InjectGrad(torch.autograd.Function):
+    """A zero-valued loss whose backward hands the stored ∂L/∂W to each merged tensor W.
+
+    Same gradient as the surrogate Σ⟨W, ∂L/∂W⟩ without its multiply and sum over the whole model;
+    the incoming scale (AMP loss scaling, accumulation) is applied to the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, grads: tuple, *params: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads
+        return params[0].new_zeros(()) if params else torch.zeros(())
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return (None, *(gr * g.to(gr.dtype) for gr in ctx.grads))
+
+
 def start_from_merge(pool: ModelPool, start_cfg: dict, tv_cfg: dict | None,
                      tv: TaskVectors) -> tuple[dict[str, torch.Tensor], TaskVectors]:
     """Build the (data-free or closed-form) merge ``start_cfg`` and re-express the task vectors from it.
@@ -142,8 +159,8 @@ class MergeMethod(pl.LightningModule):
         """(objective value, tensor to backward) for one global step over every task's batch.
 
         Merge once, then one task's micro-batch forward+backward at a time into ∂L/∂W (activations
-        of one task alive at once); the returned surrogate Σ⟨W, ∂L/∂W⟩ has the same gradient with
-        respect to the coefficients (and masks) as the summed loss.
+        of one task alive at once); the returned tensor hands ∂L/∂W to the merge on backward, so the
+        coefficients (and masks) get the same gradient as from the summed loss.
         """
         params = self.merged.merged_params()
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
@@ -152,8 +169,9 @@ class MergeMethod(pl.LightningModule):
             loss = self.task_loss(task, inputs, leaves)
             loss.backward()
             total = total + loss.detach()
-        surrogate = sum((p * leaves[n].grad.to(p.dtype)).sum() for n, p in params.items() if leaves[n].grad is not None)
-        return total, surrogate + self.regularizer()
+        used = [n for n in params if leaves[n].grad is not None]
+        injected = _InjectGrad.apply(tuple(leaves[n].grad for n in used), *(params[n] for n in used))
+        return total, injected + self.regularizer()
 
     def regularizer(self) -> torch.Tensor:
         return torch.zeros((), device=self.device)
