@@ -32,7 +32,7 @@ def run_method(method: str, pool: str, out: Path, steps: int | None, reference: 
             f"evaluate.reference_rows={str(reference).lower()}", "export.overwrite=true",
             "trainer.enable_progress_bar=false", *extra]
     if steps is not None:
-        args.append(f"method.steps={steps}")
+        args.append(f"++method.steps={steps}")  # ++: also for yamls without a steps key
     t0 = time.time()
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - t0
