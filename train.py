@@ -147,5 +147,22 @@ def main(cfg: DictConfig) -> None:
         sys.exit(code)
 
 
+def _config_errors() -> tuple[type[BaseException], ...]:
+    import yaml
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return HydraException, OmegaConfBaseException, yaml.YAMLError
+
+
 if __name__ == "__main__":
-    main()
+    # Hydra then raises its config errors (unknown group option, bad override, duplicate yaml key)
+    # instead of printing a traceback, so they get the same one-line treatment as ours
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except Exception as e:
+        if "verbose=true" in sys.argv or not isinstance(e, _config_errors()):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -125,8 +125,11 @@ def test_clear_error_from_the_command_line(conf, tmp_path):
 
 def test_unknown_method_and_existing_export(conf, tmp_path):
     p = train(conf, tmp_path / "run", "method=no_such_method", check=False)
-    assert p.returncode != 0 and "Could not find 'method/no_such_method'" in p.stderr
+    assert_clear_error(p, r"error: .*Could not find 'method/no_such_method'")
     assert "adamerging_layerwise" in p.stderr  # Hydra lists the available methods
+    (conf / "pool" / "dup.yaml").write_text("base: x\ntasks:\n  a: {expert: p}\n  a: {expert: q}\n")
+    p = train(conf, tmp_path / "run", "method=task_arithmetic", "pool=dup", check=False)
+    assert_clear_error(p, r"(?s)error: .*dup.yaml.*found duplicate key a")  # duplicate task names
     (tmp_path / "run" / "export").mkdir(parents=True)
     (tmp_path / "run" / "export" / "keep.txt").write_text("mine")
     p = train(conf, tmp_path / "run", "method=task_arithmetic", check=False)
