@@ -160,10 +160,12 @@ def load_task_model(export_dir: str | Path, task: str):
     if task not in meta:
         raise KeyError(f"task '{task}' is not in {d / 'heads.json'} (tasks: {sorted(meta)})")
     m = meta[task]
-    kwargs = {"num_labels": m["num_labels"]} if m.get("num_labels") else {}
-    if m.get("label_names"):
-        kwargs["id2label"] = dict(enumerate(m["label_names"]))
-        kwargs["label2id"] = {v: i for i, v in enumerate(m["label_names"])}
+    kwargs = {}
+    if m.get("num_labels"):
+        # the exported config carries the first task's label map: give this task's, of the right size
+        names = m.get("label_names") or [f"LABEL_{i}" for i in range(m["num_labels"])]
+        kwargs = {"num_labels": m["num_labels"], "id2label": dict(enumerate(names)),
+                  "label2id": {v: i for i, v in enumerate(names)}}
     model = AutoModelForSequenceClassification.from_pretrained(str(d / "model"), ignore_mismatched_sizes=True, **kwargs)
     head_file = d / "heads" / f"{task}.safetensors"
     if head_file.exists():
