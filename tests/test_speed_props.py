@@ -105,7 +105,7 @@ def test_bench_runs_each_column_and_reports_ratios(tmp_path):
     assert text.count("\n| 2 |") == 1 and text.count("\n| 3 |") == 1
     assert "fusionbench K=2: fusion_bench is not importable" in text
     inc = [ln for ln in text.split("\n") if ln.startswith("| adamerge |")][0].split(" | ")
-    assert float(inc[2]) > 0  # τ MiB per expert column is filled
+    assert float(inc[1]) > 0  # τ MiB per expert column is filled (inc[2] on: RSS slopes, noisy on a toy model)
 
 
 def test_results_file_appends_under_speed_and_keeps_other_sections(tmp_path):
