@@ -27,3 +27,11 @@ def tiny_conf_dir(tmp_path_factory, tiny_pool_cfg):
     d = tmp_path_factory.mktemp("conf")
     helpers.write_pool_config(d, "tiny", tiny_pool_cfg)
     return d
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_pool_cfg):
+    """The tiny pool loaded once per test module."""
+    from adamerge.pool import pool_from_config
+
+    return pool_from_config(tiny_pool_cfg)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 import helpers
@@ -23,9 +22,6 @@ def fm_cfg(**kw) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def pool(tiny_pool_cfg):
-    return pool_from_config(tiny_pool_cfg)
 
 
 def test_equal_fishers_give_the_average_and_weights_follow_fisher():

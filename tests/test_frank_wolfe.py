@@ -16,7 +16,6 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from adamerge.methods.frank_wolfe import FrankWolfeMerging, lmo
-from adamerge.pool import pool_from_config
 from helpers import ROOT, run_train, tiny_config
 
 
@@ -60,9 +59,6 @@ def dist(a: dict, b: dict) -> float:
     return sum(((a[n] - b[n].float()) ** 2).sum() for n in a).sqrt().item()
 
 
-@pytest.fixture(scope="module")
-def pool(tiny_pool_cfg):
-    return pool_from_config(tiny_pool_cfg)
 
 
 def test_lmo_picks_the_smallest_true_linear_term(pool, tiny_pool_cfg, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 import helpers
@@ -22,9 +21,6 @@ def rm_cfg(name: str = "regmean", **kw) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def pool(tiny_pool_cfg):
-    return pool_from_config(tiny_pool_cfg)
 
 
 def test_solve_is_the_least_squares_fit_of_both_experts():
