@@ -70,7 +70,11 @@ def run(cfg: DictConfig) -> dict:
     pl.seed_everything(c["seed"], workers=True, verbose=False)
 
     pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
-    method = get_method(c["method"]["name"])(pool, c["method"], c["task_vectors"])
+    cls = get_method(c["method"]["name"])
+    if not cls.trainable and _launch_statistics_ranks(c["trainer"]) != 0:
+        cls(pool, c["method"], c["task_vectors"])  # this rank's share of the all-reduced statistics
+        return {}
+    method = cls(pool, c["method"], c["task_vectors"])
 
     if method.trainable:
         steps = int(c["trainer"].get("max_steps") or 0)
@@ -118,6 +122,25 @@ def run(cfg: DictConfig) -> dict:
     print(f"exported merged model to {export_dir}", flush=True)
     result["export"] = str(export_dir)
     return result
+
+
+def _launch_statistics_ranks(trainer_cfg: dict) -> int:
+    """Closed-form methods under ``trainer=ddp``: start the processes the Trainer would, return the rank.
+
+    No Trainer runs for them, so Lightning Fabric launches the same processes and process group
+    (gloo on CPU, NCCL on GPUs); each process reads its slice of the calibration data and the
+    statistics (Gram matrices, Fisher diagonals) are all-reduced. Single process: returns 0.
+    """
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
+    strategy = str(trainer_cfg.get("strategy", "auto"))
+    if "ddp" not in strategy or (devices in (1, "1") and nodes == 1):
+        return 0
+    from lightning_fabric import Fabric
+
+    fabric = Fabric(accelerator=trainer_cfg.get("accelerator", "auto"), devices=devices, num_nodes=nodes,
+                    strategy="ddp")
+    fabric.launch()
+    return fabric.global_rank
 
 
 def cli(cfg: DictConfig) -> int:
