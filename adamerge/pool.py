@@ -468,4 +468,7 @@ def resolve_recipe(cfg: dict, root: str | Path) -> dict:
     spec = importlib.util.spec_from_file_location(f"adamerge_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.build({k: v for k, v in cfg.items() if k != "recipe"})
+    out = module.build({k: v for k, v in cfg.items() if k not in ("recipe", "head_prefixes")})
+    if cfg.get("head_prefixes"):  # the config decides which tensors are per-task heads (not merged)
+        out["head_prefixes"] = list(cfg["head_prefixes"])
+    return out

@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--exclude", nargs="*", default=[], help="regexes of tensors kept at the base")
     ap.add_argument("--test-examples", type=int, default=400)
     ap.add_argument("--diversity", type=float, default=1.0, help="weight of the marginal entropy (im)")
+    ap.add_argument("--head-prefixes", nargs="*", default=None, help="tensors kept per task (not merged)")
+    ap.add_argument("--transductive", action="store_true", help="calibrate on the test inputs (as the authors)")
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
 
@@ -50,12 +52,17 @@ def main() -> None:
 
     torch.manual_seed(0)
     pool_cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "pool" / f"{args.pool}.yaml"))
+    if args.head_prefixes:
+        pool_cfg["head_prefixes"] = args.head_prefixes
     pool = pool_from_config(resolve_recipe(pool_cfg, ROOT))
     mcfg = {"name": "adamerging", "id": "study", "granularity": args.granularity, "init": 0.3,
             "clamp": [0.0, 1.0], "lr": args.lr}
     method = get_method("adamerging")(pool, mcfg, {"exclude": args.exclude})
     tok = load_tokenizer(pool.base_path)
     dm = CalibrationDataModule.from_pool(pool, batch_size=args.batch, max_length=64, seed=0)
+    if args.transductive:  # unlabeled test inputs, as the authors' scripts (evaluation uses the first N)
+        dm = CalibrationDataModule({t: read_jsonl(s.test, t)[0] for t, s in pool.tasks.items()}, tok,
+                                   batch_size=args.batch, max_length=64, seed=0)
     labels = {}
     if args.objective == "oracle":  # the same texts in the same order, with their labels
         for t, spec in pool.tasks.items():

@@ -170,3 +170,20 @@ def test_missing_paths_and_foreign_lora(tiny_pool_cfg, tmp_path):
     with pytest.raises(PoolError, match=r"expert 'task0'.*LoRA delta shape \(32, 32\) does not match the base's \(48, 48\)"
                        r".*another base model"):
         pool_from_config(dict(lora, base=str(tmp_path / "widebase")))
+
+
+def test_recipe_pool_config_chooses_the_head_tensors(tiny_pool_cfg, tmp_path):
+    """``head_prefixes`` in a recipe pool config overrides the recipe's: those tensors stay per task."""
+    from adamerge.pool import resolve_recipe
+
+    recipe = tmp_path / "recipe.py"
+    (tmp_path / "spec.json").write_text(json.dumps(tiny_pool_cfg))
+    recipe.write_text(f"import json\ndef build(cfg):\n    return json.load(open({str(tmp_path / 'spec.json')!r}))\n")
+    spec = resolve_recipe({"recipe": "recipe.py", "head_prefixes": ["classifier.", "bert.pooler."]}, tmp_path)
+    assert spec["head_prefixes"] == ["classifier.", "bert.pooler."]
+    pool = pool_from_config(spec)
+    assert "bert.pooler.dense.weight" not in pool.shared_names()
+    assert set(pool.head(pool.task_names[0])) == {n for n in pool.head_names() if n.startswith(("classifier.", "bert.pooler."))}
+    torch.testing.assert_close(pool.head(pool.task_names[1])["bert.pooler.dense.weight"],
+                               pool.expert_tensor(pool.task_names[1], "bert.pooler.dense.weight"))
+    assert resolve_recipe({"recipe": "recipe.py"}, tmp_path)["head_prefixes"] == tiny_pool_cfg.get("head_prefixes")
