@@ -20,6 +20,17 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
     return (h * m).sum() / m.sum().clamp(min=1)
 
 
+def marginal_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy of the batch's mean prediction: high when the predictions spread over the classes."""
+    p = F.softmax(logits.float(), dim=-1)
+    if mask is None:
+        pbar = p.reshape(-1, p.shape[-1]).mean(0)
+    else:
+        m = mask.to(p.dtype).unsqueeze(-1)
+        pbar = (p * m).reshape(-1, p.shape[-1]).sum(0) / m.sum().clamp(min=1)
+    return -(pbar * pbar.clamp_min(1e-12).log()).sum()
+
+
 def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
                mask: torch.Tensor | None = None) -> torch.Tensor:
     """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over positions (``mask`` selects)."""

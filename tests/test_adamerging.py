@@ -130,3 +130,29 @@ def test_learned_method_starts_from_another_merge(tiny_pool_cfg, tmp_path, start
                                   "evaluate.enabled=false"], tiny_pool_cfg)
     assert code == 0
     assert json.loads((out / "export" / "coefficients.json").read_text())["coefficients"][0][0] != 0.3
+
+
+def test_diversity_term_penalizes_collapse_onto_one_class(pool):
+    """method.diversity subtracts the entropy of the batch's mean prediction (information maximisation)."""
+    import math
+
+    from adamerge.methods import get_method
+    from adamerge.objectives import entropy, marginal_entropy
+
+    confident_one_class = torch.tensor([[5.0, 0.0, 0.0]] * 4)
+    confident_spread = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [5.0, 0.0, 0.0]])
+    assert entropy(confident_one_class) == pytest.approx(float(entropy(confident_spread)))  # entropy can't tell
+    assert marginal_entropy(confident_spread) > marginal_entropy(confident_one_class) + 0.5
+    assert float(marginal_entropy(torch.zeros(4, 3))) == pytest.approx(math.log(3))
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # masked positions do not count
+    logits = torch.tensor([[[5.0, 0.0], [5.0, 0.0], [0.0, 9.0]]])
+    assert float(marginal_entropy(logits, mask)) == pytest.approx(float(marginal_entropy(logits[0, :2])))
+
+    cfg = {"name": "adamerging", "id": "adamerging_layerwise", "granularity": "layer", "init": 0.3}
+    plain = get_method("adamerging")(pool, cfg)
+    im = get_method("adamerging")(pool, {**cfg, "diversity": 0.5})
+    task = pool.task_names[0]
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(1000, 2000, (6, 8), generator=g), "attention_mask": torch.ones(6, 8, dtype=torch.long)}
+    logits, _ = plain.task_logits(task, inputs)
+    torch.testing.assert_close(im.task_loss(task, inputs), plain.task_loss(task, inputs) - 0.5 * marginal_entropy(logits))

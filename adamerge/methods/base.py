@@ -15,7 +15,7 @@ import torch
 
 from ..coefficients import Coefficients, ConcreteMask
 from ..merged_model import MergedModel
-from ..objectives import entropy
+from ..objectives import entropy, marginal_entropy
 from ..pool import ModelPool
 from ..task_vectors import TaskVectors
 
@@ -151,9 +151,16 @@ class MergeMethod(pl.LightningModule):
         return out.logits, None
 
     def task_loss(self, task: str, inputs: dict[str, torch.Tensor], params: dict | None = None) -> torch.Tensor:
-        """Default objective: mean prediction entropy of the task's own head (AdaMerging)."""
+        """Default objective: mean prediction entropy of the task's own head (AdaMerging).
+
+        ``method.diversity`` = w > 0 subtracts w × the entropy of the batch's mean prediction
+        (information maximisation, as in SHOT): confident predictions that do not all fall in one
+        class. 0 (default) is the authors' objective.
+        """
         logits, mask = self.task_logits(task, inputs, params)
-        return entropy(logits, mask)
+        loss = entropy(logits, mask)
+        w = float(self.method_cfg.get("diversity") or 0.0)
+        return loss - w * marginal_entropy(logits, mask) if w else loss
 
     def step_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective value, tensor to backward) for one global step over every task's batch.
