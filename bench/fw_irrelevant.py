@@ -1,10 +1,11 @@
 """FW-Merging with irrelevant candidates: task arithmetic vs FW hard vs FW soft as the pool grows.
 
 The pool is the benchmark's fully fine-tuned experts (relevant) plus ``r`` irrelevant candidates for
-r = 0, 1×, 2×, 3× the relevant ones. An irrelevant candidate is an expert whose task vector has been
-permuted entry by entry within every tensor (``base + perm(τ)``): the same size and distribution of
-weight change as a real fine-tune, carrying no skill — what an unrelated checkpoint on a hub looks
-like to a data-free merge. Every row runs in its own subprocess (peak RSS is its own):
+r = 0, 1×, 2×, 3× the relevant ones. An irrelevant candidate is MiniLM fine-tuned like the experts
+on one task's texts with shuffled labels (built once, cached under runs/): a real fine-tune that
+carries no skill. (Permuting a task vector's entries is *not* irrelevant enough: task arithmetic
+with 5 such candidates added scored 61.3, the same as without.) Every row runs in its own
+subprocess (peak RSS is its own):
 
 * task arithmetic over all candidates (λ = 0.3), computed here from the pool's tensors;
 * ``fw_merging_hard`` and ``fw_merging_soft`` through the real train.py with
@@ -45,25 +46,50 @@ def load_pool():
     return pool_from_config(resolve_recipe(cfg, ROOT))
 
 
-def _irrelevant(pool, j: int, src: str) -> Path:
-    """Irrelevant candidate ``j``: expert ``src`` with each tensor's task vector permuted (seeded by j)."""
-    from safetensors.torch import save_file
+def _recipe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_recipe", ROOT / "data" / "benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _irrelevant(pool, j: int, src: str, steps: int = 60) -> Path:
+    """Irrelevant candidate ``j``: MiniLM fully fine-tuned on ``src``'s texts with *shuffled* labels.
+
+    A real fine-tune (a weight change of the experts' kind and size) that carries no skill: what an
+    unrelated checkpoint on a hub looks like to a merge. The experts' optimizer (AdamW lr 1e-4, weight
+    decay 0.01, linear decay, so weights move as far per step) on cheaper batches (16 × 32 tokens),
+    ``steps`` steps, seed ``j``.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     d = WORK / "irrelevant" / f"{j:02d}_{src}"
     if (d / "model.safetensors").exists():
         return d
-    d.mkdir(parents=True, exist_ok=True)
+    bm = _recipe()
+    texts, labels = bm.split_task(src, 0)["train"]
     g = torch.Generator().manual_seed(1000 + j)
-    state = {}
-    for name, value in pool.iter_expert_state(src):
-        if pool.is_head(name) or not value.is_floating_point():
-            state[name] = value.contiguous()
-            continue
-        tau = (value - pool.base_tensor(name)).flatten()
-        state[name] = (pool.base_tensor(name) + tau[torch.randperm(tau.numel(), generator=g)].view_as(value)).contiguous()
-    shutil.copy(Path(pool.experts[src].path) / "config.json", d / "config.json")
-    save_file(state, str(d / ".model.tmp"))
-    os.replace(d / ".model.tmp", d / "model.safetensors")
+    labels = torch.tensor(labels)[torch.randperm(len(labels), generator=g)]
+    tok = AutoTokenizer.from_pretrained(pool.base_path)
+    torch.manual_seed(1000 + j)
+    model = AutoModelForSequenceClassification.from_pretrained(pool.base_path, num_labels=int(labels.max()) + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(texts), (16,), generator=g)
+        enc = tok([texts[i] for i in idx], truncation=True, max_length=32, padding=True, return_tensors="pt")
+        loss = model(**enc, labels=labels[idx]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad()
+    tmp = d.with_name(d.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(d, ignore_errors=True)
+    tmp.rename(d)
     return d
 
 
