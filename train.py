@@ -71,10 +71,10 @@ def run(cfg: DictConfig) -> dict:
 
     pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     cls = get_method(c["method"]["name"])
-    if not cls.trainable and _launch_statistics_ranks(c["trainer"]) != 0:
-        cls(pool, c["method"], c["task_vectors"])  # this rank's share of the all-reduced statistics
+    stats_rank = 0 if cls.trainable else _launch_statistics_ranks(c["trainer"])
+    method = cls(pool, c["method"], c["task_vectors"])  # closed form: every rank adds its statistics
+    if stats_rank != 0:
         return {}
-    method = cls(pool, c["method"], c["task_vectors"])
 
     if method.trainable:
         steps = int(c["trainer"].get("max_steps") or 0)

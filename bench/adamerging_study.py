@@ -45,9 +45,17 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
-    from adamerge.data import CalibrationDataModule, load_tokenizer, read_jsonl, trim
+    from adamerge.data import (
+        CalibrationDataModule,
+        StepBatches,
+        load_tokenizer,
+        read_jsonl,
+        step_indices,
+        trim,
+    )
     from adamerge.evaluate import evaluate_params, load_test_sets
     from adamerge.methods import get_method
+    from adamerge.objectives import entropy
     from adamerge.pool import pool_from_config, resolve_recipe
 
     torch.manual_seed(0)
@@ -56,48 +64,37 @@ def main() -> None:
         pool_cfg["head_prefixes"] = args.head_prefixes
     pool = pool_from_config(resolve_recipe(pool_cfg, ROOT))
     mcfg = {"name": "adamerging", "id": "study", "granularity": args.granularity, "init": 0.3,
-            "clamp": [0.0, 1.0], "lr": args.lr}
-    method = get_method("adamerging")(pool, mcfg, {"exclude": args.exclude})
+            "clamp": [0.0, 1.0], "lr": args.lr, "diversity": args.diversity if args.objective == "im" else 0.0}
     tok = load_tokenizer(pool.base_path)
     dm = CalibrationDataModule.from_pool(pool, batch_size=args.batch, max_length=64, seed=0)
     if args.transductive:  # unlabeled test inputs, as the authors' scripts (evaluation uses the first N)
         dm = CalibrationDataModule({t: read_jsonl(s.test, t)[0] for t, s in pool.tasks.items()}, tok,
                                    batch_size=args.batch, max_length=64, seed=0)
-    labels = {}
+    cls = get_method("adamerging")
     if args.objective == "oracle":  # the same texts in the same order, with their labels
-        for t, spec in pool.tasks.items():
-            labels[t] = torch.tensor(read_jsonl(spec.calibration, t, need_labels=True)[1])
+        labels = {t: torch.tensor(read_jsonl(spec.calibration, t, need_labels=True)[1]) for t, spec in pool.tasks.items()}
+
+        class Oracle(cls):
+            step = 0
+
+            def task_loss(self, task, inputs, params=None):
+                logits, _ = self.task_logits(task, inputs, params)
+                n = dm.encoded[task]["input_ids"].shape[0]
+                idx = step_indices(n, args.batch, self.step, 0, list(dm.encoded).index(task))
+                return F.cross_entropy(logits.float(), labels[task][idx])
+
+        cls = Oracle
+    method = cls(pool, mcfg, {"exclude": args.exclude})
     tests = load_test_sets(pool, tok, 64, args.test_examples)
     cal_eval = {t: trim({k: v[:256] for k, v in enc.items()}) for t, enc in dm.encoded.items()}
-
-    from adamerge.data import StepBatches, step_indices
-
     stream = StepBatches(dm.encoded, args.batch, 0)
     opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=args.lr)
-
-    def loss_fn(task, inputs, params, step):
-        logits, _ = method.task_logits(task, inputs, params)
-        logp = F.log_softmax(logits.float(), -1)
-        if args.objective == "oracle":
-            k = list(dm.encoded).index(task)
-            n = dm.encoded[task]["input_ids"].shape[0]
-            y = labels[task][step_indices(n, args.batch, step, 0, k)]
-            return F.nll_loss(logp, y)
-        h = -(logp.exp() * logp).sum(-1).mean()
-        if args.objective == "im":  # information maximisation: confident *and* diverse predictions
-            pbar = logp.exp().mean(0)
-            h = h + args.diversity * (pbar * pbar.clamp_min(1e-12).log()).sum()
-        return h
 
     @torch.no_grad()
     def report(step):
         merged = {n: v.detach() for n, v in method.merged.merged_params().items()}
         acc = evaluate_params(pool.base_model, lambda t: {**merged, **pool.head(t)}, tests, 128)
-        ent = {}
-        for t, inp in cal_eval.items():
-            logits, _ = method.task_logits(t, inp, merged)
-            logp = F.log_softmax(logits.float(), -1)
-            ent[t] = float(-(logp.exp() * logp).sum(-1).mean())
+        ent = {t: float(entropy(method.task_logits(t, inp, merged)[0])) for t, inp in cal_eval.items()}
         c = method.merged.coefficients.values().detach()
         row = {"step": step, "acc": acc, "avg": sum(acc.values()) / len(acc), "entropy": ent,
                "coef_mean_per_task": c.reshape(-1, c.shape[-1]).mean(0).tolist()}
@@ -107,14 +104,10 @@ def main() -> None:
     t0 = time.time()
     rows = [report(0)]
     for step in range(args.steps):
-        batch = stream.batch(step)
-        params = method.merged.merged_params()
-        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        for task, inputs in batch.items():
-            loss_fn(task, inputs, leaves, step).backward()
-        used = [n for n in params if leaves[n].grad is not None]
+        method.step = step  # the oracle's labels follow the step's batch
+        _, to_backward = method.step_loss(stream.batch(step))  # the method's own merge + per-task backward
         opt.zero_grad()
-        torch.autograd.backward([params[n] for n in used], [leaves[n].grad for n in used])
+        to_backward.backward()
         opt.step()
         if (step + 1) % args.every == 0:
             rows.append(report(step + 1))
