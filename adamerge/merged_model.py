@@ -24,38 +24,73 @@ def _expand_chunks(c: torch.Tensor, size: int, numel: int) -> torch.Tensor:
     return c.repeat_interleave(size, dim=1)[:, :numel]
 
 
-_BLOCK = 1 << 16  # columns of τ converted to fp32 at a time when τ is stored in another dtype/device
+_BLOCK_ELEMS = 1 << 18  # entries of τ (all K rows) converted to fp32 at a time: 1 MiB, stays in L2 cache
 
 
 def _blocks(tau: torch.Tensor, device: torch.device):
-    """(start, stop, fp32 block of τ.view(K, -1) on ``device``); one small reused temporary, not K copies."""
+    """(start, stop, fp32 block of τ.view(K, -1) on ``device``); one small temporary at a time, not K copies.
+
+    τ kept on another device (host memory) comes over one tensor at a time, as one contiguous copy
+    (asynchronous from pinned memory), so the accelerator holds at most one tensor's τ.
+    """
     flat = tau.flatten(1)
-    if flat.dtype == torch.float32 and flat.device == device:
+    if flat.device != device:
+        flat = flat.to(device, non_blocking=True)
+    if flat.dtype == torch.float32:
         yield 0, flat.shape[1], flat
         return
-    for i in range(0, flat.shape[1], _BLOCK):
-        j = min(i + _BLOCK, flat.shape[1])
-        yield i, j, flat[:, i:j].to(device, non_blocking=True).float()
+    block = max(1, _BLOCK_ELEMS // flat.shape[0])
+    for i in range(0, flat.shape[1], block):
+        j = min(i + block, flat.shape[1])
+        yield i, j, flat[:, i:j].float()
 
 
 class _Combine(torch.autograd.Function):
-    """delta = Σ_k c_k τ_k for one tensor; backward = ⟨g, τ_k⟩ (per chunk when chunked)."""
+    """Σ_k c_k τ_k for one tensor; backward = ⟨g, τ_k⟩ (per chunk when chunked).
+
+    With ``out`` (a reused buffer) it writes ``Σ adds + Σ_k c_k τ_k`` there instead, one block at a
+    time while the block is in cache — no fresh model-sized allocation per step (page faults cost as
+    much as the arithmetic on CPU). With ``rows`` only those rows of ``out`` are written: an embedding
+    table whose other rows this step never looks up.
+    """
 
     @staticmethod
-    def forward(ctx, coef: torch.Tensor, tau: torch.Tensor, device: torch.device, chunk_size: int):
+    def forward(ctx, coef: torch.Tensor, tau: torch.Tensor, device: torch.device, chunk_size: int,
+                adds: tuple = (), out: torch.Tensor | None = None, rows: torch.Tensor | None = None):
         c = coef.detach().float().to(device)
-        ctx.tau, ctx.chunk_size, ctx.coef_shape = tau, chunk_size, coef.shape
+        if rows is not None:
+            tau = tau.index_select(1, rows.to(tau.device))  # [K, rows, ...]: a few hundred rows of the table
+            adds = tuple(a.index_select(0, rows) for a in adds)
+        ctx.tau, ctx.chunk_size, ctx.coef_shape, ctx.rows = tau, chunk_size, coef.shape, rows
+        fused = out is not None and rows is None and out.dtype == torch.float32 and c.dim() == 1
         if c.dim() == 1:
-            delta = torch.empty(tau[0].numel(), dtype=torch.float32, device=device)
+            delta = out.view(-1) if fused else torch.empty(tau[0].numel(), dtype=torch.float32, device=device)
+            flat_adds = [a.reshape(-1) for a in adds]
             for i, j, t in _blocks(tau, device):
                 torch.mv(t.t(), c, out=delta[i:j])
+                if fused:
+                    for a in flat_adds:
+                        delta[i:j].add_(a[i:j])
         else:
             t = tau.to(device, non_blocking=True).float().flatten(1)
             delta = (_expand_chunks(c, chunk_size, t.shape[1]) * t).sum(0)
-        return delta.view(tau.shape[1:])
+        delta = delta.view(tau.shape[1:])
+        if out is None:
+            return delta
+        if not fused:
+            for a in adds:
+                delta = delta + a
+            if rows is None:
+                out.copy_(delta)
+            else:
+                out.index_copy_(0, rows, delta.to(out.dtype))
+        ctx.mark_dirty(out)
+        return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
+        if ctx.rows is not None:
+            g = g.index_select(0, ctx.rows)  # the other rows were not looked up: their gradient is zero
         gf = g.float().flatten()
         if len(ctx.coef_shape) == 1:
             grad = torch.zeros(ctx.coef_shape, dtype=torch.float32, device=g.device)
@@ -68,13 +103,26 @@ class _Combine(torch.autograd.Function):
             m = ctx.coef_shape[1]
             pad = m * ctx.chunk_size - n
             grad = torch.nn.functional.pad(prod, (0, pad)).view(K, m, ctx.chunk_size).sum(-1)
-        return grad, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def combine(coef: torch.Tensor, tau: torch.Tensor, device: torch.device | None = None,
             chunk_size: int = 0) -> torch.Tensor:
     """Σ_k coef_k τ_k for one stacked tensor, differentiable in ``coef`` only."""
     return _Combine.apply(coef, tau, device if device is not None else coef.device, chunk_size)
+
+
+def _lookup_table(base: nn.Module, names: list[str]) -> str | None:
+    """Name of the base's input embedding weight if it is merged and used only as a lookup table."""
+    try:
+        emb = base.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if not isinstance(emb, nn.Embedding):
+        return None
+    owners = [n for n, p in base.named_parameters(remove_duplicate=False) if p is emb.weight]
+    # tied to an output layer (lm_head = embed_tokens): every row is used, every step
+    return owners[0] if len(owners) == 1 and owners[0] in names else None
 
 
 class MergedModel(nn.Module):
@@ -115,12 +163,16 @@ class MergedModel(nn.Module):
         missing = [n for n in self.names if n not in self._base_params]
         if missing:
             raise ValueError(f"task vector tensor '{missing[0]}' is not a parameter of the base model")
+        self.lookup_name = _lookup_table(base, self.names)
+        self._out: dict[str, torch.Tensor] = {}  # merged weights of the training step, reused across steps
+        self._dirty: dict[str, torch.Tensor] = {}  # rows of a lookup table's buffer that hold a merged value
 
     # -- placement --------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.base._apply(fn, recurse)
         self._base_params = dict(self.base.named_parameters())
+        self._out, self._dirty = {}, {}
         object.__setattr__(self, "heads", {t: {n: fn(v) for n, v in h.items()} for t, h in self.heads.items()})
         object.__setattr__(self, "offset", {n: fn(v) for n, v in self.offset.items()})
         if self.tv_device is None:
@@ -153,14 +205,47 @@ class MergedModel(nn.Module):
         """Σ_k c_k τ_k per merged tensor (mask applied), differentiable in the trainable parts."""
         return dict(self._deltas())
 
-    def merged_params(self) -> dict[str, torch.Tensor]:
+    def merged_params(self, reuse_buffers: bool = False, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Merged values of every merged tensor, in the base's dtype (merged one tensor at a time, so
-        no model-sized dict of deltas lives beside the merged weights)."""
+        no model-sized dict of deltas lives beside the merged weights).
+
+        ``reuse_buffers`` (the training step): write into buffers kept across calls, so the result is
+        valid until the next such call. ``rows`` (with it): the token ids this step looks up; the input
+        embedding table (``lookup_name``) is then merged on those rows only — its other rows hold the
+        base value — and its coefficient gradient is taken on them, which is exact for a lookup.
+        """
+        if not reuse_buffers or (self.mask is not None and self.mask.enabled):
+            out = {}
+            for n, d in self._deltas():
+                w0 = self._base_params[n]
+                out[n] = w0 + (d + self.offset[n] if n in self.offset else d).to(w0.dtype)
+            return out
+        coefs = self.coefficients()
         out = {}
-        for n, d in self._deltas():
+        for i, n in enumerate(self.names):
             w0 = self._base_params[n]
-            out[n] = w0 + (d + self.offset[n] if n in self.offset else d).to(w0.dtype)
+            adds = (w0, self.offset[n]) if n in self.offset else (w0,)
+            size = self.coefficients.chunk_sizes[i] if self.coefficients.chunk_sizes else 0
+            r = rows if n == self.lookup_name and not size else None
+            buf = self._out.get(n)
+            if buf is None:
+                buf = self._out[n] = sum(a.detach().to(w0.dtype) for a in adds).contiguous()
+            with torch.no_grad():
+                prev = self._dirty.pop(n, None)
+                if prev is not None:  # put back the base value of rows a previous step merged
+                    buf.index_copy_(0, prev, sum(a.index_select(0, prev).to(w0.dtype) for a in adds))
+            if r is not None:
+                self._dirty[n] = r
+            # a fresh alias each step: the buffer itself never carries an autograd history
+            out[n] = _Combine.apply(coefs[i], self.task_vectors[n], w0.device, size, adds, buf.detach(), r)
         return out
+
+    def lookup_rows(self, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        """The token ids these batches look up in the merged input embedding table (None: all rows)."""
+        if self.lookup_name is None or not inputs or any("input_ids" not in x for x in inputs):
+            return None
+        ids = torch.cat([x["input_ids"].flatten() for x in inputs])
+        return torch.unique(ids).to(self._base_params[self.lookup_name].device)
 
     def forward(self, task: str | None = None, params: dict[str, torch.Tensor] | None = None, **inputs):
         """Run the base module with merged weights (``params``, default: merge now) and ``task``'s head."""
@@ -175,6 +260,7 @@ class MergedModel(nn.Module):
         """The base's full state dict with merged weights (heads as in the base), on CPU."""
         was = self.training
         self.eval()
+        self._out, self._dirty = {}, {}  # the training step's buffers are not needed any more
         merged = self.merged_params()
         self.train(was)
         # tied weights (e.g. lm_head = embed_tokens) appear under several names: follow the merge

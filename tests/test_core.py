@@ -190,6 +190,50 @@ def test_per_task_backward_surrogate_equals_summed_loss_gradient(tiny_pool_cfg):
     assert g1.abs().sum() > 0
 
 
+def test_training_step_merges_only_the_looked_up_embedding_rows_with_the_exact_gradient(tiny_pool_cfg):
+    """step_loss merges into reused buffers and the input embedding only on the batch's token ids; over
+    consecutive steps its value and coefficient gradient equal the dense merge's autograd gradient."""
+    pool, m = make(tiny_pool_cfg, {"name": "adamerging", "id": "am", "granularity": "layer", "init": 0.3})
+    mm = m.merged
+    emb = "bert.embeddings.word_embeddings.weight"
+    assert mm.lookup_name == emb
+    with torch.no_grad():
+        mm.coefficients.raw.uniform_(0, 1)
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):  # the second and third steps reuse the buffers and look up other rows
+        ids = torch.randint(1000 + 300 * step, 1400 + 300 * step, (4, 6), generator=g)
+        batch = {t: {"input_ids": ids + i, "attention_mask": torch.ones_like(ids)} for i, t in enumerate(pool.task_names)}
+        value, surrogate = m.step_loss(batch)
+        g1 = torch.autograd.grad(surrogate, mm.coefficients.raw)[0]
+        total = sum(m.task_loss(t, inp) for t, inp in batch.items())  # dense merge, plain autograd
+        g2 = torch.autograd.grad(total, mm.coefficients.raw)[0]
+        torch.testing.assert_close(value, total.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-4)
+        assert g1[mm.names.index(emb)].abs().sum() > 0
+        # the table's other rows hold the base value: nothing is left over from the earlier steps' rows
+        looked_up = torch.zeros(pool.base_tensor(emb).shape[0], dtype=torch.bool)
+        looked_up[torch.cat([x["input_ids"].flatten() for x in batch.values()])] = True
+        buf = mm._out[emb]
+        torch.testing.assert_close(buf[~looked_up], pool.base_tensor(emb)[~looked_up], atol=0, rtol=0)
+        with torch.no_grad():
+            mm.coefficients.raw.add_(0.1)
+    dense = mm.merged_params()  # the export's path is still the whole merge
+    assert not torch.equal(dense[emb], pool.base_tensor(emb))
+
+
+def test_tied_embedding_is_merged_whole():
+    """An input embedding that is also the output layer (tied) is used in every row: no row-sparse merge."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    base = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=16)).eval()
+    names = [n for n, _ in base.named_parameters()]
+    tv = TaskVectors({n: torch.randn(2, *dict(base.named_parameters())[n].shape) for n in names}, ["a", "b"])
+    mm = MergedModel(base, tv, Coefficients(2, len(names), "layer", init=0.3))
+    assert mm.lookup_name is None
+    assert mm.lookup_rows([{"input_ids": torch.tensor([[1, 2]])}]) is None
+
+
 def test_task_vectors_placement_and_dtype(tiny_pool_cfg):
     pool = pool_from_config(tiny_pool_cfg)
     tv32 = TaskVectors.from_pool(pool)
@@ -254,7 +298,7 @@ def test_blockwise_combine_for_bf16_task_vectors(monkeypatch):
     """τ stored in bf16 is converted a block of columns at a time: same value and gradient."""
     import adamerge.merged_model as mm
 
-    monkeypatch.setattr(mm, "_BLOCK", 7)  # several blocks, the last one partial
+    monkeypatch.setattr(mm, "_BLOCK_ELEMS", 21)  # blocks of 7 columns for K = 3: several, the last partial
     torch.manual_seed(0)
     tau = torch.randn(3, 5, 9).to(torch.bfloat16)
     c = torch.tensor([0.2, -0.5, 0.9], requires_grad=True)

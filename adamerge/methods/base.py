@@ -62,6 +62,8 @@ class _InjectGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
+        if g.numel() == 1 and g.item() == 1.0:  # the usual case: no model-sized scaled copy
+            return (None, *ctx.grads)
         return (None, *(gr * g.to(gr.dtype) for gr in ctx.grads))
 
 
@@ -169,7 +171,8 @@ class MergeMethod(pl.LightningModule):
         of one task alive at once); the returned tensor hands ∂L/∂W to the merge on backward, so the
         coefficients (and masks) get the same gradient as from the summed loss.
         """
-        params = self.merged.merged_params()
+        rows = self.merged.lookup_rows(list(batch.values()))
+        params = self.merged.merged_params(reuse_buffers=True, rows=rows)
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         total = torch.zeros((), device=self.device)
         for task, inputs in batch.items():
