@@ -45,45 +45,46 @@ def _blocks(tau: torch.Tensor, device: torch.device):
         yield i, j, flat[:, i:j].float()
 
 
+def _weighted_sum(c: torch.Tensor, tau: torch.Tensor, device: torch.device, chunk_size: int,
+                  into: torch.Tensor | None = None, adds: tuple = ()) -> torch.Tensor:
+    """Σ_k c_k τ_k (+ Σ adds) in fp32, written into ``into`` (flat) when given."""
+    if c.dim() == 2:  # chunk coefficients [K, m]
+        t = tau.to(device, non_blocking=True).float().flatten(1)
+        return (_expand_chunks(c, chunk_size, t.shape[1]) * t).sum(0).view(tau.shape[1:])
+    flat = into if into is not None else torch.empty(tau[0].numel(), dtype=torch.float32, device=device)
+    flat_adds = [a.reshape(-1) for a in adds]
+    for i, j, t in _blocks(tau, device):
+        torch.mv(t.t(), c, out=flat[i:j])
+        for a in flat_adds:  # while the block is still in cache
+            flat[i:j].add_(a[i:j])
+    return flat.view(tau.shape[1:])
+
+
 class _Combine(torch.autograd.Function):
     """Σ_k c_k τ_k for one tensor; backward = ⟨g, τ_k⟩ (per chunk when chunked).
 
-    With ``out`` (a reused buffer) it writes ``Σ adds + Σ_k c_k τ_k`` there instead, one block at a
-    time while the block is in cache — no fresh model-sized allocation per step (page faults cost as
-    much as the arithmetic on CPU). With ``rows`` only those rows of ``out`` are written: an embedding
-    table whose other rows this step never looks up.
+    With ``out`` (a reused buffer) it writes ``Σ adds + Σ_k c_k τ_k`` there instead — no fresh
+    model-sized allocation per step (on CPU its page faults cost as much as the arithmetic). With
+    ``rows`` only those rows of ``out`` are written: an embedding table whose other rows this step
+    never looks up.
     """
 
     @staticmethod
     def forward(ctx, coef: torch.Tensor, tau: torch.Tensor, device: torch.device, chunk_size: int,
                 adds: tuple = (), out: torch.Tensor | None = None, rows: torch.Tensor | None = None):
-        c = coef.detach().float().to(device)
-        if rows is not None:
-            tau = tau.index_select(1, rows.to(tau.device))  # [K, rows, ...]: a few hundred rows of the table
+        if rows is not None:  # gathered once (a few hundred rows), kept for backward
+            tau = tau.index_select(1, rows.to(tau.device))
             adds = tuple(a.index_select(0, rows) for a in adds)
         ctx.tau, ctx.chunk_size, ctx.coef_shape, ctx.rows = tau, chunk_size, coef.shape, rows
+        c = coef.detach().float().to(device)
         fused = out is not None and rows is None and out.dtype == torch.float32 and c.dim() == 1
-        if c.dim() == 1:
-            delta = out.view(-1) if fused else torch.empty(tau[0].numel(), dtype=torch.float32, device=device)
-            flat_adds = [a.reshape(-1) for a in adds]
-            for i, j, t in _blocks(tau, device):
-                torch.mv(t.t(), c, out=delta[i:j])
-                if fused:
-                    for a in flat_adds:
-                        delta[i:j].add_(a[i:j])
-        else:
-            t = tau.to(device, non_blocking=True).float().flatten(1)
-            delta = (_expand_chunks(c, chunk_size, t.shape[1]) * t).sum(0)
-        delta = delta.view(tau.shape[1:])
+        with torch.autocast(device.type, enabled=False):  # CUDA autocast would run mv in half precision
+            value = _weighted_sum(c, tau, device, chunk_size, out.view(-1) if fused else None, adds if fused else ())
         if out is None:
-            return delta
+            return value
         if not fused:
-            for a in adds:
-                delta = delta + a
-            if rows is None:
-                out.copy_(delta)
-            else:
-                out.index_copy_(0, rows, delta.to(out.dtype))
+            value = sum(adds, value).to(out.dtype)
+            out.copy_(value) if rows is None else out.index_copy_(0, rows, value)
         ctx.mark_dirty(out)
         return out
 
@@ -215,6 +216,7 @@ class MergedModel(nn.Module):
         base value — and its coefficient gradient is taken on them, which is exact for a lookup.
         """
         if not reuse_buffers or (self.mask is not None and self.mask.enabled):
+            self._out, self._dirty = {}, {}  # evaluation/export: the training step's buffers may go
             out = {}
             for n, d in self._deltas():
                 w0 = self._base_params[n]
@@ -260,7 +262,6 @@ class MergedModel(nn.Module):
         """The base's full state dict with merged weights (heads as in the base), on CPU."""
         was = self.training
         self.eval()
-        self._out, self._dirty = {}, {}  # the training step's buffers are not needed any more
         merged = self.merged_params()
         self.train(was)
         # tied weights (e.g. lm_head = embed_tokens) appear under several names: follow the merge

@@ -185,7 +185,10 @@ def setup_adamerge(spec: dict, k: int, device: torch.device, inputs: dict, dtype
     persistent = lambda: [*mm.base.parameters(), *mm.base.buffers(), *mm.task_vectors.tensors.values(),  # noqa: E731
                           *(v for h in mm.heads.values() for v in h.values()), *m.parameters(),
                           *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))]
-    return step, persistent, mm.task_vectors.nbytes()
+    tv = mm.task_vectors
+    # what a step streams, twice (merge, then ⟨∂L/∂W, τ⟩): every τ but the looked-up rows of the embedding
+    streamed = tv.nbytes() - (tv[mm.lookup_name].numel() * tv[mm.lookup_name].element_size() if mm.lookup_name else 0)
+    return step, persistent, {"tv_mib": tv.nbytes() / MIB, "tv_streamed_mib": streamed / MIB}
 
 
 def import_fusionbench(path: str | None):
@@ -248,7 +251,7 @@ def setup_fusionbench(spec: dict, k: int, device: torch.device, inputs: dict, fb
                           *(module._merged_state_dict or {}).values(),
                           *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))]
     tv_bytes = sum(p.numel() * p.element_size() for p in module.task_vectors.parameters())
-    return step, persistent, tv_bytes
+    return step, persistent, {"tv_mib": tv_bytes / MIB}
 
 
 def setup_floor(spec: dict, device: torch.device, inputs: dict):
@@ -262,7 +265,7 @@ def setup_floor(spec: dict, device: torch.device, inputs: dict):
         entropy(model(**inputs).logits).backward()
         model.zero_grad(set_to_none=True)
 
-    return step, lambda: [*model.parameters(), *model.buffers()], 0
+    return step, lambda: [*model.parameters(), *model.buffers()], {"tv_mib": 0.0}
 
 
 def child_setup(args: argparse.Namespace) -> tuple[dict, torch.device, dict]:
@@ -276,7 +279,7 @@ def child_setup(args: argparse.Namespace) -> tuple[dict, torch.device, dict]:
 
 
 def setup(impl: str, k: int, spec: dict, device: torch.device, inputs: dict, args: argparse.Namespace):
-    """(step function, persistent tensors, task vectors' bytes) of one column."""
+    """(step function, persistent tensors, {"tv_mib": task vectors' MiB, ...}) of one column."""
     if impl == "floor":
         return setup_floor(spec, device, inputs)
     if impl == "fusionbench":
@@ -306,7 +309,7 @@ def run_one(impl: str, k: int, args: argparse.Namespace) -> dict:
     spec, device, inputs = child_setup(args)
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
-    step, persistent, tv_bytes = setup(impl, k, spec, device, inputs, args)
+    step, persistent, info = setup(impl, k, spec, device, inputs, args)
     setup_s = time.perf_counter() - t0
     setup_rss = rss_peak_mib()
     step_rss_ok = reset_rss_peak()
@@ -319,7 +322,7 @@ def run_one(impl: str, k: int, args: argparse.Namespace) -> dict:
     step_rss = rss_peak_mib()
     out = {"impl": impl, "k": k, "device": str(device), "threads": args.threads, **time_fields(times),
            "setup_s": round(setup_s, 2), "rss_peak_mib": max(setup_rss, step_rss),
-           "rss_setup_mib": setup_rss, "rss_step_mib": step_rss if step_rss_ok else None, "tv_mib": tv_bytes / MIB}
+           "rss_setup_mib": setup_rss, "rss_step_mib": step_rss if step_rss_ok else None, **info}
     if cuda:
         out.update(cuda_setup_mib=cuda_setup, cuda_peak_mib=torch.cuda.max_memory_allocated() / MIB)
     if args.tensor_bytes:
@@ -350,7 +353,7 @@ def run_interleaved(impls: list[str], k: int, args: argparse.Namespace) -> list[
         for i in impls[r % len(impls):] + impls[:r % len(impls)]:
             times[i].append(timed(cols[i][0], cuda))
     return [{"impl": i, "k": k, "device": str(device), "threads": args.threads, "interleaved": True,
-             **time_fields(times[i]), "tv_mib": cols[i][2] / MIB} for i in impls]
+             **time_fields(times[i]), **cols[i][2]} for i in impls]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,8 +389,22 @@ def fmt(v: float | None, spec: str = ".3f") -> str:
     return "—" if v is None else format(v, spec)
 
 
-def tables(results: list[dict], impls: list[str], cuda: bool) -> str:
-    """Markdown: time and memory per (K, column), ratios, per-expert memory increments, goal checks."""
+def stream_bandwidth(threads: int, mib: int = 512) -> float:
+    """GB/s of the merge's access pattern — an fp32 [8, n] matrix-vector product over ``mib`` MiB — best of 5."""
+    torch.set_num_threads(threads)
+    t = torch.randn(8, mib * MIB // 32)
+    c, out = torch.rand(8), torch.empty(t.shape[1])
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mv(t.t(), c, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return t.numel() * 4 / best / 1e9
+
+
+def tables(results: list[dict], impls: list[str], cuda: bool, bandwidth: float | None = None) -> str:
+    """Markdown: time and memory per (K, column), ratios, per-expert memory increments, goal checks;
+    with ``bandwidth`` (GB/s) also the floor + streaming time that no implementation of the step beats."""
     by = {(r["impl"], r["k"]): r for r in results}
     ks = sorted({r["k"] for r in results})
 
@@ -432,6 +449,16 @@ def tables(results: list[dict], impls: list[str], cuda: bool) -> str:
                 row += [fmt(sl, ".1f"), fmt(per_expert[i, key], ".2f")]
             lines.append("| " + " | ".join(row) + " |")
 
+    if bandwidth and any(get("adamerge", k, "tv_streamed_mib") for k in ks) and "floor" in impls:
+        lines += ["", f"Lower bound of a step: the floor plus reading τ twice (merge, then ⟨∂L/∂W, τ⟩) at the "
+                  f"{bandwidth:.1f} GB/s one matrix-vector product streams here; the looked-up embedding rows "
+                  "are not counted:", "",
+                  "| K | τ streamed per pass MiB | 2 passes s | bound / floor | adamerge / floor |", "|---|---|---|---|---|"]
+        for k in ks:
+            mib, fl = get("adamerge", k, "tv_streamed_mib"), get("floor", k, "step_s")
+            if mib and fl:
+                two = 2 * mib * MIB / (bandwidth * 1e9)
+                lines.append(f"| {k} | {mib:.0f} | {two:.3f} | {(fl + two) / fl:.2f} | {fmt(ratio('adamerge', 'floor', k), '.2f')} |")
     goals = []
     for k in [k for k in (8, 16) if k in ks]:
         fb, fl = ratio("adamerge", "fusionbench", k), ratio("adamerge", "floor", k)
@@ -533,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.threads} threads, base {args.base}, batch {args.batch}×{args.seq}, median of {args.repeats} "
               f"after {args.warmup} warm-up{' · interleaved (times only)' if args.interleave else ''} · load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
               f"on {os.cpu_count()} CPUs")
-    block = header + "\n\n" + tables(results, impls, args.device.startswith("cuda"))
+    cuda = args.device.startswith("cuda")
+    bandwidth = None if cuda else stream_bandwidth(args.threads)
+    block = header + "\n\n" + tables(results, impls, cuda, bandwidth)
     print(block)
     if args.write:
         append_results(args.write, block)

@@ -124,6 +124,11 @@ def test_learned_method_starts_from_another_merge(tiny_pool_cfg, tmp_path, start
         m.merged.coefficients.raw[:, 1] = 1
     n = m.merged.names[3]
     torch.testing.assert_close(m.merged.merged_state_dict()[n], pool.expert_tensor("task1", n), atol=1e-5, rtol=1e-5)
+    rows = torch.tensor([3, 1000])  # the training step's merge (buffers, looked-up rows) adds the start too
+    fast = {n: v.detach().clone() for n, v in m.merged.merged_params(reuse_buffers=True, rows=rows).items()}
+    for n, v in m.merged.merged_params().items():
+        r = rows if n == m.merged.lookup_name else slice(None)
+        torch.testing.assert_close(fast[n][r], v[r], atol=1e-6, rtol=1e-5)
     out = tmp_path / "run"
     code = helpers.run_inprocess(["method=adamerging_layerwise", f"method.init={start}", f"out_dir={out}",
                                   "trainer.max_steps=3", "data.batch_size=8", "method.lr=0.05",

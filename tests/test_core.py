@@ -200,25 +200,32 @@ def test_training_step_merges_only_the_looked_up_embedding_rows_with_the_exact_g
     with torch.no_grad():
         mm.coefficients.raw.uniform_(0, 1)
     g = torch.Generator().manual_seed(0)
+    bufs = []
     for step in range(3):  # the second and third steps reuse the buffers and look up other rows
         ids = torch.randint(1000 + 300 * step, 1400 + 300 * step, (4, 6), generator=g)
         batch = {t: {"input_ids": ids + i, "attention_mask": torch.ones_like(ids)} for i, t in enumerate(pool.task_names)}
         value, surrogate = m.step_loss(batch)
         g1 = torch.autograd.grad(surrogate, mm.coefficients.raw)[0]
-        total = sum(m.task_loss(t, inp) for t, inp in batch.items())  # dense merge, plain autograd
-        g2 = torch.autograd.grad(total, mm.coefficients.raw)[0]
-        torch.testing.assert_close(value, total.detach(), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-4)
-        assert g1[mm.names.index(emb)].abs().sum() > 0
         # the table's other rows hold the base value: nothing is left over from the earlier steps' rows
         looked_up = torch.zeros(pool.base_tensor(emb).shape[0], dtype=torch.bool)
         looked_up[torch.cat([x["input_ids"].flatten() for x in batch.values()])] = True
         buf = mm._out[emb]
+        bufs.append(buf)
+        assert buf is bufs[0]  # reused, not reallocated
         torch.testing.assert_close(buf[~looked_up], pool.base_tensor(emb)[~looked_up], atol=0, rtol=0)
+        # reference: the whole merge written out here, plain autograd
+        coefs = mm.coefficients()
+        dense = {n: pool.base_tensor(n) + torch.einsum("k,k...->...", coefs[i], mm.task_vectors[n])
+                 for i, n in enumerate(mm.names)}
+        total = sum(m.task_loss(t, inp, dense) for t, inp in batch.items())
+        g2 = torch.autograd.grad(total, mm.coefficients.raw)[0]
+        torch.testing.assert_close(value, total.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-4)
+        assert g1[mm.names.index(emb)].abs().sum() > 0
         with torch.no_grad():
             mm.coefficients.raw.add_(0.1)
-    dense = mm.merged_params()  # the export's path is still the whole merge
-    assert not torch.equal(dense[emb], pool.base_tensor(emb))
+    whole = mm.merged_params()  # the export's path is still the whole merge; it lets the buffers go
+    assert not torch.equal(whole[emb], pool.base_tensor(emb)) and not mm._out
 
 
 def test_tied_embedding_is_merged_whole():
