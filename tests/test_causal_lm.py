@@ -82,3 +82,30 @@ def test_vocabulary_size_mismatch_is_a_clear_error(tmp_path):
     cfg["tasks"]["lm0"]["expert"] = other["tasks"]["lm0"]["expert"]
     with pytest.raises(PoolError, match=r"expert 'lm0'.*embed_tokens.weight.*vocabulary size differs: expert 30600 vs base 30522"):
         pool_from_config(cfg)
+
+
+def test_untied_causal_lm_merges_embedding_rows_and_whole_lm_head(tmp_path):
+    """Untied input embedding: merged on the looked-up rows only; lm_head (every row used) whole; the
+    training step's coefficient gradient equals the dense merge's, padding masked."""
+    from adamerge.methods import get_method
+
+    pool = pool_from_config(make_llama_pool(tmp_path, k=2, tie=False))
+    m = get_method("adamerging")(pool, {"name": "adamerging", "granularity": "layer"}, {})
+    mm = m.merged
+    assert mm.lookup_name == "model.embed_tokens.weight" and "lm_head.weight" in mm.names
+    with torch.no_grad():
+        mm.coefficients.raw.uniform_(0, 1)
+    ids = torch.randint(5, 30000, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    batch = {t: {"input_ids": ids + i, "attention_mask": mask} for i, t in enumerate(pool.task_names)}
+    value, surrogate = m.step_loss(batch)
+    g1 = torch.autograd.grad(surrogate, mm.coefficients.raw)[0]
+    coefs = mm.coefficients()
+    dense = {n: pool.base_tensor(n) + torch.einsum("k,k...->...", coefs[i], mm.task_vectors[n])
+             for i, n in enumerate(mm.names)}
+    total = sum(m.task_loss(t, inp, dense) for t, inp in batch.items())
+    g2 = torch.autograd.grad(total, mm.coefficients.raw)[0]
+    torch.testing.assert_close(value, total.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-4)
+    assert g1[mm.names.index("model.embed_tokens.weight")].abs().sum() > 0
