@@ -45,6 +45,16 @@ def _blocks(tau: torch.Tensor, device: torch.device):
         yield i, j, flat[:, i:j].float()
 
 
+def _gather_rows(tau: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``τ[:, rows]`` as ``[K, len(rows), ...]``: one gather over the flattened [K·V] rows (3× faster on CPU
+    than ``index_select`` along dim 1)."""
+    if not tau.is_contiguous():
+        return tau.index_select(1, rows)
+    K, V = tau.shape[:2]
+    idx = (torch.arange(K, device=tau.device)[:, None] * V + rows).flatten()
+    return tau.flatten(0, 1).index_select(0, idx).view(K, len(rows), *tau.shape[2:])
+
+
 def _weighted_sum(c: torch.Tensor, tau: torch.Tensor, device: torch.device, chunk_size: int,
                   into: torch.Tensor | None = None, adds: tuple = ()) -> torch.Tensor:
     """Σ_k c_k τ_k (+ Σ adds) in fp32, written into ``into`` (flat) when given."""
@@ -73,7 +83,7 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, coef: torch.Tensor, tau: torch.Tensor, device: torch.device, chunk_size: int,
                 adds: tuple = (), out: torch.Tensor | None = None, rows: torch.Tensor | None = None):
         if rows is not None:  # gathered once (a few hundred rows), kept for backward
-            tau = tau.index_select(1, rows.to(tau.device))
+            tau = _gather_rows(tau, rows.to(tau.device))
             adds = tuple(a.index_select(0, rows) for a in adds)
         ctx.tau, ctx.chunk_size, ctx.coef_shape, ctx.rows = tau, chunk_size, coef.shape, rows
         c = coef.detach().float().to(device)
