@@ -168,3 +168,19 @@ def logged_losses(run: Path) -> list[float]:
         with f.open() as fh:
             out += [float(r["loss"]) for r in csv.DictReader(fh) if r.get("loss")]
     return out
+
+
+def step_gradient_matches_dense(method, batch: dict) -> torch.Tensor:
+    """Assert that the training step (reused buffers, looked-up embedding rows, ⟨∂L/∂W, τ⟩) gives the
+    value and coefficient gradient of the whole merge written out here with plain autograd; return it."""
+    mm = method.merged
+    value, surrogate = method.step_loss(batch)
+    ours = torch.autograd.grad(surrogate, mm.coefficients.raw)[0]
+    coefs = mm.coefficients()
+    dense = {n: method.pool.base_tensor(n) + torch.einsum("k,k...->...", coefs[i], mm.task_vectors[n])
+             for i, n in enumerate(mm.names)}
+    total = sum(method.task_loss(t, inp, dense) for t, inp in batch.items())
+    ref = torch.autograd.grad(total, mm.coefficients.raw)[0]
+    torch.testing.assert_close(value, total.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-4)
+    return ours
