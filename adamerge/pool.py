@@ -452,6 +452,19 @@ def pool_from_config(cfg: dict) -> ModelPool:
     )
 
 
+def load_recipe(path: str | Path):
+    """The recipe file at ``path`` as a module (a file, not an installed package: data/ recipes)."""
+    import importlib.util
+
+    path = Path(path)
+    if not path.exists():
+        raise PoolError(f"pool recipe {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"adamerge_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def resolve_recipe(cfg: dict, root: str | Path) -> dict:
     """A pool config with ``recipe: path/to/file.py`` is built by that file's ``build(cfg)``.
 
@@ -460,15 +473,7 @@ def resolve_recipe(cfg: dict, root: str | Path) -> dict:
     """
     if not cfg.get("recipe"):
         return cfg
-    import importlib.util
-
-    path = Path(root) / cfg["recipe"]
-    if not path.exists():
-        raise PoolError(f"pool recipe {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"adamerge_recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = module.build({k: v for k, v in cfg.items() if k not in ("recipe", "head_prefixes")})
+    out = load_recipe(Path(root) / cfg["recipe"]).build({k: v for k, v in cfg.items() if k not in ("recipe", "head_prefixes")})
     if cfg.get("head_prefixes"):  # the config decides which tensors are per-task heads (not merged)
         out["head_prefixes"] = list(cfg["head_prefixes"])
     return out

@@ -46,15 +46,6 @@ def load_pool():
     return pool_from_config(resolve_recipe(cfg, ROOT))
 
 
-def _recipe():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark_recipe", ROOT / "data" / "benchmark.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _irrelevant(pool, j: int, src: str, steps: int = 60) -> Path:
     """Irrelevant candidate ``j``: MiniLM fully fine-tuned on ``src``'s texts with *shuffled* labels.
 
@@ -65,10 +56,12 @@ def _irrelevant(pool, j: int, src: str, steps: int = 60) -> Path:
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from adamerge.pool import load_recipe
+
     d = WORK / "irrelevant" / f"{j:02d}_{src}"
     if (d / "model.safetensors").exists():
         return d
-    bm = _recipe()
+    bm = load_recipe(ROOT / "data" / "benchmark.py")
     texts, labels = bm.split_task(src, 0)["train"]
     g = torch.Generator().manual_seed(1000 + j)
     labels = torch.tensor(labels)[torch.randperm(len(labels), generator=g)]
