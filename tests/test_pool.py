@@ -187,3 +187,10 @@ def test_recipe_pool_config_chooses_the_head_tensors(tiny_pool_cfg, tmp_path):
     torch.testing.assert_close(pool.head(pool.task_names[1])["bert.pooler.dense.weight"],
                                pool.expert_tensor(pool.task_names[1], "bert.pooler.dense.weight"))
     assert resolve_recipe({"recipe": "recipe.py"}, tmp_path)["head_prefixes"] == tiny_pool_cfg.get("head_prefixes")
+
+
+def test_missing_recipe_file_is_named(tmp_path):
+    from adamerge.pool import resolve_recipe
+
+    with pytest.raises(PoolError, match=r"pool recipe .*nope\.py does not exist"):
+        resolve_recipe({"recipe": "data/nope.py"}, tmp_path)
