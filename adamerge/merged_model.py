@@ -7,6 +7,8 @@ The combination is one stacked product per tensor (``c @ τ.view(K, -1)``) insid
 function whose backward is the inner product ``∂L/∂c_k = ⟨∂L/∂W, τ_k⟩``. It keeps a reference to
 τ (no copy, whatever its dtype or device) instead of letting autograd save a converted copy, so task
 vectors can live in bf16 or in host memory and move to the model's device one tensor at a time.
+The training step merges into buffers kept across steps, and the input embedding table only on the
+rows its batches look up (``merged_params(reuse_buffers=True, rows=...)``).
 """
 
 from __future__ import annotations
