@@ -13,6 +13,8 @@ rows its batches look up (``merged_params(reuse_buffers=True, rows=...)``).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -104,6 +106,8 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         if ctx.rows is not None:
             g = g.index_select(0, ctx.rows)  # the other rows were not looked up: their gradient is zero
+        if g.is_sparse:  # a lookup table's, from sparse_lookup_grad: duplicates are summed here
+            g = g.to_dense()
         gf = g.float().flatten()
         if len(ctx.coef_shape) == 1:
             grad = torch.zeros(ctx.coef_shape, dtype=torch.float32, device=g.device)
@@ -253,6 +257,20 @@ class MergedModel(nn.Module):
             # a fresh alias each step: the buffer itself never carries an autograd history
             out[n] = _Combine.apply(coefs[i], self.task_vectors[n], w0.device, size, adds, buf.detach(), r)
         return out
+
+    @contextlib.contextmanager
+    def sparse_lookup_grad(self):
+        """While active, the lookup table's ∂L/∂W is sparse (its looked-up rows), not a dense [V, d]
+        tensor of zeros — for a 128 k-token vocabulary that is gigabytes a step. Use with ``rows``."""
+        emb = self.base.get_input_embeddings() if self.lookup_name else None
+        if emb is None:
+            yield
+            return
+        was, emb.sparse = emb.sparse, True
+        try:
+            yield
+        finally:
+            emb.sparse = was
 
     def lookup_rows(self, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
         """The token ids these batches look up in the merged input embedding table (None: all rows)."""

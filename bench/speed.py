@@ -68,6 +68,9 @@ class TensorBytes(TorchDispatchMode):
 
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
         for t in tensors:
+            if t.layout == torch.sparse_coo:  # no storage of its own (e.g. the embedding's ∂L/∂W)
+                self.track([t._indices(), t._values()])
+                continue
             s = t.untyped_storage()
             key = id(s)  # the storage's Python object lives as long as the storage itself
             if key in self.live:

@@ -42,6 +42,10 @@ def test_tensor_bytes_counts_storages_once_and_forgets_freed_ones():
     assert tb.current == 4000 + 1000
     del c
     assert tb.current == 4000
+    with tb:  # a sparse tensor has no storage: its indices and values are counted
+        sp = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.ones(2, 3), (5, 3)) * 2
+    assert tb.current == 4000 + 2 * 8 + 6 * 4
+    del sp
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ Devices, loops, precision, DDP and checkpoint files belong to the Lightning Trai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from typing import Any
@@ -175,10 +176,11 @@ class MergeMethod(pl.LightningModule):
         params = self.merged.merged_params(reuse_buffers=True, rows=rows)
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         total = torch.zeros((), device=self.device)
-        for task, inputs in batch.items():
-            loss = self.task_loss(task, inputs, leaves)
-            loss.backward()
-            total = total + loss.detach()
+        with self.merged.sparse_lookup_grad() if rows is not None else contextlib.nullcontext():
+            for task, inputs in batch.items():
+                loss = self.task_loss(task, inputs, leaves)
+                loss.backward()
+                total = total + loss.detach()
         used = [n for n in params if leaves[n].grad is not None]
         injected = _InjectGrad.apply(tuple(leaves[n].grad for n in used), *(params[n] for n in used))
         return total, injected + self.regularizer()
