@@ -259,10 +259,11 @@ class MergedModel(nn.Module):
         return out
 
     @contextlib.contextmanager
-    def sparse_lookup_grad(self):
+    def sparse_lookup_grad(self, rows: torch.Tensor | None):
         """While active, the lookup table's ∂L/∂W is sparse (its looked-up rows), not a dense [V, d]
-        tensor of zeros — for a 128 k-token vocabulary that is gigabytes a step. Use with ``rows``."""
-        emb = self.base.get_input_embeddings() if self.lookup_name else None
+        tensor of zeros — for a 128 k-token vocabulary that is gigabytes a step. A no-op without the
+        ``rows`` the table was merged on (``merged_params``): then every row is in play."""
+        emb = self.base.get_input_embeddings() if self.lookup_name and rows is not None else None
         if emb is None:
             yield
             return

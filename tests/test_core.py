@@ -217,9 +217,10 @@ def test_training_step_merges_only_the_looked_up_embedding_rows_with_the_exact_g
         with torch.no_grad():
             mm.coefficients.raw.add_(0.1)
     # the step's ∂L/∂W of the table is sparse (its looked-up rows), not a dense [V, d] tensor of zeros
-    params = mm.merged_params(reuse_buffers=True, rows=mm.lookup_rows(list(batch.values())))
+    rows = mm.lookup_rows(list(batch.values()))
+    params = mm.merged_params(reuse_buffers=True, rows=rows)
     leaf = params[emb].detach().requires_grad_(True)
-    with mm.sparse_lookup_grad():
+    with mm.sparse_lookup_grad(rows):
         m.task_loss("task0", batch["task0"], {**params, emb: leaf}).backward()
     assert leaf.grad.is_sparse and not pool.base_model.get_input_embeddings().sparse  # restored after
     whole = mm.merged_params()  # the export's path is still the whole merge; it lets the buffers go

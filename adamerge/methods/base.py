@@ -6,7 +6,6 @@ Devices, loops, precision, DDP and checkpoint files belong to the Lightning Trai
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from typing import Any
@@ -176,7 +175,7 @@ class MergeMethod(pl.LightningModule):
         params = self.merged.merged_params(reuse_buffers=True, rows=rows)
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         total = torch.zeros((), device=self.device)
-        with self.merged.sparse_lookup_grad() if rows is not None else contextlib.nullcontext():
+        with self.merged.sparse_lookup_grad(rows):
             for task, inputs in batch.items():
                 loss = self.task_loss(task, inputs, leaves)
                 loss.backward()
