@@ -54,13 +54,14 @@ def run(cfg: DictConfig) -> dict:
     from adamerge.pool import pool_from_config, resolve_recipe
 
     out_dir = Path(HydraConfig.get().run.dir) if HydraConfig.initialized() else Path(cfg.out_dir)
-    start = cfg.method.get("init")
-    if isinstance(start, str):  # method.init=<method id>: start from that merge (configs/method/<id>.yaml)
-        path = ROOT / "configs" / "method" / f"{start}.yaml"
-        if not path.exists():
-            raise ConfigError(f"config key 'method.init': no method config {path.name} in configs/method")
-        with open_dict(cfg):  # inside the tree, so its ${data...} interpolations resolve
-            cfg.method.init = OmegaConf.load(path)
+    for key in ("start_from", "init"):  # method.start_from=<method id>: start from that merge
+        start = cfg.method.get(key)
+        if isinstance(start, str):  # configs/method/<id>.yaml (``init=<id>`` is the older spelling)
+            path = ROOT / "configs" / "method" / f"{start}.yaml"
+            if not path.exists():
+                raise ConfigError(f"config key 'method.{key}': no method config {path.name} in configs/method")
+            with open_dict(cfg):  # inside the tree, so its ${data...} interpolations resolve
+                cfg.method[key] = OmegaConf.load(path)
     c = OmegaConf.to_container(cfg, resolve=True)
     check_config(c)
     export_dir = Path(c["export"]["dir"])

@@ -45,6 +45,9 @@ def check_config(c: dict) -> None:
     _number(c, "method.lr", 0, strict_lo=True)
     _number(c, "method.steps", 0, integer=True)
     _number(c, "method.scale")
+    start = m.get("start_from")
+    if start is not None and not (isinstance(start, dict) and start.get("name")):
+        raise ConfigError(f"config key 'method.start_from' must name a method config (e.g. regmean_pp), got {start!r}")
     init = m.get("init")
     if isinstance(init, dict):
         if not init.get("name"):

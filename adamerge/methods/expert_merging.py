@@ -56,7 +56,7 @@ class ExpertMerging(MergeMethod):
     name = "expert_merging"
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
-        for key in ("dare", "ties", "consensus"):
+        for key in ("dare", "ties", "consensus", "lines"):
             if method.get(key):
                 raise ValueError(f"{method.get('id', self.name)}: '{key}' is not supported — the experts are the "
                                  "teachers, so their task vectors must stay unprocessed")
@@ -73,7 +73,7 @@ class ExpertMerging(MergeMethod):
         if unknown:
             raise ValueError(f"method.loss_weights names unknown task(s) {unknown}; tasks: {pool.task_names}")
         self.loss_weights = {t: float(weights.get(t, 1.0)) for t in pool.task_names}
-        self.register_buffer("alpha_init", _init_values(m.get("init", 0.1), len(pool.task_names)), persistent=False)
+        self.register_buffer("alpha_init", self.initial_values(len(pool.task_names)), persistent=False)
         # expert values of shared tensors that are not merged (task_vectors.exclude): the teacher is
         # the real expert, the merged model keeps the base value there
         merged = set(self.merged.names)
@@ -89,21 +89,30 @@ class ExpertMerging(MergeMethod):
         self._teacher_names = [[n for n in self.merged.names if tv[n][k].any()] for k in range(tv.K)]
 
     # -- coefficients ------------------------------------------------------------------------
+    def initial_values(self, K: int) -> torch.Tensor:
+        """α̅ per task: where the coefficients start and what the regularizer pulls them toward."""
+        return _init_values(self.method_cfg.get("init", 0.1), K)
+
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
         return Coefficients(tv.K, len(tv), granularity=self.method_cfg.get("granularity", "layer"),
-                            init=_init_values(self.method_cfg.get("init", 0.1), tv.K).tolist(), transform="sigmoid")
+                            init=self.initial_values(tv.K).tolist(), transform="sigmoid")
 
     # -- targets -----------------------------------------------------------------------------
     @torch.no_grad()
     def expert_params(self, task: str) -> dict[str, torch.Tensor]:
-        """Expert ``task``'s weights (base + τ_k) wherever they differ from the base, for functional_call."""
+        """Expert ``task``'s weights (base + τ_k) wherever they differ from the base, for functional_call.
+
+        With a starting merge the task vectors are held relative to it (τ'_k = τ_k − D, see
+        ``start_from_merge``), so the expert is base + D + τ'_k.
+        """
         k = self.merged.task_names.index(task)
         base = dict(self.merged.base.named_parameters())
-        tv = self.merged.task_vectors
+        tv, offset = self.merged.task_vectors, self.merged.offset
         out = {}
         for n in self._teacher_names[k]:
             w0 = base[n]
-            out[n] = w0 + tv[n][k].to(w0.device, w0.dtype)
+            d = tv[n][k].to(w0.device, torch.float32 if n in offset else w0.dtype)
+            out[n] = w0 + (d + offset[n] if n in offset else d).to(w0.dtype)
         for n, t in self._teacher_extra.items():
             w0 = base[n]
             out[n] = w0 + t[k].to(w0.device, w0.dtype)
