@@ -6,6 +6,7 @@ Compose configs/ → build pool → method → data → Trainer; fit (resuming i
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import sys
@@ -52,6 +53,7 @@ def run(cfg: DictConfig) -> dict:
     from adamerge.export import check_export_target, export_merged
     from adamerge.methods import get_method
     from adamerge.pool import pool_from_config, resolve_recipe
+    from adamerge.start_vs_end import calibration_objective, choose, merged_at, monitor_batches, snapshot
 
     out_dir = Path(HydraConfig.get().run.dir) if HydraConfig.initialized() else Path(cfg.out_dir)
     for key in ("start_from", "init"):  # method.start_from=<method id>: start from that merge
@@ -77,6 +79,7 @@ def run(cfg: DictConfig) -> dict:
     if stats_rank != 0:
         return {}
 
+    start_state, selection = None, None
     if method.trainable:
         steps = int(c["trainer"].get("max_steps") or 0)
         if steps <= 0:
@@ -84,6 +87,10 @@ def run(cfg: DictConfig) -> dict:
         dm = CalibrationDataModule.from_pool(pool, batch_size=c["data"]["batch_size"],
                                              max_length=c["data"]["max_length"], seed=c["seed"],
                                              size=c["data"]["calibration_size"])
+        # the starting merge, kept to compare with the end (adamerge/start_vs_end.py)
+        start_state = snapshot(method)
+        monitor = monitor_batches(dm.encoded, dm.batch_size, c["seed"], int(c["evaluate"]["monitor_batches"]))
+        start_loss = calibration_objective(method, monitor)
         ckpt_dir = out_dir / "checkpoints"
         every = int(c["checkpoint"]["every_n_steps"])
         callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
@@ -100,23 +107,34 @@ def run(cfg: DictConfig) -> dict:
         if trainer.global_rank != 0:
             return {}
         method = method.cpu()
+        validation = (load_test_sets(pool, dm.tokenizer, c["data"]["max_length"], split="validation")
+                      if pool.model_class == "sequence_classification" else {})
+        selection = choose(method, start_state, start_loss, monitor, validation, c["evaluate"]["batch_size"])
     elif c["resume"]:
         log.warning("method %s is data-free: resume=%s ignored", c["method"]["id"], c["resume"])
-
     extra, result = {}, {"out_dir": str(out_dir)}
+    if selection is not None:
+        extra["selection.json"] = json.dumps(selection, indent=2)
+        result["selection"] = selection
     if c["evaluate"]["enabled"] and pool.model_class == "sequence_classification":
         tok = load_tokenizer(pool.base_path)
         tests = load_test_sets(pool, tok, c["data"]["max_length"], c["evaluate"]["max_examples"])
         if tests:
             bs = c["evaluate"]["batch_size"]
             rows = reference_rows(pool, tests, bs) if c["evaluate"]["reference_rows"] else {}
+            if start_state is not None and c["evaluate"]["start_row"]:
+                start = merged_at(method, start_state)
+                rows[method.start_label()] = evaluate_params(pool.base_model, lambda t: {**start, **pool.head(t)},
+                                                             tests, bs)
+                del start
             merged = {n: v.detach() for n, v in method.eval().merged.merged_params().items()}
-            rows[c["method"]["id"]] = evaluate_params(pool.base_model, lambda t: {**merged, **pool.head(t)}, tests, bs)
+            label = c["method"]["id"] + (" (exported: the start)" if (selection or {}).get("exported") == "start" else "")
+            rows[label] = evaluate_params(pool.base_model, lambda t: {**merged, **pool.head(t)}, tests, bs)
             summary = summarize(rows)
             save_report(summary, out_dir)
             table = markdown(summary)
             print("\n" + table + "\n", flush=True)
-            extra = {"eval.json": (out_dir / "eval.json").read_text(), "eval.md": table + "\n"}
+            extra.update({"eval.json": (out_dir / "eval.json").read_text(), "eval.md": table + "\n"})
             result["eval"] = summary
     export_merged(method, export_dir, overwrite=c["export"]["overwrite"], extra=extra,
                   losses=read_losses(out_dir / "logs"))

@@ -19,13 +19,16 @@ from .data import encode, read_jsonl, trim
 TestSets = dict[str, tuple[dict[str, torch.Tensor], torch.Tensor, int]]
 
 
-def load_test_sets(pool, tokenizer, max_length: int = 64, max_examples: int | None = None) -> TestSets:
-    """{task: (encoded inputs, labels, num_classes)} from each task's labelled test file."""
+def load_test_sets(pool, tokenizer, max_length: int = 64, max_examples: int | None = None,
+                   split: str = "test") -> TestSets:
+    """{task: (encoded inputs, labels, num_classes)} from each task's labelled ``split`` file
+    (``test`` or ``validation``); tasks without one are left out."""
     out = {}
     for name, spec in pool.tasks.items():
-        if not spec.test:
+        path = getattr(spec, split)
+        if not path:
             continue
-        texts, labels = read_jsonl(spec.test, name, need_labels=True)
+        texts, labels = read_jsonl(path, name, need_labels=True)
         if max_examples:
             texts, labels = texts[:max_examples], labels[:max_examples]
         n_cls = spec.num_labels or (max(labels) + 1)

@@ -204,6 +204,7 @@ class TaskSpec:
     expert: str
     calibration: str | None = None
     test: str | None = None
+    validation: str | None = None  # labelled, optional: chooses between the start and the end of training
     num_labels: int | None = None
     label_names: list[str] | None = None
 
@@ -443,6 +444,7 @@ def pool_from_config(cfg: dict) -> ModelPool:
             raise PoolError(f"pool config: task '{name}' has no 'expert' path")
         tasks[name] = TaskSpec(
             name=name, expert=t["expert"], calibration=t.get("calibration"), test=t.get("test"),
+            validation=t.get("validation"),
             num_labels=t.get("num_labels"), label_names=list(t["label_names"]) if t.get("label_names") else None,
         )
     return ModelPool(

@@ -53,7 +53,7 @@ def table(results: list[dict], tasks: list[str]) -> str:
             continue
         for name, row in r["rows"].items():
             cells = [f"{100 * row[c]:.1f}" if c in row else "–" for c in cols]
-            extra = f"{r.get('num_trainable', '')} | {r['wall_s']:.0f}" if name == r["method"] else " | "
+            extra = f"{r.get('num_trainable', '')} | {r['wall_s']:.0f}" if name == r["row"] else " | "
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {extra} |")
     return "\n".join(lines)
 
@@ -73,12 +73,14 @@ def main(argv: list[str] | None = None) -> None:
         r = run_method(m, a.pool, a.out / m, a.steps, reference=(i == 0), extra=a.extra)
         if "summary" in r:
             tasks = r["summary"]["tasks"]
-            r["rows"] = r.pop("summary")["rows"]
-            if i > 0:
-                r["rows"] = {m: r["rows"][m]}
+            rows = r.pop("summary")["rows"]
+            # a learned method's own row (its id, maybe "(exported: the start)") and the start row it came from
+            keep = [n for n in rows if n.startswith(m) or n.startswith("start:")]
+            r["rows"] = rows if i == 0 else {n: rows[n] for n in keep}
+            r["row"] = next(n for n in rows if n.startswith(m))
         results.append(r)
-        print(f"{m}: " + (f"avg {100 * r['rows'][m]['avg']:.1f} ({r['wall_s']:.0f} s)" if "rows" in r else r["error"]),
-              flush=True)
+        print(f"{m}: " + (f"avg {100 * r['rows'][r['row']]['avg']:.1f} ({r['wall_s']:.0f} s)" if "rows" in r
+                          else r["error"]), flush=True)
     text = table(results, tasks)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     header = (f"### Quality — {datetime.date.today()} — commit {commit} — pool={a.pool} — "

@@ -3,6 +3,7 @@ the distillation loss (through train.py)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -59,7 +60,7 @@ def test_train_py_lowers_the_distillation_loss(tmp_path, tiny_conf_dir, pool):
     assert table.abs().max() > 0.05  # the coefficients moved from the start (γ = 0 by default)
     # the exported merge has a lower distillation loss than the start on fixed calibration batches
     m = get_method("distill_merging")(pool, dm_cfg())
-    batches = list(CalibrationDataModule.from_pool(pool, batch_size=4, max_length=16).train_dataloader())[:3]
+    batches = list(itertools.islice(CalibrationDataModule.from_pool(pool, batch_size=4, max_length=16).train_dataloader(), 3))
 
     def loss() -> float:
         with torch.no_grad():

@@ -134,6 +134,17 @@ class MergeMethod(pl.LightningModule):
         """The config's ``id`` (e.g. ``adamerging_layerwise``): what a checkpoint must match."""
         return str(self.method_cfg.get("id", self.name))
 
+    def start_label(self) -> str:
+        """The starting merge in words, for the evaluation table's start row."""
+        start = self.fingerprint.get("start_from")
+        if start:
+            return f"start: {start}"
+        init = self.method_cfg.get("init")
+        plain = not any(self.method_cfg.get(k) for k in ("dare", "ties", "consensus", "lines"))
+        if plain and isinstance(init, (int, float)) and self.merged.mask is None:
+            return f"start: task_arithmetic λ={init:g}"
+        return f"start: init {init}"
+
     # -- what subclasses choose ---------------------------------------------------------------
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
         m = self.method_cfg
