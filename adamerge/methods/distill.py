@@ -1,4 +1,4 @@
-"""Distill merging: label-free learned merging for ordinary classifiers (docs/methods.md).
+"""Distill merging: label-free learned merging for ordinary classifiers (README, "Which method when").
 
 AdaMerging's entropy tracks error only when every task's head already reads the pretrained
 features (CLIP's zero-shot heads). Ordinary classifiers train their head with their encoder, and on
