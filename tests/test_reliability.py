@@ -222,3 +222,36 @@ def test_nonfinite_loss_stops_or_skips(conf, tmp_path, tiny_pool_cfg):
     p = train(conf, tmp_path / "run2", "method=adamerging_layerwise", "trainer.max_steps=3", "+method.nonfinite=skip")
     assert "step skipped" in p.stderr + p.stdout
     assert torch.allclose(_coefs(tmp_path / "run2"), torch.tensor(0.3))  # no step was taken
+
+
+def _nudge_one_element(cfg, tmp):
+    """task1's expert with one element of one tensor changed (as if fine-tuned a little further)."""
+    from safetensors.torch import load_file, save_file
+
+    d = _copy_expert(cfg, tmp, "task1")
+    sd = load_file(str(d / "model.safetensors"))
+    sd["bert.encoder.layer.1.attention.self.value.weight"].view(-1)[1] += 1e-3
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_resume_refuses_a_pool_that_differs_in_one_element(tiny_pool_cfg, tmp_path, capsys):
+    args = ("method=adamerging_layerwise", "export.overwrite=true")
+    assert inprocess(tmp_path, tiny_pool_cfg, *args, "trainer.max_steps=2") == 0
+    other = json.loads(json.dumps(tiny_pool_cfg))
+    _nudge_one_element(other, tmp_path)
+    capsys.readouterr()
+    assert inprocess(tmp_path, other, *args, "trainer.max_steps=4", "resume=last") == 2
+    assert re.search(r"error: checkpoint was made from a different pool: experts: .*'task1'", capsys.readouterr().err)
+
+
+def test_resume_refuses_swapped_lora_experts(tmp_path, capsys):
+    """LoRA experts differ only in their target modules; swapping two of them is another pool."""
+    lora = helpers.make_pool(tmp_path / "lora", k=3, form="lora")  # task0 and task2: both 2 labels
+    args = ("method=adamerging_layerwise", "export.overwrite=true")
+    assert inprocess(tmp_path, lora, *args, "trainer.max_steps=2") == 0
+    swapped = json.loads(json.dumps(lora))
+    t = swapped["tasks"]
+    t["task0"]["expert"], t["task2"]["expert"] = t["task2"]["expert"], t["task0"]["expert"]
+    capsys.readouterr()
+    assert inprocess(tmp_path, swapped, *args, "trainer.max_steps=4", "resume=last") == 2
+    assert re.search(r"error: checkpoint was made from a different pool: experts: ", capsys.readouterr().err)
