@@ -250,7 +250,8 @@ class ModelPool:
         if model_class == "sequence_classification":
             nl = [t.num_labels for t in self.tasks.values() if t.num_labels]
             if nl:
-                kwargs["num_labels"] = nl[0]
+                # the base's own head is only a fallback; a wrong size must reach the per-task head check
+                kwargs.update(num_labels=nl[0], ignore_mismatched_sizes=True)
         self.base_model: nn.Module = build_model(model_class, self.base_path, **kwargs)
         self.base_model.eval().requires_grad_(False)
         self._params = dict(self.base_model.named_parameters())
@@ -262,6 +263,8 @@ class ModelPool:
             self.experts[t.name] = load_expert(t.name, t.expert)
         for e in self.experts.values():
             self._align_and_validate(e, check_finite)
+        if model_class == "sequence_classification":
+            self._check_head_sizes()
 
     # -- names -----------------------------------------------------------------------------
     @property
@@ -312,6 +315,23 @@ class ModelPool:
         for canon, fname in e.file_names.items():
             t = e.source.get(fname)
             self._check_tensor(e, canon, t, check_finite, compare_shape=not self.is_head(canon))
+
+    def _check_head_sizes(self) -> None:
+        """Each task's num_labels (and label_names) must be its head's output size; otherwise it would
+        train and export a model whose labels mean nothing."""
+        names = self.head_names()
+        if not names:
+            return
+        out_name = names[-1]  # the head's output layer comes last (classifier.bias, out_proj.bias, score.weight)
+        for t in self.tasks.values():
+            out = self.head(t.name)[out_name].shape[0]
+            for key, n in (("num_labels", t.num_labels), ("label_names", len(t.label_names or []) or None)):
+                if n is not None and n != out:
+                    raise PoolError(
+                        f"task '{t.name}': {key} gives {n} labels but its expert ({self.experts[t.name].path}) has "
+                        f"{out} outputs ('{out_name}'); set num_labels: {out} (and {out} label_names) for this task "
+                        "or give the expert fine-tuned for it"
+                    )
 
     def _is_buffer_name(self, fname: str) -> bool:
         buffers = {n for n, _ in self.base_model.named_buffers()}

@@ -81,6 +81,9 @@ BAD_POOLS = {
     "different architecture": (_other_arch, r"error: expert 'task1'.*extra tensor 'bert.encoder.layer.2"),
     "empty calibration data": (_empty_calibration, r"error: task 'task0': .*empty.jsonl has no examples"),
     "no tasks": (lambda c, t: c.__setitem__("tasks", {}), r"error: pool config: key 'tasks' is required"),
+    "num_labels larger than the head": (lambda c, t: c["tasks"]["task0"].__setitem__("num_labels", 5),
+                                        r"error: task 'task0': num_labels gives 5 labels but its expert "
+                                        r"\(.*/task0\) has 2 outputs .*set num_labels: 2"),
 }
 
 
