@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> dict:
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    from adamerge.checkpointing import AtomicCheckpointIO, SaveOnInterrupt, resolve_resume
+    from adamerge.checkpointing import AtomicCheckpointIO, SaveOnInterrupt, check_fresh_run, resolve_resume
     from adamerge.config import ConfigError, check_config
     from adamerge.data import CalibrationDataModule, load_tokenizer
     from adamerge.evaluate import (
@@ -72,8 +72,10 @@ def run(cfg: DictConfig) -> dict:
         check_export_target(export_dir, c["export"]["overwrite"])  # refuse before spending time training
     pl.seed_everything(c["seed"], workers=True, verbose=False)
 
-    pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     cls = get_method(c["method"]["name"])
+    if rank == 0 and cls.trainable:
+        check_fresh_run(c["resume"], out_dir / "checkpoints")  # before the pool loads: nothing spent yet
+    pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     stats_rank = 0 if cls.trainable else _launch_statistics_ranks(c["trainer"])
     method = cls(pool, c["method"], c["task_vectors"])  # closed form: every rank adds its statistics
     if stats_rank != 0:

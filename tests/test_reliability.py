@@ -258,3 +258,19 @@ def test_resume_refuses_swapped_lora_experts(tmp_path, capsys):
     capsys.readouterr()
     assert inprocess(tmp_path, swapped, *args, "trainer.max_steps=4", "resume=last") == 2
     assert re.search(r"error: checkpoint was made from a different pool: experts: ", capsys.readouterr().err)
+
+
+def test_rerun_into_a_run_dir_with_checkpoints_is_refused(tiny_pool_cfg, tmp_path, capsys):
+    """Without resume=, a learned method would overwrite the run's last.ckpt: refused before training."""
+    args = ("method=adamerging_layerwise", "export.overwrite=true")
+    assert inprocess(tmp_path, tiny_pool_cfg, *args, "trainer.max_steps=2") == 0
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    capsys.readouterr()
+    assert inprocess(tmp_path, tiny_pool_cfg, *args, "trainer.max_steps=4") == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: .*/run/checkpoints already holds checkpoints of a run; continue it with "
+                        r"resume=last or give a new out_dir\n", err), err
+    assert last.read_bytes() == before
+    assert inprocess(tmp_path, tiny_pool_cfg, *args, "trainer.max_steps=4", "resume=last") == 0
+    assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", "export.overwrite=true") == 0  # trains nothing
