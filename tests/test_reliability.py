@@ -278,3 +278,17 @@ def test_rerun_into_a_run_dir_with_checkpoints_is_refused(tiny_pool_cfg, tmp_pat
     assert last.read_bytes() == before
     assert inprocess(tmp_path, tiny_pool_cfg, *args, "trainer.max_steps=4", "resume=last") == 0
     assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", "export.overwrite=true") == 0  # trains nothing
+
+
+def test_resume_for_a_method_that_does_not_train(tiny_pool_cfg, tmp_path, capsys, caplog):
+    """Nothing to resume: a missing checkpoint path is still named; an existing one or last only warns."""
+    assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", f"resume={tmp_path / 'nope.ckpt'}") == 2
+    assert re.search(r"error: resume=.*/nope.ckpt: checkpoint file does not exist", capsys.readouterr().err)
+    assert not (tmp_path / "run" / "export").exists()
+    (tmp_path / "some.ckpt").write_bytes(b"")
+    for resume in ("last", str(tmp_path / "some.ckpt")):
+        caplog.clear()
+        assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", f"resume={resume}",
+                         "export.overwrite=true") == 0
+        assert f"method task_arithmetic does not train, so it has nothing to resume: resume={resume} ignored" \
+            in caplog.text
