@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> dict:
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    from adamerge.checkpointing import AtomicCheckpointIO, SaveOnInterrupt, resolve_resume
+    from adamerge.checkpointing import AtomicCheckpointIO, SaveOnInterrupt, check_fresh_run, resolve_resume
     from adamerge.config import ConfigError, check_config
     from adamerge.data import CalibrationDataModule, load_tokenizer
     from adamerge.evaluate import (
@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
         summarize,
     )
     from adamerge.export import check_export_target, export_merged
-    from adamerge.methods import get_method
+    from adamerge.methods import CheckpointError, get_method
     from adamerge.pool import pool_from_config, resolve_recipe
     from adamerge.start_vs_end import calibration_objective, choose, merged_at, monitor_batches, snapshot
 
@@ -72,8 +72,13 @@ def run(cfg: DictConfig) -> dict:
         check_export_target(export_dir, c["export"]["overwrite"])  # refuse before spending time training
     pl.seed_everything(c["seed"], workers=True, verbose=False)
 
-    pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     cls = get_method(c["method"]["name"])
+    if rank == 0 and cls.trainable:
+        check_fresh_run(c["resume"], out_dir / "checkpoints")  # before the pool loads: nothing spent yet
+    elif c["resume"] and c["resume"] != "last" and not Path(c["resume"]).exists():
+        # nothing to resume here, but a path that does not exist is a mistake worth naming
+        raise CheckpointError(f"resume={c['resume']}: checkpoint file does not exist")
+    pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     stats_rank = 0 if cls.trainable else _launch_statistics_ranks(c["trainer"])
     method = cls(pool, c["method"], c["task_vectors"])  # closed form: every rank adds its statistics
     if stats_rank != 0:
@@ -111,7 +116,8 @@ def run(cfg: DictConfig) -> dict:
                       if pool.model_class == "sequence_classification" else {})
         selection = choose(method, start_state, start_loss, monitor, validation, c["evaluate"]["batch_size"])
     elif c["resume"]:
-        log.warning("method %s is data-free: resume=%s ignored", c["method"]["id"], c["resume"])
+        log.warning("method %s does not train, so it has nothing to resume: resume=%s ignored",
+                    c["method"]["id"], c["resume"])
     extra, result = {}, {"out_dir": str(out_dir)}
     if selection is not None:
         extra["selection.json"] = json.dumps(selection, indent=2)

@@ -73,6 +73,15 @@ def resolve_resume(resume: str | None, ckpt_dir: str | Path) -> str | None:
     return str(p)
 
 
+def check_fresh_run(resume: str | None, ckpt_dir: str | Path) -> None:
+    """Without ``resume=``, refuse a run directory that already has checkpoints: training would
+    overwrite its ``last.ckpt`` (the only way back to that run)."""
+    d = Path(ckpt_dir)
+    if not resume and any(d.glob("*.ckpt")):
+        raise CheckpointError(f"{d} already holds checkpoints of a run; continue it with resume=last "
+                              "or give a new out_dir")
+
+
 class SaveOnInterrupt(Callback):
     """On SIGTERM (Lightning stops at a step boundary) or Ctrl-C, write ``last.ckpt`` before exiting."""
 

@@ -64,6 +64,11 @@ def check_config(c: dict) -> None:
             raise ConfigError(f"config key 'method.clamp' must be null or [low, high], got {clamp!r}")
         if not clamp[0] < clamp[1]:
             raise ConfigError(f"config key 'method.clamp' bounds are reversed or empty: {clamp!r}")
+        inits = init if isinstance(init, list) else [init] if isinstance(init, (int, float)) else []
+        if any(not clamp[0] <= x <= clamp[1] for x in inits):
+            # clamped there, the coefficient gets no gradient and never moves
+            raise ConfigError(f"config key 'method.init' = {init!r} lies outside 'method.clamp' {clamp!r}: "
+                              "nothing would train; choose an init within the bounds")
     if m.get("granularity") is not None and m["granularity"] not in ("task", "layer", "chunk"):
         raise ConfigError(f"config key 'method.granularity' must be task, layer or chunk, got {m['granularity']!r}")
     _number(c, "data.batch_size", 1, integer=True)

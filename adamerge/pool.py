@@ -10,6 +10,7 @@ is reported with the expert and tensor at fault.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -249,17 +250,21 @@ class ModelPool:
         if model_class == "sequence_classification":
             nl = [t.num_labels for t in self.tasks.values() if t.num_labels]
             if nl:
-                kwargs["num_labels"] = nl[0]
+                # the base's own head is only a fallback; a wrong size must reach the per-task head check
+                kwargs.update(num_labels=nl[0], ignore_mismatched_sizes=True)
         self.base_model: nn.Module = build_model(model_class, self.base_path, **kwargs)
         self.base_model.eval().requires_grad_(False)
         self._params = dict(self.base_model.named_parameters())
         prefix = getattr(self.base_model, "base_model_prefix", "") or ""
         self._prefix = prefix + "." if prefix else ""
+        self._fingerprint: dict | None = None
         self.experts: dict[str, Expert] = {}
         for t in self.tasks.values():
             self.experts[t.name] = load_expert(t.name, t.expert)
         for e in self.experts.values():
             self._align_and_validate(e, check_finite)
+        if model_class == "sequence_classification":
+            self._check_head_sizes()
 
     # -- names -----------------------------------------------------------------------------
     @property
@@ -310,6 +315,23 @@ class ModelPool:
         for canon, fname in e.file_names.items():
             t = e.source.get(fname)
             self._check_tensor(e, canon, t, check_finite, compare_shape=not self.is_head(canon))
+
+    def _check_head_sizes(self) -> None:
+        """Each task's num_labels (and label_names) must be its head's output size; otherwise it would
+        train and export a model whose labels mean nothing."""
+        names = self.head_names()
+        if not names:
+            return
+        out_name = names[-1]  # the head's output layer comes last (classifier.bias, out_proj.bias, score.weight)
+        for t in self.tasks.values():
+            out = self.head(t.name)[out_name].shape[0]
+            for key, n in (("num_labels", t.num_labels), ("label_names", len(t.label_names or []) or None)):
+                if n is not None and n != out:
+                    raise PoolError(
+                        f"task '{t.name}': {key} gives {n} labels but its expert ({self.experts[t.name].path}) has "
+                        f"{out} outputs ('{out_name}'); set num_labels: {out} (and {out} label_names) for this task "
+                        "or give the expert fine-tuned for it"
+                    )
 
     def _is_buffer_name(self, fname: str) -> bool:
         buffers = {n for n, _ in self.base_model.named_buffers()}
@@ -415,20 +437,46 @@ class ModelPool:
             yield n, self.expert_tensor(task, n)
 
     def fingerprint(self) -> dict:
-        """Names, shapes and content hashes of the base and experts: refuses foreign checkpoints."""
-        h = hashlib.sha256()
-        for n in self.shared_names():
-            t = self.base_tensor(n)
-            h.update(f"{n}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.float().flatten()[:: max(1, t.numel() // 64)].numpy().tobytes())
-        experts = {}
-        for task in self.task_names:
-            eh = hashlib.sha256()
-            for n in self.shared_names()[:: max(1, len(self.shared_names()) // 8)]:
-                eh.update(self.task_vector(task, n).float().flatten()[:: 97].numpy().tobytes())
-            experts[task] = eh.hexdigest()[:16]
-        return {"base": h.hexdigest()[:16], "tasks": self.task_names, "experts": experts,
-                "n_shared": len(self.shared_names())}
+        """What a checkpoint's coefficients were learned on: refuses resuming with another pool.
+
+        Every tensor of the base and of every expert's files (a LoRA expert: its A/B factors and
+        scaling) by name, shape, dtype, a strided sample and an exact checksum; the task order and
+        each task's head shapes. Computed once per pool (one read of each tensor).
+        """
+        if self._fingerprint is None:
+            experts = {}
+            for task in self.task_names:
+                e = self.experts[task]
+                names = sorted(e.source.keys())
+                lora = {k: e.lora.get(k) for k in _LORA_SCALING_KEYS} if e.is_lora else None
+                experts[task] = _digest(((n, e.source.get(n)) for n in names), json.dumps(lora, sort_keys=True))
+            self._fingerprint = {
+                "base": _digest((n, self.base_tensor(n)) for n in self.shared_names()),
+                "tasks": self.task_names, "experts": experts,
+                "heads": {t: {n: list(v.shape) for n, v in self.head(t).items()} for t in self.task_names},
+                "n_shared": len(self.shared_names()),
+            }
+        return copy.deepcopy(self._fingerprint)  # callers add their own keys
+
+
+_LORA_SCALING_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out")
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _digest(tensors: Iterator[tuple[str, torch.Tensor]], extra: str = "") -> str:
+    """sha256 of each tensor's name, shape, dtype, a strided sample and the sum of its bit patterns.
+
+    The sum is over the raw bits as integers: it sees a change to any single element, costs one pass,
+    and (unlike a floating-point sum, whose order follows the thread count) is exact, so the same
+    files give the same fingerprint on any machine.
+    """
+    h = hashlib.sha256(extra.encode())
+    for n, t in tensors:
+        flat = t.detach().contiguous().flatten()
+        h.update(f"{n}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(flat[:: max(1, flat.numel() // 64)].float().numpy().tobytes())
+        h.update(str(int(flat.view(_INT_OF_SIZE[flat.element_size()]).sum(dtype=torch.int64))).encode())
+    return h.hexdigest()[:16]
 
 
 def pool_from_config(cfg: dict) -> ModelPool:

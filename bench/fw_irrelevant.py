@@ -128,6 +128,7 @@ def train_row(method: str, n_irrelevant: int, steps: int, extra: list[str]) -> d
             f"method.candidates_dir={WORK / f'candidates_{n_irrelevant}'}", "method.objective=cross_entropy",
             f"method.steps={steps}", "evaluate.reference_rows=false", "export.overwrite=true",
             "trainer.enable_progress_bar=false", *extra]
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a fresh run (train.py refuses old checkpoints)
     # a wrapper process whose only child is train.py: its RUSAGE_CHILDREN peak is that run's own
     wrap = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
             "print('RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "

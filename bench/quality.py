@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ def run_method(method: str, pool: str, out: Path, steps: int | None, reference: 
             "trainer.enable_progress_bar=false", *extra]
     if steps is not None:
         args.append(f"++method.steps={steps}")  # ++: also for yamls without a steps key
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a fresh run (train.py refuses old checkpoints)
     t0 = time.time()
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - t0

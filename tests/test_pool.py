@@ -172,6 +172,20 @@ def test_missing_paths_and_foreign_lora(tiny_pool_cfg, tmp_path):
         pool_from_config(dict(lora, base=str(tmp_path / "widebase")))
 
 
+def test_task_labels_must_match_the_head(tiny_pool_cfg, tmp_path):
+    """task1's expert has a 3-class head: 2 label names (or num_labels 2) for it is refused at load."""
+    cfg = json.loads(json.dumps(tiny_pool_cfg))
+    cfg["tasks"]["task1"]["label_names"] = ["a", "b"]
+    with pytest.raises(PoolError, match=r"task 'task1': label_names gives 2 labels but its expert \(.*/task1\) "
+                                        r"has 3 outputs \('classifier.bias'\); set num_labels: 3"):
+        pool_from_config(cfg)
+    cfg["tasks"]["task1"]["label_names"] = ["a", "b", "c"]
+    assert pool_from_config(cfg).tasks["task1"].label_names == ["a", "b", "c"]
+    cfg["tasks"]["task1"]["num_labels"] = 2
+    with pytest.raises(PoolError, match=r"task 'task1': num_labels gives 2 labels .* has 3 outputs"):
+        pool_from_config(cfg)
+
+
 def test_recipe_pool_config_chooses_the_head_tensors(tiny_pool_cfg, tmp_path):
     """``head_prefixes`` in a recipe pool config overrides the recipe's: those tensors stay per task."""
     from adamerge.pool import resolve_recipe

@@ -81,6 +81,9 @@ BAD_POOLS = {
     "different architecture": (_other_arch, r"error: expert 'task1'.*extra tensor 'bert.encoder.layer.2"),
     "empty calibration data": (_empty_calibration, r"error: task 'task0': .*empty.jsonl has no examples"),
     "no tasks": (lambda c, t: c.__setitem__("tasks", {}), r"error: pool config: key 'tasks' is required"),
+    "num_labels larger than the head": (lambda c, t: c["tasks"]["task0"].__setitem__("num_labels", 5),
+                                        r"error: task 'task0': num_labels gives 5 labels but its expert "
+                                        r"\(.*/task0\) has 2 outputs .*set num_labels: 2"),
 }
 
 
@@ -104,6 +107,10 @@ BAD_CONFIGS = {
     "string lr": (["method=adamerging_layerwise", "method.lr=fast"], r"'method.lr' must be a number, got 'fast'"),
     "zero steps": (["method=adamerging_layerwise", "trainer.max_steps=0"], r"max_steps.*must be > 0"),
     "reversed clamp": (["method=adamerging_layerwise", "method.clamp=[1,0]"], r"'method.clamp' bounds are reversed"),
+    "init outside clamp": (["method=adamerging_layerwise", "method.init=2.0", "method.clamp=[0,1]"],
+                           r"^error: config key 'method.init' = 2.0 lies outside 'method.clamp' \[0, 1\]: nothing would"),
+    "init list outside clamp": (["method=adamerging_taskwise", "method.init=[0.3,-0.5]"],
+                                r"'method.init' = \[0.3, -0.5\] lies outside 'method.clamp' \[0.0, 1.0\]"),
     "zero batch": (["method=adamerging_layerwise", "data.batch_size=0"], r"'data.batch_size' must be >= 1"),
     "bad dtype": (["method=task_arithmetic", "task_vectors.dtype=int8"], r"'task_vectors.dtype' must be one of"),
     "unknown trainer key": (["method=adamerging_layerwise", "+trainer.foo=1"], r"config group 'trainer'.*foo"),
@@ -222,3 +229,66 @@ def test_nonfinite_loss_stops_or_skips(conf, tmp_path, tiny_pool_cfg):
     p = train(conf, tmp_path / "run2", "method=adamerging_layerwise", "trainer.max_steps=3", "+method.nonfinite=skip")
     assert "step skipped" in p.stderr + p.stdout
     assert torch.allclose(_coefs(tmp_path / "run2"), torch.tensor(0.3))  # no step was taken
+
+
+def _nudge_one_element(cfg, tmp):
+    """task1's expert with one element of one tensor changed (as if fine-tuned a little further)."""
+    from safetensors.torch import load_file, save_file
+
+    d = _copy_expert(cfg, tmp, "task1")
+    sd = load_file(str(d / "model.safetensors"))
+    sd["bert.encoder.layer.1.attention.self.value.weight"].view(-1)[1] += 1e-3
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_resume_refuses_a_pool_that_differs_in_one_element(tiny_pool_cfg, tmp_path, capsys):
+    args = ("method=adamerging_layerwise", "export.overwrite=true")
+    assert inprocess(tmp_path, tiny_pool_cfg, *args, "trainer.max_steps=2") == 0
+    other = json.loads(json.dumps(tiny_pool_cfg))
+    _nudge_one_element(other, tmp_path)
+    capsys.readouterr()
+    assert inprocess(tmp_path, other, *args, "trainer.max_steps=4", "resume=last") == 2
+    assert re.search(r"error: checkpoint was made from a different pool: experts: .*'task1'", capsys.readouterr().err)
+
+
+def test_resume_refuses_swapped_lora_experts(tmp_path, capsys):
+    """LoRA experts differ only in their target modules; swapping two of them is another pool."""
+    lora = helpers.make_pool(tmp_path / "lora", k=3, form="lora")  # task0 and task2: both 2 labels
+    args = ("method=adamerging_layerwise", "export.overwrite=true")
+    assert inprocess(tmp_path, lora, *args, "trainer.max_steps=2") == 0
+    swapped = json.loads(json.dumps(lora))
+    t = swapped["tasks"]
+    t["task0"]["expert"], t["task2"]["expert"] = t["task2"]["expert"], t["task0"]["expert"]
+    capsys.readouterr()
+    assert inprocess(tmp_path, swapped, *args, "trainer.max_steps=4", "resume=last") == 2
+    assert re.search(r"error: checkpoint was made from a different pool: experts: ", capsys.readouterr().err)
+
+
+def test_rerun_into_a_run_dir_with_checkpoints_is_refused(tiny_pool_cfg, tmp_path, capsys):
+    """Without resume=, a learned method would overwrite the run's last.ckpt: refused before training."""
+    args = ("method=adamerging_layerwise", "export.overwrite=true")
+    assert inprocess(tmp_path, tiny_pool_cfg, *args, "trainer.max_steps=2") == 0
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    capsys.readouterr()
+    assert inprocess(tmp_path, tiny_pool_cfg, *args, "trainer.max_steps=4") == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: .*/run/checkpoints already holds checkpoints of a run; continue it with "
+                        r"resume=last or give a new out_dir\n", err), err
+    assert last.read_bytes() == before
+    assert inprocess(tmp_path, tiny_pool_cfg, *args, "trainer.max_steps=4", "resume=last") == 0
+    assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", "export.overwrite=true") == 0  # trains nothing
+
+
+def test_resume_for_a_method_that_does_not_train(tiny_pool_cfg, tmp_path, capsys, caplog):
+    """Nothing to resume: a missing checkpoint path is still named; an existing one or last only warns."""
+    assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", f"resume={tmp_path / 'nope.ckpt'}") == 2
+    assert re.search(r"error: resume=.*/nope.ckpt: checkpoint file does not exist", capsys.readouterr().err)
+    assert not (tmp_path / "run" / "export").exists()
+    (tmp_path / "some.ckpt").write_bytes(b"")
+    for resume in ("last", str(tmp_path / "some.ckpt")):
+        caplog.clear()
+        assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", f"resume={resume}",
+                         "export.overwrite=true") == 0
+        assert f"method task_arithmetic does not train, so it has nothing to resume: resume={resume} ignored" \
+            in caplog.text
