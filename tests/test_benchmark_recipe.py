@@ -1,0 +1,53 @@
+"""The benchmark recipe (data/benchmark.py): committed experts are current, the frozen-head probe fits
+the head alone on the pretrained features."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import torch
+
+import helpers
+
+spec = importlib.util.spec_from_file_location("adamerge_benchmark_recipe", helpers.ROOT / "data" / "benchmark.py")
+bm = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bm)
+
+
+def test_committed_experts_match_their_recipe_version():
+    """A RECIPE_VERSION bump without rebuilding the committed adapters would retrain them on every demo."""
+    for form, folder in bm.COMMITTED_DIRS.items():
+        key = bm.cache_key(form, 120, 0, 64)
+        for task in bm.TASKS:
+            info = json.loads((folder / task / "expert_info.json").read_text())
+            assert info["cache_key"] == key, f"{folder / task}: rebuild with --form {form} --export-lora"
+            assert info["form"] == form and info["task"] == task
+
+
+def test_frozen_head_lora_adapters_carry_the_probe_head():
+    """The committed frozen-head adapters hold their head (modules_to_save), trained nowhere but in the probe fit."""
+    from safetensors.torch import load_file
+
+    for task in bm.TASKS:
+        folder = bm.COMMITTED_DIRS["frozen_head_lora"] / task
+        info = json.loads((folder / "expert_info.json").read_text())
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        head = [n for n in tensors if "classifier" in n]
+        assert head and any(tensors[n].shape[0] == info["num_labels"] for n in head)
+        assert 0 < info["probe_train_accuracy"] <= 1
+
+
+def test_fit_probe_changes_only_the_head(tmp_path):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(helpers.tiny_config(num_labels=3))
+    helpers.save_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    rows = helpers.make_texts(60, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    acc = bm.fit_probe(model, tok, [t for t, _ in rows], [y for _, y in rows], max_length=16)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+    assert acc > 0.6  # three topics of distinct words: far above chance (1/3) on the encoder's features
