@@ -192,7 +192,9 @@ def test_peak_memory_does_not_grow_with_the_number_of_candidates(tiny_pool_cfg, 
     pool_cfg = {**tiny_pool_cfg, "base": str(base)}
     model_bytes = sum(v.numel() * 4 for v in load_file(str(base / "model.safetensors")).values())
     paths = write_candidates(pool_cfg, tmp_path / "cands", 16, noise=0.02)
-    pool_cfg["tasks"] = {t: {**spec, "expert": paths[i]} for i, (t, spec) in enumerate(pool_cfg["tasks"].items())}
+    # the candidates are noisy copies of the base, whose head has 2 outputs: every task reads 2 labels
+    pool_cfg["tasks"] = {t: {**spec, "expert": paths[i], "num_labels": 2, "label_names": None}
+                         for i, (t, spec) in enumerate(pool_cfg["tasks"].items())}
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, json.dumps(pool_cfg), json.dumps(paths)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
