@@ -41,7 +41,7 @@ def run(cfg: DictConfig) -> dict:
 
     from adamerge.checkpointing import AtomicCheckpointIO, SaveOnInterrupt, check_fresh_run, resolve_resume
     from adamerge.config import ConfigError, check_config
-    from adamerge.data import CalibrationDataModule, load_tokenizer
+    from adamerge.data import CalibrationDataModule, check_data, load_tokenizer
     from adamerge.evaluate import (
         evaluate_params,
         load_test_sets,
@@ -79,6 +79,7 @@ def run(cfg: DictConfig) -> dict:
         # nothing to resume here, but a path that does not exist is a mistake worth naming
         raise CheckpointError(f"resume={c['resume']}: checkpoint file does not exist")
     pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
+    check_data(pool)  # a bad line or label is named now, not after training
     stats_rank = 0 if cls.trainable else _launch_statistics_ranks(c["trainer"])
     method = cls(pool, c["method"], c["task_vectors"])  # closed form: every rank adds its statistics
     if stats_rank != 0:

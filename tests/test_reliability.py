@@ -102,6 +102,57 @@ def test_bad_pool_inputs(tiny_pool_cfg, tmp_path, capsys, case):
     assert not (tmp_path / "run" / "export").exists()
 
 
+def _bad_line(key: str, line: int, text: str, task: str = "task0"):
+    """Edit: the task's ``key`` file copied with its ``line``-th line replaced by ``text``."""
+    def edit(cfg, tmp):
+        src = Path(cfg["tasks"][task][key])
+        rows = src.read_text().splitlines()
+        rows[line - 1] = text
+        dst = tmp / f"bad_{key}.jsonl"
+        dst.write_text("\n".join(rows) + "\n")
+        cfg["tasks"][task][key] = str(dst)
+    return edit
+
+
+def _with_validation(edit):
+    """Give task0 a validation file (a copy of its test file), then apply ``edit``."""
+    def both(cfg, tmp):
+        cfg["tasks"]["task0"]["validation"] = cfg["tasks"]["task0"]["test"]
+        edit(cfg, tmp)
+    return both
+
+
+BAD_DATA = {  # task0 has 2 labels
+    "label out of range": (_bad_line("test", 3, '{"text": "goal", "label": 2}'),
+                           r"task 'task0': test file .*bad_test.jsonl line 3: label 2 is outside \[0, 2\); fix the label"),
+    "negative validation label": (_with_validation(_bad_line("validation", 5, '{"text": "goal", "label": -1}')),
+                                  r"task 'task0': validation file .*bad_validation.jsonl line 5: label -1 is outside "
+                                  r"\[0, 2\)"),
+    "string label": (_bad_line("test", 2, '{"text": "goal", "label": "sports"}'),
+                     r"task 'task0': test file .*bad_test.jsonl line 2: label 'sports' is not an integer"),
+    "missing test file": (lambda c, t: c["tasks"]["task0"].__setitem__("test", str(t / "nope.jsonl")),
+                          r"task 'task0': test file .*nope.jsonl does not exist; fix the path under pool tasks.task0.test"),
+    "calibration line without text": (_bad_line("calibration", 4, '{"label": 1}'),
+                                      r"task 'task0': calibration file .*bad_calibration.jsonl line 4 is not a JSON "
+                                      r"object with a string 'text' field"),
+    "calibration line not json": (_bad_line("calibration", 2, "goal match"),
+                                  r"task 'task0': calibration file .*bad_calibration.jsonl line 2 is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_is_named_before_training(tiny_pool_cfg, tmp_path, capsys, case):
+    """Every data file is read before step 0: one line naming task, file, line and the fix."""
+    edit, pattern = BAD_DATA[case]
+    cfg = json.loads(json.dumps(tiny_pool_cfg))
+    edit(cfg, tmp_path)
+    assert inprocess(tmp_path, cfg, "method=adamerging_layerwise", "trainer.max_steps=2") == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: " + pattern + r".*", err.splitlines()[-1]), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+
+
 BAD_CONFIGS = {
     "negative lr": (["method=adamerging_layerwise", "method.lr=-1"], r"'method.lr' must be > 0, got -1"),
     "string lr": (["method=adamerging_layerwise", "method.lr=fast"], r"'method.lr' must be a number, got 'fast'"),
