@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
         save_report,
         summarize,
     )
-    from adamerge.export import check_export_target, export_merged
+    from adamerge.export import check_export_target, export_merged, remove_stale_temporaries
     from adamerge.methods import CheckpointError, get_method
     from adamerge.pool import pool_from_config, resolve_recipe
     from adamerge.start_vs_end import calibration_objective, choose, merged_at, monitor_batches, snapshot
@@ -69,6 +69,7 @@ def run(cfg: DictConfig) -> dict:
     export_dir = Path(c["export"]["dir"])
     rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
     if rank == 0:
+        remove_stale_temporaries(export_dir)
         check_export_target(export_dir, c["export"]["overwrite"])  # refuse before spending time training
     pl.seed_everything(c["seed"], workers=True, verbose=False)
 

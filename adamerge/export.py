@@ -14,6 +14,7 @@ an interrupted or failed export never leaves a half-written directory and never 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -55,6 +58,29 @@ def check_export_target(export_dir: str | Path, overwrite: bool) -> None:
         raise ExportError(f"export directory {d} exists and is not a directory")
     if d.exists() and any(d.iterdir()) and not overwrite:
         raise ExportError(f"export directory {d} exists and is not empty; set export.overwrite=true to replace it")
+
+
+def remove_stale_temporaries(export_dir: str | Path) -> list[Path]:
+    """Remove the temporary siblings (``.<name>.tmp-*``, ``.<name>.old-*``) that an export killed by
+    SIGKILL leaves behind (nothing else ever removes them); returns what was removed.
+
+    An ``.old-`` directory while the export directory is missing is the previous export, killed
+    between the two renames of ``atomic_directory``: it is put back instead.
+    """
+    d = Path(export_dir)
+    if not d.parent.is_dir():
+        return []
+    olds = sorted(d.parent.glob(f".{d.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not d.exists():
+        os.replace(olds.pop(), d)
+        log.warning("restored the previous export %s from %s (an export was interrupted)", d, d.parent)
+    stale = [p for p in [*d.parent.glob(f".{d.name}.tmp-*"), *olds] if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale:
+        log.warning("removed %d temporary director%s left by an interrupted export: %s", len(stale),
+                    "y" if len(stale) == 1 else "ies", ", ".join(p.name for p in stale))
+    return stale
 
 
 def atomic_directory(export_dir: str | Path, overwrite: bool, write: Callable[[Path], None]) -> Path:

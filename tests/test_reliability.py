@@ -343,3 +343,30 @@ def test_resume_for_a_method_that_does_not_train(tiny_pool_cfg, tmp_path, capsys
                          "export.overwrite=true") == 0
         assert f"method task_arithmetic does not train, so it has nothing to resume: resume={resume} ignored" \
             in caplog.text
+
+
+def test_stale_export_temporaries_are_removed(tiny_pool_cfg, tmp_path, caplog):
+    """A kill -9 during export leaves ``.export.tmp-*``: the next run into the out_dir removes it, says so."""
+    run = tmp_path / "run"
+    stale = run / ".export.tmp-abc123"
+    (stale / "model").mkdir(parents=True)
+    (stale / "model" / "model.safetensors").write_bytes(b"half written")
+    other = run / ".other.tmp-1"  # not a temporary of this export dir: left alone
+    other.mkdir()
+    assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic") == 0
+    assert not stale.exists() and other.exists()
+    assert (run / "export" / "coefficients.json").exists()
+    lines = [r.getMessage() for r in caplog.records if "interrupted export" in r.getMessage()]
+    assert lines == ["removed 1 temporary directory left by an interrupted export: .export.tmp-abc123"], lines
+
+
+def test_export_killed_between_renames_keeps_the_previous_export(tmp_path):
+    """Killed after the old export was moved aside and before the new one took its place: put it back."""
+    from adamerge.export import remove_stale_temporaries
+
+    (tmp_path / ".export.old-x1").mkdir()
+    (tmp_path / ".export.old-x1" / "eval.md").write_text("previous")
+    (tmp_path / ".export.tmp-x2").mkdir()
+    assert [p.name for p in remove_stale_temporaries(tmp_path / "export")] == [".export.tmp-x2"]
+    assert (tmp_path / "export" / "eval.md").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
