@@ -370,3 +370,24 @@ def test_export_killed_between_renames_keeps_the_previous_export(tmp_path):
     assert [p.name for p in remove_stale_temporaries(tmp_path / "export")] == [".export.tmp-x2"]
     assert (tmp_path / "export" / "eval.md").read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
+def test_outputs_honour_the_umask(tiny_pool_cfg, tmp_path, umask):
+    """export/ and checkpoints get the modes a plain mkdir/open would give (not mkdtemp's 0700, mkstemp's 0600)."""
+    old = os.umask(umask)
+    try:
+        assert inprocess(tmp_path, tiny_pool_cfg, "method=adamerging_layerwise", "trainer.max_steps=2",
+                         "checkpoint.every_n_steps=1") == 0
+    finally:
+        os.umask(old)
+    run = tmp_path / "run"
+
+    def mode(p):
+        return p.stat().st_mode & 0o777
+
+    assert mode(run / "export") == 0o777 & ~umask
+    assert mode(run / "export" / "model") == 0o777 & ~umask
+    assert mode(run / "export" / "coefficients.json") == 0o666 & ~umask
+    for ckpt in ("last.ckpt", "step000001.ckpt"):
+        assert mode(run / "checkpoints" / ckpt) == 0o666 & ~umask, ckpt
