@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -38,8 +39,15 @@ def run(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from adamerge.checkpointing import AtomicCheckpointIO, SaveOnInterrupt, check_fresh_run, resolve_resume
+    from adamerge.checkpointing import (
+        AtomicCheckpointIO,
+        Interrupted,
+        SaveOnInterrupt,
+        check_fresh_run,
+        resolve_resume,
+    )
     from adamerge.config import ConfigError, check_config
     from adamerge.data import CalibrationDataModule, check_data, load_tokenizer
     from adamerge.evaluate import (
@@ -100,16 +108,19 @@ def run(cfg: DictConfig) -> dict:
         start_loss = calibration_objective(method, monitor)
         ckpt_dir = out_dir / "checkpoints"
         every = int(c["checkpoint"]["every_n_steps"])
+        interrupt = SaveOnInterrupt(ckpt_dir / "last.ckpt")
         callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                                     every_n_train_steps=every, save_top_k=-1, save_last=False),
-                     SaveOnInterrupt(ckpt_dir / "last.ckpt")]
+                                     every_n_train_steps=every, save_top_k=-1, save_last=False), interrupt]
         try:
             trainer = pl.Trainer(**c["trainer"], callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                                  logger=CSVLogger(str(out_dir), name="logs"), enable_model_summary=False,
                                  num_sanity_val_steps=0, limit_val_batches=0)
         except (TypeError, ValueError) as e:  # unknown key or bad value under trainer.*
             raise ConfigError(f"config group 'trainer': {e}") from e
-        trainer.fit(method, datamodule=dm, ckpt_path=resolve_resume(c["resume"], ckpt_dir))
+        try:
+            trainer.fit(method, datamodule=dm, ckpt_path=resolve_resume(c["resume"], ckpt_dir))
+        except SIGTERMException as e:  # SaveOnInterrupt wrote last.ckpt
+            raise Interrupted(interrupt.signum) from e
         trainer.save_checkpoint(ckpt_dir / "last.ckpt")
         if trainer.global_rank != 0:
             return {}
@@ -172,15 +183,18 @@ def _launch_statistics_ranks(trainer_cfg: dict) -> int:
 
 def cli(cfg: DictConfig) -> int:
     """Run, turning the user's errors into one line on stderr; returns the exit code."""
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    from adamerge.checkpointing import Interrupted
 
     try:
         run(cfg)
         return 0
-    except SIGTERMException:
-        print(f"interrupted (SIGTERM): last checkpoint written; continue with out_dir={cfg.out_dir} resume=last",
-              file=sys.stderr, flush=True)
-        return 143
+    except Interrupted as e:  # 128 + the signal's number, as a shell reports a process the signal ended
+        print(f"interrupted ({signal.Signals(e.signum).name}): last checkpoint written; continue with "
+              f"out_dir={cfg.out_dir} resume=last", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading, evaluating, exporting)
+        print("interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except Exception as e:  # one clear line for the user; the traceback behind verbose=true
         from adamerge.errors import is_user_error
 

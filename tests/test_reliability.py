@@ -391,3 +391,26 @@ def test_outputs_honour_the_umask(tiny_pool_cfg, tmp_path, umask):
     assert mode(run / "export" / "coefficients.json") == 0o666 & ~umask
     for ckpt in ("last.ckpt", "step000001.ckpt"):
         assert mode(run / "checkpoints" / ckpt) == 0o666 & ~umask, ckpt
+
+
+def test_ctrl_c_checkpoints_and_resumes(conf, tmp_path):
+    """SIGINT during training does what SIGTERM does: last.ckpt, the resume hint, exit code 130."""
+    run = tmp_path / "run"
+    p = _spawn(conf, run, "trainer.max_steps=200")  # many steps: still training when the signal comes
+    try:
+        _wait_for(run / "checkpoints", "step000004.ckpt", timeout=120)
+        assert p.poll() is None, "training ended before the signal"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err[-2000:]
+    assert re.search(rf"(?m)^interrupted \(SIGINT\): last checkpoint written; continue with out_dir={run} "
+                     r"resume=last$", err), err[-2000:]
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 4 <= step < 200
+    assert not (run / "export").exists()
+    train(conf, run, "method=adamerging_layerwise", "method.lr=0.05", "checkpoint.every_n_steps=2",
+          "trainer.max_steps=200", "resume=last")
+    assert (run / "export" / "coefficients.json").exists()
