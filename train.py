@@ -61,6 +61,7 @@ def run(cfg: DictConfig) -> dict:
     from adamerge.export import check_export_target, export_merged, remove_stale_temporaries
     from adamerge.methods import CheckpointError, get_method
     from adamerge.pool import pool_from_config, resolve_recipe
+    from adamerge.progress import ProgressLog
     from adamerge.start_vs_end import calibration_objective, choose, merged_at, monitor_batches, snapshot
 
     out_dir = Path(HydraConfig.get().run.dir) if HydraConfig.initialized() else Path(cfg.out_dir)
@@ -110,7 +111,8 @@ def run(cfg: DictConfig) -> dict:
         every = int(c["checkpoint"]["every_n_steps"])
         interrupt = SaveOnInterrupt(ckpt_dir / "last.ckpt")
         callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                                     every_n_train_steps=every, save_top_k=-1, save_last=False), interrupt]
+                                     every_n_train_steps=every, save_top_k=-1, save_last=False), interrupt,
+                     ProgressLog(c["progress"]["every_n_steps"], c["progress"]["min_interval_s"])]
         try:
             trainer = pl.Trainer(**c["trainer"], callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                                  logger=CSVLogger(str(out_dir), name="logs"), enable_model_summary=False,

@@ -414,3 +414,31 @@ def test_ctrl_c_checkpoints_and_resumes(conf, tmp_path):
     train(conf, run, "method=adamerging_layerwise", "method.lr=0.05", "checkpoint.every_n_steps=2",
           "trainer.max_steps=200", "resume=last")
     assert (run / "export" / "coefficients.json").exists()
+
+
+def test_progress_lines_in_the_log_file(conf, tmp_path):
+    """stdout is not a terminal here: progress still reaches train.log, a line per N steps and the last."""
+    run = tmp_path / "run"
+    train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=12", "progress.every_n_steps=5",
+          "progress.min_interval_s=0")
+    lines = re.findall(r"step (\d+)/12  loss \d+\.\d+  s/step \d+\.\d+  ETA \d+s  "
+                       r"coef mean/min/max -?\d\.\d+/-?\d\.\d+/-?\d\.\d+$", (run / "train.log").read_text(), re.M)
+    assert lines == ["5", "10", "12"], (run / "train.log").read_text()
+
+
+def test_progress_lines_at_most_every_min_interval(caplog):
+    """Steps 1..12 in well under 30 s: only the last step is logged (plus the first multiple of N)."""
+    import logging
+    from types import SimpleNamespace
+
+    from adamerge.progress import ProgressLog
+
+    cb = ProgressLog(every_n_steps=2, min_interval_s=30)
+    trainer = SimpleNamespace(global_step=0, max_steps=12, is_global_zero=True,
+                              callback_metrics={"loss": torch.tensor(0.5)})
+    cb.on_train_start(trainer, None)
+    with caplog.at_level(logging.INFO, logger="adamerge"):
+        for s in range(1, 13):
+            trainer.global_step = s
+            cb.on_train_batch_end(trainer, None, None, None, s)
+    assert [r.getMessage().split("  ")[0] for r in caplog.records] == ["step 2/12", "step 12/12"]
