@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
@@ -183,10 +182,31 @@ def _launch_statistics_ranks(trainer_cfg: dict) -> int:
     return fabric.global_rank
 
 
+def quiet_third_party(verbose: bool) -> None:
+    """The one place that silences other libraries' start-up noise (unless ``verbose``): Lightning's
+    info lines (GPU/TPU available, tips, ``weights_only``), transformers' info and progress bars, and
+    third-party deprecation warnings, which the user of a run can do nothing about."""
+    if verbose:
+        return
+    import warnings
+
+    import lightning_fabric  # noqa: F401  (importing sets its logger to INFO: set the level after)
+    import pytorch_lightning  # noqa: F401
+    import transformers
+
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def cli(cfg: DictConfig) -> int:
     """Run, turning the user's errors into one line on stderr; returns the exit code."""
     from adamerge.checkpointing import Interrupted
 
+    quiet_third_party(bool(cfg.get("verbose")))
     try:
         run(cfg)
         return 0

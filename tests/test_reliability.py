@@ -442,3 +442,15 @@ def test_progress_lines_at_most_every_min_interval(caplog):
             trainer.global_step = s
             cb.on_train_batch_end(trainer, None, None, None, s)
     assert [r.getMessage().split("  ")[0] for r in caplog.records] == ["step 2/12", "step 12/12"]
+
+
+def test_quiet_start_up(conf, tmp_path):
+    """No Lightning tips or accelerator lines, no third-party deprecation warnings; verbose=true shows them."""
+    args = ("method=adamerging_layerwise", "trainer.max_steps=2")
+    p = train(conf, tmp_path / "run", *args)
+    out = p.stdout + p.stderr
+    for noise in ("Tip", "deprecated", "GPU available", "TPU available", "Loading weights"):
+        assert noise not in out, out
+    assert "exported merged model" in out
+    p = train(conf, tmp_path / "verbose", *args, "verbose=true")
+    assert "GPU available" in p.stdout + p.stderr
