@@ -183,19 +183,18 @@ def _launch_statistics_ranks(trainer_cfg: dict) -> int:
 
 
 def quiet_third_party(verbose: bool) -> None:
-    """The one place that silences other libraries' start-up noise (unless ``verbose``): Lightning's
+    """The one place that silences other libraries' start-up noise (unless ``verbose``): the Trainer's
     info lines (GPU/TPU available, tips, ``weights_only``), transformers' info and progress bars, and
-    third-party deprecation warnings, which the user of a run can do nothing about."""
+    third-party deprecation warnings, which the user of a run can do nothing about. Lightning Fabric's
+    info lines (``Initializing distributed: GLOBAL_RANK ...``) stay: they show which processes started."""
     if verbose:
         return
     import warnings
 
-    import lightning_fabric  # noqa: F401  (importing sets its logger to INFO: set the level after)
-    import pytorch_lightning  # noqa: F401
+    import pytorch_lightning  # noqa: F401  (importing sets its logger to INFO: set the level after)
     import transformers
 
-    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
