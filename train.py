@@ -9,11 +9,11 @@ import csv
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
@@ -38,10 +38,17 @@ def run(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from adamerge.checkpointing import AtomicCheckpointIO, SaveOnInterrupt, check_fresh_run, resolve_resume
+    from adamerge.checkpointing import (
+        AtomicCheckpointIO,
+        Interrupted,
+        SaveOnInterrupt,
+        check_fresh_run,
+        resolve_resume,
+    )
     from adamerge.config import ConfigError, check_config
-    from adamerge.data import CalibrationDataModule, load_tokenizer
+    from adamerge.data import CalibrationDataModule, check_data, load_tokenizer
     from adamerge.evaluate import (
         evaluate_params,
         load_test_sets,
@@ -50,9 +57,10 @@ def run(cfg: DictConfig) -> dict:
         save_report,
         summarize,
     )
-    from adamerge.export import check_export_target, export_merged
+    from adamerge.export import check_export_target, export_merged, remove_stale_temporaries
     from adamerge.methods import CheckpointError, get_method
     from adamerge.pool import pool_from_config, resolve_recipe
+    from adamerge.progress import ProgressLog
     from adamerge.start_vs_end import calibration_objective, choose, merged_at, monitor_batches, snapshot
 
     out_dir = Path(HydraConfig.get().run.dir) if HydraConfig.initialized() else Path(cfg.out_dir)
@@ -69,6 +77,7 @@ def run(cfg: DictConfig) -> dict:
     export_dir = Path(c["export"]["dir"])
     rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
     if rank == 0:
+        remove_stale_temporaries(export_dir)
         check_export_target(export_dir, c["export"]["overwrite"])  # refuse before spending time training
     pl.seed_everything(c["seed"], workers=True, verbose=False)
 
@@ -79,6 +88,7 @@ def run(cfg: DictConfig) -> dict:
         # nothing to resume here, but a path that does not exist is a mistake worth naming
         raise CheckpointError(f"resume={c['resume']}: checkpoint file does not exist")
     pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
+    check_data(pool)  # a bad line or label is named now, not after training
     stats_rank = 0 if cls.trainable else _launch_statistics_ranks(c["trainer"])
     method = cls(pool, c["method"], c["task_vectors"])  # closed form: every rank adds its statistics
     if stats_rank != 0:
@@ -98,16 +108,20 @@ def run(cfg: DictConfig) -> dict:
         start_loss = calibration_objective(method, monitor)
         ckpt_dir = out_dir / "checkpoints"
         every = int(c["checkpoint"]["every_n_steps"])
+        interrupt = SaveOnInterrupt(ckpt_dir / "last.ckpt")
         callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                                     every_n_train_steps=every, save_top_k=-1, save_last=False),
-                     SaveOnInterrupt(ckpt_dir / "last.ckpt")]
+                                     every_n_train_steps=every, save_top_k=-1, save_last=False), interrupt,
+                     ProgressLog(c["progress"]["every_n_steps"], c["progress"]["min_interval_s"])]
         try:
             trainer = pl.Trainer(**c["trainer"], callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                                  logger=CSVLogger(str(out_dir), name="logs"), enable_model_summary=False,
                                  num_sanity_val_steps=0, limit_val_batches=0)
         except (TypeError, ValueError) as e:  # unknown key or bad value under trainer.*
             raise ConfigError(f"config group 'trainer': {e}") from e
-        trainer.fit(method, datamodule=dm, ckpt_path=resolve_resume(c["resume"], ckpt_dir))
+        try:
+            trainer.fit(method, datamodule=dm, ckpt_path=resolve_resume(c["resume"], ckpt_dir))
+        except SIGTERMException as e:  # SaveOnInterrupt wrote last.ckpt
+            raise Interrupted(interrupt.signum) from e
         trainer.save_checkpoint(ckpt_dir / "last.ckpt")
         if trainer.global_rank != 0:
             return {}
@@ -168,17 +182,40 @@ def _launch_statistics_ranks(trainer_cfg: dict) -> int:
     return fabric.global_rank
 
 
+def quiet_third_party(verbose: bool) -> None:
+    """The one place that silences other libraries' start-up noise (unless ``verbose``): the Trainer's
+    info lines (GPU/TPU available, tips, ``weights_only``), transformers' info and progress bars, and
+    third-party deprecation warnings, which the user of a run can do nothing about. Lightning Fabric's
+    info lines (``Initializing distributed: GLOBAL_RANK ...``) stay: they show which processes started."""
+    if verbose:
+        return
+    import warnings
+
+    import pytorch_lightning  # noqa: F401  (importing sets its logger to INFO: set the level after)
+    import transformers
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def cli(cfg: DictConfig) -> int:
     """Run, turning the user's errors into one line on stderr; returns the exit code."""
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    from adamerge.checkpointing import Interrupted
 
+    quiet_third_party(bool(cfg.get("verbose")))
     try:
         run(cfg)
         return 0
-    except SIGTERMException:
-        print(f"interrupted (SIGTERM): last checkpoint written; continue with out_dir={cfg.out_dir} resume=last",
-              file=sys.stderr, flush=True)
-        return 143
+    except Interrupted as e:  # 128 + the signal's number, as a shell reports a process the signal ended
+        print(f"interrupted ({signal.Signals(e.signum).name}): last checkpoint written; continue with "
+              f"out_dir={cfg.out_dir} resume=last", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading, evaluating, exporting)
+        print("interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except Exception as e:  # one clear line for the user; the traceback behind verbose=true
         from adamerge.errors import is_user_error
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,6 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from .export import atomic_write_bytes
 from .methods.base import CheckpointError
@@ -82,15 +84,40 @@ def check_fresh_run(resume: str | None, ckpt_dir: str | Path) -> None:
                               "or give a new out_dir")
 
 
+class Interrupted(Exception):
+    """Training stopped by SIGTERM or SIGINT at a step boundary, ``last.ckpt`` written."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 class SaveOnInterrupt(Callback):
-    """On SIGTERM (Lightning stops at a step boundary) or Ctrl-C, write ``last.ckpt`` before exiting."""
+    """On SIGTERM or Ctrl-C (SIGINT), stop at the next step boundary and write ``last.ckpt``.
+
+    Lightning stops cleanly only on SIGTERM (a KeyboardInterrupt may land mid-step), so during
+    training SIGINT is turned into SIGTERM; ``signum`` records which one arrived. A second Ctrl-C
+    interrupts at once and saves nothing: a state from mid-step would not resume exactly (Lightning
+    restores the original handler at teardown).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.saved: Path | None = None
+        self.signum = signal.SIGTERM
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():  # only there can handlers be set
+            signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame) -> None:
+        self.signum = signal.SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+        if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.path)
             self.saved = self.path
-            rank_zero_info(f"interrupted at step {trainer.global_step}: checkpoint written to {self.path}")
+            if trainer.is_global_zero:
+                log.info("interrupted at step %d: checkpoint written to %s", trainer.global_step, self.path)

@@ -19,11 +19,17 @@ class DataError(ValueError):
     """A problem with calibration or test data: names the task and file at fault."""
 
 
-def read_jsonl(path: str | Path, task: str, need_labels: bool = False) -> tuple[list[str], list[int]]:
-    """Texts (and labels) from a JSON-lines file of ``{"text": ..., "label": ...}`` objects."""
+def read_jsonl(path: str | Path, task: str, need_labels: bool = False, num_labels: int | None = None,
+               key: str = "data") -> tuple[list[str], list[int]]:
+    """Texts (and labels) from a JSON-lines file of ``{"text": ..., "label": ...}`` objects.
+
+    ``key`` (calibration, test, validation) only names the file in errors; with ``num_labels`` each
+    label must lie in [0, num_labels).
+    """
     p = Path(path)
+    where = f"task '{task}': {key} file {p}"
     if not p.exists():
-        raise DataError(f"task '{task}': data file {p} does not exist")
+        raise DataError(f"{where} does not exist; fix the path under pool tasks.{task}.{key}")
     texts, labels = [], []
     with p.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -31,16 +37,43 @@ def read_jsonl(path: str | Path, task: str, need_labels: bool = False) -> tuple[
                 continue
             try:
                 row = json.loads(line)
-                texts.append(str(row["text"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"task '{task}': {p} line {i} is not a JSON object with a 'text' field ({e})") from e
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where} line {i} is not valid JSON ({e}); each line must be one JSON object") from e
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DataError(f"{where} line {i} is not a JSON object with a string 'text' field; "
+                                'write each line as {"text": "..."}')
+            texts.append(row["text"])
             if need_labels:
-                if "label" not in row:
-                    raise DataError(f"task '{task}': {p} line {i} has no 'label' (needed for evaluation)")
-                labels.append(int(row["label"]))
+                labels.append(_label(row, f"{where} line {i}", num_labels))
     if not texts:
-        raise DataError(f"task '{task}': {p} has no examples (empty calibration/test data)")
+        raise DataError(f"{where} has no examples (empty calibration/test data); give at least one line")
     return texts, labels
+
+
+def _label(row: dict, where: str, num_labels: int | None) -> int:
+    """The row's label as an int, or a DataError saying what is wrong and how to fix it."""
+    if "label" not in row:
+        raise DataError(f"{where} has no 'label' (needed for evaluation); add an integer \"label\"")
+    y = row["label"]
+    if isinstance(y, bool) or not isinstance(y, int):  # json gives int, float or str; bool is an int subclass
+        raise DataError(f"{where}: label {y!r} is not an integer; labels are class indices 0..num_labels-1")
+    if y < 0 or (num_labels is not None and y >= num_labels):
+        bound = f"[0, {num_labels})" if num_labels is not None else ">= 0"
+        raise DataError(f"{where}: label {y} is outside {bound}; fix the label or the task's num_labels in the pool")
+    return y
+
+
+def check_data(pool) -> None:
+    """Read every data file the pool names, before anything is trained: each line JSON with a string
+    'text'; test and validation labels integers in [0, num_labels) (sequence classification pools).
+    Raises DataError naming task, file, line and the fix."""
+    labelled = pool.model_class == "sequence_classification"  # only these pools read labels
+    for name, spec in pool.tasks.items():
+        for key in ("calibration", "test", "validation"):
+            path = getattr(spec, key)
+            if path:
+                need = labelled and key != "calibration"
+                read_jsonl(path, name, need_labels=need, num_labels=pool.num_labels(name) if need else None, key=key)
 
 
 def load_tokenizer(path: str | Path, causal: bool = False):
@@ -126,7 +159,7 @@ class CalibrationDataModule(pl.LightningDataModule):
         for name, spec in pool.tasks.items():
             if not spec.calibration:
                 raise DataError(f"task '{name}' has no calibration file in the pool config")
-            cal[name] = read_jsonl(spec.calibration, name)[0]
+            cal[name] = read_jsonl(spec.calibration, name, key="calibration")[0]
         tok = tokenizer or load_tokenizer(pool.base_path, causal=pool.model_class == "causal_lm")
         return cls(cal, tok, batch_size=batch_size, max_length=max_length, seed=seed, size=size)
 

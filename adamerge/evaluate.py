@@ -28,10 +28,11 @@ def load_test_sets(pool, tokenizer, max_length: int = 64, max_examples: int | No
         path = getattr(spec, split)
         if not path:
             continue
-        texts, labels = read_jsonl(path, name, need_labels=True)
+        n_cls = pool.num_labels(name)
+        texts, labels = read_jsonl(path, name, need_labels=True, num_labels=n_cls, key=split)
         if max_examples:
             texts, labels = texts[:max_examples], labels[:max_examples]
-        n_cls = spec.num_labels or (max(labels) + 1)
+        n_cls = n_cls or (max(labels) + 1)
         out[name] = (encode(tokenizer, texts, max_length), torch.tensor(labels), n_cls)
     return out
 

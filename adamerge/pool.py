@@ -322,9 +322,9 @@ class ModelPool:
         names = self.head_names()
         if not names:
             return
-        out_name = names[-1]  # the head's output layer comes last (classifier.bias, out_proj.bias, score.weight)
+        out_name = names[-1]
         for t in self.tasks.values():
-            out = self.head(t.name)[out_name].shape[0]
+            out = self._head_outputs(t.name)
             for key, n in (("num_labels", t.num_labels), ("label_names", len(t.label_names or []) or None)):
                 if n is not None and n != out:
                     raise PoolError(
@@ -332,6 +332,21 @@ class ModelPool:
                         f"{out} outputs ('{out_name}'); set num_labels: {out} (and {out} label_names) for this task "
                         "or give the expert fine-tuned for it"
                     )
+
+    def _head_outputs(self, task: str) -> int | None:
+        """The output size of the task's head (None without a head)."""
+        names = self.head_names()
+        if not names:
+            return None
+        # the head's output layer comes last (classifier.bias, out_proj.bias, score.weight)
+        return self.head(task)[names[-1]].shape[0]
+
+    def num_labels(self, task: str) -> int | None:
+        """The task's number of classes: its ``num_labels``, else its head's output size."""
+        n = self.tasks[task].num_labels
+        if n is None and self.model_class == "sequence_classification":
+            n = self._head_outputs(task)
+        return n
 
     def _is_buffer_name(self, fname: str) -> bool:
         buffers = {n for n, _ in self.base_model.named_buffers()}

@@ -102,6 +102,57 @@ def test_bad_pool_inputs(tiny_pool_cfg, tmp_path, capsys, case):
     assert not (tmp_path / "run" / "export").exists()
 
 
+def _bad_line(key: str, line: int, text: str, task: str = "task0"):
+    """Edit: the task's ``key`` file copied with its ``line``-th line replaced by ``text``."""
+    def edit(cfg, tmp):
+        src = Path(cfg["tasks"][task][key])
+        rows = src.read_text().splitlines()
+        rows[line - 1] = text
+        dst = tmp / f"bad_{key}.jsonl"
+        dst.write_text("\n".join(rows) + "\n")
+        cfg["tasks"][task][key] = str(dst)
+    return edit
+
+
+def _with_validation(edit):
+    """Give task0 a validation file (a copy of its test file), then apply ``edit``."""
+    def both(cfg, tmp):
+        cfg["tasks"]["task0"]["validation"] = cfg["tasks"]["task0"]["test"]
+        edit(cfg, tmp)
+    return both
+
+
+BAD_DATA = {  # task0 has 2 labels
+    "label out of range": (_bad_line("test", 3, '{"text": "goal", "label": 2}'),
+                           r"task 'task0': test file .*bad_test.jsonl line 3: label 2 is outside \[0, 2\); fix the label"),
+    "negative validation label": (_with_validation(_bad_line("validation", 5, '{"text": "goal", "label": -1}')),
+                                  r"task 'task0': validation file .*bad_validation.jsonl line 5: label -1 is outside "
+                                  r"\[0, 2\)"),
+    "string label": (_bad_line("test", 2, '{"text": "goal", "label": "sports"}'),
+                     r"task 'task0': test file .*bad_test.jsonl line 2: label 'sports' is not an integer"),
+    "missing test file": (lambda c, t: c["tasks"]["task0"].__setitem__("test", str(t / "nope.jsonl")),
+                          r"task 'task0': test file .*nope.jsonl does not exist; fix the path under pool tasks.task0.test"),
+    "calibration line without text": (_bad_line("calibration", 4, '{"label": 1}'),
+                                      r"task 'task0': calibration file .*bad_calibration.jsonl line 4 is not a JSON "
+                                      r"object with a string 'text' field"),
+    "calibration line not json": (_bad_line("calibration", 2, "goal match"),
+                                  r"task 'task0': calibration file .*bad_calibration.jsonl line 2 is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_is_named_before_training(tiny_pool_cfg, tmp_path, capsys, case):
+    """Every data file is read before step 0: one line naming task, file, line and the fix."""
+    edit, pattern = BAD_DATA[case]
+    cfg = json.loads(json.dumps(tiny_pool_cfg))
+    edit(cfg, tmp_path)
+    assert inprocess(tmp_path, cfg, "method=adamerging_layerwise", "trainer.max_steps=2") == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: " + pattern + r".*", err.splitlines()[-1]), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+
+
 BAD_CONFIGS = {
     "negative lr": (["method=adamerging_layerwise", "method.lr=-1"], r"'method.lr' must be > 0, got -1"),
     "string lr": (["method=adamerging_layerwise", "method.lr=fast"], r"'method.lr' must be a number, got 'fast'"),
@@ -292,3 +343,114 @@ def test_resume_for_a_method_that_does_not_train(tiny_pool_cfg, tmp_path, capsys
                          "export.overwrite=true") == 0
         assert f"method task_arithmetic does not train, so it has nothing to resume: resume={resume} ignored" \
             in caplog.text
+
+
+def test_stale_export_temporaries_are_removed(tiny_pool_cfg, tmp_path, caplog):
+    """A kill -9 during export leaves ``.export.tmp-*``: the next run into the out_dir removes it, says so."""
+    run = tmp_path / "run"
+    stale = run / ".export.tmp-abc123"
+    (stale / "model").mkdir(parents=True)
+    (stale / "model" / "model.safetensors").write_bytes(b"half written")
+    other = run / ".other.tmp-1"  # not a temporary of this export dir: left alone
+    other.mkdir()
+    assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic") == 0
+    assert not stale.exists() and other.exists()
+    assert (run / "export" / "coefficients.json").exists()
+    lines = [r.getMessage() for r in caplog.records if "interrupted export" in r.getMessage()]
+    assert lines == ["removed 1 temporary directory left by an interrupted export: .export.tmp-abc123"], lines
+
+
+def test_export_killed_between_renames_keeps_the_previous_export(tmp_path):
+    """Killed after the old export was moved aside and before the new one took its place: put it back."""
+    from adamerge.export import remove_stale_temporaries
+
+    (tmp_path / ".export.old-x1").mkdir()
+    (tmp_path / ".export.old-x1" / "eval.md").write_text("previous")
+    (tmp_path / ".export.tmp-x2").mkdir()
+    assert [p.name for p in remove_stale_temporaries(tmp_path / "export")] == [".export.tmp-x2"]
+    assert (tmp_path / "export" / "eval.md").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
+def test_outputs_honour_the_umask(tiny_pool_cfg, tmp_path, umask):
+    """export/ and checkpoints get the modes a plain mkdir/open would give (not mkdtemp's 0700, mkstemp's 0600)."""
+    old = os.umask(umask)
+    try:
+        assert inprocess(tmp_path, tiny_pool_cfg, "method=adamerging_layerwise", "trainer.max_steps=2",
+                         "checkpoint.every_n_steps=1") == 0
+    finally:
+        os.umask(old)
+    run = tmp_path / "run"
+
+    def mode(p):
+        return p.stat().st_mode & 0o777
+
+    assert mode(run / "export") == 0o777 & ~umask
+    assert mode(run / "export" / "model") == 0o777 & ~umask
+    assert mode(run / "export" / "coefficients.json") == 0o666 & ~umask
+    for ckpt in ("last.ckpt", "step000001.ckpt"):
+        assert mode(run / "checkpoints" / ckpt) == 0o666 & ~umask, ckpt
+
+
+def test_ctrl_c_checkpoints_and_resumes(conf, tmp_path):
+    """SIGINT during training does what SIGTERM does: last.ckpt, the resume hint, exit code 130."""
+    run = tmp_path / "run"
+    p = _spawn(conf, run, "trainer.max_steps=200")  # many steps: still training when the signal comes
+    try:
+        _wait_for(run / "checkpoints", "step000004.ckpt", timeout=120)
+        assert p.poll() is None, "training ended before the signal"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err[-2000:]
+    assert re.search(rf"(?m)^interrupted \(SIGINT\): last checkpoint written; continue with out_dir={run} "
+                     r"resume=last$", err), err[-2000:]
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 4 <= step < 200
+    assert not (run / "export").exists()
+    train(conf, run, "method=adamerging_layerwise", "method.lr=0.05", "checkpoint.every_n_steps=2",
+          "trainer.max_steps=200", "resume=last")
+    assert (run / "export" / "coefficients.json").exists()
+
+
+def test_progress_lines_in_the_log_file(conf, tmp_path):
+    """stdout is not a terminal here: progress still reaches train.log, a line per N steps and the last."""
+    run = tmp_path / "run"
+    train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=12", "progress.every_n_steps=5",
+          "progress.min_interval_s=0")
+    lines = re.findall(r"step (\d+)/12  loss \d+\.\d+  s/step \d+\.\d+  ETA \d+s  "
+                       r"coef mean/min/max -?\d\.\d+/-?\d\.\d+/-?\d\.\d+$", (run / "train.log").read_text(), re.M)
+    assert lines == ["5", "10", "12"], (run / "train.log").read_text()
+
+
+def test_progress_lines_at_most_every_min_interval(caplog):
+    """Steps 1..12 in well under 30 s: only the last step is logged (plus the first multiple of N)."""
+    import logging
+    from types import SimpleNamespace
+
+    from adamerge.progress import ProgressLog
+
+    cb = ProgressLog(every_n_steps=2, min_interval_s=30)
+    trainer = SimpleNamespace(global_step=0, max_steps=12, is_global_zero=True,
+                              callback_metrics={"loss": torch.tensor(0.5)})
+    cb.on_train_start(trainer, None)
+    with caplog.at_level(logging.INFO, logger="adamerge"):
+        for s in range(1, 13):
+            trainer.global_step = s
+            cb.on_train_batch_end(trainer, None, None, None, s)
+    assert [r.getMessage().split("  ")[0] for r in caplog.records] == ["step 2/12", "step 12/12"]
+
+
+def test_quiet_start_up(conf, tmp_path):
+    """No Lightning tips or accelerator lines, no third-party deprecation warnings; verbose=true shows them."""
+    args = ("method=adamerging_layerwise", "trainer.max_steps=2")
+    p = train(conf, tmp_path / "run", *args)
+    out = p.stdout + p.stderr
+    for noise in ("Tip", "deprecated", "GPU available", "TPU available", "Loading weights"):
+        assert noise not in out, out
+    assert "exported merged model" in out
+    p = train(conf, tmp_path / "verbose", *args, "verbose=true")
+    assert "GPU available" in p.stdout + p.stderr

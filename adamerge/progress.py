@@ -1,0 +1,53 @@
+"""Training progress as log lines, for runs whose output goes to a file (the progress bar draws only
+on a terminal): Hydra's logging sends them to the terminal and to ``<out_dir>/train.log``."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+class ProgressLog(Callback):
+    """One line at every ``every_n_steps``-th step, at most one per ``min_interval_s``, and the last step:
+    ``step s/total  loss x  s/step y  ETA z  coef mean/min/max a/b/c``. Needs ``trainer.max_steps`` > 0."""
+
+    def __init__(self, every_n_steps: int = 10, min_interval_s: float = 30.0):
+        self.every_n_steps, self.min_interval_s = every_n_steps, min_interval_s
+        self.t0, self.step0, self.last_t, self.last_step = 0.0, 0, float("-inf"), -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a resumed run starts at its checkpoint's step: s/step counts only this run's steps
+        self.t0, self.step0 = time.monotonic(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        step, total, now = trainer.global_step, trainer.max_steps, time.monotonic()
+        # step == last_step: another micro-batch of an accumulated step already logged
+        if not trainer.is_global_zero or step == self.last_step or step == self.step0:
+            return
+        if step < total and (step % self.every_n_steps or now - self.last_t < self.min_interval_s):
+            return
+        self.last_t, self.last_step = now, step
+        per_step = (now - self.t0) / (step - self.step0)
+        loss = trainer.callback_metrics.get("loss")
+        parts = [f"step {step}/{total}", f"loss {float(loss):.4f}" if loss is not None else "loss -",
+                 f"s/step {per_step:.3f}", f"ETA {_duration(per_step * (total - step))}"]
+        coefficients = getattr(getattr(pl_module, "merged", None), "coefficients", None)
+        if coefficients is not None:
+            v = coefficients.values().detach().float()
+            parts.append(f"coef mean/min/max {v.mean():.3f}/{v.min():.3f}/{v.max():.3f}")
+        log.info("  ".join(parts))
