@@ -33,6 +33,18 @@ def read_losses(log_dir: Path) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
+def run_config_files(cfg: DictConfig) -> dict[str, str]:
+    """The files Hydra would write to ``<out_dir>/.hydra/``: config.yaml, and when run through Hydra
+    overrides.yaml and hydra.yaml."""
+    from hydra.core.hydra_config import HydraConfig
+
+    files = {"config.yaml": OmegaConf.to_yaml(cfg)}
+    if HydraConfig.initialized():
+        files["overrides.yaml"] = OmegaConf.to_yaml(HydraConfig.get().overrides.task)
+        files["hydra.yaml"] = OmegaConf.to_yaml(HydraConfig.instance().cfg)
+    return files
+
+
 def run(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
     from hydra.core.hydra_config import HydraConfig
@@ -57,13 +69,21 @@ def run(cfg: DictConfig) -> dict:
         save_report,
         summarize,
     )
-    from adamerge.export import check_export_target, export_merged, remove_stale_temporaries
+    from adamerge.export import (
+        atomic_write_text,
+        check_export_target,
+        export_merged,
+        remove_stale_temporaries,
+    )
     from adamerge.methods import CheckpointError, get_method
     from adamerge.pool import pool_from_config, resolve_recipe
     from adamerge.progress import ProgressLog
     from adamerge.start_vs_end import calibration_objective, choose, merged_at, monitor_batches, snapshot
 
     out_dir = Path(HydraConfig.get().run.dir) if HydraConfig.initialized() else Path(cfg.out_dir)
+    # written once the run passed its checks (hydra.output_subdir is null: Hydra would write them before
+    # any check, so a refused rerun would overwrite the old run's); taken now, before start_from is inlined
+    run_config = run_config_files(cfg)
     for key in ("start_from", "init"):  # method.start_from=<method id>: start from that merge
         start = cfg.method.get(key)
         if isinstance(start, str):  # configs/method/<id>.yaml (``init=<id>`` is the older spelling)
@@ -93,6 +113,9 @@ def run(cfg: DictConfig) -> dict:
     method = cls(pool, c["method"], c["task_vectors"])  # closed form: every rank adds its statistics
     if stats_rank != 0:
         return {}
+    ckpt_path = resolve_resume(c["resume"], out_dir / "checkpoints") if method.trainable else None
+    for name, text in run_config.items() if rank == 0 else ():  # the run is accepted: record its config
+        atomic_write_text(out_dir / ".hydra" / name, text)
 
     start_state, selection = None, None
     if method.trainable:
@@ -119,7 +142,7 @@ def run(cfg: DictConfig) -> dict:
         except (TypeError, ValueError) as e:  # unknown key or bad value under trainer.*
             raise ConfigError(f"config group 'trainer': {e}") from e
         try:
-            trainer.fit(method, datamodule=dm, ckpt_path=resolve_resume(c["resume"], ckpt_dir))
+            trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
         except SIGTERMException as e:  # SaveOnInterrupt wrote last.ckpt
             raise Interrupted(interrupt.signum) from e
         trainer.save_checkpoint(ckpt_dir / "last.ckpt")

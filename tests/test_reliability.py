@@ -331,6 +331,20 @@ def test_rerun_into_a_run_dir_with_checkpoints_is_refused(tiny_pool_cfg, tmp_pat
     assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", "export.overwrite=true") == 0  # trains nothing
 
 
+def test_refused_rerun_keeps_the_old_runs_hydra_files(conf, tiny_pool_cfg, tmp_path, capsys):
+    """Hydra would write .hydra/ before any check: a rerun refused for its out_dir must not overwrite them."""
+    run = tmp_path / "run"
+    assert inprocess(tmp_path, tiny_pool_cfg, "method=adamerging_layerwise", "trainer.max_steps=2") == 0
+    saved = run / ".hydra" / "config.yaml"
+    before = saved.read_bytes()
+    assert b"max_steps: 2" in before
+    p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=4", "export.overwrite=true",
+              check=False)  # through Hydra
+    assert_clear_error(p, r"already holds checkpoints of a run")
+    assert saved.read_bytes() == before
+    assert sorted(f.name for f in (run / ".hydra").iterdir()) == ["config.yaml"]  # no overrides.yaml of the rerun
+
+
 def test_resume_for_a_method_that_does_not_train(tiny_pool_cfg, tmp_path, capsys, caplog):
     """Nothing to resume: a missing checkpoint path is still named; an existing one or last only warns."""
     assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", f"resume={tmp_path / 'nope.ckpt'}") == 2
@@ -452,5 +466,7 @@ def test_quiet_start_up(conf, tmp_path):
     for noise in ("Tip", "deprecated", "GPU available", "TPU available", "Loading weights"):
         assert noise not in out, out
     assert "exported merged model" in out
+    assert sorted(f.name for f in (tmp_path / "run" / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml",
+                                                                              "overrides.yaml"]
     p = train(conf, tmp_path / "verbose", *args, "verbose=true")
     assert "GPU available" in p.stdout + p.stderr
