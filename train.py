@@ -59,7 +59,7 @@ def run(cfg: DictConfig) -> dict:
         check_fresh_run,
         resolve_resume,
     )
-    from adamerge.config import ConfigError, check_config
+    from adamerge.config import ConfigError, check_config, check_writable_dir
     from adamerge.data import CalibrationDataModule, check_data, load_tokenizer
     from adamerge.evaluate import (
         evaluate_params,
@@ -94,11 +94,13 @@ def run(cfg: DictConfig) -> dict:
                 cfg.method[key] = OmegaConf.load(path)
     c = OmegaConf.to_container(cfg, resolve=True)
     check_config(c)
+    check_writable_dir(out_dir, "out_dir")
     export_dir = Path(c["export"]["dir"])
     rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
     if rank == 0:
         remove_stale_temporaries(export_dir)
         check_export_target(export_dir, c["export"]["overwrite"])  # refuse before spending time training
+        check_writable_dir(export_dir.parent, "export.dir")  # the export is written next to its target
     pl.seed_everything(c["seed"], workers=True, verbose=False)
 
     cls = get_method(c["method"]["name"])
@@ -248,8 +250,13 @@ def cli(cfg: DictConfig) -> int:
         return 2
 
 
+_job_started = False  # main() was reached: Hydra has created out_dir
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    global _job_started
+    _job_started = True
     code = cli(cfg)
     if code:
         sys.exit(code)
@@ -263,14 +270,28 @@ def _config_errors() -> tuple[type[BaseException], ...]:
     return HydraException, OmegaConfBaseException, yaml.YAMLError
 
 
+def hydra_argv(argv: list[str]) -> list[str]:
+    """``pool=null`` as ``~pool``: Hydra refuses a null group with a ValueError that names no group,
+    while without a pool check_config names what to do."""
+    return ["~pool" if a == "pool=null" else a for a in argv]
+
+
 if __name__ == "__main__":
     # Hydra then raises its config errors (unknown group option, bad override, duplicate yaml key)
     # instead of printing a traceback, so they get the same one-line treatment as ours
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    sys.argv = hydra_argv(sys.argv)
     try:
         main()
     except Exception as e:
-        if "verbose=true" in sys.argv or not isinstance(e, _config_errors()):
+        if "verbose=true" in sys.argv:
+            raise
+        reason = e if isinstance(e, OSError) else e.__cause__  # logging wraps its file's OSError
+        if not _job_started and isinstance(reason, OSError):  # Hydra's mkdir of out_dir or train.log there
+            print(f"error: config key 'out_dir': cannot write the run directory: {reason}", file=sys.stderr,
+                  flush=True)
+            sys.exit(2)
+        if not isinstance(e, _config_errors()):
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from .task_vectors import DTYPES
@@ -37,8 +39,22 @@ def _number(c: dict, key: str, lo: float | None = None, strict_lo: bool = False,
         raise ConfigError(f"config key '{key}' must be {'>' if strict_lo else '>='} {lo}, got {v!r}")
 
 
+def check_writable_dir(d: str | Path, key: str) -> None:
+    """Create directory ``d`` and write (and remove) a probe file there, so that a directory that cannot
+    be written is named before any work, not at the first checkpoint or the export."""
+    d = Path(d)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise ConfigError(f"config key '{key}': cannot write to {d}: {e.strerror or e}") from e
+
+
 def check_config(c: dict) -> None:
     """Raise ConfigError naming the first bad key of a resolved config (a plain dict)."""
+    if not c.get("pool"):  # ~pool (or pool=null, which train.py turns into ~pool)
+        raise ConfigError("no pool chosen (pool=<name>; see configs/pool/)")
     m = c.get("method") or {}
     if not m.get("name"):
         raise ConfigError("config key 'method.name' is required (choose a method with method=<name>)")

@@ -195,6 +195,49 @@ def test_unknown_method_and_existing_export(conf, tmp_path):
     assert (tmp_path / "run" / "export" / "keep.txt").read_text() == "mine"
 
 
+def _a_file(tmp_path: Path) -> Path:
+    f = tmp_path / "a_file"
+    f.write_text("not a directory")
+    return f
+
+
+UNWRITABLE = {  # a path under a regular file: mkdir fails, even for root
+    "out_dir under a file": (lambda t: [f"out_dir={_a_file(t) / 'sub'}"], r"config key 'out_dir': cannot write to "
+                             r".*a_file/sub: Not a directory"),
+    "export.dir under a file": (lambda t: [f"export.dir={_a_file(t) / 'sub' / 'export'}"],
+                                r"config key 'export.dir': cannot write to .*a_file/sub: Not a directory"),
+    "read-only out_dir": (lambda t: [f"out_dir={t / 'ro' / 'run'}"], r"config key 'out_dir': cannot write to "
+                          r".*ro/run: Permission denied"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNWRITABLE))
+def test_unwritable_dirs_are_named_before_work(tiny_pool_cfg, tmp_path, capsys, case):
+    if case == "read-only out_dir":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a 0555 directory anyway")
+        (tmp_path / "ro").mkdir(mode=0o555)
+    args, pattern = UNWRITABLE[case]
+    assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", *args(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: " + pattern + r"\n", err), err
+
+
+def test_no_pool_chosen(tmp_path, capsys):
+    assert helpers.run_inprocess([f"out_dir={tmp_path}", "~pool"]) == 2
+    assert capsys.readouterr().err == "error: no pool chosen (pool=<name>; see configs/pool/)\n"
+    import train as entry  # on sys.path now (run_inprocess)
+
+    assert entry.hydra_argv(["train.py", "pool=null", "method=x"]) == ["train.py", "~pool", "method=x"]
+
+
+def test_out_dir_hydra_cannot_create(conf, tmp_path):
+    """Through Hydra, which creates out_dir before train.py's own check runs."""
+    p = train(conf, _a_file(tmp_path) / "sub", "method=task_arithmetic", check=False)
+    assert_clear_error(p, r"^error: config key 'out_dir': cannot write the run directory: .*Not a directory: "
+                          r"'.*a_file/sub'\n$")
+
+
 def test_verbose_shows_the_traceback(conf, tmp_path):
     p = train(conf, tmp_path / "run", "method=adamerging_layerwise", "method.lr=-1", "verbose=true", check=False)
     assert p.returncode != 0 and "Traceback" in p.stderr
