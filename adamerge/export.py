@@ -2,7 +2,10 @@
 
 Layout of an export directory::
 
-    model/                 merged model, loadable with transformers ``from_pretrained`` (+ tokenizer)
+    model/                 merged model, loadable with transformers ``from_pretrained`` (+ tokenizer);
+                           its ``classifier.*`` is the base's, not a task's
+    tasks/<task>/          sequence classification: merged backbone + that task's head, config and labels
+    README.md              model card: base, experts, method and its config, coefficients, evaluation
     heads/<task>.safetensors, heads.json   each task's own head, so every task can be served
     coefficients.json, coefficients.png    the learned combination (and loss curve)
     eval.json, eval.md                     the evaluation table, when evaluated
@@ -149,9 +152,38 @@ def plot_coefficients(report: dict, path: str | Path, losses: list[tuple[int, fl
     os.replace(tmp, path)
 
 
+def model_card(pool, report: dict, method_cfg: dict | None, eval_md: str | None) -> str:
+    """``README.md`` of an export: what was merged, how, how well, and how to load it."""
+    coefs = torch.tensor(report["coefficients"], dtype=torch.float64).reshape(-1, len(report["tasks"]))  # [L, K]
+    name = (method_cfg or {}).get("id") or report["method"]
+    lines = [f"# Merged model: {name}", "", f"Base model: `{pool.base_path}`", "",
+             "| task | expert | coefficient mean | min | max |", "|---|---|---|---|---|"]
+    for k, task in enumerate(report["tasks"]):
+        col = coefs[:, k]
+        lines.append(f"| {task} | `{pool.tasks[task].expert}` | {col.mean():.4f} | {col.min():.4f} | {col.max():.4f} |")
+    lines += ["", f"Method `{name}`, config:", "", "```json", json.dumps(method_cfg or {}, indent=2, default=str),
+              "```", ""]
+    if eval_md:
+        lines += ["## Evaluation", "", eval_md.strip(), ""]
+    lines += ["## How to load", ""]
+    if pool.model_class == "sequence_classification":
+        task = report["tasks"][0]
+        lines += ["Each task's model (merged backbone, that task's head and labels):", "", "```python",
+                  "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+                  f'model = AutoModelForSequenceClassification.from_pretrained("export/tasks/{task}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("export/tasks/{task}")', "```", "",
+                  "`model/` is the merged backbone with the *base's* classifier head (not any task's): "
+                  "use `tasks/<task>/` to classify."]
+    else:
+        lines += ["```python", "from transformers import AutoModel", 'model = AutoModel.from_pretrained("export/model")',
+                  "```"]
+    return "\n".join(lines) + "\n"
+
+
 def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra: dict[str, str] | None = None,
-                  losses: list[tuple[int, float]] | None = None) -> Path:
-    """Write the merged model, heads, coefficients and any ``extra`` text files, atomically."""
+                  losses: list[tuple[int, float]] | None = None, method_cfg: dict | None = None) -> Path:
+    """Write the merged model, heads, per-task models, model card, coefficients and any ``extra`` text
+    files, atomically."""
     pool = method.pool
     merged_sd = method.merged.merged_state_dict()
     for n, t in merged_sd.items():
@@ -181,6 +213,16 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
         plot_coefficients(report, tmp / "coefficients.png", losses)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
+        if pool.model_class == "sequence_classification":
+            # model/ carries the base's random head: give each task a directory from_pretrained serves as is
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(model_dir)) if (model_dir / "tokenizer_config.json").exists() else None
+            for task in pool.tasks:
+                load_task_model(tmp, task).save_pretrained(tmp / "tasks" / task)
+                if tok is not None:
+                    tok.save_pretrained(tmp / "tasks" / task)
+        (tmp / "README.md").write_text(model_card(pool, report, method_cfg, (extra or {}).get("eval.md")))
 
     return atomic_directory(export_dir, overwrite, write)
 

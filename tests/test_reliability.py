@@ -238,6 +238,26 @@ def test_out_dir_hydra_cannot_create(conf, tmp_path):
                           r"'.*a_file/sub'\n$")
 
 
+def test_export_has_a_servable_model_per_task_and_a_model_card(tiny_pool_cfg, tmp_path):
+    """export/model has the base's head; export/tasks/<task> is that task's model, from_pretrained as is."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from adamerge.export import load_task_model
+
+    assert helpers.run_inprocess([f"out_dir={tmp_path / 'run'}", "method=task_arithmetic",
+                                  "evaluate.reference_rows=false"], tiny_pool_cfg) == 0
+    export = tmp_path / "run" / "export"
+    for task, n_labels in (("task0", 2), ("task1", 3)):
+        served = AutoModelForSequenceClassification.from_pretrained(str(export / "tasks" / task)).eval()
+        assert served.config.num_labels == n_labels
+        batch = AutoTokenizer.from_pretrained(str(export / "tasks" / task))(["goal match team"], return_tensors="pt")
+        with torch.no_grad():
+            torch.testing.assert_close(served(**batch).logits, load_task_model(export, task)(**batch).logits)
+    card = (export / "README.md").read_text()
+    assert "task_arithmetic" in card and "task0" in card and "task1" in card, card
+    assert "## Evaluation" in card and 'from_pretrained("export/tasks/task0")' in card, card
+
+
 def test_verbose_shows_the_traceback(conf, tmp_path):
     p = train(conf, tmp_path / "run", "method=adamerging_layerwise", "method.lr=-1", "verbose=true", check=False)
     assert p.returncode != 0 and "Traceback" in p.stderr
