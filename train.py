@@ -182,7 +182,7 @@ def run(cfg: DictConfig) -> dict:
             extra.update({"eval.json": (out_dir / "eval.json").read_text(), "eval.md": table + "\n"})
             result["eval"] = summary
     export_merged(method, export_dir, overwrite=c["export"]["overwrite"], extra=extra,
-                  losses=read_losses(out_dir / "logs"), method_cfg=c["method"])
+                  losses=read_losses(out_dir / "logs"), method_cfg=c["method"], task_models=c["export"]["task_models"])
     print(f"exported merged model to {export_dir}", flush=True)
     result["export"] = str(export_dir)
     return result

@@ -181,7 +181,8 @@ def model_card(pool, report: dict, method_cfg: dict | None, eval_md: str | None)
 
 
 def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra: dict[str, str] | None = None,
-                  losses: list[tuple[int, float]] | None = None, method_cfg: dict | None = None) -> Path:
+                  losses: list[tuple[int, float]] | None = None, method_cfg: dict | None = None,
+                  task_models: bool = True) -> Path:
     """Write the merged model, heads, per-task models, model card, coefficients and any ``extra`` text
     files, atomically."""
     pool = method.pool
@@ -213,8 +214,8 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
         plot_coefficients(report, tmp / "coefficients.png", losses)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        if pool.model_class == "sequence_classification":
-            # model/ carries the base's random head: give each task a directory from_pretrained serves as is
+        if task_models and pool.model_class == "sequence_classification":
+            # model/ carries the base's random head (each tasks/<task> copies the backbone: export.task_models): give each task a directory from_pretrained serves as is
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(model_dir)) if (model_dir / "tokenizer_config.json").exists() else None
