@@ -118,6 +118,8 @@ def run(cfg: DictConfig) -> dict:
     ckpt_path = resolve_resume(c["resume"], out_dir / "checkpoints") if method.trainable else None
     for name, text in run_config.items() if rank == 0 else ():  # the run is accepted: record its config
         atomic_write_text(out_dir / ".hydra" / name, text)
+    if rank == 0:
+        log.info("%s", header(pool, method, c, out_dir))
 
     start_state, selection = None, None
     if method.trainable:
@@ -136,7 +138,7 @@ def run(cfg: DictConfig) -> dict:
         interrupt = SaveOnInterrupt(ckpt_dir / "last.ckpt")
         callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                      every_n_train_steps=every, save_top_k=-1, save_last=False), interrupt,
-                     ProgressLog(c["progress"]["every_n_steps"], c["progress"]["min_interval_s"])]
+                     ProgressLog(c["progress"]["every_n_steps"], c["progress"]["every_s"])]
         try:
             trainer = pl.Trainer(**c["trainer"], callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                                  logger=CSVLogger(str(out_dir), name="logs"), enable_model_summary=False,
@@ -186,6 +188,21 @@ def run(cfg: DictConfig) -> dict:
     print(f"exported merged model to {export_dir}", flush=True)
     result["export"] = str(export_dir)
     return result
+
+
+def header(pool, method, c: dict, out_dir: Path) -> str:
+    """One screen that says what this run is about to do."""
+    tv = method.merged.task_vectors
+    tau_bytes = sum(tv[n].numel() * tv[n].element_size() for n in tv.names)
+    t = c["trainer"]
+    steps = f"{t.get('max_steps')} steps" if method.trainable else "closed form / data-free (no steps)"
+    return "\n".join([
+        f"pool      {len(pool.task_names)} experts ({', '.join(pool.task_names)}) on {pool.base_path}",
+        f"merged    {len(tv.names)} tensors, task vectors {tau_bytes / 2**20:.1f} MiB ({c['task_vectors']['dtype']})",
+        f"method    {c['method']['id']}: {steps}",
+        f"devices   {t.get('accelerator')} x {t.get('devices')} ({t.get('strategy')}), precision {t.get('precision')}",
+        f"out_dir   {out_dir}",
+    ])
 
 
 def _launch_statistics_ranks(trainer_cfg: dict) -> int:

@@ -93,7 +93,7 @@ def check_config(c: dict) -> None:
     _number(c, "seed", 0, integer=True)
     _number(c, "checkpoint.every_n_steps", 1, integer=True)
     _number(c, "progress.every_n_steps", 1, integer=True)
-    _number(c, "progress.min_interval_s", 0)
+    _number(c, "progress.every_s", 0)
     _number(c, "evaluate.batch_size", 1, integer=True)
     _number(c, "evaluate.max_examples", 1, integer=True)
     _number(c, "trainer.max_steps", -1, integer=True)

@@ -22,16 +22,18 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressLog(Callback):
-    """One line at every ``every_n_steps``-th step, at most one per ``min_interval_s``, and the last step:
+    """One line at every ``every_n_steps``-th step, whenever ``every_s`` seconds passed since the last line
+    (slow steps still show progress), and at the last step:
     ``step s/total  loss x  s/step y  ETA z  coef mean/min/max a/b/c``. Needs ``trainer.max_steps`` > 0."""
 
-    def __init__(self, every_n_steps: int = 10, min_interval_s: float = 30.0):
-        self.every_n_steps, self.min_interval_s = every_n_steps, min_interval_s
-        self.t0, self.step0, self.last_t, self.last_step = 0.0, 0, float("-inf"), -1
+    def __init__(self, every_n_steps: int = 10, every_s: float = 30.0):
+        self.every_n_steps, self.every_s = every_n_steps, every_s
+        self.t0, self.step0, self.last_t, self.last_step = 0.0, 0, 0.0, -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a resumed run starts at its checkpoint's step: s/step counts only this run's steps
         self.t0, self.step0 = time.monotonic(), trainer.global_step
+        self.last_t = self.t0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -39,7 +41,7 @@ class ProgressLog(Callback):
         # step == last_step: another micro-batch of an accumulated step already logged
         if not trainer.is_global_zero or step == self.last_step or step == self.step0:
             return
-        if step < total and (step % self.every_n_steps or now - self.last_t < self.min_interval_s):
+        if step < total and step % self.every_n_steps and now - self.last_t < self.every_s:
             return
         self.last_t, self.last_step = now, step
         per_step = (now - self.t0) / (step - self.step0)

@@ -497,28 +497,31 @@ def test_progress_lines_in_the_log_file(conf, tmp_path):
     """stdout is not a terminal here: progress still reaches train.log, a line per N steps and the last."""
     run = tmp_path / "run"
     train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=12", "progress.every_n_steps=5",
-          "progress.min_interval_s=0")
+          "progress.every_s=1000")
     lines = re.findall(r"step (\d+)/12  loss \d+\.\d+  s/step \d+\.\d+  ETA \d+s  "
                        r"coef mean/min/max -?\d\.\d+/-?\d\.\d+/-?\d\.\d+$", (run / "train.log").read_text(), re.M)
     assert lines == ["5", "10", "12"], (run / "train.log").read_text()
 
 
-def test_progress_lines_at_most_every_min_interval(caplog):
-    """Steps 1..12 in well under 30 s: only the last step is logged (plus the first multiple of N)."""
+def test_progress_lines_every_n_steps_and_after_every_s_seconds(caplog, monkeypatch):
+    """10 s a step, a line every 5 steps or after 30 s without one, and the last step."""
     import logging
     from types import SimpleNamespace
 
-    from adamerge.progress import ProgressLog
+    import adamerge.progress as progress
 
-    cb = ProgressLog(every_n_steps=2, min_interval_s=30)
+    clock = {"t": 0.0}
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
+    cb = progress.ProgressLog(every_n_steps=5, every_s=30)
     trainer = SimpleNamespace(global_step=0, max_steps=12, is_global_zero=True,
                               callback_metrics={"loss": torch.tensor(0.5)})
     cb.on_train_start(trainer, None)
     with caplog.at_level(logging.INFO, logger="adamerge"):
         for s in range(1, 13):
-            trainer.global_step = s
+            clock["t"], trainer.global_step = 10.0 * s, s
             cb.on_train_batch_end(trainer, None, None, None, s)
-    assert [r.getMessage().split("  ")[0] for r in caplog.records] == ["step 2/12", "step 12/12"]
+    assert [r.getMessage().split("  ")[0] for r in caplog.records] == [
+        "step 3/12", "step 5/12", "step 8/12", "step 10/12", "step 12/12"]
 
 
 def test_quiet_start_up(conf, tmp_path):
