@@ -95,6 +95,7 @@ def check_config(c: dict) -> None:
     _number(c, "progress.every_n_steps", 1, integer=True)
     _number(c, "progress.every_s", 0)
     _number(c, "evaluate.batch_size", 1, integer=True)
+    _number(c, "evaluate.monitor_batches", 0, integer=True)
     _number(c, "evaluate.max_examples", 1, integer=True)
     _number(c, "trainer.max_steps", -1, integer=True)
     dtype = _get(c, "task_vectors.dtype")
