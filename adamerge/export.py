@@ -158,16 +158,17 @@ def model_card(pool, report: dict, method_cfg: dict | None, eval_md: str | None)
     name = (method_cfg or {}).get("id") or report["method"]
     lines = [f"# Merged model: {name}", "", f"Base model: `{pool.base_path}`", "",
              "| task | expert | coefficient mean | min | max |", "|---|---|---|---|---|"]
-    for k, task in enumerate(report["tasks"]):
+    for k, task in enumerate(report["tasks"]):  # the combined models: the pool's experts, or FW's candidates
         col = coefs[:, k]
-        lines.append(f"| {task} | `{pool.tasks[task].expert}` | {col.mean():.4f} | {col.min():.4f} | {col.max():.4f} |")
+        source = f"`{pool.tasks[task].expert}`" if task in pool.tasks else "candidate"
+        lines.append(f"| {task} | {source} | {col.mean():.4f} | {col.min():.4f} | {col.max():.4f} |")
     lines += ["", f"Method `{name}`, config:", "", "```json", json.dumps(method_cfg or {}, indent=2, default=str),
               "```", ""]
     if eval_md:
         lines += ["## Evaluation", "", eval_md.strip(), ""]
     lines += ["## How to load", ""]
     if pool.model_class == "sequence_classification":
-        task = report["tasks"][0]
+        task = pool.task_names[0]
         lines += ["Each task's model (merged backbone, that task's head and labels):", "", "```python",
                   "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
                   f'model = AutoModelForSequenceClassification.from_pretrained("export/tasks/{task}")',
