@@ -22,7 +22,7 @@ def _get(c: dict, key: str) -> Any:
     return cur
 
 
-def _number(c: dict, key: str, lo: float | None = None, strict_lo: bool = False, integer: bool = False,
+def check_number(c: dict, key: str, lo: float | None = None, strict_lo: bool = False, integer: bool = False,
             optional: bool = True) -> None:
     v = _get(c, key)
     if v is None:
@@ -58,9 +58,9 @@ def check_config(c: dict) -> None:
     m = c.get("method") or {}
     if not m.get("name"):
         raise ConfigError("config key 'method.name' is required (choose a method with method=<name>)")
-    _number(c, "method.lr", 0, strict_lo=True)
-    _number(c, "method.steps", 0, integer=True)
-    _number(c, "method.scale")
+    check_number(c, "method.lr", 0, strict_lo=True)
+    check_number(c, "method.steps", 0, integer=True)
+    check_number(c, "method.scale")
     start = m.get("start_from")
     if start is not None and not (isinstance(start, dict) and start.get("name")):
         raise ConfigError(f"config key 'method.start_from' must name a method config (e.g. regmean_pp), got {start!r}")
@@ -72,7 +72,7 @@ def check_config(c: dict) -> None:
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in init):
             raise ConfigError(f"config key 'method.init' must be a number or a list of numbers, got {init!r}")
     else:
-        _number(c, "method.init")
+        check_number(c, "method.init")
     clamp = m.get("clamp")
     if clamp is not None:
         if not (isinstance(clamp, list) and len(clamp) == 2
@@ -87,17 +87,17 @@ def check_config(c: dict) -> None:
                               "nothing would train; choose an init within the bounds")
     if m.get("granularity") is not None and m["granularity"] not in ("task", "layer", "chunk"):
         raise ConfigError(f"config key 'method.granularity' must be task, layer or chunk, got {m['granularity']!r}")
-    _number(c, "data.batch_size", 1, integer=True)
-    _number(c, "data.max_length", 2, integer=True)
-    _number(c, "data.calibration_size", 1, integer=True)
-    _number(c, "seed", 0, integer=True)
-    _number(c, "checkpoint.every_n_steps", 1, integer=True)
-    _number(c, "progress.every_n_steps", 1, integer=True)
-    _number(c, "progress.every_s", 0)
-    _number(c, "evaluate.batch_size", 1, integer=True)
-    _number(c, "evaluate.monitor_batches", 0, integer=True)
-    _number(c, "evaluate.max_examples", 1, integer=True)
-    _number(c, "trainer.max_steps", -1, integer=True)
+    check_number(c, "data.batch_size", 1, integer=True)
+    check_number(c, "data.max_length", 2, integer=True)
+    check_number(c, "data.calibration_size", 1, integer=True)
+    check_number(c, "seed", 0, integer=True)
+    check_number(c, "checkpoint.every_n_steps", 1, integer=True)
+    check_number(c, "progress.every_n_steps", 1, integer=True)
+    check_number(c, "progress.every_s", 0)
+    check_number(c, "evaluate.batch_size", 1, integer=True)
+    check_number(c, "evaluate.monitor_batches", 0, integer=True)
+    check_number(c, "evaluate.max_examples", 1, integer=True)
+    check_number(c, "trainer.max_steps", -1, integer=True)
     dtype = _get(c, "task_vectors.dtype")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"config key 'task_vectors.dtype' must be one of {sorted(DTYPES)}, got {dtype!r}")

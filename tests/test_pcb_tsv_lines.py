@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import helpers
+from adamerge.lines import apply_lines, layer_index, lines_config, lines_scales, lines_task_vectors
 from adamerge.methods import get_method
-from adamerge.methods.lines import apply_lines, layer_index, lines_config, lines_scales, lines_task_vectors
 from adamerge.methods.pcb import pcb_direction
 from adamerge.methods.tsv import tsv_direction, tsv_matrix
 from adamerge.pool import pool_from_config

@@ -1,4 +1,4 @@
-"""AdaMerging and AdaMerging++ (Yang et al., ICLR 2024; ALGORITHMS.md §2).
+"""AdaMerging and AdaMerging++ (Yang et al., ICLR 2024).
 
 Minimise the summed mean prediction entropy of every task's own head on unlabeled calibration
 batches over task-wise ``[K]`` or layer-wise ``[L, K]`` coefficients (init 0.3, optional clamp to

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 from ..coefficients import Coefficients, ConcreteMask
+from ..lines import lines_task_vectors
 from ..merged_model import MergedModel
 from ..objectives import entropy, marginal_entropy
 from ..pool import ModelPool
@@ -42,8 +43,6 @@ def prepare_task_vectors(tv: TaskVectors, cfg: dict) -> TaskVectors:
         c = cfg["consensus"]
         tv = tv.consensus(k=int(c.get("k", 2)), lam=float(c.get("lam", 0.4)))
     if cfg.get("lines"):
-        from .lines import lines_task_vectors  # LiNeS: depth-dependent scaling, on top of any merge
-
         tv = lines_task_vectors(tv, cfg["lines"])
     return tv
 
@@ -67,6 +66,19 @@ class _InjectGrad(torch.autograd.Function):
         return (None, *(gr * g.to(gr.dtype) for gr in ctx.grads))
 
 
+def _method_named(name: str) -> type[MergeMethod]:
+    """The MergeMethod subclass whose ``name`` is ``name`` (found among the subclasses, so this module
+    needs no import of the registry that imports it)."""
+    todo, seen = list(MergeMethod.__subclasses__()), []
+    while todo:
+        cls = todo.pop()
+        seen.append(cls)
+        if cls.name == name:
+            return cls
+        todo += cls.__subclasses__()
+    raise ValueError(f"unknown method '{name}'; available: {sorted({c.name for c in seen})}")
+
+
 def start_from_merge(pool: ModelPool, start_cfg: dict, tv_cfg: dict | None,
                      tv: TaskVectors) -> tuple[dict[str, torch.Tensor], TaskVectors]:
     """Build the (data-free or closed-form) merge ``start_cfg`` and re-express the task vectors from it.
@@ -74,9 +86,7 @@ def start_from_merge(pool: ModelPool, start_cfg: dict, tv_cfg: dict | None,
     Returns ``D`` (start merge − base, per merged tensor) and τ'_k = τ_k − D, so that
     W = W0 + D + Σ_k c_k τ'_k is the start merge at c = 0 and expert k at c = e_k.
     """
-    from . import get_method
-
-    cls = get_method(start_cfg["name"])
+    cls = _method_named(start_cfg["name"])
     if cls.trainable:
         raise ValueError(f"method.start_from: '{start_cfg.get('id', start_cfg['name'])}' is a learned method; "
                          "a starting point must be data-free or closed-form")

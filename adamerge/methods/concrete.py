@@ -1,4 +1,4 @@
-"""Concrete subspace learning (Tang et al. 2023; ALGORITHMS.md §3): Concrete TA and Concrete AdaMerging.
+"""Concrete subspace learning (Tang et al. 2023): Concrete TA and Concrete AdaMerging.
 
 One binary-Concrete mask per merged tensor, shared by every task vector, is learned by entropy
 minimisation; merging happens inside the masked subspace, ``W = W0 + m̂/mean(m̂) ⊙ Σ_k λ_k τ_k``

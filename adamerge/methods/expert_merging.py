@@ -1,4 +1,4 @@
-"""Expert Merging and Expert Merging++ (Zhang et al., arXiv 2509.25712; ALGORITHMS.md §4).
+"""Expert Merging and Expert Merging++ (Zhang et al., arXiv 2509.25712).
 
 Coefficients σ(w) per merged tensor and task (Expert Merging) or per contiguous chunk of each
 flattened tensor (Expert Merging++), initialised at α̅ (``init``: 0.1, or per-task values such as

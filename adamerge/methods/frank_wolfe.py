@@ -1,4 +1,4 @@
-"""FW-Merging (Chen et al., ICCV 2025; ALGORITHMS.md §5): Frank-Wolfe over a pool of candidate models.
+"""FW-Merging (Chen et al., ICCV 2025): Frank-Wolfe over a pool of candidate models.
 
     min_{θ ∈ conv{θ_1..θ_N}} ℓ(θ),   ℓ = the pool's tasks' objective through each task's own head
     (prediction entropy on unlabeled calibration batches, or cross-entropy on labelled examples).

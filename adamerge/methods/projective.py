@@ -1,4 +1,4 @@
-"""DOGE: adaptive projective gradient descent (Wei et al., ICML 2025; ALGORITHMS.md §6).
+"""DOGE: adaptive projective gradient descent (Wei et al., ICML 2025).
 
 Data-free step, run once when the method is built (no Trainer loop): for every merged 2-D weight,
 learn a modification Δ (zero init, Adam) that minimises
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..coefficients import Coefficients
-from ..config import ConfigError, _number
+from ..config import ConfigError, check_number
 from ..merged_model import MergedModel
 from ..pool import ModelPool, PoolError
 from ..task_vectors import TaskVectors, select_names
@@ -214,11 +214,11 @@ def check_doge_config(m: dict) -> None:
     if m.get("coefficients", "eta") not in ("eta", "learned"):
         raise ConfigError(f"config key 'method.coefficients' must be eta or learned, got {m['coefficients']!r}")
     for key in ("eta", "delta_lr", "density", "subspace"):
-        _number(c, f"method.{key}", 0, strict_lo=True)
+        check_number(c, f"method.{key}", 0, strict_lo=True)
     if m.get("density") is not None and m["density"] > 1:
         raise ConfigError(f"config key 'method.density' must be <= 1, got {m['density']!r}")
-    _number(c, "method.delta_steps", 0, integer=True)
-    _number(c, "method.delta_batch", 1, integer=True)
+    check_number(c, "method.delta_steps", 0, integer=True)
+    check_number(c, "method.delta_batch", 1, integer=True)
 
 
 class ProjectiveMerge(MergeMethod):

@@ -1,4 +1,4 @@
-"""RegMean and RegMean++ (ALGORITHMS.md §7): closed-form merges of linear layers from input statistics.
+"""RegMean and RegMean++: closed-form merges of linear layers from input statistics.
 
 RegMean ("Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023): for every
 linear layer, the weight that best reproduces all experts' outputs on their own inputs,
@@ -34,8 +34,9 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from ..lines import LAYER_PATTERN
 from ..task_vectors import TaskVectors
-from .lines import LAYER_PATTERN, DeltaMerge, all_reduce_sum
+from .lines import DeltaMerge, all_reduce_sum
 
 
 class _Stop(Exception):
