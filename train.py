@@ -169,14 +169,13 @@ def run(cfg: DictConfig) -> dict:
         if tests:
             bs = c["evaluate"]["batch_size"]
             rows = reference_rows(pool, tests, bs) if c["evaluate"]["reference_rows"] else {}
+            def accuracies(merged: dict) -> dict[str, float]:  # the merged backbone with each task's head
+                return evaluate_params(pool.base_model, lambda t: {**merged, **pool.head(t)}, tests, bs)
+
             if start_state is not None and c["evaluate"]["start_row"]:
-                start = merged_at(method, start_state)
-                rows[method.start_label()] = evaluate_params(pool.base_model, lambda t: {**start, **pool.head(t)},
-                                                             tests, bs)
-                del start
-            merged = {n: v.detach() for n, v in method.eval().merged.merged_params().items()}
+                rows[method.start_label()] = accuracies(merged_at(method, start_state))
             label = c["method"]["id"] + (" (exported: the start)" if (selection or {}).get("exported") == "start" else "")
-            rows[label] = evaluate_params(pool.base_model, lambda t: {**merged, **pool.head(t)}, tests, bs)
+            rows[label] = accuracies({n: v.detach() for n, v in method.eval().merged.merged_params().items()})
             summary = summarize(rows)
             save_report(summary, out_dir)
             table = markdown(summary)
