@@ -103,7 +103,8 @@ def run(cfg: DictConfig) -> dict:
         check_writable_dir(export_dir.parent, "export.dir")  # the export is written next to its target
     pl.seed_everything(c["seed"], workers=True, verbose=False)
 
-    cls = get_method(c["method"]["name"])
+    cls = get_method(c["method"].get("name"))
+    cls.Config.parse(c["method"])  # every method key typed and known, before the pool loads
     if rank == 0 and cls.trainable:
         check_fresh_run(c["resume"], out_dir / "checkpoints")  # before the pool loads: nothing spent yet
     elif c["resume"] and c["resume"] != "last" and not Path(c["resume"]).exists():

@@ -52,41 +52,13 @@ def check_writable_dir(d: str | Path, key: str) -> None:
 
 
 def check_config(c: dict) -> None:
-    """Raise ConfigError naming the first bad key of a resolved config (a plain dict)."""
+    """Raise ConfigError naming the first bad key of a resolved config (a plain dict).
+
+    The ``method`` block is checked by its method's typed config (adamerge/methods/method_config.py)."""
     if not c.get("pool"):  # ~pool (or pool=null, which train.py turns into ~pool)
         raise ConfigError("no pool chosen (pool=<name>; see configs/pool/)")
-    m = c.get("method") or {}
-    if not m.get("name"):
+    if not (c.get("method") or {}).get("name"):
         raise ConfigError("config key 'method.name' is required (choose a method with method=<name>)")
-    check_number(c, "method.lr", 0, strict_lo=True)
-    check_number(c, "method.steps", 0, integer=True)
-    check_number(c, "method.scale")
-    start = m.get("start_from")
-    if start is not None and not (isinstance(start, dict) and start.get("name")):
-        raise ConfigError(f"config key 'method.start_from' must name a method config (e.g. regmean_pp), got {start!r}")
-    init = m.get("init")
-    if isinstance(init, dict):
-        if not init.get("name"):
-            raise ConfigError("config key 'method.init' names a starting merge whose config has no 'name'")
-    elif isinstance(init, list):
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in init):
-            raise ConfigError(f"config key 'method.init' must be a number or a list of numbers, got {init!r}")
-    else:
-        check_number(c, "method.init")
-    clamp = m.get("clamp")
-    if clamp is not None:
-        if not (isinstance(clamp, list) and len(clamp) == 2
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in clamp)):
-            raise ConfigError(f"config key 'method.clamp' must be null or [low, high], got {clamp!r}")
-        if not clamp[0] < clamp[1]:
-            raise ConfigError(f"config key 'method.clamp' bounds are reversed or empty: {clamp!r}")
-        inits = init if isinstance(init, list) else [init] if isinstance(init, (int, float)) else []
-        if any(not clamp[0] <= x <= clamp[1] for x in inits):
-            # clamped there, the coefficient gets no gradient and never moves
-            raise ConfigError(f"config key 'method.init' = {init!r} lies outside 'method.clamp' {clamp!r}: "
-                              "nothing would train; choose an init within the bounds")
-    if m.get("granularity") is not None and m["granularity"] not in ("task", "layer", "chunk"):
-        raise ConfigError(f"config key 'method.granularity' must be task, layer or chunk, got {m['granularity']!r}")
     check_number(c, "data.batch_size", 1, integer=True)
     check_number(c, "data.max_length", 2, integer=True)
     check_number(c, "data.calibration_size", 1, integer=True)

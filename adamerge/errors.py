@@ -1,6 +1,9 @@
-"""Which exceptions are the user's to fix (printed as one line) rather than bugs (traceback)."""
+"""Which exceptions are the user's to fix (printed as one line) rather than bugs (traceback); unknown keys."""
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 from omegaconf.errors import OmegaConfBaseException
 
@@ -10,3 +13,13 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, P
 
 def is_user_error(e: BaseException) -> bool:
     return isinstance(e, USER_ERRORS)
+
+
+def refuse_unknown_keys(keys: Iterable[str], valid: list[str], prefix: str, owner: str,
+                        error: type[ValueError] = ValueError) -> None:
+    """``error`` naming the first key not in ``valid`` (and the nearest valid one) under ``prefix``."""
+    for key in keys:
+        if key not in valid:
+            near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.4)
+            hint = f"did you mean '{prefix}.{near[0]}'? " if near else ""
+            raise error(f"unknown config key '{prefix}.{key}' for {owner}; {hint}valid keys: {', '.join(valid)}")

@@ -11,6 +11,7 @@ is reported with the expert and tensor at fault.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+
+from .errors import refuse_unknown_keys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this project may reach a hub at run time
 
@@ -494,15 +497,21 @@ def _digest(tensors: Iterator[tuple[str, torch.Tensor]], extra: str = "") -> str
     return h.hexdigest()[:16]
 
 
+POOL_KEYS = ["base", "tasks", "model_class", "head_prefixes", "check_finite"]
+
+
 def pool_from_config(cfg: dict) -> ModelPool:
     """Build a ModelPool from a plain dict (the ``pool`` config group, recipe already resolved)."""
     for key in ("base", "tasks"):
         if key not in cfg or cfg[key] in (None, "", {}):
             raise PoolError(f"pool config: key '{key}' is required")
+    refuse_unknown_keys(cfg, POOL_KEYS, "pool", "a pool config", PoolError)
     tasks = {}
+    task_keys = [f.name for f in dataclasses.fields(TaskSpec) if f.name != "name"]
     for name, t in cfg["tasks"].items():
         if isinstance(t, str):
             t = {"expert": t}
+        refuse_unknown_keys(t, task_keys, f"pool.tasks.{name}", f"task '{name}'", PoolError)
         if "expert" not in t:
             raise PoolError(f"pool config: task '{name}' has no 'expert' path")
         tasks[name] = TaskSpec(

@@ -43,7 +43,7 @@ def test_starts_at_the_start_merge_and_teaches_with_the_real_expert(pool):
 
 
 def test_config_errors(pool):
-    with pytest.raises(ValueError, match="outside method.clamp"):
+    with pytest.raises(ValueError, match="outside 'method.clamp'"):
         get_method("distill_merging")(pool, dm_cfg(init=2.0))
     with pytest.raises(ValueError, match="ties"):
         get_method("distill_merging")(pool, dm_cfg(ties={"density": 0.2}))

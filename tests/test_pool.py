@@ -208,3 +208,15 @@ def test_missing_recipe_file_is_named(tmp_path):
 
     with pytest.raises(PoolError, match=r"pool recipe .*nope\.py does not exist"):
         resolve_recipe({"recipe": "data/nope.py"}, tmp_path)
+
+
+def test_unknown_pool_or_task_key_names_the_nearest(tiny_pool_cfg):
+    first = next(iter(tiny_pool_cfg["tasks"]))
+    task = dict(tiny_pool_cfg["tasks"][first])
+    task["calib"] = task.pop("calibration")
+    cfg = {**tiny_pool_cfg, "tasks": {**tiny_pool_cfg["tasks"], first: task}}
+    with pytest.raises(PoolError, match=rf"unknown config key 'pool.tasks.{first}.calib'.*did you mean "
+                                        rf"'pool.tasks.{first}.calibration'"):
+        pool_from_config(cfg)
+    with pytest.raises(PoolError, match="unknown config key 'pool.head_prefix'.*did you mean 'pool.head_prefixes'"):
+        pool_from_config({**tiny_pool_cfg, "head_prefix": ["classifier."]})

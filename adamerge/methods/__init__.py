@@ -1,35 +1,24 @@
-"""Merge methods by name (the ``name`` key of a ``configs/method/*.yaml``)."""
+"""Merge methods by name (the ``name`` key of a ``configs/method/*.yaml``).
+
+Each module files its classes in the registry with ``@register``; importing them here fills it.
+"""
 
 from __future__ import annotations
 
-from .adamerging import AdaMerging
+from . import (  # noqa: F401  (imported for their @register)
+    adamerging,
+    concrete,
+    distill,
+    expert_merging,
+    fisher,
+    frank_wolfe,
+    pcb,
+    projective,
+    regmean,
+    static,
+    tsv,
+)
 from .base import CheckpointError, MergeMethod
-from .concrete import ConcreteAdaMerging, ConcreteTaskArithmetic
-from .distill import DistillMerging
-from .expert_merging import ExpertMerging, ExpertMergingPP
-from .fisher import FisherMerging
-from .frank_wolfe import FrankWolfeMerging
-from .pcb import PCBMerging
-from .projective import ProjectiveMerge
-from .regmean import RegMean, RegMeanPP
-from .static import StaticMerge
-from .tsv import TSVMerging
-
-METHODS: dict[str, type[MergeMethod]] = {
-    "static": StaticMerge,
-    "adamerging": AdaMerging,
-    "fw_merging": FrankWolfeMerging,
-    "concrete_task_arithmetic": ConcreteTaskArithmetic, "concrete_adamerging": ConcreteAdaMerging,
-    "projective": ProjectiveMerge,
-    "expert_merging": ExpertMerging, "expert_merging_pp": ExpertMergingPP, "distill_merging": DistillMerging,
-    "regmean": RegMean, "regmean_pp": RegMeanPP, "fisher_merging": FisherMerging, "pcb_merging": PCBMerging, "tsv_merging": TSVMerging,
-}
-
-
-def get_method(name: str) -> type[MergeMethod]:
-    if name not in METHODS:
-        raise ValueError(f"unknown method '{name}'; available: {sorted(METHODS)}")
-    return METHODS[name]
-
+from .registry import METHODS, get_method
 
 __all__ = ["METHODS", "CheckpointError", "MergeMethod", "get_method"]

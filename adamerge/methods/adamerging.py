@@ -9,7 +9,11 @@ batches over task-wise ``[K]`` or layer-wise ``[L, K]`` coefficients (init 0.3, 
 from __future__ import annotations
 
 from .base import MergeMethod
+from .method_config import LearnedConfig
+from .registry import register
 
 
+@register
 class AdaMerging(MergeMethod):
     name = "adamerging"
+    Config = LearnedConfig

@@ -19,6 +19,8 @@ from ..merged_model import MergedModel
 from ..objectives import entropy, marginal_entropy
 from ..pool import ModelPool
 from ..task_vectors import TaskVectors
+from .method_config import LearnedConfig, MethodConfig
+from .registry import get_method
 
 CHECKPOINT_FORMAT = 1
 log = logging.getLogger(__name__)
@@ -28,22 +30,21 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed here: foreign, from another pool/method, or corrupt."""
 
 
-def prepare_task_vectors(tv: TaskVectors, cfg: dict) -> TaskVectors:
-    """The data-free transforms a method starts from, in a fixed order: DARE, TIES, consensus, LiNeS."""
-    if cfg.get("dare"):
-        tv = tv.dare(p=float(cfg["dare"].get("p", 0.5)), seed=int(cfg["dare"].get("seed", 0)))
-    if cfg.get("ties"):
-        t = cfg["ties"]
-        tv = tv.ties_trim(float(t.get("density", 0.2))).ties_elect()
-        if t.get("merge", "sum") == "mean":
+def prepare_task_vectors(tv: TaskVectors, cfg: MethodConfig, lines: bool = True) -> TaskVectors:
+    """The data-free transforms a method starts from, in a fixed order: DARE, TIES, consensus, LiNeS
+    (``lines=False``: the method applies LiNeS to its merged update instead)."""
+    if cfg.dare:
+        tv = tv.dare(p=cfg.dare.p, seed=cfg.dare.seed)
+    if cfg.ties:
+        tv = tv.ties_trim(cfg.ties.density).ties_elect()
+        if cfg.ties.merge == "mean":
             # disjoint mean = Σ_k τ̂_k / #agreeing, expressed on the vectors so coefficients still apply
             counts = {n: (v != 0).sum(0).clamp(min=1) for n, v in tv.items()}
             tv = tv.map(lambda n, v: (v.float() / counts[n]).to(v.dtype))
-    if cfg.get("consensus"):
-        c = cfg["consensus"]
-        tv = tv.consensus(k=int(c.get("k", 2)), lam=float(c.get("lam", 0.4)))
-    if cfg.get("lines"):
-        tv = lines_task_vectors(tv, cfg["lines"])
+    if cfg.consensus:
+        tv = tv.consensus(k=cfg.consensus.k, lam=cfg.consensus.lam)
+    if cfg.lines and lines:
+        tv = lines_task_vectors(tv, cfg.lines)
     return tv
 
 
@@ -66,19 +67,6 @@ class _InjectGrad(torch.autograd.Function):
         return (None, *(gr * g.to(gr.dtype) for gr in ctx.grads))
 
 
-def _method_named(name: str) -> type[MergeMethod]:
-    """The MergeMethod subclass whose ``name`` is ``name`` (found among the subclasses, so this module
-    needs no import of the registry that imports it)."""
-    todo, seen = list(MergeMethod.__subclasses__()), []
-    while todo:
-        cls = todo.pop()
-        seen.append(cls)
-        if cls.name == name:
-            return cls
-        todo += cls.__subclasses__()
-    raise ValueError(f"unknown method '{name}'; available: {sorted({c.name for c in seen})}")
-
-
 def start_from_merge(pool: ModelPool, start_cfg: dict, tv_cfg: dict | None,
                      tv: TaskVectors) -> tuple[dict[str, torch.Tensor], TaskVectors]:
     """Build the (data-free or closed-form) merge ``start_cfg`` and re-express the task vectors from it.
@@ -86,7 +74,7 @@ def start_from_merge(pool: ModelPool, start_cfg: dict, tv_cfg: dict | None,
     Returns ``D`` (start merge − base, per merged tensor) and τ'_k = τ_k − D, so that
     W = W0 + D + Σ_k c_k τ'_k is the start merge at c = 0 and expert k at c = e_k.
     """
-    cls = _method_named(start_cfg["name"])
+    cls = get_method(start_cfg["name"])
     if cls.trainable:
         raise ValueError(f"method.start_from: '{start_cfg.get('id', start_cfg['name'])}' is a learned method; "
                          "a starting point must be data-free or closed-form")
@@ -107,11 +95,14 @@ class MergeMethod(pl.LightningModule):
 
     name = "merge"
     trainable = True
+    Config: type[MethodConfig] = LearnedConfig  # the keys this method reads, with their defaults
+    lines_on_update = False  # True: LiNeS scales the merged update, not the task vectors
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
         super().__init__()
         tv_cfg = dict(task_vectors or {})
-        self.method_cfg = dict(method)
+        self.cfg = self.Config.parse({"name": self.name, **method})
+        self.method_cfg = self.cfg.as_dict()
         self.save_hyperparameters({"method": self.method_cfg, "task_vectors": tv_cfg})
         object.__setattr__(self, "pool", pool)
         self.fingerprint = pool.fingerprint()
@@ -121,13 +112,10 @@ class MergeMethod(pl.LightningModule):
             dtype=tv_cfg.get("dtype", "float32"), pin_memory=bool(tv_cfg.get("pin_memory", False)),
             keep_unchanged=bool(tv_cfg.get("keep_unchanged", False)),
         )
-        tv = prepare_task_vectors(tv, self.method_cfg)
+        tv = prepare_task_vectors(tv, self.cfg, lines=not self.lines_on_update)
         offset = None
-        start = self.method_cfg.get("start_from")
-        if start is None and isinstance(self.method_cfg.get("init"), dict):  # older spelling: method.init=<id>
-            start = self.method_cfg["init"]
-            self.method_cfg["init"] = float(self.method_cfg.get("init_coef", 0.0))
-        if isinstance(start, dict):  # start from another method's merge (e.g. method.start_from=regmean_pp)
+        start = self.cfg.start_from
+        if start is not None:  # start from another method's merge (e.g. method.start_from=regmean_pp)
             offset, tv = start_from_merge(pool, start, task_vectors, tv)
         heads = {t: pool.head(t) for t in pool.task_names}
         self.merged = MergedModel(pool.base_model, tv, self.build_coefficients(tv), heads,
@@ -142,27 +130,24 @@ class MergeMethod(pl.LightningModule):
     @property
     def method_id(self) -> str:
         """The config's ``id`` (e.g. ``adamerging_layerwise``): what a checkpoint must match."""
-        return str(self.method_cfg.get("id", self.name))
+        return self.cfg.label
 
     def start_label(self) -> str:
         """The starting merge in words, for the evaluation table's start row."""
         start = self.fingerprint.get("start_from")
         if start:
             return f"start: {start}"
-        init = self.method_cfg.get("init")
-        plain = not any(self.method_cfg.get(k) for k in ("dare", "ties", "consensus", "lines"))
+        init = getattr(self.cfg, "init", None)
+        plain = not any((self.cfg.dare, self.cfg.ties, self.cfg.consensus, self.cfg.lines))
         if plain and isinstance(init, (int, float)) and self.merged.mask is None:
             return f"start: task_arithmetic λ={init:g}"
         return f"start: init {init}"
 
     # -- what subclasses choose ---------------------------------------------------------------
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
-        m = self.method_cfg
-        clamp = m.get("clamp")
-        return Coefficients(
-            tv.K, len(tv), granularity=m.get("granularity", "layer"), init=m.get("init", 0.3),
-            clamp=tuple(clamp) if clamp else None, transform=m.get("transform", "clamp"),
-        )
+        m = self.cfg
+        return Coefficients(tv.K, len(tv), granularity=m.granularity, init=m.init,
+                            clamp=tuple(m.clamp) if m.clamp else None, transform=m.transform)
 
     def build_mask(self, tv: TaskVectors) -> ConcreteMask | None:
         return None
@@ -184,7 +169,7 @@ class MergeMethod(pl.LightningModule):
         """
         logits, mask = self.task_logits(task, inputs, params)
         loss = entropy(logits, mask)
-        w = float(self.method_cfg.get("diversity") or 0.0)
+        w = self.cfg.diversity
         return loss - w * marginal_entropy(logits, mask) if w else loss
 
     def step_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +199,7 @@ class MergeMethod(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         value, to_backward = self.step_loss(batch)
         if not torch.isfinite(value):
-            if self.method_cfg.get("nonfinite", "stop") == "skip":
+            if self.cfg.nonfinite == "skip":
                 log.warning("non-finite loss %s at step %d: step skipped", value.item(), self.global_step)
                 return None  # Lightning skips backward and the optimizer step
             raise FloatingPointError(f"non-finite loss {value.item()} at step {self.global_step}; "
@@ -231,12 +216,9 @@ class MergeMethod(pl.LightningModule):
                                          "nothing was exported")
 
     def configure_optimizers(self):
-        m = self.method_cfg
-        lr = float(m.get("lr", 1e-3))
-        if lr <= 0:
-            raise ValueError(f"method.lr must be > 0, got {lr}")
-        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=lr,
-                                betas=tuple(m.get("betas", (0.9, 0.999))), weight_decay=float(m.get("weight_decay", 0.0)))
+        m = self.cfg
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=m.lr,
+                                betas=tuple(m.betas), weight_decay=m.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = {"format_version": CHECKPOINT_FORMAT, "method": self.method_id, "fingerprint": self.fingerprint,

@@ -17,7 +17,8 @@ binary mask at T = 0.001), i.e. entry kept iff logit(u) + x > 0. Both are rescal
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -25,13 +26,35 @@ from ..coefficients import Coefficients, ConcreteMask
 from ..data import trim
 from ..task_vectors import TaskVectors
 from .base import MergeMethod
+from .method_config import LearnedConfig, check_range
+from .registry import register
 
 
-def _num(cfg: dict, key: str, default: float, positive: bool = True) -> float:
-    v = float(cfg.get(key, default))
-    if positive and not v > 0:
-        raise ValueError(f"method.{key} must be > 0, got {v}")
-    return v
+@dataclass
+class ConcreteMaskConfig(LearnedConfig):
+    """The binary-Concrete mask's keys (``lr`` is the mask logits' Adam lr)."""
+    temperature: float = 0.5      # RelaxedBernoulli temperature while training
+    init_logit: float = 0.0       # 0: keep probability 0.5
+    eval_mode: Literal["continuous", "hard"] = "continuous"
+    mask_seed: int = 0
+    scale: float = 0.3            # Concrete TA: the fixed task-wise λ
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        check_range(self.temperature, f"{prefix}.temperature", 0, strict_lo=True)
+
+
+@dataclass
+class ConcreteAdaMergingConfig(ConcreteMaskConfig):
+    inner_lr: float = 1.0         # Adam lr of the inner λ step
+    adamerging_lr: float = 1e-3   # Adam lr of λ in phase 2
+    mask_steps: int = 2000        # phase 1 length
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        check_range(self.inner_lr, f"{prefix}.inner_lr", 0, strict_lo=True)
+        check_range(self.adamerging_lr, f"{prefix}.adamerging_lr", 0, strict_lo=True)
+        check_range(self.mask_steps, f"{prefix}.mask_steps", 0)
 
 
 class SubspaceMask(ConcreteMask):
@@ -92,10 +115,9 @@ class SubspaceMask(ConcreteMask):
         return [float((z <= 0).float().mean()) for z in self._final_raw()]
 
 
-def build_subspace_mask(tv: TaskVectors, cfg: dict) -> SubspaceMask:
-    return SubspaceMask([t.shape[1:] for _, t in tv.items()], temperature=_num(cfg, "temperature", 0.5),
-                        init_logit=float(cfg.get("init_logit", 0.0)), eval_mode=cfg.get("eval_mode", "continuous"),
-                        seed=int(cfg.get("mask_seed", 0)))
+def build_subspace_mask(tv: TaskVectors, cfg: ConcreteMaskConfig) -> SubspaceMask:
+    return SubspaceMask([t.shape[1:] for _, t in tv.items()], temperature=cfg.temperature,
+                        init_logit=cfg.init_logit, eval_mode=cfg.eval_mode, seed=cfg.mask_seed)
 
 
 def _mask_report(method: MergeMethod, rep: dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +127,7 @@ def _mask_report(method: MergeMethod, rep: dict[str, Any]) -> dict[str, Any]:
     return rep
 
 
+@register
 class ConcreteTaskArithmetic(MergeMethod):
     """θ = θ0 + λ Σ_k m̂ ⊙ τ_k with λ fixed (``scale``, task-wise); only the mask logits train.
 
@@ -113,14 +136,15 @@ class ConcreteTaskArithmetic(MergeMethod):
     """
 
     name = "concrete_task_arithmetic"
+    Config = ConcreteMaskConfig
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
-        coefs = Coefficients(tv.K, len(tv), granularity="task", init=float(self.method_cfg.get("scale", 0.3)))
+        coefs = Coefficients(tv.K, len(tv), granularity="task", init=self.cfg.scale)
         coefs.requires_grad_(False)
         return coefs
 
     def build_mask(self, tv: TaskVectors) -> SubspaceMask:
-        return build_subspace_mask(tv, self.method_cfg)
+        return build_subspace_mask(tv, self.cfg)
 
     def report(self) -> dict[str, Any]:
         return _mask_report(self, super().report())
@@ -140,6 +164,7 @@ def split_halves(batch: dict[str, dict[str, torch.Tensor]]):
     return first, second
 
 
+@register
 class ConcreteAdaMerging(MergeMethod):
     """Concrete AdaMerging: first-order bi-level mask learning, then AdaMerging under the fixed mask.
 
@@ -167,28 +192,25 @@ class ConcreteAdaMerging(MergeMethod):
     """
 
     name = "concrete_adamerging"
+    Config = ConcreteAdaMergingConfig
 
     def __init__(self, pool, method: dict, task_vectors: dict | None = None):
         super().__init__(pool, method, task_vectors)
         self.automatic_optimization = False
-        m = self.method_cfg
-        self.mask_steps = int(m.get("mask_steps", 2000))
-        if self.mask_steps < 0:
-            raise ValueError(f"method.mask_steps must be >= 0, got {self.mask_steps}")
-        self.inner_lr = _num(m, "inner_lr", 1.0)
-        self.adamerging_lr = _num(m, "adamerging_lr", 1e-3)
+        self.mask_steps = self.cfg.mask_steps
+        self.inner_lr = self.cfg.inner_lr
+        self.adamerging_lr = self.cfg.adamerging_lr
         # λ's init (raw parameter space), restored before every inner step and at phase 2
         self.register_buffer("coef_init", self.merged.coefficients.raw.detach().clone(), persistent=False)
 
     def build_mask(self, tv: TaskVectors) -> SubspaceMask:
-        return build_subspace_mask(tv, self.method_cfg)
+        return build_subspace_mask(tv, self.cfg)
 
     def configure_optimizers(self):
-        m = self.method_cfg
-        betas = tuple(m.get("betas", (0.9, 0.999)))
+        betas = tuple(self.cfg.betas)
         lam = [self.merged.coefficients.raw]
         return [torch.optim.Adam(lam, lr=self.inner_lr, betas=betas),
-                torch.optim.Adam(self.merged.mask.parameters(), lr=_num(m, "lr", 1e-3), betas=betas),
+                torch.optim.Adam(self.merged.mask.parameters(), lr=self.cfg.lr, betas=betas),
                 torch.optim.Adam(lam, lr=self.adamerging_lr, betas=betas)]
 
     def on_fit_start(self) -> None:

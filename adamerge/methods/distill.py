@@ -21,42 +21,48 @@ measurement on the benchmark here (bench/RESULTS.md, "Distill merging"):
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..coefficients import Coefficients
 from ..task_vectors import TaskVectors
-from .expert_merging import ExpertMerging
+from .expert_merging import ExpertMerging, ExpertMergingConfig
+from .registry import register
 
 
+@dataclass
+class DistillMergingConfig(ExpertMergingConfig):
+    """Expert Merging's loss with the defaults chosen by measurement (docstring above)."""
+    init: float | list[float] = 0.0
+    clamp: list[float] | None = field(default_factory=lambda: [-1.0, 1.0])
+    reg_weight: float = 0.0
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+
+
+@register
 class DistillMerging(ExpertMerging):
     """Layer-wise coefficients from a closed-form start, distilled from each task's own expert."""
 
     name = "distill_merging"
+    Config = DistillMergingConfig
 
     def initial_values(self, K: int) -> torch.Tensor:
-        t = torch.as_tensor(self.method_cfg.get("init", 0.0), dtype=torch.float32).flatten()
+        t = torch.as_tensor(self.cfg.init, dtype=torch.float32).flatten()
         if t.numel() not in (1, K):
             raise ValueError(f"method.init: {t.numel()} values for {K} tasks")
         return t.expand(K).clone()
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
-        m = self.method_cfg
-        clamp = m.get("clamp")
-        init = self.initial_values(tv.K)
-        if clamp and not ((init >= clamp[0]) & (init <= clamp[1])).all():
-            raise ValueError(f"method.init {init.tolist()} lies outside method.clamp {list(clamp)}: "
-                             "every coefficient would be clamped from step 0")
-        return Coefficients(tv.K, len(tv), granularity=m.get("granularity", "layer"), init=init.tolist(),
-                            clamp=tuple(clamp) if clamp else None, transform="clamp")
+        m = self.cfg
+        return Coefficients(tv.K, len(tv), granularity=m.granularity, init=self.initial_values(tv.K).tolist(),
+                            clamp=tuple(m.clamp) if m.clamp else None, transform="clamp")
 
     def configure_optimizers(self):
         """Adam on the coefficients, one cosine decay from lr to ``eta_min_ratio``·lr over the run."""
-        m = self.method_cfg
-        lr = float(m.get("lr", 1e-2))
-        if lr <= 0:
-            raise ValueError(f"method.lr must be > 0, got {lr}")
-        opt = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=lr)
-        steps = max(1, int(self.trainer.max_steps if self._trainer is not None else m.get("steps", 1)))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps,
-                                                           eta_min=float(m.get("eta_min_ratio", 0.1)) * lr)
+        m = self.cfg
+        opt = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=m.lr, betas=tuple(m.betas))
+        steps = max(1, int(self.trainer.max_steps if self._trainer is not None else m.steps))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=m.eta_min_ratio * m.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,27 +49,64 @@ from ..objectives import distill_kl, hidden_mse, l1_to_init
 from ..pool import ModelPool
 from ..task_vectors import TaskVectors
 from .base import CheckpointError, MergeMethod
+from .method_config import ConfigError, LearnedConfig, check_range
+from .registry import register
 
 
+@dataclass
+class ExpertMergingConfig(LearnedConfig):
+    """Expert Merging's keys; the defaults are the authors'."""
+    init: float | list[float] = 0.1        # α̅: start of σ(w) and what the regulariser pulls toward
+    temperature: float = 1.0               # T of the logit KL
+    hidden_weight: float = 1.0             # w_h of the hidden-state MSE
+    hidden_layers: list[int] = field(default_factory=list)  # S: hidden states aligned (empty: logits only)
+    reg_weight: float = 5.0                # γ
+    loss_weights: dict = field(default_factory=dict)        # β_k per task name (default 1)
+    lr: float = 0.5
+    weight_decay: float = 1e-5
+    restart_period: int = 50               # cosine warm restarts: first period (optimizer steps)
+    restart_mult: int = 2                  # and its growth factor
+    eta_min_ratio: float = 0.1             # lr floor as a fraction of lr
+    # Expert Merging++: the first run's coefficients, and the chunk budget
+    first_pass: str | None = None
+    budget: int | None = None              # total chunks (null: budget_per_tensor × merged tensors)
+    budget_per_tensor: float = 4.0
+    kappa: float = 1.0                     # importance exponent of the allocation
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        for key in ("dare", "ties", "consensus", "lines"):
+            if getattr(self, key):
+                raise ConfigError(f"config key '{prefix}.{key}': not supported by {self.label} — the experts are "
+                                  "the teachers, so their task vectors must stay unprocessed")
+        if self.diversity:
+            raise ConfigError(f"config key '{prefix}.diversity' is an entropy-objective key; {self.label} distils "
+                              "the experts (leave it 0)")
+        check_range(self.temperature, f"{prefix}.temperature", 0, strict_lo=True)
+        check_range(self.reg_weight, f"{prefix}.reg_weight", 0)
+        check_range(self.hidden_weight, f"{prefix}.hidden_weight", 0)
+        check_range(self.restart_period, f"{prefix}.restart_period", 1)
+        check_range(self.restart_mult, f"{prefix}.restart_mult", 1)
+        check_range(self.eta_min_ratio, f"{prefix}.eta_min_ratio", 0, 1)
+        check_range(self.budget, f"{prefix}.budget", 1)
+        check_range(self.budget_per_tensor, f"{prefix}.budget_per_tensor", 0, strict_lo=True)
+
+
+@register
 class ExpertMerging(MergeMethod):
     """Layer-wise σ(w) coefficients aligned to each expert's logits (and hidden states)."""
 
     name = "expert_merging"
+    Config = ExpertMergingConfig
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
-        for key in ("dare", "ties", "consensus", "lines"):
-            if method.get(key):
-                raise ValueError(f"{method.get('id', self.name)}: '{key}' is not supported — the experts are the "
-                                 "teachers, so their task vectors must stay unprocessed")
         super().__init__(pool, method, task_vectors)
-        m = self.method_cfg
-        self.temperature = float(m.get("temperature", 1.0))
-        if self.temperature <= 0:
-            raise ValueError(f"method.temperature must be > 0, got {self.temperature}")
-        self.hidden_weight = float(m.get("hidden_weight", 1.0))
-        self.hidden_layers = [int(i) for i in (m.get("hidden_layers") or [])]
-        self.reg_weight = float(m.get("reg_weight", 5.0))
-        weights = dict(m.get("loss_weights") or {})
+        m = self.cfg
+        self.temperature = m.temperature
+        self.hidden_weight = m.hidden_weight
+        self.hidden_layers = list(m.hidden_layers)
+        self.reg_weight = m.reg_weight
+        weights = dict(m.loss_weights)
         unknown = sorted(set(weights) - set(pool.task_names))
         if unknown:
             raise ValueError(f"method.loss_weights names unknown task(s) {unknown}; tasks: {pool.task_names}")
@@ -91,10 +129,10 @@ class ExpertMerging(MergeMethod):
     # -- coefficients ------------------------------------------------------------------------
     def initial_values(self, K: int) -> torch.Tensor:
         """α̅ per task: where the coefficients start and what the regularizer pulls them toward."""
-        return _init_values(self.method_cfg.get("init", 0.1), K)
+        return _init_values(self.cfg.init, K)
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
-        return Coefficients(tv.K, len(tv), granularity=self.method_cfg.get("granularity", "layer"),
+        return Coefficients(tv.K, len(tv), granularity=self.cfg.granularity,
                             init=self.initial_values(tv.K).tolist(), transform="sigmoid")
 
     # -- targets -----------------------------------------------------------------------------
@@ -179,16 +217,11 @@ class ExpertMerging(MergeMethod):
     # -- optimizer -----------------------------------------------------------------------------
     def configure_optimizers(self):
         """AdamW on w + cosine warm restarts stepped once per optimizer step (after accumulation)."""
-        m = self.method_cfg
-        lr = float(m.get("lr", 0.5))
-        if lr <= 0:
-            raise ValueError(f"method.lr must be > 0, got {lr}")
-        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=lr,
-                                betas=tuple(m.get("betas", (0.9, 0.999))),
-                                weight_decay=float(m.get("weight_decay", 1e-5)))
+        m = self.cfg
+        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=m.lr,
+                                betas=tuple(m.betas), weight_decay=m.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            opt, T_0=int(m.get("restart_period", 50)), T_mult=int(m.get("restart_mult", 2)),
-            eta_min=float(m.get("eta_min_ratio", 0.1)) * lr)
+            opt, T_0=m.restart_period, T_mult=m.restart_mult, eta_min=m.eta_min_ratio * m.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
 
@@ -274,27 +307,26 @@ def read_first_pass(path: str | Path, task_names: list[str], tensor_names: list[
     return t
 
 
+@register
 class ExpertMergingPP(ExpertMerging):
     """Expert Merging with importance-guided chunk counts taken from a first Expert Merging run."""
 
     name = "expert_merging_pp"
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
-        m = self.method_cfg
-        if not m.get("first_pass"):
-            raise ValueError(f"{m.get('id', self.name)} needs method.first_pass=<export dir or coefficients.json "
-                             "of an expert_merging run on this pool>")
-        alphas = read_first_pass(m["first_pass"], tv.task_names, tv.names)
+        m = self.cfg
+        if not m.first_pass:
+            raise ConfigError(f"{m.label} needs method.first_pass=<export dir or coefficients.json "
+                              "of an expert_merging run on this pool>")
+        alphas = read_first_pass(m.first_pass, tv.task_names, tv.names)
         numels = [tv[n][0].numel() for n in tv.names]
         mean_abs = torch.stack([tv[n].abs().float().flatten(1).mean(1) for n in tv.names])
         self.importance = layer_importance(alphas, mean_abs, numels)
-        budget = m.get("budget")
-        self.budget = int(budget) if budget is not None else int(math.floor(float(m.get("budget_per_tensor", 4.0))
-                                                                            * len(tv)))
-        self.kappa = float(m.get("kappa", 1.0))
+        self.budget = m.budget if m.budget is not None else int(math.floor(m.budget_per_tensor * len(tv)))
+        self.kappa = m.kappa
         chunks = allocate_chunks(self.importance, self.budget, self.kappa, numels)
         return Coefficients(tv.K, len(tv), granularity="chunk", chunks=chunks, tensor_numels=numels,
-                            init=_init_values(m.get("init", 0.1), tv.K).tolist(), transform="sigmoid")
+                            init=_init_values(m.init, tv.K).tolist(), transform="sigmoid")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -311,7 +343,7 @@ class ExpertMergingPP(ExpertMerging):
         rep = super().report()
         c = self.merged.coefficients
         rep["allocation"] = {
-            "first_pass": str(self.method_cfg["first_pass"]), "budget": self.budget, "kappa": self.kappa,
+            "first_pass": str(self.cfg.first_pass), "budget": self.budget, "kappa": self.kappa,
             "total_chunks": int(sum(c.chunk_counts)),
             "importance": dict(zip(self.merged.names, self.importance.tolist())),
         }

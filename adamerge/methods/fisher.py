@@ -16,11 +16,15 @@ Under DDP each process takes its slice of the examples and the Fisher sums are a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ..task_vectors import TaskVectors
-from .lines import DeltaMerge, all_reduce_sum, dist_rank_world
+from .closed_form import DeltaConfig, DeltaMerge, all_reduce_sum, dist_rank_world
+from .method_config import check_range
+from .registry import register
 
 
 def fisher_combine_step(num: dict, den: dict, fisher: dict[str, torch.Tensor], tau: dict[str, torch.Tensor],
@@ -36,21 +40,31 @@ def fisher_combine_step(num: dict, den: dict, fisher: dict[str, torch.Tensor], t
         den[n] = den[n] + w if n in den else w
 
 
+@dataclass
+class FisherConfig(DeltaConfig):
+    normalize: bool = True        # divide each expert's Fisher by its norm before combining
+    floor: float = 1e-6           # added to every Fisher entry (no division by zero)
+    seed: int = 0                 # label sampling from each expert's own prediction
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        check_range(self.floor, f"{prefix}.floor", 0, strict_lo=True)
+
+
+@register
 class FisherMerging(DeltaMerge):
     """Diagonal-Fisher weighted average of the experts (backbone only)."""
 
     name = "fisher_merging"
+    Config = FisherConfig
 
     def merge_direction(self, tv: TaskVectors) -> dict[str, torch.Tensor]:
-        m = self.method_cfg
-        floor = float(m.get("floor", 1e-6))
-        if floor <= 0:
-            raise ValueError(f"method.floor must be > 0, got {floor}")
-        normalize = bool(m.get("normalize", True))
+        m = self.cfg
+        floor, normalize = m.floor, m.normalize
         num: dict[str, torch.Tensor] = {}
         den: dict[str, torch.Tensor] = {}
         for k, task in enumerate(tv.task_names):
-            fisher = self.fisher(task, {n: t[k] for n, t in tv.items()}, seed=int(m.get("seed", 0)) + k)
+            fisher = self.fisher(task, {n: t[k] for n, t in tv.items()}, seed=m.seed + k)
             fisher_combine_step(num, den, fisher, {n: t[k].float() for n, t in tv.items()}, floor, normalize)
             del fisher
         return {n: num[n] / den[n] for n in tv.names}

@@ -25,7 +25,8 @@ import logging
 import math
 import warnings
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -38,6 +39,8 @@ from ..merged_model import MergedModel
 from ..pool import ModelPool
 from ..task_vectors import TaskVectors, select_names
 from .base import CheckpointError, MergeMethod
+from .method_config import MethodConfig, check_range
+from .registry import register
 
 log = logging.getLogger("adamerge")
 # Checkpoints hold θ_{t+1}, the state after an iteration, which is what resuming needs; Lightning warns
@@ -45,6 +48,45 @@ log = logging.getLogger("adamerge")
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 Grads = dict[str, torch.Tensor]
+
+
+@dataclass
+class FrankWolfeConfig(MethodConfig):
+    """FW-Merging's keys (one FW iteration per training step; ``steps`` iterations)."""
+    variant: Literal["hard", "soft"] = "hard"
+    granularity: Literal["task", "layer"] = "task"   # LMO: one whole candidate, or one per tensor
+    candidates: list[str] | dict | None = None       # model paths, or {name: path} (null: the pool's experts)
+    candidates_dir: str | None = None                # or every model directory under this one
+    check_finite: bool = True
+    objective: Literal["entropy", "cross_entropy"] = "entropy"
+    diversity: float = 0.0                           # entropy objective: as AdaMerging's key
+    labelled_split: str = "calibration"              # cross_entropy: the labelled file of each task
+    labelled_size: int = 100
+    labelled_batch_size: int = 16
+    max_length: int = 64
+    start: Literal["task_arithmetic", "pretrained"] | None = None  # θ_0 (null: by variant, as the authors)
+    start_scale: float = 0.3
+    init_vertex: bool | None = None                  # θ_0 among the vertices (null: hard yes, soft no)
+    merge_fn: Literal["task_arithmetic", "ties"] = "task_arithmetic"  # hard: applied to s_t − θ_t
+    merge_scale: float = 0.3
+    ties_density: float = 0.2
+    step_size: float = 0.1
+    # soft: the inner layer-wise AdaMerging
+    inner_steps: int = 500
+    inner_lr: float = 1e-3
+    inner_granularity: Literal["task", "layer"] = "layer"
+    inner_init_first: float = 0.3
+    inner_init: float = 1e-8
+    inner_clamp: list[float] | None = None
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        check_range(self.step_size, f"{prefix}.step_size", 0, strict_lo=True)
+        check_range(self.inner_steps, f"{prefix}.inner_steps", 1)
+        check_range(self.inner_lr, f"{prefix}.inner_lr", 0, strict_lo=True)
+        check_range(self.ties_density, f"{prefix}.ties_density", 0, 1, strict_lo=True)
+        for key in ("labelled_size", "labelled_batch_size", "max_length"):
+            check_range(getattr(self, key), f"{prefix}.{key}", 1)
 
 
 def lmo(scores: torch.Tensor, granularity: str, exclude: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,45 +101,40 @@ def lmo(scores: torch.Tensor, granularity: str, exclude: torch.Tensor | None = N
     return s.argmin(0)
 
 
+@register
 class FrankWolfeMerging(MergeMethod):
     name = "fw_merging"
     trainable = True
+    Config = FrankWolfeConfig
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
         # Not MergeMethod.__init__: it stacks every expert's task vector; here θ_t is the only model held.
         pl.LightningModule.__init__(self)
         tv_cfg = dict(task_vectors or {})
-        m = self.method_cfg = dict(method)
+        m = self.cfg = self.Config.parse({"name": self.name, **method})
+        self.method_cfg = m.as_dict()
         self.save_hyperparameters({"method": self.method_cfg, "task_vectors": tv_cfg})
         object.__setattr__(self, "pool", pool)
         self.causal = pool.model_class == "causal_lm"
         self.automatic_optimization = False
-        self.variant = self._choice("variant", "hard", ("hard", "soft"))
-        self.granularity = self._choice("granularity", "task", ("task", "layer"))
-        self.objective = self._choice("objective", "entropy", ("entropy", "cross_entropy"))
-        self.merge_fn = self._choice("merge_fn", "task_arithmetic", ("task_arithmetic", "ties"))
-        self.inner_granularity = self._choice("inner_granularity", "layer", ("task", "layer"))
+        self.variant, self.granularity, self.objective = m.variant, m.granularity, m.objective
+        self.merge_fn, self.inner_granularity = m.merge_fn, m.inner_granularity
         if self.objective == "cross_entropy" and pool.model_class != "sequence_classification":
             raise ValueError("method.objective=cross_entropy needs a sequence_classification pool")
-        self.step_size, self.merge_scale = float(m.get("step_size", 0.1)), float(m.get("merge_scale", 0.3))
-        self.inner_steps = int(m.get("inner_steps", 500))
-        if self.step_size <= 0 or self.inner_steps < 1:
-            raise ValueError(f"method.step_size must be > 0 and inner_steps >= 1 (got {self.step_size}, "
-                             f"{self.inner_steps})")
+        self.step_size, self.merge_scale, self.inner_steps = m.step_size, m.merge_scale, m.inner_steps
 
-        paths = candidate_paths(m.get("candidates"), m.get("candidates_dir"))
-        self.candidates = CandidatePool(pool, paths or None, check_finite=bool(m.get("check_finite", True)))
+        paths = candidate_paths(m.candidates, m.candidates_dir)
+        self.candidates = CandidatePool(pool, paths or None, check_finite=m.check_finite)
         self.names = select_names(pool.shared_names(), tv_cfg.get("include") or None, tv_cfg.get("exclude") or None)
         if not self.names:
             raise ValueError("no tensors selected for merging (check task_vectors.include/exclude)")
         N, L = len(self.candidates), len(self.names)
 
         # θ_0 and the weight of each checkpoint in it, per tensor: columns [pretrained, candidates...]
-        start = self._choice("start", "task_arithmetic" if self.variant == "hard" else "pretrained",
-                             ("task_arithmetic", "pretrained"))
+        start = m.start or ("task_arithmetic" if self.variant == "hard" else "pretrained")
         self.weights = torch.zeros(L, 1 + N, dtype=torch.float64)
         if start == "task_arithmetic":
-            scale = float(m.get("start_scale", 0.3))
+            scale = m.start_scale
             delta0 = self._task_arithmetic(scale)
             self.weights[:, 0], self.weights[:, 1:] = 1 - scale * N, scale
         else:
@@ -106,7 +143,7 @@ class FrankWolfeMerging(MergeMethod):
         # [FB] adds θ_0 to the vertex set ("initial"): one more model in memory, whatever N
         self.vertex_names = list(self.candidates.names)
         self._initial: Grads | None = None
-        if m.get("init_vertex", self.variant == "hard"):
+        if m.init_vertex if m.init_vertex is not None else self.variant == "hard":
             self._initial = {n: d.clone() for n, d in delta0.items()}
             self._initial_weights = self.weights.clone()
             self.vertex_names.append("initial")
@@ -119,16 +156,9 @@ class FrankWolfeMerging(MergeMethod):
                             "merged_names": hashlib.sha256("\n".join(self.names).encode()).hexdigest()[:16]}
         self.history: list[dict[str, Any]] = []
         self._stream: StepBatches | None = None  # soft inner steps: batches of their own (use_data)
-        self._tokenizer, self._max_length = None, int(m.get("max_length", 64))
+        self._tokenizer, self._max_length = None, m.max_length
         self._labelled: dict[str, list[tuple[dict, torch.Tensor]]] = {}
 
-    def _choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
-        v = self.method_cfg.get(key) or default
-        if v not in allowed:
-            raise ValueError(f"method.{key} must be one of {allowed}, got '{v}'")
-        return v
-
-    # -- θ_t and vertices ----------------------------------------------------------------------
     def delta(self, name: str) -> torch.Tensor:
         """θ_t − θ_pretrained for one merged tensor (a view: updated in place)."""
         return self.merged.task_vectors[name][0]
@@ -178,17 +208,17 @@ class FrankWolfeMerging(MergeMethod):
     def _labelled_set(self, task: str) -> list[tuple[dict, torch.Tensor]]:
         """Micro-batches of the first ``labelled_size`` labelled examples of the task's calibration file."""
         if task not in self._labelled:
-            m = self.method_cfg
-            split = m.get("labelled_split", "calibration")
+            m = self.cfg
+            split = m.labelled_split
             path = getattr(self.pool.tasks[task], split, None)
             if not path:
                 raise ValueError(f"objective=cross_entropy: task '{task}' has no {split} file in the pool config")
             texts, labels = read_jsonl(path, task, need_labels=True)
-            n = int(m.get("labelled_size", 100))
+            n = m.labelled_size
             if self._tokenizer is None:
                 self._tokenizer = load_tokenizer(self.pool.base_path)
             enc, y = encode(self._tokenizer, texts[:n], self._max_length), torch.tensor(labels[:n])
-            bs = int(m.get("labelled_batch_size", 16))
+            bs = m.labelled_batch_size
             self._labelled[task] = [(trim({k: v[i:i + bs] for k, v in enc.items()}), y[i:i + bs])
                                     for i in range(0, len(y), bs)]
         return self._labelled[task]
@@ -303,7 +333,7 @@ class FrankWolfeMerging(MergeMethod):
         if self.merge_fn == "ties" and move.any():
             # TIES of one vector: keep its top-density entries by magnitude (sign election is trivial)
             trimmed = TaskVectors({n: s.unsqueeze(0) for n, s in steps.items()}, ["step"]).ties_trim(
-                float(self.method_cfg.get("ties_density", 0.2))).ties_elect()
+                self.cfg.ties_density).ties_elect()
             for n in self.names:
                 self.delta(n).add_(trimmed[n][0], alpha=a)
 
@@ -321,16 +351,16 @@ class FrankWolfeMerging(MergeMethod):
                 rows[n] = torch.stack([self.delta(n).float()] + [
                     self.vertex_tensor(int(s[li]), n).to(dev, torch.float32) - th for s in sels])
             tv = TaskVectors(rows, ["theta_t"] + [f"vertex{j}" for j in range(m)])
-        cfg = self.method_cfg
-        c0 = float(cfg.get("inner_init_first", 0.3) if t == 0 else cfg.get("inner_init", 1e-8))
-        clamp = cfg.get("inner_clamp")
+        cfg = self.cfg
+        c0 = cfg.inner_init_first if t == 0 else cfg.inner_init
+        clamp = cfg.inner_clamp
         coefs = Coefficients(1 + m, len(self.names), granularity=self.inner_granularity, init=[1.0] + [c0] * m,
                              clamp=tuple(clamp) if clamp else None).to(self.device)
         keep = torch.ones(1 + m, device=coefs.raw.device)
         keep[0] = 0  # θ_t is the base: its coefficient stays 1
         coefs.raw.register_hook(lambda g: g * keep)
         inner = MergedModel(self.pool.base_model, tv, coefs, self.merged.heads)
-        opt = torch.optim.Adam([coefs.raw], lr=float(cfg.get("inner_lr", 1e-3)))
+        opt = torch.optim.Adam([coefs.raw], lr=cfg.inner_lr)
         outer = self.merged
         try:
             self.merged = inner  # step_loss and task_loss act on self.merged

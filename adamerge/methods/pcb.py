@@ -16,10 +16,14 @@ initialised at 1.0 in [0.8, 1.3]); here λ is one fixed ``scale``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..task_vectors import TaskVectors
-from .lines import DeltaMerge
+from .closed_form import DeltaConfig, DeltaMerge
+from .method_config import check_range
+from .registry import register
 
 
 def _sorted_at(flat: torch.Tensor, idx: int) -> torch.Tensor:
@@ -70,11 +74,23 @@ def pcb_direction(tv: TaskVectors, pcb_ratio: float = 0.1, clamp_ratio: float = 
     return out
 
 
+@dataclass
+class PCBConfig(DeltaConfig):
+    pcb_ratio: float = 0.1      # fraction of entries kept per task by balanced importance
+    clamp_ratio: float = 1e-4   # lower clip of the importance scores, relative to the largest
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        check_range(self.pcb_ratio, f"{prefix}.pcb_ratio", 0, 1, strict_lo=True)
+        check_range(self.clamp_ratio, f"{prefix}.clamp_ratio", 0)
+
+
+@register
 class PCBMerging(DeltaMerge):
     """θ = θ0 + λ·PCB(τ_1..τ_K)."""
 
     name = "pcb_merging"
+    Config = PCBConfig
 
     def merge_direction(self, tv: TaskVectors) -> dict[str, torch.Tensor]:
-        m = self.method_cfg
-        return pcb_direction(tv, float(m.get("pcb_ratio", 0.1)), float(m.get("clamp_ratio", 1e-4)))
+        return pcb_direction(tv, self.cfg.pcb_ratio, self.cfg.clamp_ratio)

@@ -23,16 +23,18 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
 from ..coefficients import Coefficients
-from ..config import ConfigError, check_number
 from ..merged_model import MergedModel
 from ..pool import ModelPool, PoolError
 from ..task_vectors import TaskVectors, select_names
 from .base import MergeMethod
+from .method_config import LearnedConfig, check_range
+from .registry import register
 
 log = logging.getLogger("adamerge")
 
@@ -208,40 +210,49 @@ def doge_transform(tv: TaskVectors, eta: float = 0.07, subspace: float | None = 
     return out, summary
 
 
-def check_doge_config(m: dict) -> None:
-    """DOGE's own keys, checked before any work, each error naming its key."""
-    c = {"method": m}
-    if m.get("coefficients", "eta") not in ("eta", "learned"):
-        raise ConfigError(f"config key 'method.coefficients' must be eta or learned, got {m['coefficients']!r}")
-    for key in ("eta", "delta_lr", "density", "subspace"):
-        check_number(c, f"method.{key}", 0, strict_lo=True)
-    if m.get("density") is not None and m["density"] > 1:
-        raise ConfigError(f"config key 'method.density' must be <= 1, got {m['density']!r}")
-    check_number(c, "method.delta_steps", 0, integer=True)
-    check_number(c, "method.delta_batch", 1, integer=True)
+@dataclass
+class ProjectiveConfig(LearnedConfig):
+    """DOGE's keys; with ``coefficients: learned`` also AdaMerging's (granularity, init, clamp, lr)."""
+    coefficients: Literal["eta", "learned"] = "eta"
+    eta: float = 0.07                   # λ_i = η/‖τ_i‖ (eta) and the scale inside the Δ objective
+    subspace: float | None = 6          # shared subspace keeps min(R, C)/subspace directions (null: none)
+    delta_steps: int = 400
+    delta_lr: float = 1e-4
+    per_task_delta: bool = False        # one Δ per task (DOGE-AM) or one shared Δ (DOGE-TA)
+    density: float = 0.3                # top fraction of each modified task vector kept
+    merge_include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
+    delta_device: str | None = None     # where Δ is optimised (null: with the task vectors)
+    delta_batch: int | None = None      # at most this many same-shape layers per batched Δ (null: all)
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        for key in ("eta", "delta_lr", "density", "subspace"):
+            check_range(getattr(self, key), f"{prefix}.{key}", 0, strict_lo=True)
+        check_range(self.density, f"{prefix}.density", 0, 1, strict_lo=True)
+        check_range(self.delta_steps, f"{prefix}.delta_steps", 0)
+        check_range(self.delta_batch, f"{prefix}.delta_batch", 1)
 
 
+@register
 class ProjectiveMerge(MergeMethod):
     """DOGE-TA (``coefficients: eta``, data-free) or DOGE-AM (``coefficients: learned``)."""
 
     name = "projective"
+    Config = ProjectiveConfig
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
-        m, tv_cfg = dict(method), dict(task_vectors or {})
-        check_doge_config(m)
-        mode = m.get("coefficients", "eta")
-        names = doge_names(pool, tv_cfg, m.get("merge_include", DEFAULT_INCLUDE))
+        m, tv_cfg = self.Config.parse({"name": self.name, **method}), dict(task_vectors or {})
+        mode = m.coefficients
+        names = doge_names(pool, tv_cfg, m.merge_include)
         if not names:
             raise PoolError("DOGE: no 2-D weight matches task_vectors.include/exclude and method.merge_include")
         # the base reads exactly these tensors; every other one stays at its pretrained value
         tv_cfg.update(include=[f"^{re.escape(n)}$" for n in names], exclude=[])
-        super().__init__(pool, m, tv_cfg)
+        super().__init__(pool, method, tv_cfg)
         self.trainable = mode == "learned"
         tv, self.doge = doge_transform(
-            self.merged.task_vectors, eta=float(m.get("eta", 0.07)), subspace=m.get("subspace", 6),
-            steps=int(m.get("delta_steps", 400)), lr=float(m.get("delta_lr", 1e-4)),
-            per_task=bool(m.get("per_task_delta", False)), density=float(m.get("density", 0.3)),
-            device=m.get("delta_device"), batch=m.get("delta_batch"),
+            self.merged.task_vectors, eta=m.eta, subspace=m.subspace, steps=m.delta_steps, lr=m.delta_lr,
+            per_task=m.per_task_delta, density=m.density, device=m.delta_device, batch=m.delta_batch,
         )
         old = self.merged
         self.merged = MergedModel(old.base, tv, old.coefficients, old.heads, mask=old.mask, tv_device=old.tv_device)
@@ -250,11 +261,11 @@ class ProjectiveMerge(MergeMethod):
                                                               "per_task_delta", "density")}
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
-        if self.method_cfg.get("coefficients", "eta") == "learned":
+        if self.cfg.coefficients == "learned":
             return super().build_coefficients(tv)  # AdaMerging's: granularity, init, clamp from the config
         coefs = Coefficients(tv.K, len(tv), granularity="layer", init=0.0)
         with torch.no_grad():
-            coefs.raw.copy_(layer_lambdas(tv, float(self.method_cfg.get("eta", 0.07))))
+            coefs.raw.copy_(layer_lambdas(tv, self.cfg.eta))
         coefs.requires_grad_(False)
         return coefs
 

@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..lines import LAYER_PATTERN
 from ..task_vectors import TaskVectors
-from .lines import DeltaMerge, all_reduce_sum
+from .closed_form import DeltaConfig, DeltaMerge, all_reduce_sum
+from .method_config import check_range
+from .registry import register
 
 
 class _Stop(Exception):
@@ -89,21 +92,31 @@ def solve(sg: torch.Tensor, sgd: torch.Tensor, mean_d: torch.Tensor, ridge: floa
     return torch.linalg.solve(sg + eps * eye, sgd + eps * mean_d).float()
 
 
+@dataclass
+class RegMeanConfig(DeltaConfig):
+    alpha: float = 0.9                  # off-diagonal scale of the Gram matrices
+    layers_per_pass: int | None = 1     # RegMean: blocks whose statistics one forward gathers (null: all)
+    exclude_modules: list[str] = field(default_factory=list)  # regexes of linear modules averaged instead
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        check_range(self.alpha, f"{prefix}.alpha", 0, 1)
+        check_range(self.layers_per_pass, f"{prefix}.layers_per_pass", 1)
+
+
+@register
 class RegMean(DeltaMerge):
     """W* = (Σ G̃_i)⁻¹ Σ G̃_i W_i per linear layer, with G_i from expert i's own activations."""
 
     name = "regmean"
     plus_plus = False
+    Config = RegMeanConfig
 
     def merge_direction(self, tv: TaskVectors) -> dict[str, torch.Tensor]:
-        m = self.method_cfg
-        alpha = float(m.get("alpha", 0.9))
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"method.alpha (off-diagonal scale) must be in [0, 1], got {alpha}")
-        per_pass = 1 if self.plus_plus else m.get("layers_per_pass", 1)
-        if per_pass is not None and int(per_pass) < 1:
-            raise ValueError(f"method.layers_per_pass must be >= 1 or null, got {per_pass}")
-        excluded = list(m.get("exclude_modules") or [])
+        m = self.cfg
+        alpha = m.alpha
+        per_pass = 1 if self.plus_plus else m.layers_per_pass
+        excluded = list(m.exclude_modules)
         base = self.merged.base
         names = set(tv.names)
         conv1d = _conv1d_types()
@@ -229,6 +242,7 @@ class RegMean(DeltaMerge):
         return out
 
 
+@register
 class RegMeanPP(RegMean):
     """RegMean++: block l's inputs come from the merged model built so far (blocks < l merged)."""
 

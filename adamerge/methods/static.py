@@ -6,20 +6,31 @@ same MergedModel, export and evaluation as the learned methods — with no optim
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..coefficients import Coefficients
 from ..task_vectors import TaskVectors
 from .base import MergeMethod
+from .method_config import MethodConfig
+from .registry import register
 
 
+@dataclass
+class StaticConfig(MethodConfig):
+    scale: float | None = 0.3  # λ; null: 1/K (weight average)
+
+
+@register
 class StaticMerge(MergeMethod):
     """θ = θ0 + λ Σ_k τ̃_k with τ̃ from ``prepare_task_vectors`` (DARE / TIES / consensus)."""
 
     name = "static"
     trainable = False
+    Config = StaticConfig
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
-        scale = self.method_cfg.get("scale")
-        lam = 1.0 / tv.K if scale is None else float(scale)  # scale null = weight average
+        scale = self.cfg.scale
+        lam = 1.0 / tv.K if scale is None else float(scale)
         coefs = Coefficients(tv.K, len(tv), granularity="task", init=lam)
         coefs.requires_grad_(False)
         return coefs

@@ -17,11 +17,13 @@ vocabulary embeddings). Follows the authors' ``compute_and_sum_svd_mem_reduction
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import torch
 
 from ..task_vectors import TaskVectors
-from .lines import DeltaMerge
+from .closed_form import DeltaConfig, DeltaMerge
+from .registry import register
 
 
 def _polar(a: torch.Tensor) -> torch.Tensor:
@@ -55,10 +57,17 @@ def tsv_direction(tv: TaskVectors, exclude: list[str] | None = None) -> dict[str
     return out
 
 
+@dataclass
+class TSVConfig(DeltaConfig):
+    exclude: list[str] = field(default_factory=list)  # regexes of 2-D tensors averaged instead of TSV-merged
+
+
+@register
 class TSVMerging(DeltaMerge):
     """θ = θ0 + α·TSV-M(τ_1..τ_K)."""
 
     name = "tsv_merging"
+    Config = TSVConfig
 
     def merge_direction(self, tv: TaskVectors) -> dict[str, torch.Tensor]:
-        return tsv_direction(tv, list(self.method_cfg.get("exclude") or []))
+        return tsv_direction(tv, self.cfg.exclude)

@@ -1,23 +1,15 @@
-"""The base of merges that compute the merged update directly (and LiNeS on it, adamerge/lines.py).
-
-LiNeS ("Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging", ICLR 2025):
-the merged update of layer l (0-based block index from the tensor name, L blocks) is scaled by
-
-    λ(l) = α + β · l / (L − 1),
-
-so shallow layers stay near the pretrained weights; tensors outside numbered blocks (embeddings,
-final norms, pooler) get α, as in the authors' code. In multi-task merging LiNeS *replaces* the
-merge's global scale; the authors set α = ‖Σ_k τ_k‖ / (K·‖τ_MTL‖) (``alpha: auto``: shallow layers
-move as far as the average of the task vectors) and tune β ∈ [0, 1] on validation data.
+"""The base of closed-form merges: a subclass computes the merged update directly (no optimizer steps).
 
 ``DeltaMerge`` is the shared base of RegMean(++), Fisher, PCB and TSV-M: a subclass returns the
-unscaled merged update D (name -> merged − base); the base applies ``scale`` (or LiNeS instead of
-it) and expresses the result through the shared MergedModel as K rows (D·s)/K with fixed
-coefficients 1, so evaluation, export and ``coefficients.json`` work unchanged.
+unscaled merged update D (name -> merged − base); the base applies ``scale`` — or LiNeS layer
+scaling instead of it (adamerge/lines.py: λ(l) = α + β·l/(L − 1) per block, which in multi-task
+merging replaces the global scale) — and expresses the result through the shared MergedModel as K
+rows (D·s)/K with fixed coefficients 1, so evaluation, export and ``coefficients.json`` work unchanged.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +21,7 @@ from ..merged_model import MergedModel
 from ..pool import ModelPool
 from ..task_vectors import TaskVectors
 from .base import MergeMethod
+from .method_config import MethodConfig, check_range
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,21 +48,37 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # the base of closed-form merges
 # ----------------------------------------------------------------------------------------------
+@dataclass
+class DeltaConfig(MethodConfig):
+    """Keys of the closed-form merges; the calibration keys matter only to the data-dependent ones."""
+    scale: float = 1.0            # the merged update is scaled by this (LiNeS replaces it when on)
+    device: str | None = None     # where statistics are computed (null: cpu)
+    num_examples: int = 256       # calibration examples per task
+    batch_size: int = 16
+    max_length: int = 64
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        for key in ("num_examples", "batch_size", "max_length"):
+            check_range(getattr(self, key), f"{prefix}.{key}", 1)
+
+
 class DeltaMerge(MergeMethod):
     """A non-iterative merge that computes the merged update directly (no optimizer steps)."""
 
     name = "delta_merge"
     trainable = False
+    Config = DeltaConfig
+    lines_on_update = True
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
-        # LiNeS applies here to the merged update, not to the task vectors as in prepare_task_vectors
-        super().__init__(pool, {k: v for k, v in method.items() if k != "lines"}, task_vectors)
-        m = self.method_cfg
-        self.lines = lines_config(method.get("lines"))
+        super().__init__(pool, method, task_vectors)
+        m = self.cfg
+        self.lines = lines_config(m.lines)
         self._tokenizer = None
         merged = self.merged
         tv = merged.task_vectors
-        device = torch.device(m["device"]) if m.get("device") else None
+        device = torch.device(m.device) if m.device else None
         if device is not None:
             merged.to(device)  # statistics on an accelerator; moved back below
         with torch.no_grad():
@@ -81,8 +90,7 @@ class DeltaMerge(MergeMethod):
         if self.lines:
             delta = apply_lines(direction, tv, self.lines)
         else:
-            s = float(m.get("scale", 1.0))
-            delta = {n: d * s for n, d in direction.items()}
+            delta = {n: d * m.scale for n, d in direction.items()}
         # K equal rows (D/K) with coefficient 1: merged = base + D, task bookkeeping intact; the
         # rows are views of one tensor (no K copies)
         K = tv.K
@@ -102,16 +110,11 @@ class DeltaMerge(MergeMethod):
     # -- helpers for the data-dependent merges ----------------------------------------------------
     def calibration_batches(self, task: str) -> list[dict[str, torch.Tensor]]:
         """This process's slice of ``num_examples`` calibration texts of ``task``, tokenized, in batches."""
-        m = self.method_cfg
+        m = self.cfg
         spec = self.pool.tasks[task]
         if not spec.calibration:
             raise DataError(f"task '{task}' has no calibration file in the pool config ({self.method_id} needs one)")
-        n = int(m.get("num_examples", 256))
-        bs = int(m.get("batch_size", 16))
-        max_length = int(m.get("max_length", 64))
-        for key, v in (("num_examples", n), ("batch_size", bs)):
-            if v <= 0:
-                raise ValueError(f"method.{key} must be > 0, got {v}")
+        n, bs, max_length = m.num_examples, m.batch_size, m.max_length
         rank, world = dist_rank_world()
         texts = read_jsonl(spec.calibration, task)[0][:n][rank::world]
         if self._tokenizer is None:
