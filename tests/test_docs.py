@@ -94,7 +94,7 @@ def test_every_method_config_has_a_section_in_docs_methods():
 def test_cited_method_anchors_exist():
     found = anchors(METHODS_DOC.read_text())
     bad = []
-    for path in tracked_files() + ["docs/methods.md", "docs/architecture.md"]:
+    for path in dict.fromkeys(tracked_files() + ["docs/methods.md", "docs/architecture.md"]):
         if not (ROOT / path).is_file():
             continue
         for i, line in enumerate(read_text(path).splitlines(), 1):
