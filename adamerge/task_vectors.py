@@ -155,7 +155,7 @@ class TaskVectors:
         return self.map(lambda n, t: torch.where(torch.sign(t.float()) == signs[n], t, torch.zeros_like(t)))
 
     def disjoint_merge(self, mode: str = "sum") -> dict[str, torch.Tensor]:
-        """Combine agreeing entries: ``sum`` ([AM]/[FB] default) or ``mean`` (the TIES paper)."""
+        """Combine agreeing entries: ``sum`` (AdaMerging's code, FusionBench) or ``mean`` (the TIES paper)."""
         if mode not in ("sum", "mean"):
             raise ValueError(f"disjoint merge mode must be 'sum' or 'mean', got '{mode}'")
         elected = self.ties_elect()

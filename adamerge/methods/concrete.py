@@ -10,8 +10,8 @@ minimisation; merging happens inside the masked subspace, ``W = W0 + m̂/mean(m�
 
 Final mask (evaluation, export, and phase 2): ``continuous`` is one binary-Concrete sample drawn
 with its own fixed seed (so every call — evaluation, export, each phase-2 step, a resumed run —
-sees the same mask); ``hard`` is the T → 0 limit of that same sample thresholded at 0.5 ([SF]'s
-binary mask at T = 0.001), i.e. entry kept iff logit(u) + x > 0. Both are rescaled by their mean.
+sees the same mask); ``hard`` is the T → 0 limit of that same sample thresholded at 0.5 (the
+authors' binary mask at T = 0.001), i.e. entry kept iff logit(u) + x > 0. Both are rescaled by their mean.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ class ConcreteAdaMerging(MergeMethod):
     Phase 1 (``global_step < mask_steps``), per step:
       1. remember the mask generator's state (one mask sample serves both sub-steps);
       2. reset λ to its init; inner step: entropy on the *first half* of every task's batch,
-         gradient w.r.t. λ only, one Adam step with ``inner_lr`` (1). Like [FB], this Adam keeps
+         gradient w.r.t. λ only, one Adam step with ``inner_lr`` (1). Like FusionBench, this Adam keeps
          its moments across outer steps; only λ is reset;
       3. restore the generator (same sample), re-merge with the updated λ; mask step: entropy on the
          *second half* of every task's batch ("a fresh batch"), gradient w.r.t. the mask logits

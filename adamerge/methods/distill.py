@@ -8,8 +8,9 @@ task k the loss is Expert Merging's
 
     T²·KL(softmax(z_k/T) ‖ softmax(z_merged/T)) / K  (+ w_h·hidden MSE)  + γ·Σ|c − c₀| / L,
 
-with z_k expert k's own logits on that batch. What differs from Expert Merging (§4) — each chosen by
-measurement on the benchmark here (bench/RESULTS.md, "Distill merging"):
+with z_k expert k's own logits on that batch. What differs from Expert Merging
+(docs/methods.md#expert_merging) — each chosen by measurement on the benchmark here
+(bench/RESULTS.md, "Distill merging"):
 
 - the start is the best closed-form merge the data allow (``start_from: regmean_pp``), expressed
   as W = W0 + D + Σ_k c_k (τ_k − D): c = 0 is that merge, c = e_k is expert k (``start_from_merge``);

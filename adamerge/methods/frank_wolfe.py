@@ -140,7 +140,7 @@ class FrankWolfeMerging(MergeMethod):
         else:
             delta0 = {n: torch.zeros_like(pool.base_tensor(n), dtype=torch.float32) for n in self.names}
             self.weights[:, 0] = 1
-        # [FB] adds θ_0 to the vertex set ("initial"): one more model in memory, whatever N
+        # the authors' code adds θ_0 to the vertex set ("initial"): one more model in memory, whatever N
         self.vertex_names = list(self.candidates.names)
         self._initial: Grads | None = None
         if m.init_vertex if m.init_vertex is not None else self.variant == "hard":
@@ -298,7 +298,7 @@ class FrankWolfeMerging(MergeMethod):
                 if len(sels) >= len(self.vertex_names):
                     break  # every vertex already chosen by an earlier task
                 sel = lmo(scores[k], self.granularity, exclude)
-                exclude[sel, torch.arange(L)] = True  # [FB]: each task adds a distinct vertex
+                exclude[sel, torch.arange(L)] = True  # as the authors' code: each task adds a distinct vertex
                 sels.append(sel)
                 tasks.append(task)
             gaps = [float(-scores[k].gather(0, s[None]).sum()) for k, s in enumerate(sels)]

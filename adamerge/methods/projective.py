@@ -38,7 +38,7 @@ from .registry import register
 
 log = logging.getLogger("adamerge")
 
-DEFAULT_INCLUDE = [r"encoder\."]  # [FB]: encoder 2-D weights only; LayerNorm, biases, embeddings stay pretrained
+DEFAULT_INCLUDE = [r"encoder\."]  # as FusionBench: encoder 2-D weights only; norms, biases, embeddings stay pretrained
 
 
 def doge_names(pool: ModelPool, tv_cfg: dict, include: list[str] | None) -> list[str]:
@@ -57,7 +57,7 @@ def shared_subspace(tau: torch.Tensor, subspace: float) -> torch.Tensor:
     """Orthonormal ``[G, R, r]`` basis of the directions the tasks share, per layer.
 
     ``tau``: ``[G, K, R, C]``. Each τ_i contributes its top min(R, C)/K left singular vectors; the
-    SVD of their concatenation keeps the top min(R, C)/``subspace`` directions ([FB]).
+    SVD of their concatenation keeps the top min(R, C)/``subspace`` directions (FusionBench).
     """
     G, K, R, C = tau.shape
     m = min(R, C)
@@ -76,7 +76,7 @@ def project_out(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 
 def delta_loss(tau: torch.Tensor, lam: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Reference L(Δ) = Σ_j Σ_rows ⟨τ_j, τ_j − τ_m⟩², summed over a stack of layers ([FB]'s form).
+    """Reference L(Δ) = Σ_j Σ_rows ⟨τ_j, τ_j − τ_m⟩², summed over stacked layers (FusionBench's form).
 
     ``tau`` ``[G, K, R, C]``, ``lam`` ``[G, K]``, ``delta`` ``[G, R, C]`` (shared) or ``[G, K, R, C]``.
     """
@@ -147,7 +147,7 @@ def optimize_delta(tau: torch.Tensor, lam: torch.Tensor, basis: torch.Tensor, st
 
 
 def topk_masks(tv: TaskVectors, density: float) -> dict[str, torch.Tensor]:
-    """Per task, the entries among its top ``density`` fraction by |τ| over all merged tensors ([FB])."""
+    """Per task, its top ``density`` fraction of entries by |τ| over all merged tensors (FusionBench)."""
     if not 0 < density <= 1:
         raise ValueError(f"method.density must be in (0, 1], got {density}")
     th = []
@@ -170,7 +170,7 @@ def doge_transform(tv: TaskVectors, eta: float = 0.07, subspace: float | None = 
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    subspace = float(subspace) if subspace else float(tv.K)  # null: K directions' worth, as [FB] DOGE-AM
+    subspace = float(subspace) if subspace else float(tv.K)  # null: K directions, as FusionBench's DOGE-AM
     if subspace <= 0:
         raise ValueError(f"method.subspace must be > 0, got {subspace}")
     start = time.perf_counter()
