@@ -1,24 +1,18 @@
 """Merge methods by name (the ``name`` key of a ``configs/method/*.yaml``).
 
-Each module files its classes in the registry with ``@register``; importing them here fills it.
+Each module files its classes in the registry with ``@register``; importing every module of this
+package here fills it, so a new method is one new file.
 """
 
 from __future__ import annotations
 
-from . import (  # noqa: F401  (imported for their @register)
-    adamerging,
-    concrete,
-    distill,
-    expert_merging,
-    fisher,
-    frank_wolfe,
-    pcb,
-    projective,
-    regmean,
-    static,
-    tsv,
-)
+import importlib
+import pkgutil
+
 from .base import CheckpointError, MergeMethod
 from .registry import METHODS, get_method
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METHODS", "CheckpointError", "MergeMethod", "get_method"]
