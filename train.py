@@ -49,7 +49,6 @@ def run(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
     from hydra.core.hydra_config import HydraConfig
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from adamerge.checkpointing import (
@@ -75,9 +74,10 @@ def run(cfg: DictConfig) -> dict:
         export_merged,
         remove_stale_temporaries,
     )
+    from adamerge.loggers import build_loggers, logger_names
     from adamerge.methods import CheckpointError, get_method
     from adamerge.pool import pool_from_config, resolve_recipe
-    from adamerge.progress import ProgressLog
+    from adamerge.progress import ProgressLog, StepProgressBar
     from adamerge.start_vs_end import calibration_objective, choose, merged_at, monitor_batches, snapshot
 
     out_dir = Path(HydraConfig.get().run.dir) if HydraConfig.initialized() else Path(cfg.out_dir)
@@ -94,6 +94,7 @@ def run(cfg: DictConfig) -> dict:
                 cfg.method[key] = OmegaConf.load(path)
     c = OmegaConf.to_container(cfg, resolve=True)
     check_config(c)
+    loggers = logger_names(c.get("logger"))
     check_writable_dir(out_dir, "out_dir")
     export_dir = Path(c["export"]["dir"])
     rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
@@ -140,9 +141,11 @@ def run(cfg: DictConfig) -> dict:
         callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                      every_n_train_steps=every, save_top_k=-1, save_last=False), interrupt,
                      ProgressLog(c["progress"]["every_n_steps"], c["progress"]["every_s"])]
+        if c["trainer"].get("enable_progress_bar", True):
+            callbacks.append(StepProgressBar())
         try:
             trainer = pl.Trainer(**c["trainer"], callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                                 logger=CSVLogger(str(out_dir), name="logs"), enable_model_summary=False,
+                                 logger=build_loggers(loggers, out_dir, out_dir.name), enable_model_summary=False,
                                  num_sanity_val_steps=0, limit_val_batches=0)
         except (TypeError, ValueError) as e:  # unknown key or bad value under trainer.*
             raise ConfigError(f"config group 'trainer': {e}") from e

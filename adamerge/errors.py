@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 from omegaconf.errors import OmegaConfBaseException
@@ -11,8 +12,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, P
                                                 FloatingPointError, OmegaConfBaseException)
 
 
+# OS errors about the user's disk, not a bug: a full disk, a quota, a read-only file system
+USER_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
 def is_user_error(e: BaseException) -> bool:
-    return isinstance(e, USER_ERRORS)
+    return isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno in USER_OS_ERRNOS)
 
 
 def refuse_unknown_keys(keys: Iterable[str], valid: list[str], prefix: str, owner: str,

@@ -7,7 +7,7 @@ import logging
 import time
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +53,27 @@ class ProgressLog(Callback):
             v = coefficients.values().detach().float()
             parts.append(f"coef mean/min/max {v.mean():.3f}/{v.min():.3f}/{v.max():.3f}")
         log.info("  ".join(parts))
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's bar counting optimizer steps of ``max_steps``: the calibration stream is endless, so
+    its epoch counter and per-epoch batch count ("Epoch 0/-2", "10/?") mean nothing here."""
+
+    @property
+    def train_description(self) -> str:
+        return "step"
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_) -> None:
+        # not the parent's: it would draw an "Epoch 0" line first, which stays visible in a log file
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.n = bar.initial = trainer.global_step  # after a resume the bar starts at the checkpoint's step
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is None or bar.disable or (step % self.refresh_rate and step != trainer.max_steps):
+            return
+        bar.n = step
+        bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar

@@ -536,3 +536,57 @@ def test_quiet_start_up(conf, tmp_path):
                                                                               "overrides.yaml"]
     p = train(conf, tmp_path / "verbose", *args, "verbose=true")
     assert "GPU available" in p.stdout + p.stderr
+
+
+def test_progress_bar_counts_steps_also_after_a_resume(conf, tmp_path):
+    """The bar reads "step … k/max_steps", not Lightning's "Epoch 0/-2" of an endless stream."""
+    run = tmp_path / "run"
+    p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=4", "checkpoint.every_n_steps=2")
+    out = p.stdout + p.stderr  # Lightning draws its bar on stdout
+    assert re.search(r"step: 100%.*\b4/4\b", out) and "Epoch" not in out, out[-2000:]
+    (run / "export").rename(tmp_path / "first_export")
+    p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=6", "checkpoint.every_n_steps=2",
+              "resume=last")
+    out = p.stdout + p.stderr
+    assert re.search(r"step: 100%.*\b6/6\b", out) and "Epoch" not in out, out[-2000:]
+
+
+def test_tensorboard_logger_writes_events_and_keeps_the_csv_log(conf, tmp_path):
+    pytest.importorskip("tensorboardX")
+    run = tmp_path / "run"
+    p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=3", "logger=tensorboard")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert helpers.logged_losses(run)  # the CSV log the export's loss curve reads
+
+
+def test_unknown_or_unavailable_logger_is_one_line_before_any_work(conf, tmp_path):
+    import importlib.util
+
+    assert_clear_error(train(conf, tmp_path / "a", "method=adamerging_layerwise", "logger=tensorbord"),
+                       r"unknown config key 'logger.tensorbord'.*did you mean 'logger.tensorboard'")
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    missing = next((n for n in ("wandb", "mlflow") if importlib.util.find_spec(n) is None), None)
+    if missing:
+        assert_clear_error(train(conf, tmp_path / "b", "method=adamerging_layerwise", f"logger={missing}"),
+                           rf"logger={missing} needs the package {missing} \(pip install {missing}\)")
+
+
+def test_disk_full_during_the_export_is_one_line_and_keeps_the_checkpoints(tiny_pool_cfg, tmp_path, monkeypatch,
+                                                                            capsys):
+    import errno
+
+    import adamerge.export as export
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "coefficients.png"))
+
+    monkeypatch.setattr(export, "plot_coefficients", full)
+    code = helpers.run_inprocess([f"out_dir={tmp_path / 'run'}", "method=adamerging_layerwise", "trainer.max_steps=2",
+                                  "data.batch_size=4", "evaluate.enabled=false", "trainer.enable_progress_bar=false"],
+                                 tiny_pool_cfg)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: [Errno 28] No space left on device") and "Traceback" not in err
+    assert "coefficients.png" in err[-1]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # training is not lost: resume=last
+    assert not (tmp_path / "run" / "export").exists()
