@@ -48,14 +48,17 @@ def _fits(value: Any, hint: Any) -> bool:
 
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(hint))
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " | ".join(_describe(h) for h in typing.get_args(hint))
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
     if dataclasses.is_dataclass(hint):
         return "{" + ", ".join(f.name for f in dataclasses.fields(hint)) + "}"
     if hint is type(None):
         return "null"
-    return getattr(hint, "__name__", str(hint))
+    if typing.get_origin(hint) is list or hint is list:
+        return "a list"
+    words = {float: "a number", int: "an integer", str: "a string", bool: "true or false", dict: "a mapping"}
+    return words.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _dataclass_in(hint: Any) -> type | None:
