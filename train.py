@@ -46,44 +46,58 @@ def run_config_files(cfg: DictConfig) -> dict[str, str]:
 
 
 def run(cfg: DictConfig) -> dict:
-    import pytorch_lightning as pl
+    """One run as named steps: check everything → pool and method → fit → evaluate → export."""
     from hydra.core.hydra_config import HydraConfig
-    from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from adamerge.checkpointing import (
-        AtomicCheckpointIO,
-        Interrupted,
-        SaveOnInterrupt,
-        check_fresh_run,
-        resolve_resume,
-    )
-    from adamerge.config import ConfigError, check_config, check_writable_dir
-    from adamerge.data import CalibrationDataModule, check_data, load_tokenizer
-    from adamerge.evaluate import (
-        evaluate_params,
-        load_test_sets,
-        markdown,
-        reference_rows,
-        save_report,
-        summarize,
-    )
-    from adamerge.export import (
-        atomic_write_text,
-        check_export_target,
-        export_merged,
-        remove_stale_temporaries,
-    )
-    from adamerge.loggers import build_loggers, logger_names
-    from adamerge.methods import CheckpointError, get_method
-    from adamerge.pool import pool_from_config, resolve_recipe
-    from adamerge.progress import ProgressLog, StepProgressBar
-    from adamerge.start_vs_end import calibration_objective, choose, merged_at, monitor_batches, snapshot
+    from adamerge.checkpointing import resolve_resume
+    from adamerge.export import atomic_write_text
 
     out_dir = Path(HydraConfig.get().run.dir) if HydraConfig.initialized() else Path(cfg.out_dir)
     # written once the run passed its checks (hydra.output_subdir is null: Hydra would write them before
     # any check, so a refused rerun would overwrite the old run's); taken now, before start_from is inlined
     run_config = run_config_files(cfg)
+    c = checked_config(cfg, out_dir)
+    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    pool, method = build_pool_and_method(c)
+    if method is None:  # a statistics process of a closed-form DDP run: its part is done
+        return {}
+    ckpt_path = resolve_resume(c["resume"], out_dir / "checkpoints") if method.trainable else None
+    if rank == 0:
+        for name, text in run_config.items():  # the run is accepted: record its config
+            atomic_write_text(out_dir / ".hydra" / name, text)
+        log.info("%s", header(pool, method, c, out_dir))
+    start_state, selection = None, None
+    if method.trainable:
+        fitted = fit(method, pool, c, out_dir, ckpt_path)
+        if fitted is None:  # not the DDP rank that evaluates and exports
+            return {}
+        start_state, selection = fitted
+    elif c["resume"]:
+        log.warning("method %s does not train, so it has nothing to resume: resume=%s ignored",
+                    c["method"]["id"], c["resume"])
+    result, extra = {"out_dir": str(out_dir)}, {}
+    if selection is not None:
+        extra["selection.json"] = json.dumps(selection, indent=2)
+        result["selection"] = selection
+    summary = evaluate_run(method, pool, c, out_dir, start_state, selection)
+    if summary is not None:
+        extra.update({"eval.json": (out_dir / "eval.json").read_text(), "eval.md": summary["markdown"] + "\n"})
+        result["eval"] = summary["summary"]
+    result["export"] = export_run(method, c, out_dir, extra)
+    return result
+
+
+def checked_config(cfg: DictConfig, out_dir: Path) -> dict:
+    """The resolved config with ``method.start_from`` inlined, every key checked, and everything this run
+    will write to shown writable — before the pool loads, so that nothing is spent on a doomed run."""
+    import pytorch_lightning as pl
+
+    from adamerge.checkpointing import check_fresh_run
+    from adamerge.config import ConfigError, check_config, check_writable_dir
+    from adamerge.export import check_export_target, remove_stale_temporaries
+    from adamerge.loggers import logger_names
+    from adamerge.methods import CheckpointError, get_method
+
     for key in ("start_from", "init"):  # method.start_from=<method id>: start from that merge
         start = cfg.method.get(key)
         if isinstance(start, str):  # configs/method/<id>.yaml (``init=<id>`` is the older spelling)
@@ -94,103 +108,135 @@ def run(cfg: DictConfig) -> dict:
                 cfg.method[key] = OmegaConf.load(path)
     c = OmegaConf.to_container(cfg, resolve=True)
     check_config(c)
-    loggers = logger_names(c.get("logger"))
+    cls = get_method(c["method"].get("name"))
+    cls.Config.parse(c["method"])  # every method key typed and known
+    logger_names(c.get("logger"))
     check_writable_dir(out_dir, "out_dir")
     export_dir = Path(c["export"]["dir"])
-    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    if rank == 0:
+    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:
         remove_stale_temporaries(export_dir)
         check_export_target(export_dir, c["export"]["overwrite"])  # refuse before spending time training
         check_writable_dir(export_dir.parent, "export.dir")  # the export is written next to its target
-    pl.seed_everything(c["seed"], workers=True, verbose=False)
-
-    cls = get_method(c["method"].get("name"))
-    cls.Config.parse(c["method"])  # every method key typed and known, before the pool loads
-    if rank == 0 and cls.trainable:
-        check_fresh_run(c["resume"], out_dir / "checkpoints")  # before the pool loads: nothing spent yet
-    elif c["resume"] and c["resume"] != "last" and not Path(c["resume"]).exists():
+        if cls.trainable:
+            check_fresh_run(c["resume"], out_dir / "checkpoints")
+    if not cls.trainable and c["resume"] and c["resume"] != "last" and not Path(c["resume"]).exists():
         # nothing to resume here, but a path that does not exist is a mistake worth naming
         raise CheckpointError(f"resume={c['resume']}: checkpoint file does not exist")
+    if cls.trainable and int(c["trainer"].get("max_steps") or 0) <= 0:
+        raise ConfigError(f"trainer.max_steps (method.steps) must be > 0 for {c['method']['id']}, "
+                          f"got {c['trainer'].get('max_steps')}")
+    pl.seed_everything(c["seed"], workers=True, verbose=False)
+    return c
+
+
+def build_pool_and_method(c: dict):
+    """The pool (every data file checked) and the method built on it; ``(pool, None)`` on a statistics
+    process of a closed-form DDP run, which has contributed its part once the method is built."""
+    from adamerge.data import check_data
+    from adamerge.methods import get_method
+    from adamerge.pool import pool_from_config, resolve_recipe
+
     pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     check_data(pool)  # a bad line or label is named now, not after training
+    cls = get_method(c["method"]["name"])
     stats_rank = 0 if cls.trainable else _launch_statistics_ranks(c["trainer"])
     method = cls(pool, c["method"], c["task_vectors"])  # closed form: every rank adds its statistics
-    if stats_rank != 0:
-        return {}
-    ckpt_path = resolve_resume(c["resume"], out_dir / "checkpoints") if method.trainable else None
-    for name, text in run_config.items() if rank == 0 else ():  # the run is accepted: record its config
-        atomic_write_text(out_dir / ".hydra" / name, text)
-    if rank == 0:
-        log.info("%s", header(pool, method, c, out_dir))
+    return pool, (method if stats_rank == 0 else None)
 
-    start_state, selection = None, None
-    if method.trainable:
-        steps = int(c["trainer"].get("max_steps") or 0)
-        if steps <= 0:
-            raise ValueError(f"trainer.max_steps (method.steps) must be > 0 for {c['method']['id']}, got {steps}")
-        dm = CalibrationDataModule.from_pool(pool, batch_size=c["data"]["batch_size"],
-                                             max_length=c["data"]["max_length"], seed=c["seed"],
-                                             size=c["data"]["calibration_size"])
-        # the starting merge, kept to compare with the end (adamerge/start_vs_end.py)
-        start_state = snapshot(method)
-        monitor = monitor_batches(dm.encoded, dm.batch_size, c["seed"], int(c["evaluate"]["monitor_batches"]))
-        start_loss = calibration_objective(method, monitor)
-        ckpt_dir = out_dir / "checkpoints"
-        every = int(c["checkpoint"]["every_n_steps"])
-        interrupt = SaveOnInterrupt(ckpt_dir / "last.ckpt")
-        callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                                     every_n_train_steps=every, save_top_k=-1, save_last=False), interrupt,
-                     ProgressLog(c["progress"]["every_n_steps"], c["progress"]["every_s"])]
-        if c["trainer"].get("enable_progress_bar", True):
-            callbacks.append(StepProgressBar())
-        try:
-            trainer = pl.Trainer(**c["trainer"], callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                                 logger=build_loggers(loggers, out_dir, out_dir.name), enable_model_summary=False,
-                                 num_sanity_val_steps=0, limit_val_batches=0)
-        except (TypeError, ValueError) as e:  # unknown key or bad value under trainer.*
-            raise ConfigError(f"config group 'trainer': {e}") from e
-        try:
-            trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
-        except SIGTERMException as e:  # SaveOnInterrupt wrote last.ckpt
-            raise Interrupted(interrupt.signum) from e
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
-        if trainer.global_rank != 0:
-            return {}
-        method = method.cpu()
-        validation = (load_test_sets(pool, dm.tokenizer, c["data"]["max_length"], split="validation")
-                      if pool.model_class == "sequence_classification" else {})
-        selection = choose(method, start_state, start_loss, monitor, validation, c["evaluate"]["batch_size"])
-    elif c["resume"]:
-        log.warning("method %s does not train, so it has nothing to resume: resume=%s ignored",
-                    c["method"]["id"], c["resume"])
-    extra, result = {}, {"out_dir": str(out_dir)}
-    if selection is not None:
-        extra["selection.json"] = json.dumps(selection, indent=2)
-        result["selection"] = selection
-    if c["evaluate"]["enabled"] and pool.model_class == "sequence_classification":
-        tok = load_tokenizer(pool.base_path)
-        tests = load_test_sets(pool, tok, c["data"]["max_length"], c["evaluate"]["max_examples"])
-        if tests:
-            bs = c["evaluate"]["batch_size"]
-            rows = reference_rows(pool, tests, bs) if c["evaluate"]["reference_rows"] else {}
-            def accuracies(merged: dict) -> dict[str, float]:  # the merged backbone with each task's head
-                return evaluate_params(pool.base_model, lambda t: {**merged, **pool.head(t)}, tests, bs)
 
-            if start_state is not None and c["evaluate"]["start_row"]:
-                rows[method.start_label()] = accuracies(merged_at(method, start_state))
-            label = c["method"]["id"] + (" (exported: the start)" if (selection or {}).get("exported") == "start" else "")
-            rows[label] = accuracies({n: v.detach() for n, v in method.eval().merged.merged_params().items()})
-            summary = summarize(rows)
-            save_report(summary, out_dir)
-            table = markdown(summary)
-            print("\n" + table + "\n", flush=True)
-            extra.update({"eval.json": (out_dir / "eval.json").read_text(), "eval.md": table + "\n"})
-            result["eval"] = summary
+def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
+    """Train with the Lightning Trainer (checkpoints, resume, interrupts, progress, loggers), then
+    compare the end with the start (adamerge/start_vs_end.py). Returns ``(start_state, selection)``,
+    or None on a DDP rank other than 0."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from adamerge.checkpointing import AtomicCheckpointIO, Interrupted, SaveOnInterrupt
+    from adamerge.config import ConfigError
+    from adamerge.data import CalibrationDataModule
+    from adamerge.evaluate import load_test_sets
+    from adamerge.loggers import build_loggers, logger_names
+    from adamerge.progress import ProgressLog, StepProgressBar
+    from adamerge.start_vs_end import calibration_objective, choose, monitor_batches, snapshot
+
+    ckpt_dir = out_dir / "checkpoints"
+    dm = CalibrationDataModule.from_pool(pool, batch_size=c["data"]["batch_size"], max_length=c["data"]["max_length"],
+                                         seed=c["seed"], size=c["data"]["calibration_size"])
+    start_state = snapshot(method)  # the starting merge, kept to compare with the end
+    monitor = monitor_batches(dm.encoded, dm.batch_size, c["seed"], int(c["evaluate"]["monitor_batches"]))
+    start_loss = calibration_objective(method, monitor)
+    interrupt = SaveOnInterrupt(ckpt_dir / "last.ckpt")
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+                                 every_n_train_steps=int(c["checkpoint"]["every_n_steps"]), save_top_k=-1,
+                                 save_last=False),
+                 interrupt, ProgressLog(c["progress"]["every_n_steps"], c["progress"]["every_s"])]
+    if c["trainer"].get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
+    try:
+        trainer = pl.Trainer(**c["trainer"], callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                             logger=build_loggers(logger_names(c.get("logger")), out_dir, out_dir.name),
+                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    except (TypeError, ValueError) as e:  # unknown key or bad value under trainer.*
+        raise ConfigError(f"config group 'trainer': {e}") from e
+    try:
+        trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
+    except SIGTERMException as e:  # SaveOnInterrupt wrote last.ckpt
+        raise Interrupted(interrupt.signum) from e
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    if trainer.global_rank != 0:
+        return None
+    method.cpu()
+    validation = (load_test_sets(pool, dm.tokenizer, c["data"]["max_length"], split="validation")
+                  if pool.model_class == "sequence_classification" else {})
+    return start_state, choose(method, start_state, start_loss, monitor, validation, c["evaluate"]["batch_size"])
+
+
+def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -> dict | None:
+    """Per-task test accuracy of the reference rows, the start (learned methods) and the merge; the
+    table is printed and saved (eval.json). None when there is nothing to evaluate."""
+    from adamerge.data import load_tokenizer
+    from adamerge.evaluate import (
+        evaluate_params,
+        load_test_sets,
+        markdown,
+        reference_rows,
+        save_report,
+        summarize,
+    )
+    from adamerge.start_vs_end import merged_at
+
+    if not c["evaluate"]["enabled"] or pool.model_class != "sequence_classification":
+        return None
+    tests = load_test_sets(pool, load_tokenizer(pool.base_path), c["data"]["max_length"], c["evaluate"]["max_examples"])
+    if not tests:
+        return None
+    bs = c["evaluate"]["batch_size"]
+
+    def accuracies(merged: dict) -> dict[str, float]:  # the merged backbone with each task's head
+        return evaluate_params(pool.base_model, lambda t: {**merged, **pool.head(t)}, tests, bs)
+
+    rows = reference_rows(pool, tests, bs) if c["evaluate"]["reference_rows"] else {}
+    if start_state is not None and c["evaluate"]["start_row"]:
+        rows[method.start_label()] = accuracies(merged_at(method, start_state))
+    label = c["method"]["id"] + (" (exported: the start)" if (selection or {}).get("exported") == "start" else "")
+    rows[label] = accuracies({n: v.detach() for n, v in method.eval().merged.merged_params().items()})
+    summary = summarize(rows)
+    save_report(summary, out_dir)
+    table = markdown(summary)
+    print("\n" + table + "\n", flush=True)
+    return {"summary": summary, "markdown": table}
+
+
+def export_run(method, c: dict, out_dir: Path, extra: dict[str, str]) -> str:
+    """The atomic export (model, heads, coefficients, heatmap, model card, ``extra`` files)."""
+    from adamerge.export import export_merged
+
+    export_dir = Path(c["export"]["dir"])
     export_merged(method, export_dir, overwrite=c["export"]["overwrite"], extra=extra,
                   losses=read_losses(out_dir / "logs"), method_cfg=c["method"], task_models=c["export"]["task_models"])
     print(f"exported merged model to {export_dir}", flush=True)
-    result["export"] = str(export_dir)
-    return result
+    return str(export_dir)
 
 
 def header(pool, method, c: dict, out_dir: Path) -> str:
