@@ -134,7 +134,7 @@ def build_pool_and_method(c: dict):
     process of a closed-form DDP run, which has contributed its part once the method is built."""
     from adamerge.data import check_data
     from adamerge.methods import get_method
-    from adamerge.pool import pool_from_config, resolve_recipe
+    from adamerge.pool_config import pool_from_config, resolve_recipe
 
     pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     check_data(pool)  # a bad line or label is named now, not after training

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .pool import ModelPool, PoolError, load_expert
+from .expert_files import load_expert
+from .pool import ModelPool, PoolError
 
 log = logging.getLogger("adamerge")
 

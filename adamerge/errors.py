@@ -16,6 +16,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, P
 USER_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
+class PoolError(ValueError):
+    """A problem with the models of a pool: always names the expert/file and tensor at fault."""
+
+
 def is_user_error(e: BaseException) -> bool:
     return isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno in USER_OS_ERRNOS)
 

@@ -11,27 +11,21 @@ is reported with the expert and tensor at fault.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import refuse_unknown_keys
+from .errors import PoolError
+from .expert_files import LORA_SCALING_KEYS, Expert, load_expert, lora_scaling, strip_prefixes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this project may reach a hub at run time
-
-
-class PoolError(ValueError):
-    """A problem with the models of a pool: always names the expert/file and tensor at fault."""
 
 
 MODEL_CLASSES = {
@@ -39,162 +33,6 @@ MODEL_CLASSES = {
     "causal_lm": "AutoModelForCausalLM",
     "auto": "AutoModel",
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Tensor sources: lazy, by name
-# ----------------------------------------------------------------------------------------------
-class TensorSource:
-    """Read-only, lazy mapping from tensor name to tensor (one checkpoint on disk)."""
-
-    path: Path
-
-    def keys(self) -> list[str]:
-        raise NotImplementedError
-
-    def get(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def _open_safetensors(path: Path):
-    try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise PoolError(f"{path}: unreadable or truncated safetensors file ({e})") from e
-
-
-class SafetensorsSource(TensorSource):
-    """One or several ``.safetensors`` files (a sharded checkpoint has an index naming them)."""
-
-    def __init__(self, files: list[Path]):
-        self.path = files[0].parent if len(files) > 1 else files[0]
-        self._where: dict[str, Path] = {}
-        for f in files:
-            with _open_safetensors(f) as h:
-                for k in h.keys():
-                    self._where[k] = f
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def get(self, name: str) -> torch.Tensor:
-        f = self._where[name]
-        try:
-            with _open_safetensors(f) as h:
-                return h.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise PoolError(f"{f}: cannot read tensor '{name}' ({e})") from e
-
-
-class TorchBinSource(TensorSource):
-    """``pytorch_model*.bin`` files, memory-mapped so they are not read whole."""
-
-    def __init__(self, files: list[Path]):
-        self.path = files[0].parent
-        self._sd: dict[str, torch.Tensor] = {}
-        for f in files:
-            try:
-                self._sd.update(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
-            except Exception as e:  # torch raises many types for corrupt pickles/zips
-                raise PoolError(f"{f}: unreadable or truncated .bin checkpoint ({e})") from e
-
-    def keys(self) -> list[str]:
-        return list(self._sd)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._sd[name]
-
-
-def open_checkpoint(path: str | Path) -> TensorSource:
-    """A lazy tensor source for an HF model directory or a single ``.safetensors`` file."""
-    p = Path(path)
-    if not p.exists():
-        raise PoolError(f"{p}: path does not exist")
-    if p.is_file():
-        if p.suffix != ".safetensors":
-            raise PoolError(f"{p}: a single-file checkpoint must be a .safetensors state dict")
-        return SafetensorsSource([p])
-    for index_name, cls in (("model.safetensors.index.json", SafetensorsSource),
-                            ("pytorch_model.bin.index.json", TorchBinSource)):
-        index = p / index_name
-        if index.exists():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise PoolError(f"{index}: malformed shard index ({e})") from e
-            missing = [f for f in files if not (p / f).exists()]
-            if missing:
-                raise PoolError(f"{index}: shard file(s) missing: {missing}")
-            return cls([p / f for f in files])
-    if (p / "model.safetensors").exists():
-        return SafetensorsSource([p / "model.safetensors"])
-    if (p / "pytorch_model.bin").exists():
-        return TorchBinSource([p / "pytorch_model.bin"])
-    raise PoolError(
-        f"{p}: not a model directory (no model.safetensors, pytorch_model.bin, shard index "
-        "or adapter_config.json)"
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Experts
-# ----------------------------------------------------------------------------------------------
-def _strip_prefixes(name: str, prefixes: tuple[str, ...]) -> str:
-    for pre in prefixes:
-        if pre and name.startswith(pre):
-            return name[len(pre):]
-    return name
-
-
-@dataclass
-class Expert:
-    """One fine-tuned model, resolved lazily to (dense) task-vector tensors by canonical name."""
-
-    name: str
-    path: Path
-    source: TensorSource
-    lora: dict | None = None  # adapter config when the expert is a PEFT LoRA adapter
-    # canonical name -> name in the file (filled by ModelPool when it aligns names)
-    file_names: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def is_lora(self) -> bool:
-        return self.lora is not None
-
-
-def _lora_scaling(cfg: dict, module: str) -> tuple[int, float]:
-    """Rank and scaling of one LoRA module, honouring rank/alpha patterns and rsLoRA."""
-    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
-    for pat, val in (cfg.get("rank_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pat}", module):
-            r = val
-    for pat, val in (cfg.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pat}", module):
-            alpha = val
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    return r, scale
-
-
-def load_expert(name: str, path: str | Path) -> Expert:
-    p = Path(path)
-    if p.is_dir() and (p / "adapter_config.json").exists():
-        try:
-            cfg = json.loads((p / "adapter_config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise PoolError(f"expert '{name}': {p / 'adapter_config.json'} is not valid JSON ({e})") from e
-        if cfg.get("peft_type", "LORA") != "LORA":
-            raise PoolError(f"expert '{name}': {p} is a {cfg.get('peft_type')} adapter; only LoRA is supported")
-        if cfg.get("use_dora"):
-            raise PoolError(f"expert '{name}': {p} is a DoRA adapter; only plain LoRA is supported")
-        f = p / "adapter_model.safetensors"
-        if not f.exists():
-            raise PoolError(f"expert '{name}': {p} has adapter_config.json but no adapter_model.safetensors")
-        return Expert(name, p, SafetensorsSource([f]), lora=cfg)
-    try:
-        src = open_checkpoint(p)
-    except PoolError as e:
-        raise PoolError(f"expert '{name}': {e}") from e
-    return Expert(name, p, src)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +128,7 @@ class ModelPool:
     # -- validation ------------------------------------------------------------------------
     def _canonical(self, file_name: str) -> str | None:
         """Map a name in an expert file to the base module's parameter name (or None)."""
-        for cand in (file_name, self._prefix + file_name, _strip_prefixes(file_name, (self._prefix,))):
+        for cand in (file_name, self._prefix + file_name, strip_prefixes(file_name, (self._prefix,))):
             if cand in self._params:
                 return cand
         return None
@@ -353,7 +191,7 @@ class ModelPool:
 
     def _is_buffer_name(self, fname: str) -> bool:
         buffers = {n for n, _ in self.base_model.named_buffers()}
-        return any(c in buffers for c in (fname, self._prefix + fname, _strip_prefixes(fname, (self._prefix,))))
+        return any(c in buffers for c in (fname, self._prefix + fname, strip_prefixes(fname, (self._prefix,))))
 
     def _check_tensor(self, e: Expert, canon: str, t: torch.Tensor, check_finite: bool, compare_shape=True):
         ref = self._params[canon]
@@ -370,7 +208,7 @@ class ModelPool:
 
     def _validate_lora(self, e: Expert, check_finite: bool) -> None:
         for fname in e.source.keys():
-            inner = _strip_prefixes(fname, ("base_model.model.",))
+            inner = strip_prefixes(fname, ("base_model.model.",))
             m = re.fullmatch(r"(.*)\.lora_([AB])(?:\.[^.]+)?\.weight", inner)
             if m:
                 canon = self._canonical(m.group(1) + ".weight")
@@ -423,7 +261,7 @@ class ModelPool:
             raise PoolError(f"expert '{e.name}' ({e.path}): lora_{ab} for '{module}' is missing")
 
         a, b = find("A"), find("B")
-        _, scale = _lora_scaling(e.lora, module)
+        _, scale = lora_scaling(e.lora, module)
         delta = (b @ a) * scale
         if e.lora.get("fan_in_fan_out"):
             delta = delta.T
@@ -466,7 +304,7 @@ class ModelPool:
             for task in self.task_names:
                 e = self.experts[task]
                 names = sorted(e.source.keys())
-                lora = {k: e.lora.get(k) for k in _LORA_SCALING_KEYS} if e.is_lora else None
+                lora = {k: e.lora.get(k) for k in LORA_SCALING_KEYS} if e.is_lora else None
                 experts[task] = _digest(((n, e.source.get(n)) for n in names), json.dumps(lora, sort_keys=True))
             self._fingerprint = {
                 "base": _digest((n, self.base_tensor(n)) for n in self.shared_names()),
@@ -477,7 +315,6 @@ class ModelPool:
         return copy.deepcopy(self._fingerprint)  # callers add their own keys
 
 
-_LORA_SCALING_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out")
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -495,59 +332,3 @@ def _digest(tensors: Iterator[tuple[str, torch.Tensor]], extra: str = "") -> str
         h.update(flat[:: max(1, flat.numel() // 64)].float().numpy().tobytes())
         h.update(str(int(flat.view(_INT_OF_SIZE[flat.element_size()]).sum(dtype=torch.int64))).encode())
     return h.hexdigest()[:16]
-
-
-POOL_KEYS = ["base", "tasks", "model_class", "head_prefixes", "check_finite"]
-
-
-def pool_from_config(cfg: dict) -> ModelPool:
-    """Build a ModelPool from a plain dict (the ``pool`` config group, recipe already resolved)."""
-    for key in ("base", "tasks"):
-        if key not in cfg or cfg[key] in (None, "", {}):
-            raise PoolError(f"pool config: key '{key}' is required")
-    refuse_unknown_keys(cfg, POOL_KEYS, "pool", "a pool config", PoolError)
-    tasks = {}
-    task_keys = [f.name for f in dataclasses.fields(TaskSpec) if f.name != "name"]
-    for name, t in cfg["tasks"].items():
-        if isinstance(t, str):
-            t = {"expert": t}
-        refuse_unknown_keys(t, task_keys, f"pool.tasks.{name}", f"task '{name}'", PoolError)
-        if "expert" not in t:
-            raise PoolError(f"pool config: task '{name}' has no 'expert' path")
-        tasks[name] = TaskSpec(
-            name=name, expert=t["expert"], calibration=t.get("calibration"), test=t.get("test"),
-            validation=t.get("validation"),
-            num_labels=t.get("num_labels"), label_names=list(t["label_names"]) if t.get("label_names") else None,
-        )
-    return ModelPool(
-        cfg["base"], tasks, model_class=cfg.get("model_class", "sequence_classification"),
-        head_prefixes=list(cfg.get("head_prefixes", ["classifier."])),
-        check_finite=cfg.get("check_finite", True),
-    )
-
-
-def load_recipe(path: str | Path):
-    """The recipe file at ``path`` as a module (a file, not an installed package: data/ recipes)."""
-    import importlib.util
-
-    path = Path(path)
-    if not path.exists():
-        raise PoolError(f"pool recipe {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"adamerge_recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def resolve_recipe(cfg: dict, root: str | Path) -> dict:
-    """A pool config with ``recipe: path/to/file.py`` is built by that file's ``build(cfg)``.
-
-    The recipe returns the explicit form (base, model_class, head_prefixes, tasks); explicit
-    configs are returned unchanged.
-    """
-    if not cfg.get("recipe"):
-        return cfg
-    out = load_recipe(Path(root) / cfg["recipe"]).build({k: v for k, v in cfg.items() if k not in ("recipe", "head_prefixes")})
-    if cfg.get("head_prefixes"):  # the config decides which tensors are per-task heads (not merged)
-        out["head_prefixes"] = list(cfg["head_prefixes"])
-    return out

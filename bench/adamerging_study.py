@@ -56,7 +56,7 @@ def main() -> None:
     from adamerge.evaluate import evaluate_params, load_test_sets
     from adamerge.methods import get_method
     from adamerge.objectives import entropy
-    from adamerge.pool import pool_from_config, resolve_recipe
+    from adamerge.pool_config import pool_from_config, resolve_recipe
 
     torch.manual_seed(0)
     pool_cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "pool" / f"{args.pool}.yaml"))

@@ -40,7 +40,7 @@ WORK = ROOT / "runs" / "fw_irrelevant"
 def load_pool():
     from omegaconf import OmegaConf
 
-    from adamerge.pool import pool_from_config, resolve_recipe
+    from adamerge.pool_config import pool_from_config, resolve_recipe
 
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "pool" / "minilm_full.yaml"))
     return pool_from_config(resolve_recipe(cfg, ROOT))
@@ -56,7 +56,7 @@ def _irrelevant(pool, j: int, src: str, steps: int = 60) -> Path:
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from adamerge.pool import load_recipe
+    from adamerge.pool_config import load_recipe
 
     d = WORK / "irrelevant" / f"{j:02d}_{src}"
     if (d / "model.safetensors").exists():

@@ -167,7 +167,7 @@ def pool_config(spec: dict, k: int) -> dict:
 def setup_adamerge(spec: dict, k: int, device: torch.device, inputs: dict, dtype: str, host_tv: bool):
     """The project's real path: AdaMerging's step_loss (merge once, per-task backward, ⟨∂L/∂W, τ⟩)."""
     from adamerge.methods.adamerging import AdaMerging
-    from adamerge.pool import pool_from_config
+    from adamerge.pool_config import pool_from_config
 
     pool = pool_from_config(pool_config(spec, k))
     tv_cfg: dict = {"dtype": dtype}

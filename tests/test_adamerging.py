@@ -107,7 +107,7 @@ def test_learned_method_starts_from_another_merge(tiny_pool_cfg, tmp_path, start
     """method.init=<merge>: W = W_start + Σ c_k (θ_k − θ_start), c = 0 at the start."""
     import helpers
     from adamerge.methods import get_method
-    from adamerge.pool import pool_from_config
+    from adamerge.pool_config import pool_from_config
 
     pool = pool_from_config(tiny_pool_cfg)
     start_cfg = helpers.compose([f"method={start}"]).method

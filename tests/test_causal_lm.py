@@ -9,7 +9,8 @@ import torch
 from torch.func import functional_call
 
 import helpers
-from adamerge.pool import PoolError, pool_from_config
+from adamerge.pool import PoolError
+from adamerge.pool_config import pool_from_config
 
 
 def make_llama_pool(tmp, k=2, vocab=30522, tie=True):

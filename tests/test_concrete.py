@@ -10,7 +10,7 @@ import torch
 
 from adamerge.methods import get_method
 from adamerge.methods.concrete import SubspaceMask
-from adamerge.pool import pool_from_config
+from adamerge.pool_config import pool_from_config
 from helpers import logged_losses as losses
 from helpers import run_train
 

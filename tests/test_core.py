@@ -15,7 +15,7 @@ from adamerge.coefficients import Coefficients
 from adamerge.export import export_merged, load_task_model
 from adamerge.merged_model import MergedModel, combine
 from adamerge.methods import get_method
-from adamerge.pool import pool_from_config
+from adamerge.pool_config import pool_from_config
 from adamerge.task_vectors import TaskVectors
 
 

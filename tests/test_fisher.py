@@ -10,7 +10,7 @@ import helpers
 from adamerge.data import load_tokenizer, read_jsonl
 from adamerge.methods import get_method
 from adamerge.methods.fisher import fisher_combine_step
-from adamerge.pool import pool_from_config
+from adamerge.pool_config import pool_from_config
 
 N_EX, MAX_LEN = 4, 16
 

@@ -165,7 +165,7 @@ RSS_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from adamerge.data import CalibrationDataModule
     from adamerge.methods.frank_wolfe import FrankWolfeMerging
-    from adamerge.pool import pool_from_config
+    from adamerge.pool_config import pool_from_config
     pool_cfg, cands = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     pool = pool_from_config(pool_cfg)
     batch = CalibrationDataModule.from_pool(pool, batch_size=4, max_length=16).train_dataloader().dataset.batch(0)

@@ -22,7 +22,7 @@ from adamerge.methods.projective import (
     topk_masks,
 )
 from adamerge.methods.static import StaticMerge
-from adamerge.pool import pool_from_config
+from adamerge.pool_config import pool_from_config
 from adamerge.task_vectors import TaskVectors
 from helpers import make_pool, run_train
 
