@@ -12,7 +12,7 @@ import torch
 import helpers
 from adamerge.data import CalibrationDataModule
 from adamerge.methods import CheckpointError, get_method
-from adamerge.methods.expert_merging import allocate_chunks, layer_importance
+from adamerge.methods.expert_merging_pp import allocate_chunks, layer_importance
 from adamerge.pool_config import pool_from_config
 
 # the authors' data regime (5–10 samples per task, batch 1); accumulation 2 keeps runs short
