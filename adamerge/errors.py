@@ -29,6 +29,7 @@ def refuse_unknown_keys(keys: Iterable[str], valid: list[str], prefix: str, owne
     """``error`` naming the first key not in ``valid`` (and the nearest valid one) under ``prefix``."""
     for key in keys:
         if key not in valid:
-            near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.4)
+            near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+            near = near or [v for v in valid if len(v) >= 4 and str(key)[:4] == v[:4]][:1]  # scaling_factor: scale
             hint = f"did you mean '{prefix}.{near[0]}'? " if near else ""
             raise error(f"unknown config key '{prefix}.{key}' for {owner}; {hint}valid keys: {', '.join(valid)}")

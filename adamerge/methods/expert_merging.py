@@ -59,11 +59,6 @@ class ExpertMergingConfig(LearnedConfig):
     restart_period: int = 50               # cosine warm restarts: first period (optimizer steps)
     restart_mult: int = 2                  # and its growth factor
     eta_min_ratio: float = 0.1             # lr floor as a fraction of lr
-    # Expert Merging++: the first run's coefficients, and the chunk budget
-    first_pass: str | None = None
-    budget: int | None = None              # total chunks (null: budget_per_tensor × merged tensors)
-    budget_per_tensor: float = 4.0
-    kappa: float = 1.0                     # importance exponent of the allocation
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
@@ -80,8 +75,6 @@ class ExpertMergingConfig(LearnedConfig):
         check_range(self.restart_period, f"{prefix}.restart_period", 1)
         check_range(self.restart_mult, f"{prefix}.restart_mult", 1)
         check_range(self.eta_min_ratio, f"{prefix}.eta_min_ratio", 0, 1)
-        check_range(self.budget, f"{prefix}.budget", 1)
-        check_range(self.budget_per_tensor, f"{prefix}.budget_per_tensor", 0, strict_lo=True)
 
 
 @register

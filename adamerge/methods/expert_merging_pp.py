@@ -12,17 +12,33 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ..coefficients import Coefficients
 from ..task_vectors import TaskVectors
 from .base import CheckpointError
-from .expert_merging import ExpertMerging, initial_alphas
-from .method_config import ConfigError
+from .expert_merging import ExpertMerging, ExpertMergingConfig, initial_alphas
+from .method_config import ConfigError, check_range
 from .registry import register
+
+
+@dataclass
+class ExpertMergingPPConfig(ExpertMergingConfig):
+    """Expert Merging's keys plus the first run's coefficients and the chunk budget."""
+    granularity: Literal["task", "layer", "chunk"] = "chunk"
+    first_pass: str | None = None          # export dir or coefficients.json of an expert_merging run
+    budget: int | None = None              # total chunks (null: budget_per_tensor × merged tensors)
+    budget_per_tensor: float = 4.0
+    kappa: float = 1.0                     # importance exponent of the allocation
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        check_range(self.budget, f"{prefix}.budget", 1)
+        check_range(self.budget_per_tensor, f"{prefix}.budget_per_tensor", 0, strict_lo=True)
 
 
 def layer_importance(alphas: torch.Tensor, mean_abs_tau: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
@@ -97,6 +113,7 @@ class ExpertMergingPP(ExpertMerging):
     """Expert Merging with importance-guided chunk counts taken from a first Expert Merging run."""
 
     name = "expert_merging_pp"
+    Config = ExpertMergingPPConfig
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
         m = self.cfg
