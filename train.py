@@ -109,7 +109,7 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> dict:
     c = OmegaConf.to_container(cfg, resolve=True)
     check_config(c)
     cls = get_method(c["method"].get("name"))
-    cls.Config.parse(c["method"])  # every method key typed and known
+    trains = cls.trains(cls.Config.parse(c["method"]))  # every method key typed and known
     logger_names(c.get("logger"))
     check_writable_dir(out_dir, "out_dir")
     export_dir = Path(c["export"]["dir"])
@@ -117,12 +117,12 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> dict:
         remove_stale_temporaries(export_dir)
         check_export_target(export_dir, c["export"]["overwrite"])  # refuse before spending time training
         check_writable_dir(export_dir.parent, "export.dir")  # the export is written next to its target
-        if cls.trainable:
+        if trains:
             check_fresh_run(c["resume"], out_dir / "checkpoints")
-    if not cls.trainable and c["resume"] and c["resume"] != "last" and not Path(c["resume"]).exists():
+    if not trains and c["resume"] and c["resume"] != "last" and not Path(c["resume"]).exists():
         # nothing to resume here, but a path that does not exist is a mistake worth naming
         raise CheckpointError(f"resume={c['resume']}: checkpoint file does not exist")
-    if cls.trainable and int(c["trainer"].get("max_steps") or 0) <= 0:
+    if trains and int(c["trainer"].get("max_steps") or 0) <= 0:
         raise ConfigError(f"trainer.max_steps (method.steps) must be > 0 for {c['method']['id']}, "
                           f"got {c['trainer'].get('max_steps')}")
     pl.seed_everything(c["seed"], workers=True, verbose=False)
@@ -139,7 +139,8 @@ def build_pool_and_method(c: dict):
     pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     check_data(pool)  # a bad line or label is named now, not after training
     cls = get_method(c["method"]["name"])
-    stats_rank = 0 if cls.trainable else _launch_statistics_ranks(c["trainer"])
+    trains = cls.trains(cls.Config.parse(c["method"]))
+    stats_rank = 0 if trains else _launch_statistics_ranks(c["trainer"])
     method = cls(pool, c["method"], c["task_vectors"])  # closed form: every rank adds its statistics
     return pool, (method if stats_rank == 0 else None)
 

@@ -75,7 +75,7 @@ def start_from_merge(pool: ModelPool, start_cfg: dict, tv_cfg: dict | None,
     W = W0 + D + Σ_k c_k τ'_k is the start merge at c = 0 and expert k at c = e_k.
     """
     cls = get_method(start_cfg["name"])
-    if cls.trainable:
+    if cls.trains(cls.Config.parse(start_cfg, "method.start_from")):
         raise ValueError(f"method.start_from: '{start_cfg.get('id', start_cfg['name'])}' is a learned method; "
                          "a starting point must be data-free or closed-form")
     start = cls(pool, start_cfg, tv_cfg)
@@ -126,6 +126,11 @@ class MergeMethod(pl.LightningModule):
         self.fingerprint["merged_tensors"] = len(tv)
         self.fingerprint["merged_names"] = hashlib.sha256("\n".join(tv.names).encode()).hexdigest()[:16]
         self.causal = pool.model_class == "causal_lm"
+
+    @classmethod
+    def trains(cls, cfg: MethodConfig) -> bool:
+        """Whether this method, so configured, runs optimizer steps (a Trainer loop)."""
+        return cls.trainable
 
     @property
     def method_id(self) -> str:

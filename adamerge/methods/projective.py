@@ -242,14 +242,13 @@ class ProjectiveMerge(MergeMethod):
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
         m, tv_cfg = self.Config.parse({"name": self.name, **method}), dict(task_vectors or {})
-        mode = m.coefficients
         names = doge_names(pool, tv_cfg, m.merge_include)
         if not names:
             raise PoolError("DOGE: no 2-D weight matches task_vectors.include/exclude and method.merge_include")
         # the base reads exactly these tensors; every other one stays at its pretrained value
         tv_cfg.update(include=[f"^{re.escape(n)}$" for n in names], exclude=[])
         super().__init__(pool, method, tv_cfg)
-        self.trainable = mode == "learned"
+        self.trainable = self.trains(m)
         tv, self.doge = doge_transform(
             self.merged.task_vectors, eta=m.eta, subspace=m.subspace, steps=m.delta_steps, lr=m.delta_lr,
             per_task=m.per_task_delta, density=m.density, device=m.delta_device, batch=m.delta_batch,
@@ -259,6 +258,10 @@ class ProjectiveMerge(MergeMethod):
         # the vectors the coefficients act on depend on these: a resumed run must use the same
         self.fingerprint["doge"] = {k: self.doge[k] for k in ("eta", "subspace", "delta_steps", "delta_lr",
                                                               "per_task_delta", "density")}
+
+    @classmethod
+    def trains(cls, cfg: ProjectiveConfig) -> bool:
+        return cfg.coefficients == "learned"  # DOGE-TA is data-free
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
         if self.cfg.coefficients == "learned":
