@@ -98,6 +98,13 @@ def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[:, :n] for k, v in batch.items()}
 
 
+def batches(enc: dict[str, torch.Tensor], size: int, device: torch.device | str | None = None) -> list[dict]:
+    """``enc`` cut into consecutive batches of ``size`` rows, each trimmed to its longest row."""
+    n = enc["attention_mask"].shape[0]
+    return [trim({k: v[i:i + size].to(device) if device else v[i:i + size] for k, v in enc.items()})
+            for i in range(0, n, size)]
+
+
 def step_indices(n: int, batch_size: int, step: int, seed: int, task_idx: int) -> torch.Tensor:
     """Indices of one task's global batch at ``step``: consecutive slices of seeded permutations."""
     start = step * batch_size

@@ -14,7 +14,7 @@ import torch
 from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
 
-from .data import encode, read_jsonl, trim
+from .data import batches, encode, read_jsonl
 
 TestSets = dict[str, tuple[dict[str, torch.Tensor], torch.Tensor, int]]
 
@@ -33,7 +33,10 @@ def load_test_sets(pool, tokenizer, max_length: int = 64, max_examples: int | No
         if max_examples:
             texts, labels = texts[:max_examples], labels[:max_examples]
         n_cls = n_cls or (max(labels) + 1)
-        out[name] = (encode(tokenizer, texts, max_length), torch.tensor(labels), n_cls)
+        enc, y = encode(tokenizer, texts, max_length), torch.tensor(labels)
+        # shortest first: batches of similar lengths carry little padding (accuracy ignores the order)
+        order = torch.argsort(enc["attention_mask"].sum(1), stable=True)
+        out[name] = ({k: v[order] for k, v in enc.items()}, y[order], n_cls)
     return out
 
 
@@ -42,10 +45,8 @@ def accuracy(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], enc: 
              labels: torch.Tensor, num_classes: int, batch_size: int = 64,
              device: torch.device | str = "cpu") -> float:
     metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
-    n = labels.shape[0]
-    for i in range(0, n, batch_size):
-        batch = trim({k: v[i: i + batch_size].to(device) for k, v in enc.items()})
-        metric.update(logits_fn(batch).argmax(-1), labels[i: i + batch_size].to(device))
+    for batch, y in zip(batches(enc, batch_size, device), labels.split(batch_size)):
+        metric.update(logits_fn(batch).argmax(-1), y.to(device))
     return float(metric.compute())
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..coefficients import Coefficients
-from ..data import DataError, encode, load_tokenizer, read_jsonl, trim
+from ..data import DataError, batches, encode, load_tokenizer, read_jsonl
 from ..lines import apply_lines, lines_config
 from ..merged_model import MergedModel
 from ..pool import ModelPool
@@ -122,8 +122,7 @@ class DeltaMerge(MergeMethod):
         if not texts:
             return []
         enc = encode(self._tokenizer, texts, max_length)
-        dev = self.merged.device
-        return [trim({k: v[i:i + bs].to(dev) for k, v in enc.items()}) for i in range(0, len(texts), bs)]
+        return batches(enc, bs, self.merged.device)
 
     def forward_kwargs(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {**inputs, "use_cache": False} if self.causal else dict(inputs)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..candidates import CandidatePool, candidate_paths
 from ..coefficients import Coefficients
-from ..data import StepBatches, encode, load_tokenizer, read_jsonl, trim
+from ..data import StepBatches, batches, encode, load_tokenizer, read_jsonl
 from ..merged_model import MergedModel
 from ..pool import ModelPool
 from ..task_vectors import TaskVectors, select_names
@@ -219,8 +219,7 @@ class FrankWolfeMerging(MergeMethod):
                 self._tokenizer = load_tokenizer(self.pool.base_path)
             enc, y = encode(self._tokenizer, texts[:n], self._max_length), torch.tensor(labels[:n])
             bs = m.labelled_batch_size
-            self._labelled[task] = [(trim({k: v[i:i + bs] for k, v in enc.items()}), y[i:i + bs])
-                                    for i in range(0, len(y), bs)]
+            self._labelled[task] = list(zip(batches(enc, bs), y.split(bs)))
         return self._labelled[task]
 
     def _task_losses(self, task: str, batch: dict, params: dict):
