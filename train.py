@@ -172,10 +172,12 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
                                  every_n_train_steps=int(c["checkpoint"]["every_n_steps"]), save_top_k=-1,
                                  save_last=False),
                  interrupt, ProgressLog(c["progress"]["every_n_steps"], c["progress"]["every_s"])]
-    if c["trainer"].get("enable_progress_bar", True):
+    bar = c["trainer"].get("enable_progress_bar")
+    bar = sys.stdout.isatty() if bar is None else bool(bar)  # redrawn lines only make sense on a terminal
+    if bar:
         callbacks.append(StepProgressBar())
     try:
-        trainer = pl.Trainer(**c["trainer"], callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        trainer = pl.Trainer(**{**c["trainer"], "enable_progress_bar": bar}, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
                              logger=build_loggers(logger_names(c.get("logger")), out_dir, out_dir.name),
                              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     except (TypeError, ValueError) as e:  # unknown key or bad value under trainer.*

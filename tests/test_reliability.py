@@ -525,10 +525,12 @@ def test_progress_lines_every_n_steps_and_after_every_s_seconds(caplog, monkeypa
 
 
 def test_quiet_start_up(conf, tmp_path):
-    """No Lightning tips or accelerator lines, no third-party deprecation warnings; verbose=true shows them."""
+    """No Lightning tips or accelerator lines, no third-party deprecation warnings; verbose=true shows them.
+    Output to a file or pipe gets no progress bar (its redrawn lines would fill the log): progress lines."""
     args = ("method=adamerging_layerwise", "trainer.max_steps=2")
     p = train(conf, tmp_path / "run", *args)
     out = p.stdout + p.stderr
+    assert "it/s" not in out and "step 2/2  loss" in out, out
     for noise in ("Tip", "deprecated", "GPU available", "TPU available", "Loading weights"):
         assert noise not in out, out
     assert "exported merged model" in out
@@ -541,12 +543,13 @@ def test_quiet_start_up(conf, tmp_path):
 def test_progress_bar_counts_steps_also_after_a_resume(conf, tmp_path):
     """The bar reads "step … k/max_steps", not Lightning's "Epoch 0/-2" of an endless stream."""
     run = tmp_path / "run"
-    p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=4", "checkpoint.every_n_steps=2")
+    p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=4", "checkpoint.every_n_steps=2",
+              "trainer.enable_progress_bar=true")  # on (stdout is a pipe here, where the default is off)
     out = p.stdout + p.stderr  # Lightning draws its bar on stdout
     assert re.search(r"step: 100%.*\b4/4\b", out) and "Epoch" not in out, out[-2000:]
     (run / "export").rename(tmp_path / "first_export")
     p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=6", "checkpoint.every_n_steps=2",
-              "resume=last")
+              "resume=last", "trainer.enable_progress_bar=true")
     out = p.stdout + p.stderr
     assert re.search(r"step: 100%.*\b6/6\b", out) and "Epoch" not in out, out[-2000:]
 
