@@ -20,8 +20,8 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from .errors import CheckpointError
 from .export import atomic_write_bytes
-from .methods.base import CheckpointError
 
 log = logging.getLogger(__name__)
 

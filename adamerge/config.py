@@ -6,11 +6,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .task_vectors import DTYPES
-
-
-class ConfigError(ValueError):
-    """A config value of the wrong type or out of range; names the key."""
 
 
 def _get(c: dict, key: str) -> Any:

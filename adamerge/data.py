@@ -14,9 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-
-class DataError(ValueError):
-    """A problem with calibration or test data: names the task and file at fault."""
+from .errors import DataError
 
 
 def read_jsonl(path: str | Path, task: str, need_labels: bool = False, num_labels: int | None = None,

@@ -1,4 +1,5 @@
-"""Which exceptions are the user's to fix (printed as one line) rather than bugs (traceback); unknown keys."""
+"""Every error class of adamerge; which exceptions are the user's to fix (printed as one line) rather
+than bugs (traceback); the unknown-key check."""
 
 from __future__ import annotations
 
@@ -14,6 +15,22 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, P
 
 # OS errors about the user's disk, not a bug: a full disk, a quota, a read-only file system
 USER_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong type or out of range, or an unknown key; names the key."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed here: foreign, from another pool/method, or corrupt."""
+
+
+class DataError(ValueError):
+    """A problem with calibration or test data: names the task and file at fault."""
+
+
+class ExportError(ValueError):
+    """The export target cannot be written (exists and not overwritable, not writable, ...)."""
 
 
 class PoolError(ValueError):

@@ -27,11 +27,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .errors import ExportError
+
 log = logging.getLogger(__name__)
-
-
-class ExportError(ValueError):
-    """The export target cannot be written (exists and not overwritable, not writable, ...)."""
 
 
 def _umask() -> int:

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 from ..coefficients import Coefficients, ConcreteMask
+from ..errors import CheckpointError
 from ..lines import lines_task_vectors
 from ..merged_model import MergedModel
 from ..objectives import entropy, marginal_entropy
@@ -26,8 +27,6 @@ CHECKPOINT_FORMAT = 1
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed here: foreign, from another pool/method, or corrupt."""
 
 
 def prepare_task_vectors(tv: TaskVectors, cfg: MethodConfig, lines: bool = True) -> TaskVectors:
