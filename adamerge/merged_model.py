@@ -216,7 +216,7 @@ class MergedModel(nn.Module):
             w0 = self._base_params[n]
             size = self.coefficients.chunk_sizes[i] if self.coefficients.chunk_sizes else 0
             d = combine(coefs[i], self.task_vectors[n], w0.device, size)
-            yield n, (masks[i] * d if masks is not None else d)
+            yield n, (masks[i] * d if masks is not None and masks[i] is not None else d)
 
     def deltas(self) -> dict[str, torch.Tensor]:
         """Σ_k c_k τ_k per merged tensor (mask applied), differentiable in the trainable parts."""

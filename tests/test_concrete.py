@@ -210,3 +210,36 @@ def test_concrete_adamerging_taskwise_stop_and_resume_at_the_phase_boundary(tiny
     resumed, _ = fit(4, tmp_path / "boundary.ckpt")
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=n)
+
+
+def test_mask_exclude_leaves_tensors_unmasked_and_rejects_bad_values(tiny_pool_cfg, tiny_conf_dir, tmp_path):
+    """``method.mask_exclude``: matching tensors get no logits and mask 1 (merged with λ alone, as task
+    arithmetic); the others are masked as before. A wrong value is one ValueError naming the key."""
+    pool = pool_from_config(tiny_pool_cfg)
+    ref = get_method("static")(pool, {"name": "static", "id": "task_arithmetic", "scale": 0.3},
+                               {"exclude": EXCLUDE}).merged.merged_state_dict()
+    cfg = {"name": "concrete_task_arithmetic", "id": "cta", "scale": 0.3, "mask_exclude": ["attention"]}
+    cta = get_method("concrete_task_arithmetic")(pool, cfg, {"exclude": EXCLUDE})
+    mask, names = cta.merged.mask, cta.merged.names
+    assert mask.masked == ["attention" not in n for n in names] and 0 < sum(mask.masked) < len(names)
+    assert len(mask.logits) == sum(mask.masked)  # no logits for the excluded tensors
+    shapes = [t.shape[1:] for _, t in cta.merged.task_vectors.items()]
+    assert cta.report()["num_trainable"] == sum(s.numel() for s, k in zip(shapes, mask.masked) if k)
+    assert all((m is None) != k for m, k in zip(cta.train().merged.mask(), mask.masked))
+    sd = cta.train().merged.merged_params()  # a training sample
+    for n, k in zip(names, mask.masked):
+        if k:
+            assert not torch.allclose(sd[n].detach(), ref[n], atol=1e-4), n  # masked: differs from TA
+        else:
+            torch.testing.assert_close(sd[n].detach(), ref[n], atol=1e-6, rtol=0)  # mask 1: exactly TA
+    assert [s for s, k in zip(cta.report()["mask_sparsity"].values(), mask.masked) if not k] == [0.0] * (
+        len(names) - sum(mask.masked))
+    plain = get_method("concrete_task_arithmetic")(pool, {**cfg, "mask_exclude": []}, {"exclude": EXCLUDE})
+    assert "masked_names" in cta.fingerprint and "masked_names" not in plain.fingerprint  # checkpoints differ
+    for bad in ("attention", ["no_such_tensor"], ["("], [".*"], [3]):
+        with pytest.raises(ValueError, match=r"method\.mask_exclude"):
+            get_method("concrete_task_arithmetic")(pool, {**cfg, "mask_exclude": bad}, {"exclude": EXCLUDE})
+    proc = train(tiny_conf_dir, tmp_path / "bad", "method=concrete_task_arithmetic", "trainer.max_steps=1",
+                 "method.mask_exclude=[no_such_tensor]", check=False)
+    assert proc.returncode != 0 and "method.mask_exclude" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -16,8 +16,10 @@ authors' binary mask at T = 0.001), i.e. entry kept iff logit(u) + x > 0. Both a
 
 from __future__ import annotations
 
+import hashlib
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -37,6 +39,7 @@ class ConcreteMaskConfig(LearnedConfig):
     init_logit: float = 0.0       # 0: keep probability 0.5
     eval_mode: Literal["continuous", "hard"] = "continuous"
     mask_seed: int = 0
+    mask_exclude: list[str] = field(default_factory=list)  # regexes of merged tensors without a mask (mask 1)
     scale: float = 0.3            # Concrete TA: the fixed task-wise λ
 
     def check(self, prefix: str) -> None:
@@ -65,13 +68,25 @@ class SubspaceMask(ConcreteMask):
     logits' device, so no per-weight noise is made on the host and copied over every step. The final
     mask uses a device generator seeded with ``seed + 1`` on each call: a pure function of the logits
     that never advances the training stream. ``frozen`` makes training use the final mask too.
+
+    ``masked`` (one flag per merged tensor, default all): tensors flagged False get no logits and
+    mask ``None`` (i.e. 1: merged with λ alone), e.g. an embedding table of which a batch uses few rows.
     """
 
     def __init__(self, shapes: list[torch.Size], temperature: float = 0.5, init_logit: float = 0.0,
-                 eval_mode: str = "continuous", seed: int = 0):
-        super().__init__(shapes, temperature=temperature, init_logit=init_logit, eval_mode=eval_mode, seed=seed)
+                 eval_mode: str = "continuous", seed: int = 0, masked: list[bool] | None = None):
+        self.masked = [True] * len(shapes) if masked is None else [bool(b) for b in masked]
+        if len(self.masked) != len(shapes):
+            raise ValueError(f"mask: {len(self.masked)} flags for {len(shapes)} tensors")
+        super().__init__([s for s, k in zip(shapes, self.masked) if k], temperature=temperature,
+                         init_logit=init_logit, eval_mode=eval_mode, seed=seed)
         self.final_seed = int(seed) + 1
         self.frozen = False  # phase 2 of Concrete AdaMerging: train λ under the final mask
+
+    def _spread(self, per_logit: list) -> list:
+        """One entry per merged tensor: ``per_logit``'s in order for masked tensors, ``None`` otherwise."""
+        it = iter(per_logit)
+        return [next(it) if k else None for k in self.masked]
 
     def _noise(self, seed: int) -> list[torch.Tensor]:
         """logit(u), u ~ U(0, 1), one tensor per mask tensor, from a device generator seeded with ``seed``."""
@@ -90,7 +105,7 @@ class SubspaceMask(ConcreteMask):
         for x, n in zip(self.logits, self._noise(seed)):
             m = torch.sigmoid((n + x) / T)
             out.append(m / m.mean().clamp(min=1e-6))
-        return out
+        return self._spread(out)
 
     def _final_raw(self) -> list[torch.Tensor]:
         """logit(u) + x per tensor with the fixed final-mask noise, before the temperature."""
@@ -102,7 +117,7 @@ class SubspaceMask(ConcreteMask):
         for z in self._final_raw():
             m = (z > 0).to(z.dtype) if self.eval_mode == "hard" else torch.sigmoid(z / self.temperature)
             out.append(m / m.mean().clamp(min=1e-6))
-        return out
+        return self._spread(out)
 
     def forward(self) -> list[torch.Tensor]:
         if self.training and not self.frozen:
@@ -111,13 +126,42 @@ class SubspaceMask(ConcreteMask):
 
     @torch.no_grad()
     def sparsity(self) -> list[float]:
-        """Fraction of entries the final mask drops (hard) or keeps below 0.5 (continuous), per tensor."""
-        return [float((z <= 0).float().mean()) for z in self._final_raw()]
+        """Fraction of entries the final mask drops (hard) or keeps below 0.5 (continuous), per tensor
+        (0 for an unmasked tensor)."""
+        return [0.0 if s is None else s for s in self._spread([float((z <= 0).float().mean()) for z in self._final_raw()])]
+
+
+def mask_flags(names: list[str], exclude) -> list[bool]:
+    """Which merged tensors get a mask: those matching no ``method.mask_exclude`` regex."""
+    if exclude is None:
+        exclude = []
+    if not (isinstance(exclude, (list, tuple)) and all(isinstance(p, str) and p for p in exclude)):
+        raise ValueError(f"method.mask_exclude must be a list of regexes of merged tensor names, got {exclude!r}")
+    for p in exclude:
+        try:
+            rx = re.compile(p)
+        except re.error as e:
+            raise ValueError(f"method.mask_exclude: invalid regex {p!r} ({e})") from None
+        if not any(rx.search(n) for n in names):
+            raise ValueError(f"method.mask_exclude: {p!r} matches no merged tensor (e.g. {names[0]!r})")
+    flags = [not any(re.search(p, n) for p in exclude) for n in names]
+    if not any(flags):
+        raise ValueError(f"method.mask_exclude {list(exclude)!r} excludes every merged tensor: nothing left to mask")
+    return flags
 
 
 def build_subspace_mask(tv: TaskVectors, cfg: ConcreteMaskConfig) -> SubspaceMask:
     return SubspaceMask([t.shape[1:] for _, t in tv.items()], temperature=cfg.temperature,
-                        init_logit=cfg.init_logit, eval_mode=cfg.eval_mode, seed=cfg.mask_seed)
+                        init_logit=cfg.init_logit, eval_mode=cfg.eval_mode, seed=cfg.mask_seed,
+                        masked=mask_flags(list(tv.names), cfg.mask_exclude))
+
+
+def _fingerprint_mask(method: MergeMethod) -> None:
+    """Which tensors carry mask logits is part of what a checkpoint's state means (method.mask_exclude)."""
+    m = method.merged.mask
+    if not all(m.masked):
+        names = [n for n, k in zip(method.merged.names, m.masked) if k]
+        method.fingerprint["masked_names"] = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
 def _mask_report(method: MergeMethod, rep: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +181,10 @@ class ConcreteTaskArithmetic(MergeMethod):
 
     name = "concrete_task_arithmetic"
     Config = ConcreteMaskConfig
+
+    def __init__(self, pool, method: dict, task_vectors: dict | None = None):
+        super().__init__(pool, method, task_vectors)
+        _fingerprint_mask(self)
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
         coefs = Coefficients(tv.K, len(tv), granularity="task", init=self.cfg.scale)
@@ -196,6 +244,7 @@ class ConcreteAdaMerging(MergeMethod):
 
     def __init__(self, pool, method: dict, task_vectors: dict | None = None):
         super().__init__(pool, method, task_vectors)
+        _fingerprint_mask(self)
         self.automatic_optimization = False
         self.mask_steps = self.cfg.mask_steps
         self.inner_lr = self.cfg.inner_lr
