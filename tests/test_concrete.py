@@ -210,6 +210,13 @@ def test_concrete_adamerging_taskwise_stop_and_resume_at_the_phase_boundary(tiny
     resumed, _ = fit(4, tmp_path / "boundary.ckpt")
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=n)
+    # a checkpoint written at the end of phase 1 holds the throwaway inner-step λ; resumed with nothing left
+    # to train (Lightning skips the loop), the run still ends with λ at its init
+    ckpt = torch.load(tmp_path / "boundary.ckpt", weights_only=False)
+    ckpt["state_dict"]["merged.coefficients.raw"] = torch.full((2,), 0.9)
+    torch.save(ckpt, tmp_path / "inner.ckpt")
+    done, _ = fit(2, tmp_path / "inner.ckpt")
+    assert torch.equal(done.merged.coefficients.raw.detach(), torch.full((2,), 0.3))
 
 
 def test_mask_exclude_leaves_tensors_unmasked_and_rejects_bad_values(tiny_pool_cfg, tiny_conf_dir, tmp_path):

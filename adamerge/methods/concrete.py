@@ -164,6 +164,10 @@ def _fingerprint_mask(method: MergeMethod) -> None:
         method.fingerprint["masked_names"] = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
+def _mask_start_label(lam: float) -> str:
+    return f"start: λ={lam:g} under the initial mask (keep probability σ(init_logit))"
+
+
 def _mask_report(method: MergeMethod, rep: dict[str, Any]) -> dict[str, Any]:
     m = method.merged.mask
     rep["mask"] = {"eval_mode": m.eval_mode, "temperature": m.temperature,
@@ -193,6 +197,9 @@ class ConcreteTaskArithmetic(MergeMethod):
 
     def build_mask(self, tv: TaskVectors) -> SubspaceMask:
         return build_subspace_mask(tv, self.cfg)
+
+    def start_label(self) -> str:
+        return _mask_start_label(self.cfg.scale)
 
     def report(self) -> dict[str, Any]:
         return _mask_report(self, super().report())
@@ -322,11 +329,15 @@ class ConcreteAdaMerging(MergeMethod):
         self.log_dict({"phase": float(phase), "coef/mean": t.mean(), "coef/min": t.min(), "coef/max": t.max()},
                       on_step=True)
 
-    def on_train_end(self) -> None:
-        # λ after a phase-1 step is the throwaway inner-step value; without phase 2 keep the init
+    def on_fit_end(self) -> None:
+        # λ after a phase-1 step is the throwaway inner-step value; without phase 2 keep the init. On fit
+        # end, not train end: a run resumed from a checkpoint already at max_steps skips the train loop
         if self.global_step <= self.mask_steps:
             self._reset_coefficients()
         self.merged.mask.frozen = False
+
+    def start_label(self) -> str:
+        return _mask_start_label(self.cfg.init) if isinstance(self.cfg.init, (int, float)) else super().start_label()
 
     def report(self) -> dict[str, Any]:
         rep = _mask_report(self, super().report())
