@@ -16,33 +16,13 @@ import torch
 
 from ..coefficients import Coefficients
 from ..data import DataError, batches, encode, load_tokenizer, read_jsonl
+from ..distributed import dist_rank_world
 from ..lines import apply_lines, lines_config
 from ..merged_model import MergedModel
 from ..pool import ModelPool
 from ..task_vectors import TaskVectors
 from .base import MergeMethod
 from .method_config import MethodConfig, check_range
-
-
-# ----------------------------------------------------------------------------------------------
-# distributed statistics
-# ----------------------------------------------------------------------------------------------
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world) when torch.distributed is running, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a statistic over processes (each process saw its own slice of the calibration data)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 
 from ..coefficients import Coefficients, ConcreteMask
 from ..data import trim
+from ..distributed import all_reduce_mean
 from ..task_vectors import TaskVectors
 from .base import MergeMethod
 from .method_config import LearnedConfig, check_range
@@ -286,14 +287,8 @@ class ConcreteAdaMerging(MergeMethod):
         if not torch.isfinite(value):
             raise FloatingPointError(f"non-finite loss {value.item()} at step {self.global_step}")
         grads = torch.autograd.grad(surrogate, params, allow_unused=True)
-        dist = torch.distributed
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         for p, g in zip(params, grads):
-            g = torch.zeros_like(p) if g is None else g
-            if world > 1:
-                dist.all_reduce(g)
-                g = g / world
-            p.grad = g
+            p.grad = all_reduce_mean(torch.zeros_like(p) if g is None else g)
         return value
 
     @torch.no_grad()

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..distributed import all_reduce_sum, dist_rank_world
 from ..task_vectors import TaskVectors
-from .closed_form import DeltaConfig, DeltaMerge, all_reduce_sum, dist_rank_world
+from .closed_form import DeltaConfig, DeltaMerge
 from .method_config import check_range
 from .registry import register
 

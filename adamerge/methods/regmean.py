@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..distributed import all_reduce_sum
 from ..lines import LAYER_PATTERN
 from ..task_vectors import TaskVectors
-from .closed_form import DeltaConfig, DeltaMerge, all_reduce_sum
+from .closed_form import DeltaConfig, DeltaMerge
 from .method_config import check_range
 from .registry import register
 
