@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,6 +44,9 @@ def run_config_files(cfg: DictConfig) -> dict[str, str]:
         files["overrides.yaml"] = OmegaConf.to_yaml(HydraConfig.get().overrides.task)
         files["hydra.yaml"] = OmegaConf.to_yaml(HydraConfig.instance().cfg)
     return files
+
+
+_fitting = False  # the Trainer is fitting: SIGTERM is handled by Lightning and SaveOnInterrupt
 
 
 def run(cfg: DictConfig) -> dict:
@@ -182,10 +186,14 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
                              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     except (TypeError, ValueError) as e:  # unknown key or bad value under trainer.*
         raise ConfigError(f"config group 'trainer': {e}") from e
+    global _fitting
+    _fitting = True  # SIGTERM is the Trainer's now (cli's handler stands aside: see ``terminated``)
     try:
         trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path)
     except SIGTERMException as e:  # SaveOnInterrupt wrote last.ckpt
         raise Interrupted(interrupt.signum) from e
+    finally:
+        _fitting = False
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
     if trainer.global_rank != 0:
         return None
@@ -300,12 +308,22 @@ def cli(cfg: DictConfig) -> int:
     from adamerge.checkpointing import Interrupted
 
     quiet_third_party(bool(cfg.get("verbose")))
+
+    def terminated(signum, frame):
+        # outside training only: during fit the Trainer chains this handler after its own, which stops
+        # at the next step boundary and writes last.ckpt (SaveOnInterrupt)
+        if not _fitting:
+            raise Interrupted(signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminated) if in_main_thread else None
     try:
         run(cfg)
         return 0
     except Interrupted as e:  # 128 + the signal's number, as a shell reports a process the signal ended
-        print(f"interrupted ({signal.Signals(e.signum).name}): last checkpoint written; continue with "
-              f"out_dir={cfg.out_dir} resume=last", file=sys.stderr, flush=True)
+        last = Path(str(cfg.out_dir)) / "checkpoints" / "last.ckpt"
+        hint = f": last checkpoint written; continue with out_dir={cfg.out_dir} resume=last" if last.exists() else ""
+        print(f"interrupted ({signal.Signals(e.signum).name}){hint}", file=sys.stderr, flush=True)
         return 128 + e.signum
     except KeyboardInterrupt:  # Ctrl-C outside training (loading, evaluating, exporting)
         print("interrupted (SIGINT)", file=sys.stderr, flush=True)
@@ -317,6 +335,9 @@ def cli(cfg: DictConfig) -> int:
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 _job_started = False  # main() was reached: Hydra has created out_dir

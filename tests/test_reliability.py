@@ -594,3 +594,21 @@ def test_disk_full_during_the_export_is_one_line_and_keeps_the_checkpoints(tiny_
     assert "coefficients.png" in err[-1]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # training is not lost: resume=last
     assert not (tmp_path / "run" / "export").exists()
+
+
+def test_sigterm_outside_training_is_143_with_one_line(tiny_pool_cfg, tmp_path, monkeypatch, capsys):
+    """SIGTERM while loading, evaluating or exporting (no Trainer handler then): exit 143, one line, and
+    the previous SIGTERM handler is back afterwards."""
+    import train
+
+    def terminated_while_exporting(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(train, "run", terminated_while_exporting)
+    before = signal.getsignal(signal.SIGTERM)
+    code = train.cli(helpers.compose([f"out_dir={tmp_path / 'run'}"], tiny_pool_cfg))
+    assert code == 143
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted (SIGTERM)"]
+    assert signal.getsignal(signal.SIGTERM) is before
