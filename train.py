@@ -60,9 +60,9 @@ def run(cfg: DictConfig) -> dict:
     # written once the run passed its checks (hydra.output_subdir is null: Hydra would write them before
     # any check, so a refused rerun would overwrite the old run's); taken now, before start_from is inlined
     run_config = run_config_files(cfg)
-    c = checked_config(cfg, out_dir)
-    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    pool, method = build_pool_and_method(c)
+    c, trains = checked_config(cfg, out_dir)
+    rank = process_rank()
+    pool, method = build_pool_and_method(c, trains)
     if method is None:  # a statistics process of a closed-form DDP run: its part is done
         return {}
     ckpt_path = resolve_resume(c["resume"], out_dir / "checkpoints") if method.trainable else None
@@ -91,9 +91,15 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-def checked_config(cfg: DictConfig, out_dir: Path) -> dict:
-    """The resolved config with ``method.start_from`` inlined, every key checked, and everything this run
-    will write to shown writable — before the pool loads, so that nothing is spent on a doomed run."""
+def process_rank() -> int:
+    """This process's rank as the launcher set it (0 without DDP)."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+
+
+def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
+    """The resolved config with ``method.start_from`` inlined and ``logger`` as the list of loggers, every
+    key checked, and everything this run will write to shown writable — before the pool loads, so that
+    nothing is spent on a doomed run. Also whether the configured method trains."""
     import pytorch_lightning as pl
 
     from adamerge.checkpointing import check_fresh_run
@@ -113,11 +119,11 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> dict:
     c = OmegaConf.to_container(cfg, resolve=True)
     check_config(c)
     cls = get_method(c["method"].get("name"))
-    trains = cls.trains(cls.Config.parse(c["method"]))  # every method key typed and known
-    logger_names(c.get("logger"))
+    trains = cls.trains(cls.parse_config(c["method"]))  # every method key typed and known
+    c["logger"] = logger_names(c.get("logger"))
     check_writable_dir(out_dir, "out_dir")
     export_dir = Path(c["export"]["dir"])
-    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:
+    if process_rank() == 0:
         remove_stale_temporaries(export_dir)
         check_export_target(export_dir, c["export"]["overwrite"])  # refuse before spending time training
         check_writable_dir(export_dir.parent, "export.dir")  # the export is written next to its target
@@ -130,10 +136,10 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> dict:
         raise ConfigError(f"trainer.max_steps (method.steps) must be > 0 for {c['method']['id']}, "
                           f"got {c['trainer'].get('max_steps')}")
     pl.seed_everything(c["seed"], workers=True, verbose=False)
-    return c
+    return c, trains
 
 
-def build_pool_and_method(c: dict):
+def build_pool_and_method(c: dict, trains: bool):
     """The pool (every data file checked) and the method built on it; ``(pool, None)`` on a statistics
     process of a closed-form DDP run, which has contributed its part once the method is built."""
     from adamerge.data import check_data
@@ -142,10 +148,8 @@ def build_pool_and_method(c: dict):
 
     pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     check_data(pool)  # a bad line or label is named now, not after training
-    cls = get_method(c["method"]["name"])
-    trains = cls.trains(cls.Config.parse(c["method"]))
     stats_rank = 0 if trains else _launch_statistics_ranks(c["trainer"])
-    method = cls(pool, c["method"], c["task_vectors"])  # closed form: every rank adds its statistics
+    method = get_method(c["method"]["name"])(pool, c["method"], c["task_vectors"])  # closed form: every rank adds its statistics
     return pool, (method if stats_rank == 0 else None)
 
 
@@ -161,7 +165,7 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     from adamerge.config import ConfigError
     from adamerge.data import CalibrationDataModule
     from adamerge.evaluate import load_test_sets
-    from adamerge.loggers import build_loggers, logger_names
+    from adamerge.loggers import build_loggers
     from adamerge.progress import ProgressLog, StepProgressBar
     from adamerge.start_vs_end import calibration_objective, choose, monitor_batches, snapshot
 
@@ -182,7 +186,7 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
         callbacks.append(StepProgressBar())
     try:
         trainer = pl.Trainer(**{**c["trainer"], "enable_progress_bar": bar}, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                             logger=build_loggers(logger_names(c.get("logger")), out_dir, out_dir.name),
+                             logger=build_loggers(c["logger"], out_dir, out_dir.name),
                              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     except (TypeError, ValueError) as e:  # unknown key or bad value under trainer.*
         raise ConfigError(f"config group 'trainer': {e}") from e

@@ -74,7 +74,7 @@ def start_from_merge(pool: ModelPool, start_cfg: dict, tv_cfg: dict | None,
     W = W0 + D + Σ_k c_k τ'_k is the start merge at c = 0 and expert k at c = e_k.
     """
     cls = get_method(start_cfg["name"])
-    if cls.trains(cls.Config.parse(start_cfg, "method.start_from")):
+    if cls.trains(cls.parse_config(start_cfg, "method.start_from")):
         raise ValueError(f"method.start_from: '{start_cfg.get('id', start_cfg['name'])}' is a learned method; "
                          "a starting point must be data-free or closed-form")
     start = cls(pool, start_cfg, tv_cfg)
@@ -100,7 +100,7 @@ class MergeMethod(pl.LightningModule):
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
         super().__init__()
         tv_cfg = dict(task_vectors or {})
-        self.cfg = self.Config.parse({"name": self.name, **method})
+        self.cfg = self.parse_config(method)
         self.method_cfg = self.cfg.as_dict()
         self.save_hyperparameters({"method": self.method_cfg, "task_vectors": tv_cfg})
         object.__setattr__(self, "pool", pool)
@@ -125,6 +125,11 @@ class MergeMethod(pl.LightningModule):
         self.fingerprint["merged_tensors"] = len(tv)
         self.fingerprint["merged_names"] = hashlib.sha256("\n".join(tv.names).encode()).hexdigest()[:16]
         self.causal = pool.model_class == "causal_lm"
+
+    @classmethod
+    def parse_config(cls, method: dict, prefix: str = "method") -> MethodConfig:
+        """``method`` (a yaml dict) as this method's typed config, every key checked; ``name`` defaults to ours."""
+        return cls.Config.parse({"name": cls.name, **method}, prefix)
 
     @classmethod
     def trains(cls, cfg: MethodConfig) -> bool:

@@ -111,7 +111,7 @@ class FrankWolfeMerging(MergeMethod):
         # Not MergeMethod.__init__: it stacks every expert's task vector; here θ_t is the only model held.
         pl.LightningModule.__init__(self)
         tv_cfg = dict(task_vectors or {})
-        m = self.cfg = self.Config.parse({"name": self.name, **method})
+        m = self.cfg = self.parse_config(method)
         self.method_cfg = m.as_dict()
         self.save_hyperparameters({"method": self.method_cfg, "task_vectors": tv_cfg})
         object.__setattr__(self, "pool", pool)

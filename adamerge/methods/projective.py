@@ -241,7 +241,7 @@ class ProjectiveMerge(MergeMethod):
     Config = ProjectiveConfig
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
-        m, tv_cfg = self.Config.parse({"name": self.name, **method}), dict(task_vectors or {})
+        m, tv_cfg = self.parse_config(method), dict(task_vectors or {})
         names = doge_names(pool, tv_cfg, m.merge_include)
         if not names:
             raise PoolError("DOGE: no 2-D weight matches task_vectors.include/exclude and method.merge_include")
