@@ -68,7 +68,7 @@ def check_config(c: dict) -> None:
     check_number(c, "evaluate.max_examples", 1, integer=True)
     check_number(c, "trainer.max_steps", -1, integer=True)
     dtype = _get(c, "task_vectors.dtype")
-    if dtype is not None and dtype not in DTYPES:
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise ConfigError(f"config key 'task_vectors.dtype' must be one of {sorted(DTYPES)}, got {dtype!r}")
     for key in ("task_vectors.include", "task_vectors.exclude"):
         v = _get(c, key)

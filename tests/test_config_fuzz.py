@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import helpers
@@ -24,6 +24,8 @@ KEYS = st.sampled_from([
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(method=st.sampled_from(["adamerging_layerwise", "adamerging_taskwise", "task_arithmetic"]),
        overrides=st.dictionaries(KEYS, VALUES, min_size=1, max_size=3))
+@example(method="adamerging_layerwise", overrides={"task_vectors.dtype": "[]"})  # found in CI: a TypeError
+@example(method="adamerging_layerwise", overrides={"method.init": "[]"})  # found in CI: a RuntimeError
 def test_overrides_run_or_fail_clearly(tiny_pool_cfg, tmp_path_factory, method, overrides):
     from hydra.errors import HydraException
 

@@ -221,6 +221,8 @@ class LearnedConfig(MethodConfig):
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"config key '{prefix}.betas' must be two numbers in [0, 1), got {self.betas!r}")
         inits = self.init if isinstance(self.init, list) else [self.init]
+        if not inits:
+            raise ConfigError(f"config key '{prefix}.init' must be a number or one number per task, got []")
         for x in inits:
             check_range(x, f"{prefix}.init")
         if self.clamp is not None:
