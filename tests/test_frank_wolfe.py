@@ -15,7 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from adamerge.methods.frank_wolfe import FrankWolfeMerging, lmo
+from adamerge.methods.frank_wolfe import FrankWolfeMerging
+from adamerge.methods.frank_wolfe_state import lmo
 from helpers import ROOT, run_train, tiny_config
 
 
@@ -52,7 +53,7 @@ def write_mismatched(out: Path) -> str:
 
 
 def theta(m: FrankWolfeMerging) -> dict[str, torch.Tensor]:
-    return {n: m.theta(n).clone() for n in m.names}
+    return {n: m.state.theta(n).clone() for n in m.names}
 
 
 def dist(a: dict, b: dict) -> float:
@@ -74,13 +75,13 @@ def test_lmo_picks_the_smallest_true_linear_term(pool, tiny_pool_cfg, tmp_path):
     paths.append(write_mismatched(tmp_path / "other_arch"))
     m = FrankWolfeMerging(pool, method_cfg("fw_merging_hard", start="task_arithmetic", candidates=paths))
     assert "other_arch" in m.candidates.skipped and "shape" in m.candidates.skipped["other_arch"]
-    assert m.vertex_names == ["cand00", "cand01", "cand00_2", "cand01_2", "cand02", "cand03", "initial"]
+    assert m.state.vertex_names == ["cand00", "cand01", "cand00_2", "cand01_2", "cand02", "cand03", "initial"]
 
-    scores = m.linear_terms([grad])[0]  # [V, L]
+    scores = m.state.linear_terms([grad])[0]  # [V, L]
     th = theta(m)
     cands = [load_file(p) for p in paths[:-1]]
     direct = torch.tensor([[float((grad[n] * (c[n].float() - th[n])).sum()) for n in m.names] for c in cands]
-                          + [[float((grad[n] * (m.vertex_tensor(6, n) - th[n])).sum()) for n in m.names]],
+                          + [[float((grad[n] * (m.state.vertex_tensor(6, n) - th[n])).sum()) for n in m.names]],
                           dtype=torch.float64)
     torch.testing.assert_close(scores, direct, rtol=1e-4, atol=1e-3)
     assert int(lmo(scores, "task")[0]) == int(direct.sum(1).argmin())
@@ -88,7 +89,7 @@ def test_lmo_picks_the_smallest_true_linear_term(pool, tiny_pool_cfg, tmp_path):
     # at θ = pretrained, B wins on the true linear term while a cosine score would prefer A
     m0 = FrankWolfeMerging(pool, method_cfg("fw_merging_hard", start="pretrained", init_vertex=False,
                                             candidates=paths[:2]))
-    s0 = m0.linear_terms([grad])[0]
+    s0 = m0.state.linear_terms([grad])[0]
     assert int(lmo(s0, "task")[0]) == 1
     cos = [sum(float(torch.nn.functional.cosine_similarity(grad[n].flatten(), d[n].flatten(), 0)) for n in names)
            for d in dirs]
@@ -114,7 +115,7 @@ def test_cross_entropy_objective_reads_calibration_labels(pool, tiny_pool_cfg):
     expected = 0.0
     for task, spec in tiny_pool_cfg["tasks"].items():
         texts, labels = read_jsonl(spec["calibration"], task, need_labels=True)
-        params = {**{n: m.theta(n) for n in m.names}, **pool.head(task)}
+        params = {**{n: m.state.theta(n) for n in m.names}, **pool.head(task)}
         logits = functional_call(pool.base_model, params, args=(), kwargs=encode(tok, texts[:10], 64)).logits
         expected += float(torch.nn.functional.cross_entropy(logits, torch.tensor(labels[:10])))
     assert float(value) == pytest.approx(expected, rel=1e-4)
@@ -126,7 +127,7 @@ class Quadratic(FrankWolfeMerging):
     target: dict[str, torch.Tensor] = {}
 
     def objective_grads(self, batch, per_task):
-        diff = {n: self.theta(n) - self.target[n] for n in self.names}
+        diff = {n: self.state.theta(n) - self.target[n] for n in self.names}
         return 0.5 * sum((d ** 2).sum() for d in diff.values()), [diff]
 
 
@@ -244,7 +245,7 @@ def test_soft_end_to_end_resumes_between_iterations(tiny_conf_dir, tiny_pool_cfg
         ref.iterate(stream.batch(t))
     exported = load_file(str(run / "export" / "model" / "model.safetensors"))
     for n in ref.names:
-        torch.testing.assert_close(exported[n], ref.theta(n), atol=1e-6, rtol=0)
+        torch.testing.assert_close(exported[n], ref.state.theta(n), atol=1e-6, rtol=0)
     assert dist(theta(ref), {n: pool.base_tensor(n) for n in ref.names}) > 0  # it moved
 
     rep = json.loads((run / "export" / "coefficients.json").read_text())

@@ -181,18 +181,21 @@ class MergeMethod(pl.LightningModule):
         w = self.cfg.diversity
         return loss - w * marginal_entropy(logits, mask) if w else loss
 
-    def step_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_loss(self, batch: dict[str, dict[str, torch.Tensor]],
+                  merged: MergedModel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective value, tensor to backward) for one global step over every task's batch.
 
         Merge once, then one task's micro-batch forward+backward at a time into ∂L/∂W (activations
         of one task alive at once); the returned tensor hands ∂L/∂W to the merge on backward, so the
-        coefficients (and masks) get the same gradient as from the summed loss.
+        coefficients (and masks) get the same gradient as from the summed loss. ``merged``: another
+        merge over the same base and heads (Frank-Wolfe's inner step), default ``self.merged``.
         """
-        rows = self.merged.lookup_rows(list(batch.values()))
-        params = self.merged.merged_params(reuse_buffers=True, rows=rows)
+        merged = merged or self.merged
+        rows = merged.lookup_rows(list(batch.values()))
+        params = merged.merged_params(reuse_buffers=True, rows=rows)
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         total = torch.zeros((), device=self.device)
-        with self.merged.sparse_lookup_grad(rows):
+        with merged.sparse_lookup_grad(rows):
             for task, inputs in batch.items():
                 loss = self.task_loss(task, inputs, leaves)
                 loss.backward()
