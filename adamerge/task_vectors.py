@@ -113,20 +113,14 @@ class TaskVectors:
     def to(self, device=None, dtype=None) -> TaskVectors:
         return self.map(lambda n, t: t.to(device=device, dtype=dtype))
 
-    def select_tasks(self, idx: list[int]) -> TaskVectors:
-        return TaskVectors({n: t[idx] for n, t in self.tensors.items()}, [self.task_names[i] for i in idx])
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    def numel_per_task(self) -> int:
-        return sum(t[0].numel() for t in self.tensors.values())
-
     # -- data-free transforms ---------------------------------------------------------------
-    def ties_trim(self, density: float = 0.2) -> TaskVectors:
-        """Keep, per task, the top ``density`` fraction of entries by magnitude over the whole model."""
+    def topk_thresholds(self, density: float, what: str = "ties density") -> torch.Tensor:
+        """``[K]``: per task, the |τ| of its ``density``-th largest entry over the whole model."""
         if not 0 < density <= 1:
-            raise ValueError(f"ties density must be in (0, 1], got {density}")
+            raise ValueError(f"{what} must be in (0, 1], got {density}")
         thresholds = []
         for k in range(self.K):
             flat = torch.cat([t[k].abs().flatten().float() for t in self.tensors.values()])
@@ -134,13 +128,17 @@ class TaskVectors:
             # kthvalue of the (n - n_keep + 1)-th smallest == n_keep-th largest
             thresholds.append(flat.kthvalue(flat.numel() - n_keep + 1).values)
             del flat
-        th = torch.stack(thresholds)
+        return torch.stack(thresholds)
 
-        def trim(n, t):
-            view = th.view(-1, *([1] * (t.dim() - 1))).to(t.device)
-            return torch.where(t.abs().float() >= view, t, torch.zeros_like(t))
+    def topk_mask(self, name: str, thresholds: torch.Tensor) -> torch.Tensor:
+        """Which entries of tensor ``name`` (all tasks) reach their task's threshold."""
+        t = self.tensors[name]
+        return t.abs().float() >= thresholds.view(-1, *([1] * (t.dim() - 1))).to(t.device)
 
-        return self.map(trim)
+    def ties_trim(self, density: float = 0.2) -> TaskVectors:
+        """Keep, per task, the top ``density`` fraction of entries by magnitude over the whole model."""
+        th = self.topk_thresholds(density)
+        return self.map(lambda n, t: torch.where(self.topk_mask(n, th), t, torch.zeros_like(t)))
 
     def elected_signs(self) -> dict[str, torch.Tensor]:
         """TIES sign election: sign of the summed mass per entry; zeros take the majority sign."""
@@ -153,19 +151,6 @@ class TaskVectors:
         """Zero the entries that disagree with the elected sign (TIES without the final merge)."""
         signs = self.elected_signs()
         return self.map(lambda n, t: torch.where(torch.sign(t.float()) == signs[n], t, torch.zeros_like(t)))
-
-    def disjoint_merge(self, mode: str = "sum") -> dict[str, torch.Tensor]:
-        """Combine agreeing entries: ``sum`` (AdaMerging's code, FusionBench) or ``mean`` (the TIES paper)."""
-        if mode not in ("sum", "mean"):
-            raise ValueError(f"disjoint merge mode must be 'sum' or 'mean', got '{mode}'")
-        elected = self.ties_elect()
-        out = {}
-        for n, t in elected.items():
-            s = t.float().sum(0)
-            if mode == "mean":
-                s = s / (t != 0).sum(0).clamp(min=1)
-            out[n] = s
-        return out
 
     def dare(self, p: float = 0.5, seed: int = 0, rescale: bool = True) -> TaskVectors:
         """Drop each entry with probability ``p`` (seeded), rescale survivors by 1/(1-p)."""

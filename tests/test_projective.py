@@ -19,7 +19,6 @@ from adamerge.methods.projective import (
     layer_lambdas,
     optimize_delta,
     shared_subspace,
-    topk_masks,
 )
 from adamerge.methods.static import StaticMerge
 from adamerge.pool_config import pool_from_config
@@ -81,10 +80,14 @@ def test_lambdas_and_mask():
     lam = layer_lambdas(tv, 0.07)
     torch.testing.assert_close(lam[0], 0.07 / t.flatten(1).norm(dim=1))
     assert lam[1, 0] == 0 and lam[1, 1] > 0  # a tensor a task leaves unchanged gets λ = 0, not inf
-    masks = topk_masks(tv, 0.3)
-    trimmed = tv.ties_trim(0.3)  # the same entries as TIES' trim: top 30% per task over all tensors
-    for n in tv.names:
-        torch.testing.assert_close(torch.where(masks[n], tv[n], 0), trimmed[n])
+    # DOGE's mask and TIES' trim: top 30% of |τ| per task over all tensors (values distinct here)
+    tv = TaskVectors({"a": t, "b": torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(1))}, ["x", "y"])
+    th = tv.topk_thresholds(0.3)
+    for k in range(tv.K):
+        kept = torch.cat([tv.topk_mask(n, th)[k].flatten() for n in tv.names])
+        mags = torch.cat([tv[n][k].abs().flatten() for n in tv.names])
+        assert int(kept.sum()) == round(0.3 * mags.numel())
+        assert mags[kept].min() >= mags[~kept].max()
 
 
 def test_identical_experts_give_task_arithmetic_with_eta_coefficients(tmp_path):

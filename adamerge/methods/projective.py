@@ -146,20 +146,6 @@ def optimize_delta(tau: torch.Tensor, lam: torch.Tensor, basis: torch.Tensor, st
     return delta, torch.stack(losses).tolist()
 
 
-def topk_masks(tv: TaskVectors, density: float) -> dict[str, torch.Tensor]:
-    """Per task, its top ``density`` fraction of entries by |τ| over all merged tensors (FusionBench)."""
-    if not 0 < density <= 1:
-        raise ValueError(f"method.density must be in (0, 1], got {density}")
-    th = []
-    for k in range(tv.K):
-        flat = torch.cat([t[k].abs().flatten().float() for t in tv.tensors.values()])
-        n_keep = max(1, int(round(density * flat.numel())))  # the same count as TaskVectors.ties_trim
-        th.append(flat.kthvalue(flat.numel() - n_keep + 1).values)
-        del flat
-    th = torch.stack(th)
-    return {n: t.abs().float() >= th.view(-1, *([1] * (t.dim() - 1))).to(t.device) for n, t in tv.items()}
-
-
 def doge_transform(tv: TaskVectors, eta: float = 0.07, subspace: float | None = 6, steps: int = 400,
                    lr: float = 1e-4, per_task: bool = False, density: float = 0.3,
                    device: str | torch.device | None = None, batch: int | None = None
@@ -195,11 +181,11 @@ def doge_transform(tv: TaskVectors, eta: float = 0.07, subspace: float | None = 
             deltas[names[i]] = delta[j].cpu()
         stats.append({"shape": list(tv[names[idx[0]]].shape[1:]), "layers": len(idx), "rank": rank,
                       "loss_start": losses[0], "loss_end": losses[-1]})
-    masks = topk_masks(tv, density)
+    thresholds = tv.topk_thresholds(density, "method.density")  # per task, as FusionBench
 
     def apply(n: str, t: torch.Tensor) -> torch.Tensor:
         d = deltas[n].to(t.device)
-        return torch.where(masks[n], t.float() + d, torch.zeros_like(d)).to(t.dtype)
+        return torch.where(tv.topk_mask(n, thresholds), t.float() + d, torch.zeros_like(d)).to(t.dtype)
 
     out = tv.map(apply)
     seconds = time.perf_counter() - start
