@@ -65,13 +65,13 @@ def run(cfg: DictConfig) -> dict:
     pool, method = build_pool_and_method(c, trains)
     if method is None:  # a statistics process of a closed-form DDP run: its part is done
         return {}
-    ckpt_path = resolve_resume(c["resume"], out_dir / "checkpoints") if method.trainable else None
+    ckpt_path = resolve_resume(c["resume"], out_dir / "checkpoints") if trains else None
     if rank == 0:
         for name, text in run_config.items():  # the run is accepted: record its config
             atomic_write_text(out_dir / ".hydra" / name, text)
-        log.info("%s", header(pool, method, c, out_dir))
+        log.info("%s", header(pool, method, c, out_dir, trains))
     start_state, selection = None, None
-    if method.trainable:
+    if trains:
         fitted = fit(method, pool, c, out_dir, ckpt_path)
         if fitted is None:  # not the DDP rank that evaluates and exports
             return {}
@@ -254,15 +254,17 @@ def export_run(method, c: dict, out_dir: Path, extra: dict[str, str]) -> str:
     return str(export_dir)
 
 
-def header(pool, method, c: dict, out_dir: Path) -> str:
+def header(pool, method, c: dict, out_dir: Path, trains: bool) -> str:
     """One screen that says what this run is about to do."""
-    tv = method.merged.task_vectors
-    tau_bytes = sum(tv[n].numel() * tv[n].element_size() for n in tv.names)
+    merged = method.merged
+    held = merged.task_vectors.tensors if merged.task_vectors is not None else merged.offset
+    mib = sum(v.numel() * v.element_size() for v in held.values()) / 2**20
+    what = "task vectors" if merged.task_vectors is not None else "merged update"
     t = c["trainer"]
-    steps = f"{t.get('max_steps')} steps" if method.trainable else "closed form / data-free (no steps)"
+    steps = f"{t.get('max_steps')} steps" if trains else "closed form / data-free (no steps)"
     return "\n".join([
         f"pool      {len(pool.task_names)} experts ({', '.join(pool.task_names)}) on {pool.base_path}",
-        f"merged    {len(tv.names)} tensors, task vectors {tau_bytes / 2**20:.1f} MiB ({c['task_vectors']['dtype']})",
+        f"merged    {len(merged.names)} tensors, {what} {mib:.1f} MiB ({c['task_vectors']['dtype']})",
         f"method    {c['method']['id']}: {steps}",
         f"devices   {t.get('accelerator')} x {t.get('devices')} ({t.get('strategy')}), precision {t.get('precision')}",
         f"out_dir   {out_dir}",

@@ -152,14 +152,20 @@ def plot_coefficients(report: dict, path: str | Path, losses: list[tuple[int, fl
 
 def model_card(pool, report: dict, method_cfg: dict | None, eval_md: str | None) -> str:
     """``README.md`` of an export: what was merged, how, how well, and how to load it."""
-    coefs = torch.tensor(report["coefficients"], dtype=torch.float64).reshape(-1, len(report["tasks"]))  # [L, K]
+    table = report.get("coefficients")
+    coefs = None if table is None else torch.tensor(table, dtype=torch.float64).reshape(-1, len(report["tasks"]))
     name = (method_cfg or {}).get("id") or report["method"]
     lines = [f"# Merged model: {name}", "", f"Base model: `{pool.base_path}`", "",
              "| task | expert | coefficient mean | min | max |", "|---|---|---|---|---|"]
     for k, task in enumerate(report["tasks"]):  # the combined models: the pool's experts, or FW's candidates
-        col = coefs[:, k]
         source = f"`{pool.tasks[task].expert}`" if task in pool.tasks else "candidate"
+        if coefs is None:  # closed form: W = W0 + D
+            lines.append(f"| {task} | {source} | – | – | – |")
+            continue
+        col = coefs[:, k]  # [L, K] table
         lines.append(f"| {task} | {source} | {col.mean():.4f} | {col.min():.4f} | {col.max():.4f} |")
+    if report.get("note"):
+        lines += ["", report["note"]]
     lines += ["", f"Method `{name}`, config:", "", "```json", json.dumps(method_cfg or {}, indent=2, default=str),
               "```", ""]
     if eval_md:
@@ -210,7 +216,8 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
                                 "tensors": sorted(head)}
         (tmp / "heads.json").write_text(json.dumps(heads_meta, indent=2))
         (tmp / "coefficients.json").write_text(json.dumps(report, indent=2))
-        plot_coefficients(report, tmp / "coefficients.png", losses)
+        if report.get("coefficients") is not None:  # closed-form merges have no coefficient table
+            plot_coefficients(report, tmp / "coefficients.png", losses)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         if task_models and pool.model_class == "sequence_classification":

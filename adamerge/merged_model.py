@@ -145,6 +145,9 @@ def _lookup_table(base: nn.Module, names: list[str]) -> str | None:
 class MergedModel(nn.Module):
     """Frozen base module + task vectors + coefficients (+ optional shared Concrete mask).
 
+    W = W0 + offset + Σ_k c_k τ_k per merged tensor. A closed-form merge has no learned part
+    (``task_vectors`` and ``coefficients`` None): W = W0 + D, with D its merged update as ``offset``.
+
     The base module and the task vectors are held outside the module tree so that the
     LightningModule's ``state_dict`` (and so every checkpoint) holds only what trains. ``_apply``
     forwards device moves to them: the Trainer places the base; task vectors follow the model
@@ -154,8 +157,8 @@ class MergedModel(nn.Module):
     def __init__(
         self,
         base: nn.Module,
-        task_vectors: TaskVectors,
-        coefficients: Coefficients,
+        task_vectors: TaskVectors | None,
+        coefficients: Coefficients | None,
         heads: dict[str, dict[str, torch.Tensor]] | None = None,
         mask: ConcreteMask | None = None,
         tv_device: str | None = None,
@@ -170,8 +173,15 @@ class MergedModel(nn.Module):
         self.coefficients = coefficients
         self.mask = mask
         self.tv_device = tv_device
-        self.names = task_vectors.names
-        if coefficients.L != len(self.names) or coefficients.K != task_vectors.K:
+        if task_vectors is None:
+            if not offset or coefficients is not None:
+                raise ValueError("a MergedModel without task vectors is W0 + offset: give the offset, no coefficients")
+            self.names = list(offset)
+        elif coefficients is None:
+            raise ValueError("task vectors need coefficients")
+        else:
+            self.names = task_vectors.names
+        if task_vectors is not None and (coefficients.L != len(self.names) or coefficients.K != task_vectors.K):
             raise ValueError(
                 f"coefficients are [{coefficients.L} tensors x {coefficients.K} tasks] but the task vectors are "
                 f"[{len(self.names)} x {task_vectors.K}]"
@@ -192,7 +202,7 @@ class MergedModel(nn.Module):
         self._out, self._dirty = {}, {}
         object.__setattr__(self, "heads", {t: {n: fn(v) for n, v in h.items()} for t, h in self.heads.items()})
         object.__setattr__(self, "offset", {n: fn(v) for n, v in self.offset.items()})
-        if self.tv_device is None:
+        if self.tv_device is None and self.task_vectors is not None:
             tv = self.task_vectors
             # follow the model's device but keep the task vectors' storage dtype
             object.__setattr__(self, "task_vectors",
@@ -201,15 +211,22 @@ class MergedModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        if self.coefficients is None:
+            return self._base_params[self.names[0]].device
         return self.coefficients.raw.device
 
     @property
     def task_names(self) -> list[str]:
-        return self.task_vectors.task_names
+        """The combined task vectors' names (none for a closed-form merge: W0 + offset only)."""
+        return self.task_vectors.task_names if self.task_vectors is not None else []
 
     # -- merging ----------------------------------------------------------------------------
     def _deltas(self):
-        """(name, Σ_k c_k τ_k) per merged tensor (mask applied), one at a time."""
+        """(name, Σ_k c_k τ_k) per merged tensor (mask applied), one at a time; a scalar 0 without task vectors."""
+        if self.task_vectors is None:
+            for n in self.names:
+                yield n, torch.zeros((), device=self._base_params[n].device)
+            return
         coefs = self.coefficients()
         masks = self.mask() if self.mask is not None and self.mask.enabled else None
         for i, n in enumerate(self.names):
@@ -231,7 +248,7 @@ class MergedModel(nn.Module):
         embedding table (``lookup_name``) is then merged on those rows only — its other rows hold the
         base value — and its coefficient gradient is taken on them, which is exact for a lookup.
         """
-        if not reuse_buffers or (self.mask is not None and self.mask.enabled):
+        if not reuse_buffers or self.task_vectors is None or (self.mask is not None and self.mask.enabled):
             self._out, self._dirty = {}, {}  # evaluation/export: the training step's buffers may go
             out = {}
             for n, d in self._deltas():

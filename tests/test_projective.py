@@ -99,7 +99,7 @@ def test_identical_experts_give_task_arithmetic_with_eta_coefficients(tmp_path):
     eta = 0.5 * norm  # λ = η/‖τ‖ = 1/2 exactly, so λτ + λτ = τ and the loss is 0 at Δ = 0
     method = ProjectiveMerge(pool, {"name": "projective", "id": "doge", "eta": eta, "merge_include": only,
                                     "delta_steps": 20, "delta_lr": 1e-3})
-    assert method.merged.names == [QUERY0] and not method.trainable
+    assert method.merged.names == [QUERY0] and not ProjectiveMerge.trains(method.cfg)
     assert method.doge["groups"][0]["loss_end"] == 0
     torch.testing.assert_close(method.merged.coefficients.table(), torch.full((1, 2), 0.5))
     ta = StaticMerge(pool, {"name": "static", "scale": 0.5, "ties": {"density": 0.3}}, {"include": only})

@@ -106,7 +106,8 @@ def test_regmean_pp_end_to_end_through_train(tiny_pool_cfg, tmp_path):
     assert code == 0
     rep = json.loads((out / "export" / "coefficients.json").read_text())
     assert rep["method"] == "regmean_pp" and rep["num_trainable"] == 0 and "closed-form" in rep["note"]
-    assert torch.tensor(rep["coefficients"]).eq(1.0).all()
+    assert rep["coefficients"] is None  # W = W0 + D: no per-task coefficients
+    assert not (out / "export" / "coefficients.png").exists() and "W = W0 + D" in (out / "export" / "README.md").read_text()
     ev = json.loads((out / "eval.json").read_text())
     assert "regmean_pp" in json.dumps(ev)
     # the exported model holds exactly the method's merged weights

@@ -104,27 +104,35 @@ class MergeMethod(pl.LightningModule):
         self.method_cfg = self.cfg.as_dict()
         self.save_hyperparameters({"method": self.method_cfg, "task_vectors": tv_cfg})
         object.__setattr__(self, "pool", pool)
+        self.causal = pool.model_class == "causal_lm"
         self.fingerprint = pool.fingerprint()
-        tv_device = tv_cfg.pop("device", None)
+        self.merged = self.build_merged(pool, tv_cfg)
+        # which tensors are merged is part of what a checkpoint's coefficients mean
+        self.fingerprint["merged_tensors"] = len(self.merged.names)
+        self.fingerprint["merged_names"] = hashlib.sha256("\n".join(self.merged.names).encode()).hexdigest()[:16]
+
+    def build_merged(self, pool: ModelPool, tv_cfg: dict) -> MergedModel:
+        """The one MergedModel of this method: task vectors, coefficients, heads (and mask, offset)."""
+        tv, offset = self.build_task_vectors(pool, tv_cfg)
+        heads = {t: pool.head(t) for t in pool.task_names}
+        return MergedModel(pool.base_model, tv, self.build_coefficients(tv), heads,
+                           mask=self.build_mask(tv), tv_device=tv_cfg.get("device"), offset=offset)
+
+    def build_task_vectors(self, pool: ModelPool, tv_cfg: dict) -> tuple[TaskVectors, dict | None]:
+        """(task vectors after the config's transforms, offset of the ``start_from`` merge or None)."""
         tv = TaskVectors.from_pool(
             pool, include=tv_cfg.get("include") or None, exclude=tv_cfg.get("exclude") or None,
             dtype=tv_cfg.get("dtype", "float32"), pin_memory=bool(tv_cfg.get("pin_memory", False)),
             keep_unchanged=bool(tv_cfg.get("keep_unchanged", False)),
         )
         tv = prepare_task_vectors(tv, self.cfg, lines=not self.lines_on_update)
-        offset = None
         start = self.cfg.start_from
-        if start is not None:  # start from another method's merge (e.g. method.start_from=regmean_pp)
-            offset, tv = start_from_merge(pool, start, task_vectors, tv)
-        heads = {t: pool.head(t) for t in pool.task_names}
-        self.merged = MergedModel(pool.base_model, tv, self.build_coefficients(tv), heads,
-                                  mask=self.build_mask(tv), tv_device=tv_device, offset=offset)
-        if offset is not None:
-            self.fingerprint["start_from"] = start.get("id", start.get("name"))
-        # which tensors are merged is part of what a checkpoint's coefficients mean
-        self.fingerprint["merged_tensors"] = len(tv)
-        self.fingerprint["merged_names"] = hashlib.sha256("\n".join(tv.names).encode()).hexdigest()[:16]
-        self.causal = pool.model_class == "causal_lm"
+        if start is None:
+            return tv, None
+        # start from another method's merge (e.g. method.start_from=regmean_pp)
+        offset, tv = start_from_merge(pool, start, tv_cfg, tv)
+        self.fingerprint["start_from"] = start.get("id", start.get("name"))
+        return tv, offset
 
     @classmethod
     def parse_config(cls, method: dict, prefix: str = "method") -> MethodConfig:

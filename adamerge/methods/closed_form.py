@@ -3,8 +3,8 @@
 ``DeltaMerge`` is the shared base of RegMean(++), Fisher, PCB and TSV-M: a subclass returns the
 unscaled merged update D (name -> merged − base); the base applies ``scale`` — or LiNeS layer
 scaling instead of it (adamerge/lines.py: λ(l) = α + β·l/(L − 1) per block, which in multi-task
-merging replaces the global scale) — and expresses the result through the shared MergedModel as K
-rows (D·s)/K with fixed coefficients 1, so evaluation, export and ``coefficients.json`` work unchanged.
+merging replaces the global scale) — and holds the result as the offset of a MergedModel without a
+learned part: W = W0 + D·s. ``coefficients.json`` then has no coefficient table.
 """
 
 from __future__ import annotations
@@ -52,31 +52,27 @@ class DeltaMerge(MergeMethod):
     lines_on_update = True
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
+        self._tokenizer = None
         super().__init__(pool, method, task_vectors)
+
+    def build_merged(self, pool: ModelPool, tv_cfg: dict) -> MergedModel:
+        """W = W0 + D: the merged update as the offset of a MergedModel without a learned part."""
         m = self.cfg
         self.lines = lines_config(m.lines)
-        self._tokenizer = None
-        merged = self.merged
-        tv = merged.task_vectors
+        # the plain merge over the prepared task vectors: the statistics run the base through it
+        self.merged = plain = super().build_merged(pool, tv_cfg)
         device = torch.device(m.device) if m.device else None
         if device is not None:
-            merged.to(device)  # statistics on an accelerator; moved back below
+            plain.to(device)  # statistics on an accelerator; moved back below
         with torch.no_grad():
-            direction = self.merge_direction(tv if device is None else merged.task_vectors)
+            direction = self.merge_direction(plain.task_vectors)
         direction = {n: d.detach().float().cpu() for n, d in direction.items()}
         if device is not None:
-            merged.to("cpu")
-            tv = merged.task_vectors
-        if self.lines:
-            delta = apply_lines(direction, tv, self.lines)
-        else:
-            delta = {n: d * m.scale for n, d in direction.items()}
-        # K equal rows (D/K) with coefficient 1: merged = base + D, task bookkeeping intact; the
-        # rows are views of one tensor (no K copies)
-        K = tv.K
-        rows = {n: (delta[n] / K).to(tv[n].dtype).unsqueeze(0).expand(K, *delta[n].shape) for n in tv.names}
-        self.merged = MergedModel(pool.base_model, TaskVectors(rows, tv.task_names), merged.coefficients,
-                                  merged.heads, tv_device=merged.tv_device)
+            plain.to("cpu")
+        tv = plain.task_vectors
+        delta = apply_lines(direction, tv, self.lines) if self.lines else {n: d * m.scale for n, d in direction.items()}
+        offset = {n: delta[n].to(tv[n].dtype) for n in tv.names}  # in the task vectors' storage dtype
+        return MergedModel(pool.base_model, None, None, plain.heads, tv_device=plain.tv_device, offset=offset)
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
         coefs = Coefficients(tv.K, len(tv), granularity="task", init=1.0)
@@ -108,7 +104,7 @@ class DeltaMerge(MergeMethod):
         return {**inputs, "use_cache": False} if self.causal else dict(inputs)
 
     def report(self) -> dict[str, Any]:
-        rep = super().report()
-        rep["note"] = ("closed-form merge: each task row holds (merged − base)/K with coefficient 1"
-                       + (f"; LiNeS {self.lines}" if self.lines else ""))
-        return rep
+        return {"method": self.method_id, "tasks": self.pool.task_names, "tensors": self.merged.names,
+                "granularity": None, "coefficients": None, "num_trainable": 0,
+                "note": "closed-form merge: W = W0 + D, no per-task coefficients"
+                        + (f"; LiNeS {self.lines}" if self.lines else "")}

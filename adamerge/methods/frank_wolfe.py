@@ -18,13 +18,11 @@ are what ``coefficients.json`` reports (exact for task arithmetic and soft, nomi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
@@ -90,37 +88,33 @@ class FrankWolfeMerging(MergeMethod):
     Config = FrankWolfeConfig
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
-        # Not MergeMethod.__init__: it stacks every expert's task vector; here θ_t is the only model held.
-        pl.LightningModule.__init__(self)
-        tv_cfg = dict(task_vectors or {})
-        m = self.cfg = self.parse_config(method)
-        self.method_cfg = m.as_dict()
-        self.save_hyperparameters({"method": self.method_cfg, "task_vectors": tv_cfg})
-        object.__setattr__(self, "pool", pool)
-        self.causal = pool.model_class == "causal_lm"
+        m = self.parse_config(method)
+        if m.objective == "cross_entropy" and pool.model_class != "sequence_classification":
+            raise ValueError("method.objective=cross_entropy needs a sequence_classification pool")
+        super().__init__(pool, method, task_vectors)
         self.automatic_optimization = False
         self.variant, self.granularity, self.objective = m.variant, m.granularity, m.objective
         self.merge_fn, self.inner_granularity = m.merge_fn, m.inner_granularity
-        if self.objective == "cross_entropy" and pool.model_class != "sequence_classification":
-            raise ValueError("method.objective=cross_entropy needs a sequence_classification pool")
         self.step_size, self.merge_scale, self.inner_steps = m.step_size, m.merge_scale, m.inner_steps
+        self.history: list[dict[str, Any]] = []
+        self._stream: StepBatches | None = None  # soft inner steps: batches of their own (use_data)
+        self._tokenizer, self._max_length = None, m.max_length
+        self._labelled: dict[str, list[tuple[dict, torch.Tensor]]] = {}
 
+    def build_merged(self, pool: ModelPool, tv_cfg: dict) -> MergedModel:
+        """θ_t's MergedModel (FrankWolfeState): not the experts' stacked task vectors — θ_t is the only model held."""
+        m = self.cfg
         paths = candidate_paths(m.candidates, m.candidates_dir)
         self.candidates = CandidatePool(pool, paths or None, check_finite=m.check_finite)
         self.names = select_names(pool.shared_names(), tv_cfg.get("include") or None, tv_cfg.get("exclude") or None)
         if not self.names:
             raise ValueError("no tensors selected for merging (check task_vectors.include/exclude)")
-        start = m.start or ("task_arithmetic" if self.variant == "hard" else "pretrained")
-        initial = m.init_vertex if m.init_vertex is not None else self.variant == "hard"
+        start = m.start or ("task_arithmetic" if m.variant == "hard" else "pretrained")
+        initial = m.init_vertex if m.init_vertex is not None else m.variant == "hard"
         self.state = FrankWolfeState(pool, self.candidates, self.names, start, m.start_scale, initial,
                                      tv_cfg.get("device"))
-        self.merged = self.state.merged
-        self.fingerprint = {**pool.fingerprint(), "merged_tensors": len(self.names), "candidates": list(self.candidates.names),
-                            "merged_names": hashlib.sha256("\n".join(self.names).encode()).hexdigest()[:16]}
-        self.history: list[dict[str, Any]] = []
-        self._stream: StepBatches | None = None  # soft inner steps: batches of their own (use_data)
-        self._tokenizer, self._max_length = None, m.max_length
-        self._labelled: dict[str, list[tuple[dict, torch.Tensor]]] = {}
+        self.fingerprint["candidates"] = list(self.candidates.names)
+        return self.state.merged
 
     # -- objective ------------------------------------------------------------------------------
     def use_data(self, dm) -> None:

@@ -29,7 +29,6 @@ from typing import Any, Literal
 import torch
 
 from ..coefficients import Coefficients
-from ..merged_model import MergedModel
 from ..pool import ModelPool, PoolError
 from ..task_vectors import TaskVectors, select_names
 from .base import MergeMethod
@@ -234,16 +233,21 @@ class ProjectiveMerge(MergeMethod):
         # the base reads exactly these tensors; every other one stays at its pretrained value
         tv_cfg.update(include=[f"^{re.escape(n)}$" for n in names], exclude=[])
         super().__init__(pool, method, tv_cfg)
-        self.trainable = self.trains(m)
+
+    def build_task_vectors(self, pool: ModelPool, tv_cfg: dict) -> tuple[TaskVectors, dict | None]:
+        """The task vectors after DOGE's transform (τ_i + Δ_i) ⊙ M_i."""
+        tv, offset = super().build_task_vectors(pool, tv_cfg)
+        m = self.cfg
+        # DOGE-TA's λ = η/‖τ‖ is taken from the vectors before the transform, as the authors
+        self._eta_lambdas = layer_lambdas(tv, m.eta)
         tv, self.doge = doge_transform(
-            self.merged.task_vectors, eta=m.eta, subspace=m.subspace, steps=m.delta_steps, lr=m.delta_lr,
+            tv, eta=m.eta, subspace=m.subspace, steps=m.delta_steps, lr=m.delta_lr,
             per_task=m.per_task_delta, density=m.density, device=m.delta_device, batch=m.delta_batch,
         )
-        old = self.merged
-        self.merged = MergedModel(old.base, tv, old.coefficients, old.heads, mask=old.mask, tv_device=old.tv_device)
         # the vectors the coefficients act on depend on these: a resumed run must use the same
         self.fingerprint["doge"] = {k: self.doge[k] for k in ("eta", "subspace", "delta_steps", "delta_lr",
                                                               "per_task_delta", "density")}
+        return tv, offset
 
     @classmethod
     def trains(cls, cfg: ProjectiveConfig) -> bool:
@@ -254,7 +258,7 @@ class ProjectiveMerge(MergeMethod):
             return super().build_coefficients(tv)  # AdaMerging's: granularity, init, clamp from the config
         coefs = Coefficients(tv.K, len(tv), granularity="layer", init=0.0)
         with torch.no_grad():
-            coefs.raw.copy_(layer_lambdas(tv, self.cfg.eta))
+            coefs.raw.copy_(self._eta_lambdas)
         coefs.requires_grad_(False)
         return coefs
 
