@@ -2,7 +2,6 @@
 
 ``Coefficients.forward()`` returns one tensor per merged tensor: shape ``[K]`` (one coefficient per
 task) or ``[K, m]`` (m contiguous chunks of the flattened tensor, each with its own coefficient).
-``ConcreteMask.forward()`` returns one mask per merged tensor, shared by all task vectors.
 """
 
 from __future__ import annotations
@@ -93,56 +92,3 @@ class Coefficients(nn.Module):
     def table(self) -> torch.Tensor:
         """``[L, K]`` summary for reports and heatmaps (chunk-wise: mean over a tensor's chunks)."""
         return torch.stack([c if c.dim() == 1 else c.mean(1) for c in self.forward()]).float().cpu()
-
-
-class ConcreteMask(nn.Module):
-    """One binary-Concrete mask per merged tensor, shared by every task vector.
-
-    Logits start at 0 (p = 0.5). A training sample is σ((log u − log(1−u) + x)/T), divided by its
-    mean so the expected scale of the merged update is kept (DARE-style rescaling).
-    """
-
-    def __init__(self, shapes: list[torch.Size], temperature: float = 0.5, init_logit: float = 0.0,
-                 eval_mode: str = "continuous", seed: int = 0):
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"mask temperature must be > 0, got {temperature}")
-        if eval_mode not in ("continuous", "hard"):
-            raise ValueError(f"mask eval_mode must be 'continuous' or 'hard', got '{eval_mode}'")
-        self.logits = nn.ParameterList([nn.Parameter(torch.full(tuple(s), float(init_logit))) for s in shapes])
-        self.temperature, self.eval_mode = temperature, eval_mode
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self.enabled = True
-
-    def sample(self, temperature: float | None = None) -> list[torch.Tensor]:
-        T = self.temperature if temperature is None else temperature
-        out = []
-        for x in self.logits:
-            u = torch.rand(x.shape, generator=self.generator).clamp(1e-6, 1 - 1e-6).to(x.device)
-            m = torch.sigmoid((torch.log(u) - torch.log1p(-u) + x) / T)
-            out.append(m / m.mean().clamp(min=1e-6))
-        return out
-
-    def hard(self) -> list[torch.Tensor]:
-        """Binary mask (p > 0.5, i.e. logit > 0), rescaled by its mean like a sample."""
-        out = []
-        for x in self.logits:
-            m = (x > 0).to(x.dtype)
-            out.append(m / m.mean().clamp(min=1e-6))
-        return out
-
-    def forward(self) -> list[torch.Tensor]:
-        if self.training or self.eval_mode == "continuous":
-            return self.sample()
-        return self.hard()
-
-    def get_rng_state(self) -> torch.Tensor:
-        return self.generator.get_state()
-
-    def set_rng_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
-
-    @torch.no_grad()
-    def sparsity(self) -> list[float]:
-        """Fraction of entries the hard mask drops, per tensor."""
-        return [float((x <= 0).float().mean()) for x in self.logits]

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .coefficients import Coefficients, ConcreteMask
+from .coefficients import Coefficients
+from .concrete_mask import ConcreteMask
 from .task_vectors import TaskVectors
 
 
@@ -228,7 +229,7 @@ class MergedModel(nn.Module):
                 yield n, torch.zeros((), device=self._base_params[n].device)
             return
         coefs = self.coefficients()
-        masks = self.mask() if self.mask is not None and self.mask.enabled else None
+        masks = self.mask() if self.mask is not None else None
         for i, n in enumerate(self.names):
             w0 = self._base_params[n]
             size = self.coefficients.chunk_sizes[i] if self.coefficients.chunk_sizes else 0
@@ -248,7 +249,7 @@ class MergedModel(nn.Module):
         embedding table (``lookup_name``) is then merged on those rows only — its other rows hold the
         base value — and its coefficient gradient is taken on them, which is exact for a lookup.
         """
-        if not reuse_buffers or self.task_vectors is None or (self.mask is not None and self.mask.enabled):
+        if not reuse_buffers or self.task_vectors is None or self.mask is not None:
             self._out, self._dirty = {}, {}  # evaluation/export: the training step's buffers may go
             out = {}
             for n, d in self._deltas():

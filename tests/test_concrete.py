@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from adamerge.concrete_mask import ConcreteMask
 from adamerge.methods import get_method
-from adamerge.methods.concrete import SubspaceMask
 from adamerge.pool_config import pool_from_config
 from helpers import logged_losses as losses
 from helpers import run_train
@@ -37,7 +37,7 @@ def train(conf, out, *extra, **kw):
 
 
 def test_mask_sampling_shape_range_rescaling_determinism():
-    m = SubspaceMask(SHAPES, temperature=0.5, seed=3)
+    m = ConcreteMask(SHAPES, temperature=0.5, seed=3)
     s1 = m.sample()
     assert [t.shape for t in s1] == SHAPES
     for t in s1:
@@ -46,9 +46,9 @@ def test_mask_sampling_shape_range_rescaling_determinism():
         assert t.std() > 0.1  # p = 0.5 at T = 0.5: far from constant
     s2 = m.sample()
     assert not torch.equal(s1[0], s2[0])  # a new sample per merge
-    again = SubspaceMask(SHAPES, temperature=0.5, seed=3)
+    again = ConcreteMask(SHAPES, temperature=0.5, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(again.sample(), s1))  # same seed, same stream
-    other = SubspaceMask(SHAPES, temperature=0.5, seed=4)
+    other = ConcreteMask(SHAPES, temperature=0.5, seed=4)
     assert not torch.equal(other.sample()[0], s1[0])
     state = m.get_rng_state()
     s3 = m.sample()
@@ -60,7 +60,7 @@ def test_mask_sampling_shape_range_rescaling_determinism():
 
 
 def test_final_mask_is_fixed_and_hard_mask_is_binary():
-    m = SubspaceMask(SHAPES, temperature=0.5, seed=0).eval()
+    m = ConcreteMask(SHAPES, temperature=0.5, seed=0).eval()
     state = m.get_rng_state()
     f1, f2 = m(), m()
     assert all(torch.equal(a, b) for a, b in zip(f1, f2))  # evaluation and export see one mask
@@ -69,7 +69,7 @@ def test_final_mask_is_fixed_and_hard_mask_is_binary():
     m.train()
     m.frozen = True  # phase 2 trains under the final mask
     assert all(torch.equal(a, b) for a, b in zip(m(), f1))
-    h = SubspaceMask(SHAPES, temperature=0.5, seed=0, eval_mode="hard").eval()
+    h = ConcreteMask(SHAPES, temperature=0.5, seed=0, eval_mode="hard").eval()
     for t, s in zip(h(), h.sparsity()):
         keep = t > 0
         assert torch.allclose(t[keep], torch.full_like(t[keep], 1.0 / keep.float().mean()))  # 0 or 1/mean
@@ -83,7 +83,7 @@ def test_final_mask_is_fixed_and_hard_mask_is_binary():
     assert all(torch.equal(t, torch.ones_like(t)) for t in h())  # logits >> 0: all ones
     assert h.sparsity() == [0.0, 0.0]
     with pytest.raises(ValueError, match="eval_mode"):
-        SubspaceMask(SHAPES, eval_mode="soft")
+        ConcreteMask(SHAPES, eval_mode="soft")
 
 
 def test_all_ones_mask_equals_task_arithmetic(tiny_pool_cfg):

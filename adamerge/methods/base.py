@@ -13,7 +13,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from ..coefficients import Coefficients, ConcreteMask
+from ..coefficients import Coefficients
+from ..concrete_mask import ConcreteMask
 from ..errors import CheckpointError
 from ..lines import lines_task_vectors
 from ..merged_model import MergedModel

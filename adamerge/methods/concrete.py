@@ -17,14 +17,14 @@ authors' binary mask at T = 0.001), i.e. entry kept iff logit(u) + x > 0. Both a
 from __future__ import annotations
 
 import hashlib
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from ..coefficients import Coefficients, ConcreteMask
+from ..coefficients import Coefficients
+from ..concrete_mask import ConcreteMask, mask_flags
 from ..data import trim
 from ..distributed import all_reduce_mean
 from ..task_vectors import TaskVectors
@@ -61,98 +61,8 @@ class ConcreteAdaMergingConfig(ConcreteMaskConfig):
         check_range(self.mask_steps, f"{prefix}.mask_steps", 0)
 
 
-class SubspaceMask(ConcreteMask):
-    """``ConcreteMask`` with noise drawn on the logits' device and a reproducible final mask.
-
-    Training samples: each draw takes one seed from the mask's own CPU generator (whose state
-    ``MergeMethod`` saves in checkpoints) and generates the uniform noise with a generator on the
-    logits' device, so no per-weight noise is made on the host and copied over every step. The final
-    mask uses a device generator seeded with ``seed + 1`` on each call: a pure function of the logits
-    that never advances the training stream. ``frozen`` makes training use the final mask too.
-
-    ``masked`` (one flag per merged tensor, default all): tensors flagged False get no logits and
-    mask ``None`` (i.e. 1: merged with λ alone), e.g. an embedding table of which a batch uses few rows.
-    """
-
-    def __init__(self, shapes: list[torch.Size], temperature: float = 0.5, init_logit: float = 0.0,
-                 eval_mode: str = "continuous", seed: int = 0, masked: list[bool] | None = None):
-        self.masked = [True] * len(shapes) if masked is None else [bool(b) for b in masked]
-        if len(self.masked) != len(shapes):
-            raise ValueError(f"mask: {len(self.masked)} flags for {len(shapes)} tensors")
-        super().__init__([s for s, k in zip(shapes, self.masked) if k], temperature=temperature,
-                         init_logit=init_logit, eval_mode=eval_mode, seed=seed)
-        self.final_seed = int(seed) + 1
-        self.frozen = False  # phase 2 of Concrete AdaMerging: train λ under the final mask
-
-    def _spread(self, per_logit: list) -> list:
-        """One entry per merged tensor: ``per_logit``'s in order for masked tensors, ``None`` otherwise."""
-        it = iter(per_logit)
-        return [next(it) if k else None for k in self.masked]
-
-    def _noise(self, seed: int) -> list[torch.Tensor]:
-        """logit(u), u ~ U(0, 1), one tensor per mask tensor, from a device generator seeded with ``seed``."""
-        device = self.logits[0].device
-        g = torch.Generator(device=device).manual_seed(seed)
-        out = []
-        for x in self.logits:
-            u = torch.rand(x.shape, generator=g, device=device).clamp_(1e-6, 1 - 1e-6)
-            out.append(torch.log(u) - torch.log1p(-u))
-        return out
-
-    def sample(self, temperature: float | None = None) -> list[torch.Tensor]:
-        T = self.temperature if temperature is None else temperature
-        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
-        out = []
-        for x, n in zip(self.logits, self._noise(seed)):
-            m = torch.sigmoid((n + x) / T)
-            out.append(m / m.mean().clamp(min=1e-6))
-        return self._spread(out)
-
-    def _final_raw(self) -> list[torch.Tensor]:
-        """logit(u) + x per tensor with the fixed final-mask noise, before the temperature."""
-        return [n + x.detach() for x, n in zip(self.logits, self._noise(self.final_seed))]
-
-    @torch.no_grad()
-    def final(self) -> list[torch.Tensor]:
-        out = []
-        for z in self._final_raw():
-            m = (z > 0).to(z.dtype) if self.eval_mode == "hard" else torch.sigmoid(z / self.temperature)
-            out.append(m / m.mean().clamp(min=1e-6))
-        return self._spread(out)
-
-    def forward(self) -> list[torch.Tensor]:
-        if self.training and not self.frozen:
-            return self.sample()
-        return self.final()
-
-    @torch.no_grad()
-    def sparsity(self) -> list[float]:
-        """Fraction of entries the final mask drops (hard) or keeps below 0.5 (continuous), per tensor
-        (0 for an unmasked tensor)."""
-        return [0.0 if s is None else s for s in self._spread([float((z <= 0).float().mean()) for z in self._final_raw()])]
-
-
-def mask_flags(names: list[str], exclude) -> list[bool]:
-    """Which merged tensors get a mask: those matching no ``method.mask_exclude`` regex."""
-    if exclude is None:
-        exclude = []
-    if not (isinstance(exclude, (list, tuple)) and all(isinstance(p, str) and p for p in exclude)):
-        raise ValueError(f"method.mask_exclude must be a list of regexes of merged tensor names, got {exclude!r}")
-    for p in exclude:
-        try:
-            rx = re.compile(p)
-        except re.error as e:
-            raise ValueError(f"method.mask_exclude: invalid regex {p!r} ({e})") from None
-        if not any(rx.search(n) for n in names):
-            raise ValueError(f"method.mask_exclude: {p!r} matches no merged tensor (e.g. {names[0]!r})")
-    flags = [not any(re.search(p, n) for p in exclude) for n in names]
-    if not any(flags):
-        raise ValueError(f"method.mask_exclude {list(exclude)!r} excludes every merged tensor: nothing left to mask")
-    return flags
-
-
-def build_subspace_mask(tv: TaskVectors, cfg: ConcreteMaskConfig) -> SubspaceMask:
-    return SubspaceMask([t.shape[1:] for _, t in tv.items()], temperature=cfg.temperature,
+def build_subspace_mask(tv: TaskVectors, cfg: ConcreteMaskConfig) -> ConcreteMask:
+    return ConcreteMask([t.shape[1:] for _, t in tv.items()], temperature=cfg.temperature,
                         init_logit=cfg.init_logit, eval_mode=cfg.eval_mode, seed=cfg.mask_seed,
                         masked=mask_flags(list(tv.names), cfg.mask_exclude))
 
@@ -196,7 +106,7 @@ class ConcreteTaskArithmetic(MergeMethod):
         coefs.requires_grad_(False)
         return coefs
 
-    def build_mask(self, tv: TaskVectors) -> SubspaceMask:
+    def build_mask(self, tv: TaskVectors) -> ConcreteMask:
         return build_subspace_mask(tv, self.cfg)
 
     def start_label(self) -> str:
@@ -260,7 +170,7 @@ class ConcreteAdaMerging(MergeMethod):
         # λ's init (raw parameter space), restored before every inner step and at phase 2
         self.register_buffer("coef_init", self.merged.coefficients.raw.detach().clone(), persistent=False)
 
-    def build_mask(self, tv: TaskVectors) -> SubspaceMask:
+    def build_mask(self, tv: TaskVectors) -> ConcreteMask:
         return build_subspace_mask(tv, self.cfg)
 
     def configure_optimizers(self):
