@@ -1,13 +1,8 @@
-"""MergedModel: frozen base + TaskVectors + one coefficient module — the only place weights are combined.
+"""MergedModel: frozen base + TaskVectors + one coefficient module (+ mask, + fixed offset).
 
-``W = W0 + [mask ⊙] Σ_k c_k τ_k`` per merged tensor, evaluated with ``torch.func.functional_call`` so
-only the coefficients (and mask) are trainable and the base module is never copied.
-
-The combination is one stacked product per tensor (``c @ τ.view(K, -1)``) inside a custom autograd
-function whose backward is the inner product ``∂L/∂c_k = ⟨∂L/∂W, τ_k⟩``. It keeps a reference to
-τ (no copy, whatever its dtype or device) instead of letting autograd save a converted copy, so task
-vectors can live in bf16 or in host memory and move to the model's device one tensor at a time.
-The training step merges into buffers kept across steps, and the input embedding table only on the
+``W = W0 [+ D] + [mask ⊙] Σ_k c_k τ_k`` per merged tensor, evaluated with ``torch.func.functional_call``
+so only the coefficients (and mask) are trainable and the base module is never copied. The sum is
+the custom autograd kernel of adamerge/combine.py. The training step merges into buffers kept across steps, and the input embedding table only on the
 rows its batches look up (``merged_params(reuse_buffers=True, rows=...)``).
 """
 
@@ -20,114 +15,9 @@ from torch import nn
 from torch.func import functional_call
 
 from .coefficients import Coefficients
+from .combine import Combine, combine
 from .concrete_mask import ConcreteMask
 from .task_vectors import TaskVectors
-
-
-def _expand_chunks(c: torch.Tensor, size: int, numel: int) -> torch.Tensor:
-    """``[K, m]`` chunk coefficients -> ``[K, numel]`` per-entry coefficients."""
-    return c.repeat_interleave(size, dim=1)[:, :numel]
-
-
-_BLOCK_ELEMS = 1 << 18  # entries of τ (all K rows) converted to fp32 at a time: 1 MiB, stays in L2 cache
-
-
-def _blocks(tau: torch.Tensor, device: torch.device):
-    """(start, stop, fp32 block of τ.view(K, -1) on ``device``); one small temporary at a time, not K copies.
-
-    τ kept on another device (host memory) comes over one tensor at a time, as one contiguous copy
-    (asynchronous from pinned memory), so the accelerator holds at most one tensor's τ.
-    """
-    flat = tau.flatten(1)
-    if flat.device != device:
-        flat = flat.to(device, non_blocking=True)
-    if flat.dtype == torch.float32:
-        yield 0, flat.shape[1], flat
-        return
-    block = max(1, _BLOCK_ELEMS // flat.shape[0])
-    for i in range(0, flat.shape[1], block):
-        j = min(i + block, flat.shape[1])
-        yield i, j, flat[:, i:j].float()
-
-
-def _gather_rows(tau: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``τ[:, rows]`` as ``[K, len(rows), ...]``: one gather over the flattened [K·V] rows (3× faster on CPU
-    than ``index_select`` along dim 1)."""
-    if not tau.is_contiguous():
-        return tau.index_select(1, rows)
-    K, V = tau.shape[:2]
-    idx = (torch.arange(K, device=tau.device)[:, None] * V + rows).flatten()
-    return tau.flatten(0, 1).index_select(0, idx).view(K, len(rows), *tau.shape[2:])
-
-
-def _weighted_sum(c: torch.Tensor, tau: torch.Tensor, device: torch.device, chunk_size: int,
-                  into: torch.Tensor | None = None, adds: tuple = ()) -> torch.Tensor:
-    """Σ_k c_k τ_k (+ Σ adds) in fp32, written into ``into`` (flat) when given."""
-    if c.dim() == 2:  # chunk coefficients [K, m]
-        t = tau.to(device, non_blocking=True).float().flatten(1)
-        return (_expand_chunks(c, chunk_size, t.shape[1]) * t).sum(0).view(tau.shape[1:])
-    flat = into if into is not None else torch.empty(tau[0].numel(), dtype=torch.float32, device=device)
-    flat_adds = [a.reshape(-1) for a in adds]
-    for i, j, t in _blocks(tau, device):
-        torch.mv(t.t(), c, out=flat[i:j])
-        for a in flat_adds:  # while the block is still in cache
-            flat[i:j].add_(a[i:j])
-    return flat.view(tau.shape[1:])
-
-
-class _Combine(torch.autograd.Function):
-    """Σ_k c_k τ_k for one tensor; backward = ⟨g, τ_k⟩ (per chunk when chunked).
-
-    With ``out`` (a reused buffer) it writes ``Σ adds + Σ_k c_k τ_k`` there instead — no fresh
-    model-sized allocation per step (on CPU its page faults cost as much as the arithmetic). With
-    ``rows`` only those rows of ``out`` are written: an embedding table whose other rows this step
-    never looks up.
-    """
-
-    @staticmethod
-    def forward(ctx, coef: torch.Tensor, tau: torch.Tensor, device: torch.device, chunk_size: int,
-                adds: tuple = (), out: torch.Tensor | None = None, rows: torch.Tensor | None = None):
-        if rows is not None:  # gathered once (a few hundred rows), kept for backward
-            tau = _gather_rows(tau, rows.to(tau.device))
-            adds = tuple(a.index_select(0, rows) for a in adds)
-        ctx.tau, ctx.chunk_size, ctx.coef_shape, ctx.rows = tau, chunk_size, coef.shape, rows
-        c = coef.detach().float().to(device)
-        fused = out is not None and rows is None and out.dtype == torch.float32 and c.dim() == 1
-        with torch.autocast(device.type, enabled=False):  # CUDA autocast would run mv in half precision
-            value = _weighted_sum(c, tau, device, chunk_size, out.view(-1) if fused else None, adds if fused else ())
-        if out is None:
-            return value
-        if not fused:
-            value = sum(adds, value).to(out.dtype)
-            out.copy_(value) if rows is None else out.index_copy_(0, rows, value)
-        ctx.mark_dirty(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        if ctx.rows is not None:
-            g = g.index_select(0, ctx.rows)  # the other rows were not looked up: their gradient is zero
-        if g.is_sparse:  # a lookup table's, from sparse_lookup_grad: duplicates are summed here
-            g = g.to_dense()
-        gf = g.float().flatten()
-        if len(ctx.coef_shape) == 1:
-            grad = torch.zeros(ctx.coef_shape, dtype=torch.float32, device=g.device)
-            for i, j, t in _blocks(ctx.tau, g.device):
-                grad.addmv_(t, gf[i:j])
-        else:
-            t = ctx.tau.to(g.device, non_blocking=True).float().flatten(1)
-            prod = t * gf
-            K, n = prod.shape
-            m = ctx.coef_shape[1]
-            pad = m * ctx.chunk_size - n
-            grad = torch.nn.functional.pad(prod, (0, pad)).view(K, m, ctx.chunk_size).sum(-1)
-        return grad, None, None, None, None, None, None
-
-
-def combine(coef: torch.Tensor, tau: torch.Tensor, device: torch.device | None = None,
-            chunk_size: int = 0) -> torch.Tensor:
-    """Σ_k coef_k τ_k for one stacked tensor, differentiable in ``coef`` only."""
-    return _Combine.apply(coef, tau, device if device is not None else coef.device, chunk_size)
 
 
 def _lookup_table(base: nn.Module, names: list[str]) -> str | None:
@@ -273,7 +163,7 @@ class MergedModel(nn.Module):
             if r is not None:
                 self._dirty[n] = r
             # a fresh alias each step: the buffer itself never carries an autograd history
-            out[n] = _Combine.apply(coefs[i], self.task_vectors[n], w0.device, size, adds, buf.detach(), r)
+            out[n] = Combine.apply(coefs[i], self.task_vectors[n], w0.device, size, adds, buf.detach(), r)
         return out
 
     @contextlib.contextmanager

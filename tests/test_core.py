@@ -12,8 +12,9 @@ from torch.func import functional_call
 
 import helpers
 from adamerge.coefficients import Coefficients
+from adamerge.combine import combine
 from adamerge.export import export_merged, load_task_model
-from adamerge.merged_model import MergedModel, combine
+from adamerge.merged_model import MergedModel
 from adamerge.methods import get_method
 from adamerge.pool_config import pool_from_config
 from adamerge.task_vectors import TaskVectors
@@ -302,9 +303,9 @@ def test_interrupted_export_leaves_previous_export_intact(tiny_pool_cfg, tmp_pat
 
 def test_blockwise_combine_for_bf16_task_vectors(monkeypatch):
     """τ stored in bf16 is converted a block of columns at a time: same value and gradient."""
-    import adamerge.merged_model as mm
+    import adamerge.combine as kernel
 
-    monkeypatch.setattr(mm, "_BLOCK_ELEMS", 21)  # blocks of 7 columns for K = 3: several, the last partial
+    monkeypatch.setattr(kernel, "_BLOCK_ELEMS", 21)  # blocks of 7 columns for K = 3: several, the last partial
     torch.manual_seed(0)
     tau = torch.randn(3, 5, 9).to(torch.bfloat16)
     c = torch.tensor([0.2, -0.5, 0.9], requires_grad=True)
