@@ -72,7 +72,7 @@ class CandidatePool:
             try:
                 e = load_expert(name, p)
                 self._view.experts[name] = e
-                self._view._align_and_validate(e, check_finite)
+                self._view.align_and_validate(e, check_finite)
             except PoolError as err:
                 self._view.experts.pop(name, None)
                 self.skipped[name] = str(err)

@@ -1,7 +1,8 @@
-"""Checkpoint files: atomic writes (temp file, fsync, rename) and resolving ``resume=``.
+"""Checkpoints: adamerge's metadata in them, atomic writes (temp file, fsync, rename), resolving ``resume=``.
 
-The Trainer decides when to save and restores loops/optimizers; this only makes the file write
-atomic, so a job killed at any moment leaves every existing checkpoint readable.
+The Trainer decides when to save and restores loops/optimizers; this makes the file write atomic, so
+a job killed at any moment leaves every existing checkpoint readable, and refuses a checkpoint made
+by another method, from another pool or by a newer format.
 """
 
 from __future__ import annotations
@@ -24,6 +25,37 @@ from .errors import CheckpointError
 from .export import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+# bump when what a checkpoint holds changes meaning, so that old checkpoints are refused, not misread
+CHECKPOINT_FORMAT = 1
+
+
+def checkpoint_meta(method_id: str, fingerprint: dict, mask_rng: torch.Tensor | None = None) -> dict[str, Any]:
+    """``checkpoint["adamerge"]``: format, method id, pool fingerprint and the RNG states a resume restores."""
+    meta = {"format_version": CHECKPOINT_FORMAT, "method": method_id, "fingerprint": fingerprint,
+            "torch_rng": torch.get_rng_state()}
+    if mask_rng is not None:
+        meta["mask_rng"] = mask_rng
+    return meta
+
+
+def check_checkpoint_meta(checkpoint: dict[str, Any], method_id: str, fingerprint: dict) -> dict[str, Any]:
+    """The checkpoint's adamerge metadata, or a CheckpointError saying why this run cannot resume from it."""
+    meta = checkpoint.get("adamerge")
+    if meta is None:
+        raise CheckpointError("not an adamerge checkpoint (no 'adamerge' metadata)")
+    if meta.get("format_version", 0) > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint format {meta.get('format_version')} is newer than this adamerge "
+                              f"({CHECKPOINT_FORMAT})")
+    if meta.get("method") != method_id:
+        raise CheckpointError(f"checkpoint was made by method '{meta.get('method')}', this run is '{method_id}'")
+    saved = meta.get("fingerprint") or {}
+    if saved != fingerprint:
+        keys = sorted(set(saved) | set(fingerprint))
+        raise CheckpointError("checkpoint was made from a different pool: " + "; ".join(
+            f"{k}: checkpoint {saved.get(k)!r} vs now {fingerprint.get(k)!r}" for k in keys
+            if saved.get(k) != fingerprint.get(k)))
+    return meta
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -11,8 +11,6 @@ is reported with the expert and tensor at fault.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -23,7 +21,8 @@ import torch
 from torch import nn
 
 from .errors import PoolError
-from .expert_files import LORA_SCALING_KEYS, Expert, load_expert, lora_scaling, strip_prefixes
+from .expert_files import Expert, load_expert, lora_scaling, strip_prefixes
+from .fingerprint import pool_fingerprint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this project may reach a hub at run time
 
@@ -103,7 +102,7 @@ class ModelPool:
         for t in self.tasks.values():
             self.experts[t.name] = load_expert(t.name, t.expert)
         for e in self.experts.values():
-            self._align_and_validate(e, check_finite)
+            self.align_and_validate(e, check_finite)
         if model_class == "sequence_classification":
             self._check_head_sizes()
 
@@ -133,7 +132,8 @@ class ModelPool:
                 return cand
         return None
 
-    def _align_and_validate(self, e: Expert, check_finite: bool) -> None:
+    def align_and_validate(self, e: Expert, check_finite: bool) -> None:
+        """Map ``e``'s tensor names to the base's and check them (shape, dtype, finite); PoolError otherwise."""
         if e.is_lora:
             return self._validate_lora(e, check_finite)
         names = e.source.keys()
@@ -293,42 +293,7 @@ class ModelPool:
             yield n, self.expert_tensor(task, n)
 
     def fingerprint(self) -> dict:
-        """What a checkpoint's coefficients were learned on: refuses resuming with another pool.
-
-        Every tensor of the base and of every expert's files (a LoRA expert: its A/B factors and
-        scaling) by name, shape, dtype, a strided sample and an exact checksum; the task order and
-        each task's head shapes. Computed once per pool (one read of each tensor).
-        """
+        """What a checkpoint's coefficients were learned on (adamerge/fingerprint.py), computed once per pool."""
         if self._fingerprint is None:
-            experts = {}
-            for task in self.task_names:
-                e = self.experts[task]
-                names = sorted(e.source.keys())
-                lora = {k: e.lora.get(k) for k in LORA_SCALING_KEYS} if e.is_lora else None
-                experts[task] = _digest(((n, e.source.get(n)) for n in names), json.dumps(lora, sort_keys=True))
-            self._fingerprint = {
-                "base": _digest((n, self.base_tensor(n)) for n in self.shared_names()),
-                "tasks": self.task_names, "experts": experts,
-                "heads": {t: {n: list(v.shape) for n, v in self.head(t).items()} for t in self.task_names},
-                "n_shared": len(self.shared_names()),
-            }
+            self._fingerprint = pool_fingerprint(self)
         return copy.deepcopy(self._fingerprint)  # callers add their own keys
-
-
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _digest(tensors: Iterator[tuple[str, torch.Tensor]], extra: str = "") -> str:
-    """sha256 of each tensor's name, shape, dtype, a strided sample and the sum of its bit patterns.
-
-    The sum is over the raw bits as integers: it sees a change to any single element, costs one pass,
-    and (unlike a floating-point sum, whose order follows the thread count) is exact, so the same
-    files give the same fingerprint on any machine.
-    """
-    h = hashlib.sha256(extra.encode())
-    for n, t in tensors:
-        flat = t.detach().contiguous().flatten()
-        h.update(f"{n}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(flat[:: max(1, flat.numel() // 64)].float().numpy().tobytes())
-        h.update(str(int(flat.view(_INT_OF_SIZE[flat.element_size()]).sum(dtype=torch.int64))).encode())
-    return h.hexdigest()[:16]

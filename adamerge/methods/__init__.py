@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import CheckpointError, MergeMethod
+from ..errors import CheckpointError
+from .base import MergeMethod
 from .registry import METHODS, get_method
 
 for _module in pkgutil.iter_modules(__path__):

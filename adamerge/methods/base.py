@@ -13,9 +13,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from ..checkpointing import check_checkpoint_meta, checkpoint_meta
 from ..coefficients import Coefficients
 from ..concrete_mask import ConcreteMask
-from ..errors import CheckpointError
 from ..lines import lines_task_vectors
 from ..merged_model import MergedModel
 from ..objectives import entropy, marginal_entropy
@@ -24,7 +24,6 @@ from ..task_vectors import TaskVectors
 from .method_config import LearnedConfig, MethodConfig
 from .registry import get_method
 
-CHECKPOINT_FORMAT = 1
 log = logging.getLogger(__name__)
 
 
@@ -83,11 +82,6 @@ def start_from_merge(pool: ModelPool, start_cfg: dict, tv_cfg: dict | None,
     offset = {n: (merged[n].detach() - pool.base_tensor(n)).float() for n in tv.names}
     del start, merged
     return offset, tv.map(lambda n, t: (t.float() - offset[n]).to(t.dtype))
-
-
-def _diff(a: dict, b: dict) -> str:
-    keys = sorted(set(a) | set(b))
-    return "; ".join(f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
 
 
 class MergeMethod(pl.LightningModule):
@@ -242,27 +236,12 @@ class MergeMethod(pl.LightningModule):
                                 betas=tuple(m.betas), weight_decay=m.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = {"format_version": CHECKPOINT_FORMAT, "method": self.method_id, "fingerprint": self.fingerprint,
-                "torch_rng": torch.get_rng_state()}
-        if self.merged.mask is not None:
-            meta["mask_rng"] = self.merged.mask.get_rng_state()
-        checkpoint["adamerge"] = meta
+        mask = self.merged.mask
+        checkpoint["adamerge"] = checkpoint_meta(self.method_id, self.fingerprint,
+                                                 mask.get_rng_state() if mask is not None else None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get("adamerge")
-        if meta is None:
-            raise CheckpointError("not an adamerge checkpoint (no 'adamerge' metadata)")
-        if meta.get("format_version", 0) > CHECKPOINT_FORMAT:
-            raise CheckpointError(
-                f"checkpoint format {meta.get('format_version')} is newer than this adamerge ({CHECKPOINT_FORMAT})"
-            )
-        if meta.get("method") != self.method_id:
-            raise CheckpointError(
-                f"checkpoint was made by method '{meta.get('method')}', this run is '{self.method_id}'"
-            )
-        if meta.get("fingerprint") != self.fingerprint:
-            raise CheckpointError("checkpoint was made from a different pool: " + _diff(meta.get("fingerprint") or {},
-                                                                                     self.fingerprint))
+        meta = check_checkpoint_meta(checkpoint, self.method_id, self.fingerprint)
         torch.set_rng_state(meta["torch_rng"])
         if "mask_rng" in meta and self.merged.mask is not None:
             self.merged.mask.set_rng_state(meta["mask_rng"])

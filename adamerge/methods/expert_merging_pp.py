@@ -19,8 +19,8 @@ from typing import Any, Literal
 import torch
 
 from ..coefficients import Coefficients
+from ..errors import CheckpointError
 from ..task_vectors import TaskVectors
-from .base import CheckpointError
 from .expert_merging import ExpertMerging, ExpertMergingConfig, initial_alphas
 from .method_config import ConfigError, check_range
 from .registry import register

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from ..candidates import CandidatePool, candidate_paths
 from ..coefficients import Coefficients
 from ..data import StepBatches, batches, encode, load_tokenizer, read_jsonl
+from ..errors import CheckpointError
 from ..merged_model import MergedModel
 from ..pool import ModelPool
 from ..task_vectors import select_names
-from .base import CheckpointError, MergeMethod
+from .base import MergeMethod
 from .frank_wolfe_state import FrankWolfeState, Grads, lmo
 from .method_config import MethodConfig, check_range
 from .registry import register
