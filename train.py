@@ -14,10 +14,10 @@ import sys
 import threading
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+import adamerge  # noqa: F401  (sets HF_HUB_OFFLINE before anything loads transformers)
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("adamerge")
@@ -307,6 +307,9 @@ def quiet_third_party(verbose: bool) -> None:
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Frank-Wolfe and Concrete AdaMerging step manually; their checkpoints hold the state after the step,
+    # which is exactly what resuming needs, and Lightning warns about that for every such module
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def cli(cfg: DictConfig) -> int:

@@ -11,7 +11,6 @@ is reported with the expert and tensor at fault.
 from __future__ import annotations
 
 import copy
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,9 +22,6 @@ from torch import nn
 from .errors import PoolError
 from .expert_files import Expert, load_expert, lora_scaling, strip_prefixes
 from .fingerprint import pool_fingerprint
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in this project may reach a hub at run time
-
 
 MODEL_CLASSES = {
     "sequence_classification": "AutoModelForSequenceClassification",

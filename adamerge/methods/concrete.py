@@ -17,7 +17,6 @@ authors' binary mask at T = 0.001), i.e. entry kept iff logit(u) + x > 0. Both a
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -181,8 +180,6 @@ class ConcreteAdaMerging(MergeMethod):
                 torch.optim.Adam(lam, lr=self.adamerging_lr, betas=betas)]
 
     def on_fit_start(self) -> None:
-        # checkpoints after the step are exactly what resuming needs; Lightning's hint says otherwise
-        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError("concrete AdaMerging computes its gradients itself and does not support a gradient "
                              "scaler (precision=16-mixed); use 32-true or bf16-mixed")

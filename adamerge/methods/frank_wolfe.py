@@ -19,7 +19,6 @@ are what ``coefficients.json`` reports (exact for task arithmetic and soft, nomi
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,9 +38,6 @@ from .method_config import MethodConfig, check_range
 from .registry import register
 
 log = logging.getLogger("adamerge")
-# Checkpoints hold θ_{t+1}, the state after an iteration, which is what resuming needs; Lightning warns
-# about exactly that for every manual-optimization module.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 @dataclass
 class FrankWolfeConfig(MethodConfig):
