@@ -61,6 +61,19 @@ def _label(row: dict, where: str, num_labels: int | None) -> int:
     return y
 
 
+def read_split(pool, task: str, split: str, need_labels: bool = False,
+               needed_by: str | None = None) -> tuple[list[str], list[int]]:
+    """Texts (and labels, checked against the task's ``num_labels``) of ``task``'s ``split`` file
+    (``calibration``, ``test`` or ``validation``) in the pool; a DataError naming the task and the pool
+    key when it has none. The one way methods, the data module and evaluation read a task's data."""
+    path = getattr(pool.tasks[task], split, None)
+    if not path:
+        who = f" ({needed_by} needs one)" if needed_by else ""
+        raise DataError(f"task '{task}' has no {split} file in the pool config{who}; add pool tasks.{task}.{split}")
+    return read_jsonl(path, task, need_labels=need_labels,
+                      num_labels=pool.num_labels(task) if need_labels else None, key=split)
+
+
 def check_data(pool) -> None:
     """Read every data file the pool names, before anything is trained: each line JSON with a string
     'text'; test and validation labels integers in [0, num_labels) (sequence classification pools).
@@ -68,10 +81,8 @@ def check_data(pool) -> None:
     labelled = pool.model_class == "sequence_classification"  # only these pools read labels
     for name, spec in pool.tasks.items():
         for key in ("calibration", "test", "validation"):
-            path = getattr(spec, key)
-            if path:
-                need = labelled and key != "calibration"
-                read_jsonl(path, name, need_labels=need, num_labels=pool.num_labels(name) if need else None, key=key)
+            if getattr(spec, key):
+                read_split(pool, name, key, need_labels=labelled and key != "calibration")
 
 
 def load_tokenizer(path: str | Path, causal: bool = False):
@@ -160,11 +171,7 @@ class CalibrationDataModule(pl.LightningDataModule):
     @classmethod
     def from_pool(cls, pool, batch_size: int = 16, max_length: int = 64, seed: int = 0,
                   size: int | None = None, tokenizer=None) -> CalibrationDataModule:
-        cal = {}
-        for name, spec in pool.tasks.items():
-            if not spec.calibration:
-                raise DataError(f"task '{name}' has no calibration file in the pool config")
-            cal[name] = read_jsonl(spec.calibration, name, key="calibration")[0]
+        cal = {name: read_split(pool, name, "calibration")[0] for name in pool.tasks}
         tok = tokenizer or load_tokenizer(pool.base_path, causal=pool.model_class == "causal_lm")
         return cls(cal, tok, batch_size=batch_size, max_length=max_length, seed=seed, size=size)
 

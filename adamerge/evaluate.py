@@ -14,7 +14,7 @@ import torch
 from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
 
-from .data import batches, encode, read_jsonl
+from .data import batches, encode, read_split
 
 TestSets = dict[str, tuple[dict[str, torch.Tensor], torch.Tensor, int]]
 
@@ -25,11 +25,10 @@ def load_test_sets(pool, tokenizer, max_length: int = 64, max_examples: int | No
     (``test`` or ``validation``); tasks without one are left out."""
     out = {}
     for name, spec in pool.tasks.items():
-        path = getattr(spec, split)
-        if not path:
+        if not getattr(spec, split):
             continue
         n_cls = pool.num_labels(name)
-        texts, labels = read_jsonl(path, name, need_labels=True, num_labels=n_cls, key=split)
+        texts, labels = read_split(pool, name, split, need_labels=True)
         if max_examples:
             texts, labels = texts[:max_examples], labels[:max_examples]
         n_cls = n_cls or (max(labels) + 1)

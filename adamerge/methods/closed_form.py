@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..coefficients import Coefficients
-from ..data import DataError, batches, encode, load_tokenizer, read_jsonl
+from ..data import batches, encode, load_tokenizer, read_split
 from ..distributed import dist_rank_world
 from ..lines import apply_lines, lines_config
 from ..merged_model import MergedModel
@@ -87,12 +87,9 @@ class DeltaMerge(MergeMethod):
     def calibration_batches(self, task: str) -> list[dict[str, torch.Tensor]]:
         """This process's slice of ``num_examples`` calibration texts of ``task``, tokenized, in batches."""
         m = self.cfg
-        spec = self.pool.tasks[task]
-        if not spec.calibration:
-            raise DataError(f"task '{task}' has no calibration file in the pool config ({self.method_id} needs one)")
         n, bs, max_length = m.num_examples, m.batch_size, m.max_length
         rank, world = dist_rank_world()
-        texts = read_jsonl(spec.calibration, task)[0][:n][rank::world]
+        texts = read_split(self.pool, task, "calibration", needed_by=self.method_id)[0][:n][rank::world]
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.pool.base_path, causal=self.causal)
         if not texts:

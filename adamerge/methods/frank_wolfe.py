@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..candidates import CandidatePool, candidate_paths
 from ..coefficients import Coefficients
-from ..data import StepBatches, batches, encode, load_tokenizer, read_jsonl
+from ..data import StepBatches, batches, encode, load_tokenizer, read_split
 from ..errors import CheckpointError
 from ..merged_model import MergedModel
 from ..pool import ModelPool
@@ -130,11 +130,8 @@ class FrankWolfeMerging(MergeMethod):
         """Micro-batches of the first ``labelled_size`` labelled examples of the task's calibration file."""
         if task not in self._labelled:
             m = self.cfg
-            split = m.labelled_split
-            path = getattr(self.pool.tasks[task], split, None)
-            if not path:
-                raise ValueError(f"objective=cross_entropy: task '{task}' has no {split} file in the pool config")
-            texts, labels = read_jsonl(path, task, need_labels=True)
+            texts, labels = read_split(self.pool, task, m.labelled_split, need_labels=True,
+                                       needed_by="method.objective=cross_entropy")
             n = m.labelled_size
             if self._tokenizer is None:
                 self._tokenizer = load_tokenizer(self.pool.base_path)
