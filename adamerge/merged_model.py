@@ -130,6 +130,17 @@ class MergedModel(nn.Module):
         """Σ_k c_k τ_k per merged tensor (mask applied), differentiable in the trainable parts."""
         return dict(self._deltas())
 
+    @torch.no_grad()
+    def expert_params(self, k: int, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Expert ``k``'s weights W0 + offset + τ_k for the merged tensors ``names`` (default all), in the
+        base's dtype: what task vector k was taken from (with a starting merge, τ_k is held relative to it)."""
+        out = {}
+        for n in self.names if names is None else names:
+            w0 = self._base_params[n]
+            d = self.task_vectors[n][k].to(w0.device, torch.float32 if n in self.offset else w0.dtype)
+            out[n] = w0 + (d + self.offset[n] if n in self.offset else d).to(w0.dtype)
+        return out
+
     def merged_params(self, reuse_buffers: bool = False, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Merged values of every merged tensor, in the base's dtype (merged one tensor at a time, so
         no model-sized dict of deltas lives beside the merged weights).

@@ -130,12 +130,7 @@ class ExpertMerging(MergeMethod):
         """
         k = self.merged.task_names.index(task)
         base = dict(self.merged.base.named_parameters())
-        tv, offset = self.merged.task_vectors, self.merged.offset
-        out = {}
-        for n in self._teacher_names[k]:
-            w0 = base[n]
-            d = tv[n][k].to(w0.device, torch.float32 if n in offset else w0.dtype)
-            out[n] = w0 + (d + offset[n] if n in offset else d).to(w0.dtype)
+        out = self.merged.expert_params(k, self._teacher_names[k])
         for n, t in self._teacher_extra.items():
             w0 = base[n]
             out[n] = w0 + t[k].to(w0.device, w0.dtype)

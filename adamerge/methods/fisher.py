@@ -65,16 +65,15 @@ class FisherMerging(DeltaMerge):
         num: dict[str, torch.Tensor] = {}
         den: dict[str, torch.Tensor] = {}
         for k, task in enumerate(tv.task_names):
-            fisher = self.fisher(task, {n: t[k] for n, t in tv.items()}, seed=m.seed + k)
+            fisher = self.fisher(task, k, seed=m.seed + k)
             fisher_combine_step(num, den, fisher, {n: t[k].float() for n, t in tv.items()}, floor, normalize)
             del fisher
         return {n: num[n] / den[n] for n in tv.names}
 
-    def fisher(self, task: str, tau: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
-        """Diagonal Fisher of expert ``task`` (base + τ) on its calibration examples, per merged tensor."""
-        base = dict(self.merged.base.named_parameters())
-        names = list(tau)
-        params = {n: (base[n] + tau[n].to(base[n].device, base[n].dtype)).requires_grad_(True) for n in names}
+    def fisher(self, task: str, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Diagonal Fisher of expert ``task`` (task vector ``k``) on its calibration examples, per merged tensor."""
+        params = {n: w.requires_grad_(True) for n, w in self.merged.expert_params(k).items()}
+        names = list(params)
         fisher = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         rank, world = dist_rank_world()
         count = torch.zeros((), dtype=torch.float64)

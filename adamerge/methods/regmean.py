@@ -190,12 +190,10 @@ class RegMean(DeltaMerge):
         """Expert k's weights; for RegMean++ the merged values of every unit run before ``before``."""
         base = dict(self.merged.base.named_parameters())
         units = self._units(tv)
-        out = {}
-        for n, t in tv.items():
-            w0 = base[n]
-            merged_so_far = self.plus_plus and order.get(units[n], len(order)) < before
-            d = delta[n] if merged_so_far else t[k]
-            out[n] = w0 + d.to(w0.device, w0.dtype)
+        out = self.merged.expert_params(k)
+        for n, w in out.items():
+            if self.plus_plus and order.get(units[n], len(order)) < before:  # merged so far
+                w.copy_(base[n] + delta[n].to(w.device, w.dtype))
         return out
 
     def _grams(self, task: str, batches: list, params: dict, mods: list[str], stop: str) -> dict[str, torch.Tensor]:
