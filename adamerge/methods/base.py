@@ -16,35 +16,17 @@ import torch
 from ..checkpointing import check_checkpoint_meta, checkpoint_meta
 from ..coefficients import Coefficients
 from ..concrete_mask import ConcreteMask
-from ..lines import lines_task_vectors
 from ..merged_model import MergedModel
 from ..objectives import entropy, marginal_entropy
 from ..pool import ModelPool
 from ..task_vectors import TaskVectors
+from ..transforms import apply_transforms
 from .method_config import LearnedConfig, MethodConfig
 from .registry import get_method
 
 log = logging.getLogger(__name__)
 
 
-
-
-def prepare_task_vectors(tv: TaskVectors, cfg: MethodConfig, lines: bool = True) -> TaskVectors:
-    """The data-free transforms a method starts from, in a fixed order: DARE, TIES, consensus, LiNeS
-    (``lines=False``: the method applies LiNeS to its merged update instead)."""
-    if cfg.dare:
-        tv = tv.dare(p=cfg.dare.p, seed=cfg.dare.seed)
-    if cfg.ties:
-        tv = tv.ties_trim(cfg.ties.density).ties_elect()
-        if cfg.ties.merge == "mean":
-            # disjoint mean = Σ_k τ̂_k / #agreeing, expressed on the vectors so coefficients still apply
-            counts = {n: (v != 0).sum(0).clamp(min=1) for n, v in tv.items()}
-            tv = tv.map(lambda n, v: (v.float() / counts[n]).to(v.dtype))
-    if cfg.consensus:
-        tv = tv.consensus(k=cfg.consensus.k, lam=cfg.consensus.lam)
-    if cfg.lines and lines:
-        tv = lines_task_vectors(tv, cfg.lines)
-    return tv
 
 
 class _InjectGrad(torch.autograd.Function):
@@ -120,7 +102,8 @@ class MergeMethod(pl.LightningModule):
             dtype=tv_cfg.get("dtype", "float32"), pin_memory=bool(tv_cfg.get("pin_memory", False)),
             keep_unchanged=bool(tv_cfg.get("keep_unchanged", False)),
         )
-        tv = prepare_task_vectors(tv, self.cfg, lines=not self.lines_on_update)
+        # the data-free transforms, in their fixed order (closed-form merges apply LiNeS to their update)
+        tv = apply_transforms(tv, self.cfg, skip=("lines",) if self.lines_on_update else ())
         start = self.cfg.start_from
         if start is None:
             return tv, None

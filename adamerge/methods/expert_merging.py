@@ -40,6 +40,7 @@ from ..coefficients import Coefficients
 from ..objectives import distill_kl, hidden_mse, l1_to_init
 from ..pool import ModelPool
 from ..task_vectors import TaskVectors
+from ..transforms import active_transforms
 from .base import MergeMethod
 from .method_config import ConfigError, LearnedConfig, check_range
 from .registry import register
@@ -62,10 +63,10 @@ class ExpertMergingConfig(LearnedConfig):
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
-        for key in ("dare", "ties", "consensus", "lines"):
-            if getattr(self, key):
-                raise ConfigError(f"config key '{prefix}.{key}': not supported by {self.label} — the experts are "
-                                  "the teachers, so their task vectors must stay unprocessed")
+        refused = active_transforms(self)  # the whole list of task-vector transforms
+        if refused:
+            raise ConfigError(f"config key '{prefix}.{refused[0]}': not supported by {self.label} — the experts are "
+                              "the teachers, so their task vectors must stay unprocessed")
         if self.diversity:
             raise ConfigError(f"config key '{prefix}.diversity' is an entropy-objective key; {self.label} distils "
                               "the experts (leave it 0)")

@@ -22,7 +22,7 @@ class StaticConfig(MethodConfig):
 
 @register
 class StaticMerge(MergeMethod):
-    """θ = θ0 + λ Σ_k τ̃_k with τ̃ from ``prepare_task_vectors`` (DARE / TIES / consensus)."""
+    """θ = θ0 + λ Σ_k τ̃_k with τ̃ after the config's transforms (adamerge/transforms.py: DARE / TIES / consensus / LiNeS)."""
 
     name = "static"
     trainable = False
