@@ -13,17 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from common import ROOT, load_pool
 
 
 def main() -> None:
@@ -40,10 +34,10 @@ def main() -> None:
     ap.add_argument("--diversity", type=float, default=1.0, help="weight of the marginal entropy (im)")
     ap.add_argument("--head-prefixes", nargs="*", default=None, help="tensors kept per task (not merged)")
     ap.add_argument("--transductive", action="store_true", help="calibrate on the test inputs (as the authors)")
+    ap.add_argument("--seed", type=int, default=0, help="calibration batch order (train.py's seed)")
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
 
-    from omegaconf import OmegaConf
 
     from adamerge.data import (
         CalibrationDataModule,
@@ -56,20 +50,16 @@ def main() -> None:
     from adamerge.evaluate import evaluate_params, load_test_sets
     from adamerge.methods import get_method
     from adamerge.objectives import entropy
-    from adamerge.pool_config import pool_from_config, resolve_recipe
 
-    torch.manual_seed(0)
-    pool_cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "pool" / f"{args.pool}.yaml"))
-    if args.head_prefixes:
-        pool_cfg["head_prefixes"] = args.head_prefixes
-    pool = pool_from_config(resolve_recipe(pool_cfg, ROOT))
+    torch.manual_seed(args.seed)
+    pool = load_pool(args.pool, head_prefixes=args.head_prefixes)
     mcfg = {"name": "adamerging", "id": "study", "granularity": args.granularity, "init": 0.3,
             "clamp": [0.0, 1.0], "lr": args.lr, "diversity": args.diversity if args.objective == "im" else 0.0}
     tok = load_tokenizer(pool.base_path)
-    dm = CalibrationDataModule.from_pool(pool, batch_size=args.batch, max_length=64, seed=0)
+    dm = CalibrationDataModule.from_pool(pool, batch_size=args.batch, max_length=64, seed=args.seed)
     if args.transductive:  # unlabeled test inputs, as the authors' scripts (evaluation uses the first N)
         dm = CalibrationDataModule({t: read_jsonl(s.test, t)[0] for t, s in pool.tasks.items()}, tok,
-                                   batch_size=args.batch, max_length=64, seed=0)
+                                   batch_size=args.batch, max_length=64, seed=args.seed)
     cls = get_method("adamerging")
     if args.objective == "oracle":  # the same texts in the same order, with their labels
         labels = {t: torch.tensor(read_jsonl(spec.calibration, t, need_labels=True)[1]) for t, spec in pool.tasks.items()}
@@ -87,7 +77,7 @@ def main() -> None:
     method = cls(pool, mcfg, {"exclude": args.exclude})
     tests = load_test_sets(pool, tok, 64, args.test_examples)
     cal_eval = {t: trim({k: v[:256] for k, v in enc.items()}) for t, enc in dm.encoded.items()}
-    stream = StepBatches(dm.encoded, args.batch, 0)
+    stream = StepBatches(dm.encoded, args.batch, args.seed)
     opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=args.lr)
 
     @torch.no_grad()

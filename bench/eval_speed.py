@@ -9,31 +9,22 @@ interleaved, and prints the time ratio (best of ``--rounds``) and that the accur
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from common import load_pool
 
 
 def main() -> None:
-    from omegaconf import OmegaConf
 
     from adamerge.data import load_tokenizer
     from adamerge.evaluate import evaluate_params, load_test_sets
-    from adamerge.pool_config import pool_from_config, resolve_recipe
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pool", default="minilm_frozen_head_lora")
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "pool" / f"{a.pool}.yaml"), resolve=True)
-    pool = pool_from_config(resolve_recipe(cfg, ROOT))
+    pool = load_pool(a.pool)
     by_length = load_test_sets(pool, load_tokenizer(pool.base_path), 64)
     g = torch.Generator().manual_seed(0)
     shuffled = {}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -30,20 +29,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, load_pool
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 WORK = ROOT / "runs" / "fw_irrelevant"
-
-
-def load_pool():
-    from omegaconf import OmegaConf
-
-    from adamerge.pool_config import pool_from_config, resolve_recipe
-
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "pool" / "minilm_full.yaml"))
-    return pool_from_config(resolve_recipe(cfg, ROOT))
 
 
 def _irrelevant(pool, j: int, src: str, steps: int = 60) -> Path:
@@ -110,7 +98,7 @@ def task_arithmetic_row(n_irrelevant: int, lam: float) -> dict:
     from adamerge.evaluate import evaluate_params, load_test_sets
 
     t0 = time.time()
-    pool = load_pool()
+    pool = load_pool("minilm_full")
     cands = CandidatePool(pool, candidate_paths(candidates_dir=WORK / f"candidates_{n_irrelevant}"))
     merged = {}
     for name in pool.shared_names():
@@ -158,7 +146,7 @@ def main() -> None:
         print(json.dumps(task_arithmetic_row(int(args.one[0]), float(args.one[1]))))
         return
 
-    pool = load_pool()
+    pool = load_pool("minilm_full")
     k = len(pool.task_names)
     results = []
     for r in args.ratios:
