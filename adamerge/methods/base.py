@@ -214,9 +214,15 @@ class MergeMethod(pl.LightningModule):
                                          "nothing was exported")
 
     def configure_optimizers(self):
+        """Adam on what trains; ``lr_schedule: cosine`` decays lr once over the run to ``eta_min_ratio``·lr."""
         m = self.cfg
-        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=m.lr,
-                                betas=tuple(m.betas), weight_decay=m.weight_decay)
+        opt = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=m.lr,
+                               betas=tuple(m.betas), weight_decay=m.weight_decay)
+        if m.lr_schedule == "constant":
+            return opt
+        steps = max(1, int(self.trainer.max_steps if self._trainer is not None else m.steps))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=m.eta_min_ratio * m.lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         mask = self.merged.mask

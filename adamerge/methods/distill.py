@@ -23,6 +23,7 @@ with z_k expert k's own logits on that batch. What differs from Expert Merging
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -40,6 +41,7 @@ class DistillMergingConfig(ExpertMergingConfig):
     reg_weight: float = 0.0
     lr: float = 1e-2
     weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
 
 
 @register
@@ -59,11 +61,3 @@ class DistillMerging(ExpertMerging):
         m = self.cfg
         return Coefficients(tv.K, len(tv), granularity=m.granularity, init=self.initial_values(tv.K).tolist(),
                             clamp=tuple(m.clamp) if m.clamp else None, transform="clamp")
-
-    def configure_optimizers(self):
-        """Adam on the coefficients, one cosine decay from lr to ``eta_min_ratio``·lr over the run."""
-        m = self.cfg
-        opt = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=m.lr, betas=tuple(m.betas))
-        steps = max(1, int(self.trainer.max_steps if self._trainer is not None else m.steps))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=m.eta_min_ratio * m.lr)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

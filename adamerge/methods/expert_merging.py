@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -57,9 +57,9 @@ class ExpertMergingConfig(LearnedConfig):
     loss_weights: dict = field(default_factory=dict)        # β_k per task name (default 1)
     lr: float = 0.5
     weight_decay: float = 1e-5
+    lr_schedule: Literal["constant", "cosine", "cosine_restarts"] = "cosine_restarts"  # the authors': AdamW, warm restarts
     restart_period: int = 50               # cosine warm restarts: first period (optimizer steps)
     restart_mult: int = 2                  # and its growth factor
-    eta_min_ratio: float = 0.1             # lr floor as a fraction of lr
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
@@ -75,7 +75,6 @@ class ExpertMergingConfig(LearnedConfig):
         check_range(self.hidden_weight, f"{prefix}.hidden_weight", 0)
         check_range(self.restart_period, f"{prefix}.restart_period", 1)
         check_range(self.restart_mult, f"{prefix}.restart_mult", 1)
-        check_range(self.eta_min_ratio, f"{prefix}.eta_min_ratio", 0, 1)
 
 
 @register
@@ -197,8 +196,11 @@ class ExpertMerging(MergeMethod):
 
     # -- optimizer -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        """AdamW on w + cosine warm restarts stepped once per optimizer step (after accumulation)."""
+        """``cosine_restarts`` (the authors'): AdamW on w + cosine warm restarts stepped once per optimizer
+        step (after accumulation); otherwise MergeMethod's Adam (Distill merging: one cosine decay)."""
         m = self.cfg
+        if m.lr_schedule != "cosine_restarts":
+            return super().configure_optimizers()
         opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=m.lr,
                                 betas=tuple(m.betas), weight_decay=m.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(

@@ -206,6 +206,8 @@ class LearnedConfig(MethodConfig):
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: one decay over the run to eta_min_ratio·lr
+    eta_min_ratio: float = 0.1
     nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss stops the run, or skips the step
     # entropy objectives: minus w × entropy of each batch's mean prediction (information maximisation)
     diversity: float = 0.0
@@ -217,6 +219,7 @@ class LearnedConfig(MethodConfig):
         super().check(prefix)
         check_range(self.lr, f"{prefix}.lr", 0, strict_lo=True)
         check_range(self.weight_decay, f"{prefix}.weight_decay", 0)
+        check_range(self.eta_min_ratio, f"{prefix}.eta_min_ratio", 0, 1)
         check_range(self.accumulate_grad_batches, f"{prefix}.accumulate_grad_batches", 1)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"config key '{prefix}.betas' must be two numbers in [0, 1), got {self.betas!r}")
