@@ -127,6 +127,16 @@ class MergeMethod(pl.LightningModule):
         projections, teachers) keep the default: dense."""
         return False
 
+    @classmethod
+    def dense_reason(cls, cfg: MethodConfig) -> str | None:
+        """Why this method, so configured, needs LoRA experts' task vectors dense (None: they may stay factorized)."""
+        transforms = active_transforms(cfg)
+        if transforms:
+            return f"{transforms[0]} needs τ's entries"
+        if cfg.start_from is not None:
+            return "start_from re-expresses τ against a dense merge"
+        return None if cls.supports_factorized(cfg) else f"{cls.name} needs dense task vectors"
+
     def lora_factorized(self, pool: ModelPool, mode: str) -> bool:
         """``task_vectors.lora``: whether LoRA experts' task vectors stay factorized — the one place this is
         decided. ``auto``: when the pool has LoRA experts and this method can; ``factorized`` where it
@@ -135,10 +145,7 @@ class MergeMethod(pl.LightningModule):
             raise ConfigError(f"config key 'task_vectors.lora' must be one of {', '.join(LORA_MODES)}, got {mode!r}")
         if mode == "dense" or not any(e.is_lora for e in pool.experts.values()):
             return False
-        transforms = active_transforms(self.cfg)
-        why = (f"{transforms[0]} needs τ's entries" if transforms
-               else "start_from re-expresses τ against a dense merge" if self.cfg.start_from is not None
-               else None if self.supports_factorized(self.cfg) else f"{self.name} needs dense task vectors")
+        why = self.dense_reason(self.cfg)
         if why is not None and mode == "factorized":
             log.warning("task_vectors.lora=factorized: method %s uses dense task vectors (%s)", self.cfg.label, why)
         return why is None
