@@ -257,9 +257,12 @@ def export_run(method, c: dict, out_dir: Path, extra: dict[str, str]) -> str:
 def header(pool, method, c: dict, out_dir: Path, trains: bool) -> str:
     """One screen that says what this run is about to do."""
     merged = method.merged
-    held = merged.task_vectors.tensors if merged.task_vectors is not None else merged.offset
-    mib = sum(v.numel() * v.element_size() for v in held.values()) / 2**20
-    what = "task vectors" if merged.task_vectors is not None else "merged update"
+    tv = merged.task_vectors
+    held = tv.nbytes() if tv is not None else sum(v.numel() * v.element_size() for v in merged.offset.values())
+    mib = held / 2**20
+    what = "task vectors" if tv is not None else "merged update"
+    if merged.factored_names:
+        what += f" ({len(merged.factored_names)} tensors as LoRA factors)"
     t = c["trainer"]
     steps = f"{t.get('max_steps')} steps" if trains else "closed form / data-free (no steps)"
     return "\n".join([

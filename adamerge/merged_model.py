@@ -3,7 +3,9 @@
 ``W = W0 [+ D] + [mask ⊙] Σ_k c_k τ_k`` per merged tensor, evaluated with ``torch.func.functional_call``
 so only the coefficients (and mask) are trainable and the base module is never copied. The sum is
 the custom autograd kernel of adamerge/combine.py. The training step merges into buffers kept across steps, and the input embedding table only on the
-rows its batches look up (``merged_params(reuse_buffers=True, rows=...)``).
+rows its batches look up (``merged_params(reuse_buffers=True, rows=...)``). LoRA experts' weights kept
+factorized (``task_vectors.factors``, adamerge/lora_factors.py) are not merged there: the training
+step runs them as the multi-adapter forward (``low_rank``); evaluation and export write them out.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class MergedModel(nn.Module):
         if missing:
             raise ValueError(f"task vector tensor '{missing[0]}' is not a parameter of the base model")
         self.lookup_name = _lookup_table(base, self.names)
+        factors = task_vectors.factors if task_vectors is not None else None
+        self.factored_names = [n for n in self.names if factors is not None and n in factors]
         self._out: dict[str, torch.Tensor] = {}  # merged weights of the training step, reused across steps
         self._dirty: dict[str, torch.Tensor] = {}  # rows of a lookup table's buffer that hold a merged value
 
@@ -96,8 +100,10 @@ class MergedModel(nn.Module):
         if self.tv_device is None and self.task_vectors is not None:
             tv = self.task_vectors
             # follow the model's device but keep the task vectors' storage dtype
-            object.__setattr__(self, "task_vectors",
-                               tv.map(lambda n, t: fn(t).to(dtype=t.dtype)))
+            moved = tv.map(lambda n, t: fn(t).to(dtype=t.dtype))
+            if tv.factors is not None:
+                moved.factors = tv.factors.map(lambda t: fn(t).to(dtype=t.dtype))
+            object.__setattr__(self, "task_vectors", moved)
         return self
 
     @property
@@ -120,8 +126,12 @@ class MergedModel(nn.Module):
             return
         coefs = self.coefficients()
         masks = self.mask() if self.mask is not None else None
+        factors = self.task_vectors.factors
         for i, n in enumerate(self.names):
             w0 = self._base_params[n]
+            if factors is not None and n in factors:  # written out one tensor at a time
+                yield n, factors.delta(n, coefs[i], w0.device)
+                continue
             size = self.coefficients.chunk_sizes[i] if self.coefficients.chunk_sizes else 0
             d = combine(coefs[i], self.task_vectors[n], w0.device, size)
             yield n, (masks[i] * d if masks is not None and masks[i] is not None else d)
@@ -135,8 +145,12 @@ class MergedModel(nn.Module):
         """Expert ``k``'s weights W0 + offset + τ_k for the merged tensors ``names`` (default all), in the
         base's dtype: what task vector k was taken from (with a starting merge, τ_k is held relative to it)."""
         out = {}
+        factors = self.task_vectors.factors
         for n in self.names if names is None else names:
             w0 = self._base_params[n]
+            if factors is not None and n in factors:
+                out[n] = w0 + factors.expert_delta(n, k, w0.device).to(w0.dtype)
+                continue
             d = self.task_vectors[n][k].to(w0.device, torch.float32 if n in self.offset else w0.dtype)
             out[n] = w0 + (d + self.offset[n] if n in self.offset else d).to(w0.dtype)
         return out
@@ -149,6 +163,7 @@ class MergedModel(nn.Module):
         valid until the next such call. ``rows`` (with it): the token ids this step looks up; the input
         embedding table (``lookup_name``) is then merged on those rows only — its other rows hold the
         base value — and its coefficient gradient is taken on them, which is exact for a lookup.
+        Factorized LoRA weights are left out with ``reuse_buffers``: the step adds them in ``low_rank``.
         """
         if not reuse_buffers or self.task_vectors is None or self.mask is not None:
             self._out, self._dirty = {}, {}  # evaluation/export: the training step's buffers may go
@@ -158,8 +173,11 @@ class MergedModel(nn.Module):
                 out[n] = w0 + (d + self.offset[n] if n in self.offset else d).to(w0.dtype)
             return out
         coefs = self.coefficients()
+        factors = self.task_vectors.factors
         out = {}
         for i, n in enumerate(self.names):
+            if factors is not None and n in factors:
+                continue
             w0 = self._base_params[n]
             adds = (w0, self.offset[n]) if n in self.offset else (w0,)
             size = self.coefficients.chunk_sizes[i] if self.coefficients.chunk_sizes else 0
@@ -176,6 +194,21 @@ class MergedModel(nn.Module):
             # a fresh alias each step: the buffer itself never carries an autograd history
             out[n] = Combine.apply(coefs[i], self.task_vectors[n], w0.device, size, adds, buf.detach(), r)
         return out
+
+    def factor_coefficients(self) -> torch.Tensor | None:
+        """``[F, K]``: the coefficients of the factorized LoRA weights (``factored_names``), differentiable;
+        None without factors."""
+        if self.task_vectors is None or self.task_vectors.factors is None:
+            return None
+        coefs, factored = self.coefficients(), set(self.factored_names)
+        return torch.stack([coefs[i] for i, n in enumerate(self.names) if n in factored])
+
+    def low_rank(self, coefs: torch.Tensor | None):
+        """While active, each factorized LoRA weight's Linear adds Σ_k c_k s_k (x A_kᵀ) B_kᵀ to its output with
+        c = ``coefs`` (``[F, K]``, as ``factor_coefficients``): the forward of W0 + Σ_k c_k τ_k without τ."""
+        if coefs is None:
+            return contextlib.nullcontext()
+        return self.task_vectors.factors.hooks(self.base, dict(zip(self.factored_names, coefs.unbind(0))))
 
     @contextlib.contextmanager
     def sparse_lookup_grad(self, rows: torch.Tensor | None):

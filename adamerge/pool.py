@@ -245,7 +245,12 @@ class ModelPool:
             return self.base_tensor(name) + self._lora_delta(e, name).to(self._params[name].dtype)
         return e.source.get(e.file_names[name])
 
-    def _lora_delta(self, e: Expert, name: str) -> torch.Tensor:
+    def lora_factors(self, task: str, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A [r, in], B [out, r], scaling s) in fp32 with τ = s·B@A when ``task``'s expert is a LoRA adapter on
+        tensor ``name``; None when that expert does not factor it (untouched, a full tensor, or not LoRA)."""
+        e = self.experts[task]
+        if name not in e.file_names or not self._is_lora_module(e, name):
+            return None
         module = e.file_names[name]
         keys = e.source.keys()
 
@@ -258,16 +263,21 @@ class ModelPool:
 
         a, b = find("A"), find("B")
         _, scale = lora_scaling(e.lora, module)
-        delta = (b @ a) * scale
         if e.lora.get("fan_in_fan_out"):
-            delta = delta.T
+            a, b = b.T, a.T  # (B@A)ᵀ = Aᵀ@Bᵀ
         ref = self._params[name]
-        if tuple(delta.shape) != tuple(ref.shape):
+        shape = (b.shape[0], a.shape[1]) if a.dim() == b.dim() == 2 and b.shape[1] == a.shape[0] \
+            else f"B{tuple(b.shape)} @ A{tuple(a.shape)}"
+        if shape != tuple(ref.shape):
             raise PoolError(
-                f"expert '{e.name}' ({e.path}), tensor '{name}': LoRA delta shape {tuple(delta.shape)} does not "
+                f"expert '{e.name}' ({e.path}), tensor '{name}': LoRA delta shape {shape} does not "
                 f"match the base's {tuple(ref.shape)} — the adapter was made for another base model"
             )
-        return delta
+        return a, b, scale
+
+    def _lora_delta(self, e: Expert, name: str) -> torch.Tensor:
+        a, b, scale = self.lora_factors(e.name, name)
+        return (b @ a) * scale
 
     def task_vector(self, task: str, name: str) -> torch.Tensor:
         """Expert minus base for one shared tensor."""

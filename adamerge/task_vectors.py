@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .lora_factors import LoraFactors
 from .pool import ModelPool, PoolError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -42,13 +43,20 @@ class TaskVectors:
 
     Placement (device, dtype) is a setting: the tensors may stay on CPU while the model runs
     elsewhere; ``MergedModel`` moves them one tensor at a time.
+
+    ``factors`` (``task_vectors.lora: factorized``): LoRA experts' weights kept as their factors
+    (adamerge/lora_factors.py), not in ``tensors``; ``names`` lists both kinds in the pool's order.
+    The transforms below read τ's entries: they apply to dense task vectors only.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], task_names: list[str]):
-        if not tensors:
+    def __init__(self, tensors: dict[str, torch.Tensor], task_names: list[str],
+                 factors: LoraFactors | None = None, names: list[str] | None = None):
+        if not tensors and not factors:
             raise PoolError("no tensors selected for merging (check task_vectors.include/exclude)")
         self.tensors = dict(tensors)
         self.task_names = list(task_names)
+        self.factors = factors
+        self._names = list(names) if names is not None else [*self.tensors, *(factors.names if factors else [])]
         for n, t in self.tensors.items():
             if t.shape[0] != len(self.task_names):
                 raise ValueError(f"task vector '{n}' has {t.shape[0]} rows for {len(self.task_names)} tasks")
@@ -64,16 +72,22 @@ class TaskVectors:
         device: str | torch.device = "cpu",
         pin_memory: bool = False,
         keep_unchanged: bool = False,
+        factorize: bool = False,
     ) -> TaskVectors:
         """Read each expert lazily, one tensor at a time, into stacked deltas.
 
         Tensors that no expert changes are left out (they stay at the base value) unless
-        ``keep_unchanged``.
+        ``keep_unchanged``. ``factorize``: LoRA-adapted Linear weights are kept as their factors.
         """
         dt = resolve_dtype(dtype)
         names = select_names(pool.shared_names(), include, exclude)
+        factors = LoraFactors.from_pool(pool, names, dt, keep_unchanged) if factorize else None
+        if factors is not None and device is not None:
+            factors = factors.map(lambda t: t.to(device))
         tensors = {}
         for n in names:
+            if factors is not None and n in factors:
+                continue
             # filled row by row in the storage dtype: no fp32 stack beside it
             stacked = torch.empty((len(pool.task_names), *pool.base_tensor(n).shape), dtype=dt)
             for k, t in enumerate(pool.task_names):
@@ -85,14 +99,16 @@ class TaskVectors:
             if pin_memory and torch.cuda.is_available():
                 stacked = stacked.pin_memory()
             tensors[n] = stacked.to(device)
-        if names and not tensors:
+        if names and not tensors and not factors:
             raise PoolError("no expert differs from the base in any selected tensor: nothing to merge")
-        return cls(tensors, pool.task_names)
+        order = [n for n in names if n in tensors or (factors is not None and n in factors)]
+        return cls(tensors, pool.task_names, factors, order)
 
     # -- mapping helpers --------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
-        return list(self.tensors)
+        """Every merged tensor: dense and factorized."""
+        return list(self._names)
 
     @property
     def K(self) -> int:
@@ -102,19 +118,26 @@ class TaskVectors:
         return self.tensors[name]
 
     def __len__(self) -> int:
-        return len(self.tensors)
+        return len(self._names)
 
     def items(self):
         return self.tensors.items()
 
     def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> TaskVectors:
-        return TaskVectors({n: fn(n, t) for n, t in self.tensors.items()}, self.task_names)
+        """``fn`` on each dense tensor; the factors are kept as they are."""
+        return TaskVectors({n: fn(n, t) for n, t in self.tensors.items()}, self.task_names, self.factors, self._names)
 
     def to(self, device=None, dtype=None) -> TaskVectors:
-        return self.map(lambda n, t: t.to(device=device, dtype=dtype))
+        out = self.map(lambda n, t: t.to(device=device, dtype=dtype))
+        if self.factors is not None:
+            # the factors A, B take the dtype; the experts' indices and scalings keep theirs
+            out.factors = self.factors.map(lambda t: t.to(device=device, dtype=dtype if t.dim() == 2 else None))
+        return out
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        """Bytes held: the dense stacks and the factors."""
+        dense = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return dense + (self.factors.nbytes() if self.factors is not None else 0)
 
     # -- data-free transforms ---------------------------------------------------------------
     def topk_thresholds(self, density: float, what: str = "ties density") -> torch.Tensor:

@@ -9,7 +9,7 @@ batches over task-wise ``[K]`` or layer-wise ``[L, K]`` coefficients (init 0.3, 
 from __future__ import annotations
 
 from .base import MergeMethod
-from .method_config import LearnedConfig
+from .method_config import LearnedConfig, MethodConfig
 from .registry import register
 
 
@@ -17,3 +17,7 @@ from .registry import register
 class AdaMerging(MergeMethod):
     name = "adamerging"
     Config = LearnedConfig
+
+    @classmethod
+    def supports_factorized(cls, cfg: MethodConfig) -> bool:
+        return cfg.granularity in ("task", "layer")  # a chunk's coefficient scales part of τ's entries

@@ -16,11 +16,13 @@ import torch
 from ..checkpointing import check_checkpoint_meta, checkpoint_meta
 from ..coefficients import Coefficients
 from ..concrete_mask import ConcreteMask
+from ..errors import ConfigError
+from ..lora_factors import LORA_MODES
 from ..merged_model import MergedModel
 from ..objectives import entropy, marginal_entropy
 from ..pool import ModelPool
 from ..task_vectors import TaskVectors
-from ..transforms import apply_transforms
+from ..transforms import active_transforms, apply_transforms
 from .method_config import LearnedConfig, MethodConfig
 from .registry import get_method
 
@@ -101,6 +103,7 @@ class MergeMethod(pl.LightningModule):
             pool, include=tv_cfg.get("include") or None, exclude=tv_cfg.get("exclude") or None,
             dtype=tv_cfg.get("dtype", "float32"), pin_memory=bool(tv_cfg.get("pin_memory", False)),
             keep_unchanged=bool(tv_cfg.get("keep_unchanged", False)),
+            factorize=self.lora_factorized(pool, tv_cfg.get("lora", "auto")),
         )
         # the data-free transforms, in their fixed order (closed-form merges apply LiNeS to their update)
         tv = apply_transforms(tv, self.cfg, skip=("lines",) if self.lines_on_update else ())
@@ -116,6 +119,36 @@ class MergeMethod(pl.LightningModule):
     def parse_config(cls, method: dict, prefix: str = "method") -> MethodConfig:
         """``method`` (a yaml dict) as this method's typed config, every key checked; ``name`` defaults to ours."""
         return cls.Config.parse({"name": cls.name, **method}, prefix)
+
+    @classmethod
+    def supports_factorized(cls, cfg: MethodConfig) -> bool:
+        """Whether this method, so configured, only scales and sums whole task vectors, so LoRA experts may
+        stay factorized (adamerge/lora_factors.py). Methods that read τ's entries (masks, statistics,
+        projections, teachers) keep the default: dense."""
+        return False
+
+    @classmethod
+    def dense_reason(cls, cfg: MethodConfig) -> str | None:
+        """Why this method, so configured, needs LoRA experts' task vectors dense (None: they may stay factorized)."""
+        transforms = active_transforms(cfg)
+        if transforms:
+            return f"{transforms[0]} needs τ's entries"
+        if cfg.start_from is not None:
+            return "start_from re-expresses τ against a dense merge"
+        return None if cls.supports_factorized(cfg) else f"{cls.name} needs dense task vectors"
+
+    def lora_factorized(self, pool: ModelPool, mode: str) -> bool:
+        """``task_vectors.lora``: whether LoRA experts' task vectors stay factorized — the one place this is
+        decided. ``auto``: when the pool has LoRA experts and this method can; ``factorized`` where it
+        cannot: dense, with one log line saying why."""
+        if mode not in LORA_MODES:
+            raise ConfigError(f"config key 'task_vectors.lora' must be one of {', '.join(LORA_MODES)}, got {mode!r}")
+        if mode == "dense" or not any(e.is_lora for e in pool.experts.values()):
+            return False
+        why = self.dense_reason(self.cfg)
+        if why is not None and mode == "factorized":
+            log.warning("task_vectors.lora=factorized: method %s uses dense task vectors (%s)", self.cfg.label, why)
+        return why is None
 
     @classmethod
     def trains(cls, cfg: MethodConfig) -> bool:
@@ -180,14 +213,21 @@ class MergeMethod(pl.LightningModule):
         rows = merged.lookup_rows(list(batch.values()))
         params = merged.merged_params(reuse_buffers=True, rows=rows)
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        # factorized LoRA weights: their coefficients are a leaf of their own, read by the low-rank forward
+        coefs = merged.factor_coefficients()
+        coef_leaf = coefs.detach().requires_grad_(True) if coefs is not None else None
         total = torch.zeros((), device=self.device)
-        with merged.sparse_lookup_grad(rows):
+        with merged.sparse_lookup_grad(rows), merged.low_rank(coef_leaf):
             for task, inputs in batch.items():
                 loss = self.task_loss(task, inputs, leaves)
                 loss.backward()
                 total = total + loss.detach()
         used = [n for n in params if leaves[n].grad is not None]
-        injected = _InjectGrad.apply(tuple(leaves[n].grad for n in used), *(params[n] for n in used))
+        grads, targets = [leaves[n].grad for n in used], [params[n] for n in used]
+        if coef_leaf is not None and coef_leaf.grad is not None:  # ∂L/∂c of the factorized weights
+            grads.append(coef_leaf.grad)
+            targets.append(coefs)
+        injected = _InjectGrad.apply(tuple(grads), *targets)
         return total, injected + self.regularizer()
 
     def regularizer(self) -> torch.Tensor:

@@ -28,6 +28,10 @@ class StaticMerge(MergeMethod):
     trainable = False
     Config = StaticConfig
 
+    @classmethod
+    def supports_factorized(cls, cfg: MethodConfig) -> bool:
+        return True  # λ Σ_k τ_k (the transforms, which read τ's entries, are checked by the caller)
+
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
         scale = self.cfg.scale
         lam = 1.0 / tv.K if scale is None else float(scale)

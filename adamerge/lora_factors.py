@@ -1,0 +1,130 @@
+"""LoRA experts kept factorized: τ_k = s_k·B_k@A_k is never written out dense to train on.
+
+``LoraFactors`` holds, for each merged Linear weight that every expert changing it adapts with LoRA,
+all experts' factors concatenated along the rank: A [R, in], B [out, R], and for each rank row its
+expert and that expert's scaling (experts may have different ranks). ``TaskVectors`` owns it beside
+its dense tensors (``TaskVectors.factors``). The training step runs the multi-adapter forward
+y = x W0ᵀ + Σ_k c_k s_k (x A_kᵀ) B_kᵀ through forward hooks (``hooks``), so neither τ nor ∂L/∂W of
+those weights is ever dense; evaluation and export materialize W0 + Σ_k c_k s_k B_k A_k one tensor at
+a time (``delta``). Which methods may use it is decided by ``MergeMethod.lora_factorized``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .pool import ModelPool
+
+LORA_MODES = ("auto", "dense", "factorized")  # task_vectors.lora
+
+
+@dataclass
+class Factors:
+    """One weight's factors, every expert's stacked along the rank: Σ_k c_k s_k B_k A_k = B diag(c[owner]·scale) A."""
+
+    a: torch.Tensor  # [R, in]
+    b: torch.Tensor  # [out, R]
+    owner: torch.Tensor  # [R] int64: the expert of each rank row
+    scale: torch.Tensor  # [R] fp32: that expert's LoRA scaling s_k
+
+    def weights(self, c: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``[R]``: c_k s_k for each rank row (differentiable in ``c``)."""
+        return c.to(device).float()[self.owner.to(device)] * self.scale.to(device)
+
+
+def linear_weights(base: nn.Module) -> set[str]:
+    """Names of the ``weight`` of each plain ``nn.Linear`` of ``base`` that no other module shares (a tied
+    weight is also used elsewhere, where a forward hook on the Linear would not see it)."""
+    uses = Counter(id(p) for _, p in base.named_parameters(remove_duplicate=False))
+    return {f"{n}.weight" if n else "weight" for n, m in base.named_modules()
+            if type(m) is nn.Linear and uses[id(m.weight)] == 1}
+
+
+class LoraFactors:
+    """Ordered mapping ``name -> Factors`` for the merged tensors kept factorized, over ``K`` experts."""
+
+    def __init__(self, factors: dict[str, Factors], K: int):
+        self.factors = dict(factors)
+        self.K = K
+
+    @classmethod
+    def from_pool(cls, pool: ModelPool, names: list[str], dtype: torch.dtype,
+                  keep_unchanged: bool = False) -> LoraFactors | None:
+        """The factors of those ``names`` (Linear weights) that every expert either adapts with LoRA or leaves
+        alone; None when there is none. A tensor some expert changes densely (a full fine-tune,
+        ``modules_to_save``) is left to the dense task vectors."""
+        linear = linear_weights(pool.base_model)
+        out = {}
+        for n in names:
+            if n not in linear:
+                continue
+            parts = []
+            for k, t in enumerate(pool.task_names):
+                f = pool.lora_factors(t, n)
+                if f is not None:
+                    parts.append((k, *f))
+                elif pool.task_vector(t, n).any():
+                    break  # changed densely by this expert
+            else:
+                if parts and (keep_unchanged or any(a.any() and b.any() for _, a, b, _ in parts)):
+                    out[n] = Factors(
+                        a=torch.cat([a for _, a, _, _ in parts]).to(dtype),
+                        b=torch.cat([b for _, _, b, _ in parts], dim=1).to(dtype),
+                        owner=torch.cat([torch.full((a.shape[0],), k) for k, a, _, _ in parts]),
+                        scale=torch.cat([torch.full((a.shape[0],), float(s)) for _, a, _, s in parts]),
+                    )
+        return cls(out, len(pool.task_names)) if out else None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.factors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.factors
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def map(self, fn) -> LoraFactors:
+        """Every tensor through ``fn`` (e.g. a device move)."""
+        return LoraFactors({n: Factors(*(fn(t) for t in (f.a, f.b, f.owner, f.scale)))
+                            for n, f in self.factors.items()}, self.K)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for f in self.factors.values() for t in (f.a, f.b, f.owner, f.scale))
+
+    def delta(self, name: str, c: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Σ_k c_k s_k B_k A_k of one weight, dense fp32 on ``device`` (evaluation, export), differentiable in ``c``."""
+        f = self.factors[name]
+        return (f.b.to(device).float() * f.weights(c, device)) @ f.a.to(device).float()
+
+    def expert_delta(self, name: str, k: int, device: torch.device) -> torch.Tensor:
+        """τ_k = s_k B_k A_k of one weight, dense fp32 on ``device``."""
+        return self.delta(name, torch.eye(self.K, device=device)[k], device)
+
+    @contextlib.contextmanager
+    def hooks(self, base: nn.Module, coefs: dict[str, torch.Tensor]):
+        """While active, the Linear of each weight ``name`` in ``coefs`` adds Σ_k c_k s_k (x A_kᵀ) B_kᵀ to its
+        output, c = ``coefs[name]`` ([K], differentiable); ``torch.func.functional_call`` honours the hooks."""
+        handles = []
+        try:
+            for n, c in coefs.items():
+                module = base.get_submodule(n.rpartition(".")[0])
+                handles.append(module.register_forward_hook(partial(_low_rank, self.factors[n], c), with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _low_rank(f: Factors, c: torch.Tensor, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
+    x = args[0] if args else kwargs["input"]
+    h = F.linear(x, f.a.to(x.device, x.dtype))  # [..., R]: every expert's x A_kᵀ at once
+    return output + F.linear(h * f.weights(c, x.device).to(h.dtype), f.b.to(x.device, x.dtype))
