@@ -7,6 +7,8 @@ One step of layer-wise AdaMerging = merge + forward + entropy + backward + Adam 
   adamerge       this project: ``AdaMerging`` (``MergeMethod.step_loss`` + backward + Adam), τ in fp32
   adamerge-bf16  the same with ``task_vectors.dtype=bfloat16`` (added by ``--dtype bfloat16``)
   adamerge-hosttv  τ pinned in host memory, moved per tensor (``task_vectors.device=cpu``); with --device cuda
+  adamerge-factorized  with ``--lora R`` (experts are rank-R LoRA adapters): ``task_vectors.lora=factorized``,
+                 the multi-adapter forward; ``adamerge`` is then the dense path (``task_vectors.lora=dense``)
   fusionbench    FusionBench's ``LayerWiseMergedModel`` driven like its layer-wise AdaMerging loop
 
 Every (column, K) runs in a fresh subprocess (``speed.py --one IMPL K``) that prints one JSON line:
@@ -17,6 +19,7 @@ extra steps (see ``TensorBytes``) and, with ``--device cuda``, ``torch.cuda.max_
     pip install --no-deps --target /tmp/fusionbench fusion-bench==0.2.33
     python bench/speed.py --fusionbench-path /tmp/fusionbench --ks 2 4 8 16 --repeats 10 \\
         --dtype bfloat16 --write bench/RESULTS.md
+    python bench/speed.py --lora 8 --ks 4 16 64 --impls floor adamerge adamerge-factorized --write bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
-IMPLS = ("floor", "adamerge", "adamerge-bf16", "adamerge-hosttv", "fusionbench")
+IMPLS = ("floor", "adamerge", "adamerge-bf16", "adamerge-hosttv", "adamerge-factorized", "fusionbench")
+# LoRA experts (--lora R) on every linear layer of the encoder: attention q/k/v/output and the FFN
+LORA_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 MIB = 2**20
 METHOD_CFG = {"name": "adamerging", "id": "bench", "granularity": "layer", "init": 0.3, "clamp": [0.0, 1.0],
               "lr": 1e-3}
@@ -123,18 +128,46 @@ def base_model(base: str):
     return AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(base, num_labels=2))
 
 
-def build_pool(pool_dir: Path, base: str, kmax: int, noise: float = 1e-3) -> dict:
-    """Write ``base/`` and ``expert{i}.safetensors`` (i < kmax) once; reuse them when already there."""
+def build_lora_experts(pool_dir: Path, model, kmax: int, rank: int) -> list[str]:
+    """``expert{i}/``: PEFT LoRA adapters of rank ``rank`` on ``LORA_TARGETS`` with random A and B (and head)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS)
+    experts = []
+    for i in range(kmax):
+        g = torch.Generator().manual_seed(1000 + i)
+        peft = get_peft_model(copy.deepcopy(model), cfg)
+        with torch.no_grad():
+            for n, prm in peft.named_parameters():
+                if "lora_" in n or "classifier" in n:
+                    prm.copy_(0.02 * torch.randn(prm.shape, generator=g))
+        path = pool_dir / f"expert{i}"
+        peft.save_pretrained(str(path))
+        experts.append(str(path))
+    return experts
+
+
+def build_pool(pool_dir: Path, base: str, kmax: int, noise: float = 1e-3, lora_rank: int = 0) -> dict:
+    """Write ``base/`` and K experts once (reused when already there): ``expert{i}.safetensors``, the base
+    plus small random perturbations; with ``lora_rank``, LoRA adapter directories ``expert{i}/``."""
     from safetensors.torch import save_file
 
     spec_path = pool_dir / "pool.json"
     if spec_path.exists():
         spec = json.loads(spec_path.read_text())
-        if spec["base_kind"] == base and len(spec["experts"]) >= kmax:
+        if spec["base_kind"] == base and len(spec["experts"]) >= kmax and spec.get("lora_rank", 0) == lora_rank:
             return spec
     pool_dir.mkdir(parents=True, exist_ok=True)
     model = base_model(base).eval()
     model.save_pretrained(pool_dir / "base")
+    if lora_rank:
+        spec = {"base_kind": base, "base": str(pool_dir / "base"), "lora_rank": lora_rank,
+                "experts": build_lora_experts(pool_dir, model, kmax, lora_rank),
+                "vocab_size": int(model.config.vocab_size)}
+        spec_path.write_text(json.dumps(spec))
+        return spec
     sd = model.state_dict()
     experts = []
     for i in range(kmax):
@@ -164,13 +197,14 @@ def pool_config(spec: dict, k: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # One configuration (child process)
 # ----------------------------------------------------------------------------------------------
-def setup_adamerge(spec: dict, k: int, device: torch.device, inputs: dict, dtype: str, host_tv: bool):
+def setup_adamerge(spec: dict, k: int, device: torch.device, inputs: dict, dtype: str, host_tv: bool,
+                   lora: str = "dense"):
     """The project's real path: AdaMerging's step_loss (merge once, per-task backward, ⟨∂L/∂W, τ⟩)."""
     from adamerge.methods.adamerging import AdaMerging
     from adamerge.pool_config import pool_from_config
 
     pool = pool_from_config(pool_config(spec, k))
-    tv_cfg: dict = {"dtype": dtype}
+    tv_cfg: dict = {"dtype": dtype, "lora": lora}
     if host_tv:
         tv_cfg.update(device="cpu", pin_memory=True)
     m = AdaMerging(pool, METHOD_CFG, tv_cfg).to(device)
@@ -190,7 +224,8 @@ def setup_adamerge(spec: dict, k: int, device: torch.device, inputs: dict, dtype
                           *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))]
     tv = mm.task_vectors
     # what a step streams, twice (merge, then ⟨∂L/∂W, τ⟩): every τ but the looked-up rows of the embedding
-    streamed = tv.nbytes() - (tv[mm.lookup_name].numel() * tv[mm.lookup_name].element_size() if mm.lookup_name else 0)
+    lookup = mm.lookup_name if mm.lookup_name in tv.tensors else None
+    streamed = tv.nbytes() - (tv[lookup].numel() * tv[lookup].element_size() if lookup else 0)
     return step, persistent, {"tv_mib": tv.nbytes() / MIB, "tv_streamed_mib": streamed / MIB}
 
 
@@ -288,7 +323,8 @@ def setup(impl: str, k: int, spec: dict, device: torch.device, inputs: dict, arg
     if impl == "fusionbench":
         return setup_fusionbench(spec, k, device, inputs, args.fusionbench_path)
     return setup_adamerge(spec, k, device, inputs, "bfloat16" if impl == "adamerge-bf16" else "float32",
-                          host_tv=impl == "adamerge-hosttv")
+                          host_tv=impl == "adamerge-hosttv",
+                          lora="factorized" if impl == "adamerge-factorized" else "dense")
 
 
 def timed(step: Callable[[], None], cuda: bool) -> tuple[float, float]:
@@ -463,10 +499,18 @@ def tables(results: list[dict], impls: list[str], cuda: bool, bandwidth: float |
                 two = 2 * mib * MIB / (bandwidth * 1e9)
                 lines.append(f"| {k} | {mib:.0f} | {two:.3f} | {(fl + two) / fl:.2f} | {fmt(ratio('adamerge', 'floor', k), '.2f')} |")
     goals = []
-    for k in [k for k in (8, 16) if k in ks]:
+    for k in [k for k in (8, 16) if k in ks and "fusionbench" in impls]:
         fb, fl = ratio("adamerge", "fusionbench", k), ratio("adamerge", "floor", k)
         goals.append(f"- goal 1, K={k}: adamerge / FusionBench = {fmt(fb, '.2f')} (target ≤ 0.60), "
                      f"adamerge / floor = {fmt(fl, '.2f')} (target ≤ 1.15)")
+    if "adamerge-factorized" in impls:  # issue #19's goals for LoRA experts kept factorized
+        for i in ("adamerge-factorized", "adamerge"):
+            if (i, "rss_peak_mib") in per_expert:
+                goals.append(f"- LoRA, {i}: peak RSS grows {fmt(per_expert[i, 'rss_peak_mib'], '.2f')}× its task "
+                             "vectors' bytes per expert (factorized: the adapter's; target ≤ 1.2)")
+        k = max(ks)
+        goals.append(f"- LoRA, K={k}: adamerge-factorized / floor = {fmt(ratio('adamerge-factorized', 'floor', k), '.2f')} "
+                     f"(target ≤ 1.3), adamerge (dense) / floor = {fmt(ratio('adamerge', 'floor', k), '.2f')}")
     for i in [i for i in impls if i.startswith("adamerge")]:
         key = "cuda_peak_mib" if cuda else "tensor_peak_mib"
         if (i, key) in per_expert:
@@ -526,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interleave", action="store_true",
                     help="time all columns of a K in one process, step by step in turn (times only; for "
                          "a machine whose load drifts)")
+    ap.add_argument("--lora", type=int, default=0, metavar="R",
+                    help="experts are rank-R LoRA adapters on every encoder linear layer (random factors): "
+                         "compare adamerge-factorized (task_vectors.lora=factorized) with adamerge (dense)")
     ap.add_argument("--write", type=Path, help="append the results to this markdown file under '## Speed'")
     ap.add_argument("--one", nargs=2, metavar=("IMPL", "K"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -544,7 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         args.pool_dir = tmp.name
     try:
         t0 = time.perf_counter()
-        build_pool(Path(args.pool_dir), args.base, max(args.ks))
+        if args.lora and "fusionbench" in impls:
+            raise SystemExit("--lora: FusionBench's wrapper reads full state dicts; leave fusionbench out of --impls")
+        build_pool(Path(args.pool_dir), args.base, max(args.ks), lora_rank=args.lora)
         print(f"pool ({args.base}, {max(args.ks)} experts) ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         results = []
         for k in args.ks:
@@ -560,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg()
     header = (f"### {datetime.date.today().isoformat()} · commit {git_commit()} · {args.device}, "
-              f"{args.threads} threads, base {args.base}, batch {args.batch}×{args.seq}, median of {args.repeats} "
+              f"{args.threads} threads, base {args.base}{f', LoRA r={args.lora} experts' if args.lora else ''}, batch {args.batch}×{args.seq}, median of {args.repeats} "
               f"after {args.warmup} warm-up{' · interleaved (times only)' if args.interleave else ''} · load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
               f"on {os.cpu_count()} CPUs")
     cuda = args.device.startswith("cuda")
