@@ -397,15 +397,16 @@ def test_rerun_into_a_run_dir_with_checkpoints_is_refused(tiny_pool_cfg, tmp_pat
 def test_refused_rerun_keeps_the_old_runs_hydra_files(conf, tiny_pool_cfg, tmp_path, capsys):
     """Hydra would write .hydra/ before any check: a rerun refused for its out_dir must not overwrite them."""
     run = tmp_path / "run"
-    assert inprocess(tmp_path, tiny_pool_cfg, "method=adamerging_layerwise", "trainer.max_steps=2") == 0
-    saved = run / ".hydra" / "config.yaml"
-    before = saved.read_bytes()
-    assert b"max_steps: 2" in before
+    train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=2")  # through Hydra: its train.log
+    hydra_before = {f.name: f.read_bytes() for f in (run / ".hydra").iterdir()}
+    assert b"max_steps: 2" in hydra_before["config.yaml"]
+    log_before = (run / "train.log").read_bytes()
+    assert log_before
     p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=4", "export.overwrite=true",
               check=False)  # through Hydra
     assert_clear_error(p, r"already holds checkpoints of a run")
-    assert saved.read_bytes() == before
-    assert sorted(f.name for f in (run / ".hydra").iterdir()) == ["config.yaml"]  # no overrides.yaml of the rerun
+    assert {f.name: f.read_bytes() for f in (run / ".hydra").iterdir()} == hydra_before
+    assert (run / "train.log").read_bytes() == log_before  # the old run's log is not appended to
 
 
 def test_resume_for_a_method_that_does_not_train(tiny_pool_cfg, tmp_path, capsys, caplog):
