@@ -60,6 +60,18 @@ def table(results: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def add_normalized(results: list[dict], tasks: list[str]) -> None:
+    """Rows of runs without reference rows get "norm" (mean over tasks of merged/expert) from the first run's
+    expert row, as train.py computes it when the reference rows are in the same run."""
+    expert = next((r["rows"]["expert"] for r in results if "expert" in r.get("rows", {})), None)
+    if expert is None:
+        return
+    for r in results:
+        for row in r.get("rows", {}).values():
+            if "norm" not in row and all(t in row for t in tasks):
+                row["norm"] = sum(row[t] / expert[t] for t in tasks) / len(tasks)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="*", default=None, help="method ids (default: every configs/method yaml)")
@@ -83,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append(r)
         print(f"{m}: " + (f"avg {100 * r['rows'][r['row']]['avg']:.1f} ({r['wall_s']:.0f} s)" if "rows" in r
                           else r["error"]), flush=True)
+    add_normalized(results, tasks)
     text = table(results, tasks)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     header = (f"### Quality — {datetime.date.today()} — commit {commit} — pool={a.pool} — "
