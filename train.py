@@ -164,7 +164,7 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     from adamerge.checkpointing import AtomicCheckpointIO, Interrupted, SaveOnInterrupt
     from adamerge.config import ConfigError
     from adamerge.data import CalibrationDataModule
-    from adamerge.evaluate import load_test_sets
+    from adamerge.evaluate import EVALUATED, load_test_sets
     from adamerge.loggers import build_loggers
     from adamerge.progress import ProgressLog, StepProgressBar
     from adamerge.start_vs_end import calibration_objective, choose, monitor_batches, snapshot
@@ -202,8 +202,9 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     if trainer.global_rank != 0:
         return None
     method.cpu()
-    validation = (load_test_sets(pool, dm.tokenizer, c["data"]["max_length"], split="validation")
-                  if pool.model_class == "sequence_classification" else {})
+    validation = (load_test_sets(pool, dm.tokenizer, c["data"]["max_length"], split="validation",
+                                 max_new_tokens=c["evaluate"]["max_new_tokens"])
+                  if pool.model_class in EVALUATED else {})
     return start_state, choose(method, start_state, start_loss, monitor, validation, c["evaluate"]["batch_size"])
 
 
@@ -212,6 +213,7 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
     table is printed and saved (eval.json). None when there is nothing to evaluate."""
     from adamerge.data import load_tokenizer
     from adamerge.evaluate import (
+        EVALUATED,
         evaluate_params,
         load_test_sets,
         markdown,
@@ -221,14 +223,16 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
     )
     from adamerge.start_vs_end import merged_at
 
-    if not c["evaluate"]["enabled"] or pool.model_class != "sequence_classification":
+    if not c["evaluate"]["enabled"] or pool.model_class not in EVALUATED:
         return None
-    tests = load_test_sets(pool, load_tokenizer(pool.base_path), c["data"]["max_length"], c["evaluate"]["max_examples"])
+    tokenizer = load_tokenizer(pool.base_path, causal=pool.model_class == "causal_lm")
+    tests = load_test_sets(pool, tokenizer, c["data"]["max_length"], c["evaluate"]["max_examples"],
+                           max_new_tokens=c["evaluate"]["max_new_tokens"])
     if not tests:
         return None
     bs = c["evaluate"]["batch_size"]
 
-    def accuracies(merged: dict) -> dict[str, float]:  # the merged backbone with each task's head
+    def accuracies(merged: dict) -> dict[str, float]:  # the merged backbone with each task's head (LMs: none)
         return evaluate_params(pool.base_model, lambda t: {**merged, **pool.head(t)}, tests, bs)
 
     rows = reference_rows(pool, tests, bs) if c["evaluate"]["reference_rows"] else {}

@@ -67,6 +67,7 @@ def check_config(c: dict) -> None:
     check_number(c, "evaluate.batch_size", 1, integer=True)
     check_number(c, "evaluate.monitor_batches", 0, integer=True)
     check_number(c, "evaluate.max_examples", 1, integer=True)
+    check_number(c, "evaluate.max_new_tokens", 1, integer=True)
     check_number(c, "trainer.max_steps", -1, integer=True)
     dtype = _get(c, "task_vectors.dtype")
     if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):

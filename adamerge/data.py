@@ -18,11 +18,13 @@ from .errors import DataError
 
 
 def read_jsonl(path: str | Path, task: str, need_labels: bool = False, num_labels: int | None = None,
-               key: str = "data") -> tuple[list[str], list[int]]:
-    """Texts (and labels) from a JSON-lines file of ``{"text": ..., "label": ...}`` objects.
+               key: str = "data", need_targets: bool = False,
+               classes: list[str] | None = None) -> tuple[list[str], list]:
+    """Texts (and labels or targets) from a JSON-lines file of ``{"text": ..., "label": ...}`` objects
+    (classifiers) or ``{"text": prompt, "target": answer}`` objects (causal LMs, ``need_targets``).
 
     ``key`` (calibration, test, validation) only names the file in errors; with ``num_labels`` each
-    label must lie in [0, num_labels).
+    label must lie in [0, num_labels); with ``classes`` each target must be one of them.
     """
     p = Path(path)
     where = f"task '{task}': {key} file {p}"
@@ -43,6 +45,8 @@ def read_jsonl(path: str | Path, task: str, need_labels: bool = False, num_label
             texts.append(row["text"])
             if need_labels:
                 labels.append(_label(row, f"{where} line {i}", num_labels))
+            elif need_targets:
+                labels.append(_target(row, f"{where} line {i}", classes, f"pool tasks.{task}.classes"))
     if not texts:
         raise DataError(f"{where} has no examples (empty calibration/test data); give at least one line")
     return texts, labels
@@ -61,24 +65,44 @@ def _label(row: dict, where: str, num_labels: int | None) -> int:
     return y
 
 
+def _target(row: dict, where: str, classes: list[str] | None, classes_key: str) -> str:
+    """The row's target answer (a causal LM's expected output), or a DataError with the fix."""
+    if "target" not in row:
+        raise DataError(f"{where} has no 'target' (needed for evaluation); add the expected answer as a string "
+                        '"target" next to "text"')
+    y = row["target"]
+    if not isinstance(y, str) or not y.strip():
+        raise DataError(f"{where}: target {y!r} is not a non-empty string; write the expected answer as text")
+    if classes is not None and y.strip() not in [c.strip() for c in classes]:
+        raise DataError(f"{where}: target {y!r} is not one of the task's classes {classes}; fix the target "
+                        f"or {classes_key}")
+    return y
+
+
 def read_split(pool, task: str, split: str, need_labels: bool = False,
                needed_by: str | None = None) -> tuple[list[str], list[int]]:
-    """Texts (and labels, checked against the task's ``num_labels``) of ``task``'s ``split`` file
-    (``calibration``, ``test`` or ``validation``) in the pool; a DataError naming the task and the pool
-    key when it has none. The one way methods, the data module and evaluation read a task's data."""
-    path = getattr(pool.tasks[task], split, None)
+    """Texts and, with ``need_labels``, the answers of ``task``'s ``split`` file (``calibration``,
+    ``test`` or ``validation``) in the pool: integer labels checked against the task's ``num_labels``
+    (sequence classification), or target strings checked against the task's ``classes`` when it has
+    them (causal LMs). A DataError naming the task and the pool key when it has no such file. The one
+    way methods, the data module and evaluation read a task's data."""
+    spec = pool.tasks[task]
+    path = getattr(spec, split, None)
     if not path:
         who = f" ({needed_by} needs one)" if needed_by else ""
         raise DataError(f"task '{task}' has no {split} file in the pool config{who}; add pool tasks.{task}.{split}")
+    if need_labels and pool.model_class == "causal_lm":
+        return read_jsonl(path, task, key=split, need_targets=True, classes=getattr(spec, "classes", None))
     return read_jsonl(path, task, need_labels=need_labels,
                       num_labels=pool.num_labels(task) if need_labels else None, key=split)
 
 
 def check_data(pool) -> None:
     """Read every data file the pool names, before anything is trained: each line JSON with a string
-    'text'; test and validation labels integers in [0, num_labels) (sequence classification pools).
+    'text'; test and validation labels integers in [0, num_labels) (sequence classification pools) or
+    string targets, one of the task's ``classes`` when it has them (causal LM pools).
     Raises DataError naming task, file, line and the fix."""
-    labelled = pool.model_class == "sequence_classification"  # only these pools read labels
+    labelled = pool.model_class in ("sequence_classification", "causal_lm")  # only these pools are evaluated
     for name, spec in pool.tasks.items():
         for key in ("calibration", "test", "validation"):
             if getattr(spec, key):

@@ -44,6 +44,7 @@ class TaskSpec:
     validation: str | None = None  # labelled, optional: chooses between the start and the end of training
     num_labels: int | None = None
     label_names: list[str] | None = None
+    classes: list[str] | None = None  # causal LMs: label words scored after the prompt (none: exact match)
 
 
 def build_model(model_class: str, path: str | Path, **kwargs) -> nn.Module:

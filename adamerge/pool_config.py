@@ -29,12 +29,30 @@ def pool_from_config(cfg: dict) -> ModelPool:
             name=name, expert=t["expert"], calibration=t.get("calibration"), test=t.get("test"),
             validation=t.get("validation"),
             num_labels=t.get("num_labels"), label_names=list(t["label_names"]) if t.get("label_names") else None,
+            classes=check_classes(name, t.get("classes"), cfg.get("model_class", "sequence_classification")),
         )
     return ModelPool(
         cfg["base"], tasks, model_class=cfg.get("model_class", "sequence_classification"),
         head_prefixes=list(cfg.get("head_prefixes", ["classifier."])),
         check_finite=cfg.get("check_finite", True),
     )
+
+
+def check_classes(task: str, classes, model_class: str) -> list[str] | None:
+    """A causal-LM task's label words: two or more distinct non-empty strings, or None."""
+    if classes is None:
+        return None
+    key = f"pool.tasks.{task}.classes"
+    if model_class != "causal_lm":
+        raise PoolError(f"{key}: label words apply to causal_lm pools only; a {model_class} task has "
+                        "num_labels (and label_names) instead")
+    if (not isinstance(classes, (list, tuple)) or len(classes) < 2
+            or not all(isinstance(c, str) and c.strip() for c in classes)):
+        raise PoolError(f"{key} must be a list of two or more label words (non-empty strings), got {classes!r}")
+    stripped = [c.strip() for c in classes]
+    if len(set(stripped)) != len(stripped):
+        raise PoolError(f"{key}: label words must differ (ignoring surrounding spaces), got {list(classes)!r}")
+    return list(classes)
 
 
 def load_recipe(path: str | Path):

@@ -114,6 +114,37 @@ def make_pool(tmp: Path, k: int = 2, form: str = "full", seed: int = 0, noise: f
             "head_prefixes": ["classifier."], "tasks": tasks}
 
 
+def make_llama_pool(tmp: Path, k: int = 2, vocab: int = 30522, tie: bool = True) -> dict:
+    """A tiny Llama base (tied embeddings unless ``tie=False``) and ``k`` experts (random perturbations)
+    with calibration files: the explicit ``causal_lm`` pool config, tasks ``lm0`` .. ``lm<k-1>``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def cfg(v=vocab):
+        return LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                           tie_word_embeddings=tie, pad_token_id=0)
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg()).eval()
+    base.save_pretrained(tmp / "base")
+    save_tokenizer(tmp / "base")
+    tasks = {}
+    for i in range(k):
+        exp = LlamaForCausalLM(cfg())
+        sd = {n: v + 0.02 * torch.randn_like(v) if v.is_floating_point() else v for n, v in base.state_dict().items()}
+        exp.load_state_dict(sd)
+        exp.save_pretrained(tmp / f"e{i}")
+        rows = make_texts(16, seed=i)
+        tasks[f"lm{i}"] = {"expert": str(tmp / f"e{i}"), "calibration": write_jsonl(tmp / f"c{i}.jsonl", rows)}
+    return {"base": str(tmp / "base"), "model_class": "causal_lm", "head_prefixes": [], "tasks": tasks}
+
+
+def write_lm_jsonl(path: Path, rows: list[tuple[str, str]]) -> str:
+    """A causal-LM test/validation file: one ``{"text": prompt, "target": answer}`` per line."""
+    path.write_text("".join(json.dumps({"text": t, "target": y}) + "\n" for t, y in rows))
+    return str(path)
+
+
 def write_pool_config(conf_dir: Path, name: str, pool: dict) -> Path:
     """A ``pool/<name>.yaml`` in an extra config dir, for ``train.py --config-dir``."""
     import yaml

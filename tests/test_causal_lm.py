@@ -11,29 +11,7 @@ from torch.func import functional_call
 import helpers
 from adamerge.pool import PoolError
 from adamerge.pool_config import pool_from_config
-
-
-def make_llama_pool(tmp, k=2, vocab=30522, tie=True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    def cfg(v=vocab):
-        return LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                           tie_word_embeddings=tie, pad_token_id=0)
-
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg()).eval()
-    base.save_pretrained(tmp / "base")
-    helpers.save_tokenizer(tmp / "base")
-    tasks = {}
-    for i in range(k):
-        exp = LlamaForCausalLM(cfg())
-        sd = {n: v + 0.02 * torch.randn_like(v) if v.is_floating_point() else v for n, v in base.state_dict().items()}
-        exp.load_state_dict(sd)
-        exp.save_pretrained(tmp / f"e{i}")
-        rows = helpers.make_texts(16, seed=i)
-        tasks[f"lm{i}"] = {"expert": str(tmp / f"e{i}"), "calibration": helpers.write_jsonl(tmp / f"c{i}.jsonl", rows)}
-    return {"base": str(tmp / "base"), "model_class": "causal_lm", "head_prefixes": [], "tasks": tasks}
+from helpers import make_llama_pool
 
 
 def test_causal_lm_adamerging_exports_a_generating_model(tmp_path):
