@@ -31,9 +31,11 @@ def conf(tmp_path_factory, odd_pool):
 
 def train(conf: Path, out: Path, *extra: str, method: str = "adamerging_layerwise", **kw):
     lr = ["method.lr=0.05"] if method.startswith("adamerging") else []  # a few steps move the coefficients
+    # attention key biases have a zero gradient in exact arithmetic (softmax is shift-invariant): their Adam
+    # steps are rounding noise (~1e-6 apart between any two summation orders, unsharded DDP included)
     return run_train(["--config-dir", str(conf), "pool=odd", f"out_dir={out}", f"method={method}", *lr,
                       "data.batch_size=8", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
-                      "evaluate.reference_rows=false", *extra], **kw)
+                      "evaluate.reference_rows=false", "task_vectors.exclude=[attention.self.key.bias]", *extra], **kw)
 
 
 SHARDED = ("trainer=ddp", "trainer.devices=2", "task_vectors.shard=true")
@@ -71,7 +73,7 @@ def test_two_sharded_processes_equal_one_unsharded(conf, sharded5, tmp_path):
     torch.testing.assert_close(coefs(sharded5), coefs(one), atol=1e-6, rtol=0)
     assert not torch.allclose(coefs(one), torch.full_like(coefs(one), 0.3))  # the coefficients moved
     # rank 0 evaluated and exported the merge gathered from both processes' slices
-    a, b = load_file(sharded5 / "export" / "model.safetensors"), load_file(one / "export" / "model.safetensors")
+    a, b = (load_file(run / "export" / "model" / "model.safetensors") for run in (sharded5, one))
     assert a.keys() == b.keys()
     for n in a:
         torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0)
@@ -82,7 +84,7 @@ def test_each_process_holds_half_the_task_vectors(odd_pool, sharded5):
     from adamerge.pool_config import pool_from_config
     from adamerge.task_vectors import TaskVectors
 
-    tv = TaskVectors.from_pool(pool_from_config(odd_pool))
+    tv = TaskVectors.from_pool(pool_from_config(odd_pool), exclude=["attention.self.key.bias"])  # as train()
     full = tv.nbytes()  # K·P fp32
     assert tv[ODD].shape[1:].numel() % 2 == 1
     logs = list(sharded5.glob("*.log"))
