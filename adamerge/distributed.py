@@ -35,6 +35,8 @@ def all_gather_flat(out: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     """Every process's equal-sized ``part`` concatenated in rank order into ``out`` (world · numel entries)."""
     import torch.distributed as dist
 
+    if dist_rank_world()[1] == 1:  # no process group (one process): the slice is the whole
+        return out.copy_(part)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name first
     gather(out, part)
     return out
@@ -44,6 +46,8 @@ def reduce_scatter_flat(flat: torch.Tensor, size: int) -> torch.Tensor:
     """The sum over processes of ``flat`` (world · ``size`` entries), this process's ``size``-entry slice."""
     import torch.distributed as dist
 
+    if dist_rank_world()[1] == 1:
+        return flat.clone()
     out = flat.new_empty(size)
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     scatter(out, flat, op=dist.ReduceOp.SUM)

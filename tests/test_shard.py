@@ -65,6 +65,28 @@ def test_local_slices_cover_uneven_tensors():
             assert (torch.cat(parts, 1)[:, numel:] == 0).all()
 
 
+def test_sharded_step_in_one_process_equals_the_unsharded_step(odd_pool):
+    """Without a process group the slice is the whole tensor: the same value and coefficient gradient."""
+    from adamerge.data import CalibrationDataModule, StepBatches
+    from adamerge.methods import get_method
+    from adamerge.pool_config import pool_from_config
+
+    pool = pool_from_config(odd_pool)
+    cfg = {"name": "adamerging", "granularity": "layer", "init": 0.3}
+    plain, sharded = (get_method("adamerging")(pool, cfg, {"shard": s}) for s in (False, True))
+    sharded.setup("fit")
+    assert sharded.merged.sharded and not plain.merged.sharded
+    dm = CalibrationDataModule.from_pool(pool, batch_size=4, max_length=32, seed=0, size=None)
+    batch = StepBatches(dm.encoded, 4, 0).batch(0)
+    (va, sa), (vb, sb) = plain.step_loss(batch), sharded.step_loss(batch)
+    ga, gb = (torch.autograd.grad(s, m.merged.coefficients.raw)[0] for s, m in ((sa, plain), (sb, sharded)))
+    torch.testing.assert_close(vb, va, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-7)
+    pa, pb = plain.merged.merged_params(), sharded.merged.merged_params()
+    for n in pa:
+        torch.testing.assert_close(pb[n], pa[n], rtol=0, atol=0)
+
+
 def test_two_sharded_processes_equal_one_unsharded(conf, sharded5, tmp_path):
     one = tmp_path / "one"
     train(conf, one, "trainer.max_steps=5", timeout=300)
@@ -93,7 +115,7 @@ def test_each_process_holds_half_the_task_vectors(odd_pool, sharded5):
         for m in re.finditer(r"sharded over 2 processes: rank (\d) holds (\d+) of (\d+) bytes \((\d+) padding", f.read_text()):
             held[int(m[1])] = (int(m[2]), int(m[3]), int(m[4]))
     assert set(held) == {0, 1}, [f.name for f in logs]
-    for rank, (nbytes, total, pad) in held.items():
+    for nbytes, total, _ in held.values():
         assert total == full
         assert nbytes <= 1.05 * full / 2 + tv.K * 4 * len(tv)  # at most one padded entry per tensor and task
         assert nbytes >= full / 2
