@@ -119,7 +119,10 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
     c = OmegaConf.to_container(cfg, resolve=True)
     check_config(c)
     cls = get_method(c["method"].get("name"))
-    trains = cls.trains(cls.parse_config(c["method"]))  # every method key typed and known
+    method_cfg = cls.parse_config(c["method"])  # every method key typed and known
+    trains = cls.trains(method_cfg)
+    if c["task_vectors"].get("shard") and cls.shard_refusal(method_cfg):
+        raise ConfigError(f"task_vectors.shard=true: {cls.shard_refusal(method_cfg)}")
     c["logger"] = logger_names(c.get("logger"))
     check_writable_dir(out_dir, "out_dir")
     export_dir = Path(c["export"]["dir"])
@@ -167,7 +170,7 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     from adamerge.evaluate import EVALUATED, load_test_sets
     from adamerge.loggers import build_loggers
     from adamerge.progress import ProgressLog, StepProgressBar
-    from adamerge.start_vs_end import calibration_objective, choose, monitor_batches, snapshot
+    from adamerge.start_vs_end import calibration_objective, choose, gather_merges, monitor_batches, snapshot
 
     ckpt_dir = out_dir / "checkpoints"
     dm = CalibrationDataModule.from_pool(pool, batch_size=c["data"]["batch_size"], max_length=c["data"]["max_length"],
@@ -199,6 +202,8 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     finally:
         _fitting = False
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    if method.merged.sharded:  # every process takes part in gathering the merges rank 0 evaluates and exports
+        gather_merges(method, [start_state, snapshot(method)], keep=trainer.global_rank == 0)
     if trainer.global_rank != 0:
         return None
     method.cpu()

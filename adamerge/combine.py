@@ -3,7 +3,8 @@
 One stacked product per tensor (``c @ τ.view(K, -1)``) inside a custom autograd function that keeps
 a reference to τ (no copy, whatever its dtype or device) instead of letting autograd save a converted
 copy, so task vectors can live in bf16 or in host memory and move to the model's device one tensor
-at a time. ``MergedModel`` (adamerge/merged_model.py) is its only user.
+at a time. ``MergedModel`` (adamerge/merged_model.py) is its only user. ``InjectGrad`` is the other end of
+the training step (``MergeMethod.step_loss``): it hands the per-task backward's ∂L/∂W to the merge.
 """
 
 from __future__ import annotations
@@ -109,6 +110,25 @@ class Combine(torch.autograd.Function):
             pad = m * ctx.chunk_size - n
             grad = torch.nn.functional.pad(prod, (0, pad)).view(K, m, ctx.chunk_size).sum(-1)
         return grad, None, None, None, None, None, None
+
+
+class InjectGrad(torch.autograd.Function):
+    """A zero-valued loss whose backward hands the stored ∂L/∂W to each merged tensor W.
+
+    Same gradient as the surrogate Σ⟨W, ∂L/∂W⟩ without its multiply and sum over the whole model;
+    the incoming scale (AMP loss scaling, accumulation) is applied to the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, grads: tuple, *params: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads
+        return params[0].new_zeros(()) if params else torch.zeros(())
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        if g.numel() == 1 and g.item() == 1.0:  # the usual case: no model-sized scaled copy
+            return (None, *ctx.grads)
+        return (None, *(gr * g.to(gr.dtype) for gr in ctx.grads))
 
 
 def combine(coef: torch.Tensor, tau: torch.Tensor, device: torch.device | None = None,

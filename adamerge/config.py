@@ -49,6 +49,24 @@ def check_writable_dir(d: str | Path, key: str) -> None:
         raise ConfigError(f"config key '{key}': cannot write to {d}: {e.strerror or e}") from e
 
 
+def check_shard(c: dict) -> None:
+    """``task_vectors.shard``: a bool; true needs a multi-process DDP trainer and dense task vectors."""
+    shard = _get(c, "task_vectors.shard")
+    if shard is not None and not isinstance(shard, bool):
+        raise ConfigError(f"config key 'task_vectors.shard' must be true or false, got {shard!r}")
+    if not shard:
+        return
+    t = c.get("trainer") or {}
+    strategy, devices, nodes = str(t.get("strategy")), t.get("devices", 1), t.get("num_nodes", 1) or 1
+    one = devices in (1, "1") or (isinstance(devices, list) and len(devices) == 1)
+    if not strategy.startswith("ddp") or any(w in strategy for w in ("spawn", "fork", "notebook")) or (
+            one and nodes in (1, "1")):
+        raise ConfigError(f"task_vectors.shard=true needs a multi-process DDP trainer (trainer=ddp with "
+                          f"trainer.devices > 1 or num_nodes > 1), got strategy={strategy} devices={devices}")
+    if _get(c, "task_vectors.lora") == "factorized":
+        raise ConfigError("task_vectors.shard=true shards dense task vectors: task_vectors.lora=factorized refused")
+
+
 def check_config(c: dict) -> None:
     """Raise ConfigError naming the first bad key of a resolved config (a plain dict).
 
@@ -75,6 +93,7 @@ def check_config(c: dict) -> None:
     lora = _get(c, "task_vectors.lora")
     if lora is not None and lora not in LORA_MODES:
         raise ConfigError(f"config key 'task_vectors.lora' must be one of {', '.join(LORA_MODES)}, got {lora!r}")
+    check_shard(c)
     for key in ("task_vectors.include", "task_vectors.exclude"):
         v = _get(c, key)
         if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):

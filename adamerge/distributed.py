@@ -1,5 +1,6 @@
 """torch.distributed helpers for the work a Trainer does not reduce itself: closed-form statistics
-(each process sees its slice of the calibration data) and Concrete AdaMerging's hand-taken gradients."""
+(each process sees its slice of the calibration data), Concrete AdaMerging's hand-taken gradients, and
+the all-gather / reduce-scatter of sharded task vectors (adamerge/sharded.py)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,26 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """The mean of ``t`` over processes (``t`` itself in a single process)."""
     _, world = dist_rank_world()
     return all_reduce_sum(t) / world if world > 1 else t
+
+
+def all_gather_flat(out: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """Every process's equal-sized ``part`` concatenated in rank order into ``out`` (world · numel entries)."""
+    import torch.distributed as dist
+
+    if dist_rank_world()[1] == 1:  # no process group (one process): the slice is the whole
+        return out.copy_(part)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name first
+    gather(out, part)
+    return out
+
+
+def reduce_scatter_flat(flat: torch.Tensor, size: int) -> torch.Tensor:
+    """The sum over processes of ``flat`` (world · ``size`` entries), this process's ``size``-entry slice."""
+    import torch.distributed as dist
+
+    if dist_rank_world()[1] == 1:
+        return flat.clone()
+    out = flat.new_empty(size)
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(out, flat, op=dist.ReduceOp.SUM)
+    return out

@@ -51,7 +51,8 @@ def load_test_sets(pool, tokenizer, max_length: int = 64, max_examples: int | No
 def accuracy(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], enc: dict[str, torch.Tensor],
              labels: torch.Tensor, num_classes: int, batch_size: int = 64,
              device: torch.device | str = "cpu") -> float:
-    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    # one process evaluates (rank 0 of a DDP run, after the others left): no sync over the process group
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False).to(device)
     for batch, y in zip(batches(enc, batch_size, device), labels.split(batch_size)):
         metric.update(logits_fn(batch).argmax(-1), y.to(device))
     return float(metric.compute())

@@ -6,6 +6,8 @@ the custom autograd kernel of adamerge/combine.py. The training step merges into
 rows its batches look up (``merged_params(reuse_buffers=True, rows=...)``). LoRA experts' weights kept
 factorized (``task_vectors.factors``, adamerge/lora_factors.py) are not merged there: the training
 step runs them as the multi-adapter forward (``low_rank``); evaluation and export write them out.
+With ``task_vectors.shard=true`` (DDP) the task vectors become this process's slices (``shard``,
+adamerge/sharded.py): the step merges its slices and all-gathers them (``sharded_params``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch.func import functional_call
 from .coefficients import Coefficients
 from .combine import Combine, combine
 from .concrete_mask import ConcreteMask
+from .sharded import ShardedTaskVectors
 from .task_vectors import TaskVectors
 
 
@@ -88,6 +91,8 @@ class MergedModel(nn.Module):
         self.factored_names = [n for n in self.names if factors is not None and n in factors]
         self._out: dict[str, torch.Tensor] = {}  # merged weights of the training step, reused across steps
         self._dirty: dict[str, torch.Tensor] = {}  # rows of a lookup table's buffer that hold a merged value
+        self._kept: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # sharded: merges gathered after training
+        self.kept_only = False  # sharded, after training: merges not in ``_kept`` are refused (no collective)
 
     # -- placement --------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -95,6 +100,7 @@ class MergedModel(nn.Module):
         self.base._apply(fn, recurse)
         self._base_params = dict(self.base.named_parameters())
         self._out, self._dirty = {}, {}
+        self._kept = [(key, {n: fn(v) for n, v in m.items()}) for key, m in self._kept]
         object.__setattr__(self, "heads", {t: {n: fn(v) for n, v in h.items()} for t, h in self.heads.items()})
         object.__setattr__(self, "offset", {n: fn(v) for n, v in self.offset.items()})
         if self.tv_device is None and self.task_vectors is not None:
@@ -164,7 +170,12 @@ class MergedModel(nn.Module):
         embedding table (``lookup_name``) is then merged on those rows only — its other rows hold the
         base value — and its coefficient gradient is taken on them, which is exact for a lookup.
         Factorized LoRA weights are left out with ``reuse_buffers``: the step adds them in ``low_rank``.
+        Sharded task vectors: the merge gathered from every process (``sharded_params``, a collective), or
+        after training one of the merges kept by ``keep_merged``; ``reuse_buffers`` is the step's
+        ``sharded_params``.
         """
+        if self.sharded:
+            return self.gathered_merge()
         if not reuse_buffers or self.task_vectors is None or self.mask is not None:
             self._out, self._dirty = {}, {}  # evaluation/export: the training step's buffers may go
             out = {}
@@ -194,6 +205,41 @@ class MergedModel(nn.Module):
             # a fresh alias each step: the buffer itself never carries an autograd history
             out[n] = Combine.apply(coefs[i], self.task_vectors[n], w0.device, size, adds, buf.detach(), r)
         return out
+
+    # -- sharded task vectors (task_vectors.shard=true, adamerge/sharded.py) ----------------------
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.task_vectors, ShardedTaskVectors)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Keep only this process's slice of every task vector. The row-sparse lookup table is off: a
+        slice's every entry is merged each step."""
+        if self.mask is not None or self.coefficients.chunk_sizes or self.task_vectors.factors is not None:
+            raise ValueError("sharded task vectors need task-/layer-wise coefficients, no mask and dense task vectors")
+        object.__setattr__(self, "task_vectors", ShardedTaskVectors.from_full(self.task_vectors, rank, world))
+        self.lookup_name, self._out, self._dirty = None, {}, {}
+
+    def sharded_params(self, cache: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(this process's merged slices, differentiable in the coefficients; the full merged tensors
+        all-gathered, detached, in buffers reused across calls unless ``cache``). A collective."""
+        adds = {n: (self._base_params[n], self.offset[n]) if n in self.offset else (self._base_params[n],)
+                for n in self.names}
+        return self.task_vectors.merge(self.coefficients(), adds, self._out if cache is None else cache)
+
+    @torch.no_grad()
+    def gathered_merge(self, keep: bool = False) -> dict[str, torch.Tensor]:
+        """Sharded: a merge kept after training, or gathered now (a collective); ``keep``: hold it (on CPU)
+        for evaluation and export after the other processes have left (``kept_only``)."""
+        key = torch.cat([p.detach().float().flatten().cpu() for p in self.parameters()])
+        for k, merged in self._kept:
+            if torch.equal(k, key):
+                return dict(merged)
+        if self.kept_only:
+            raise RuntimeError("sharded task vectors: only the merges gathered after training can be evaluated")
+        merged = self.sharded_params(cache={})[1]  # fresh buffers: the result is the caller's
+        if keep:
+            self._kept.append((key, {n: v.cpu() for n, v in merged.items()}))
+        return merged
 
     def factor_coefficients(self) -> torch.Tensor | None:
         """``[F, K]``: the coefficients of the factorized LoRA weights (``factored_names``), differentiable;

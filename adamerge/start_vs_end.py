@@ -39,6 +39,20 @@ def merged_at(method: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
         method.load_state_dict(current)
 
 
+def gather_merges(method: Any, states: list[dict[str, torch.Tensor]], keep: bool) -> None:
+    """Sharded task vectors (adamerge/sharded.py), on every process after training: all-gather the merges at
+    ``states`` (start, end) one tensor at a time; ``keep`` (rank 0) holds them for evaluation and export,
+    the only merges asked for once the other processes have left."""
+    current = snapshot(method)
+    try:
+        for state in states:
+            method.load_state_dict(state)
+            method.merged.gathered_merge(keep=keep)
+    finally:
+        method.load_state_dict(current)
+    method.merged.kept_only = True
+
+
 def monitor_batches(encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, seed: int,
                     n: int) -> list[dict[str, dict[str, torch.Tensor]]]:
     """``n`` fixed calibration batches of every task (another seed than training's order)."""

@@ -58,15 +58,16 @@ def write_jsonl(path: Path, rows: list[tuple[str, int]]) -> str:
 
 
 def make_pool(tmp: Path, k: int = 2, form: str = "full", seed: int = 0, noise: float = 0.05,
-              n_cal: int = 32, n_test: int = 24) -> dict:
+              n_cal: int = 32, n_test: int = 24, **config) -> dict:
     """A base tiny BERT and ``k`` experts (random perturbations, own heads), with calibration/test files.
+    ``config``: BertConfig fields other than the tiny defaults (e.g. ``intermediate_size=63``).
 
     Returns the explicit pool config (what a recipe resolves to).
     """
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(seed)
-    base = BertForSequenceClassification(tiny_config(num_labels=2)).eval()
+    base = BertForSequenceClassification(tiny_config(num_labels=2, **config)).eval()
     base_dir = tmp / "base"
     base.save_pretrained(base_dir)
     save_tokenizer(base_dir)
@@ -77,7 +78,7 @@ def make_pool(tmp: Path, k: int = 2, form: str = "full", seed: int = 0, noise: f
         topics = ("sports", "tech", "food")[:n_labels]
         exp_dir = tmp / name
         if form == "full":
-            exp = BertForSequenceClassification(tiny_config(num_labels=n_labels))
+            exp = BertForSequenceClassification(tiny_config(num_labels=n_labels, **config))
             sd = base.state_dict()
             g = torch.Generator().manual_seed(seed + 100 + i)
             new = {}

@@ -21,3 +21,9 @@ class AdaMerging(MergeMethod):
     @classmethod
     def supports_factorized(cls, cfg: MethodConfig) -> bool:
         return cfg.granularity in ("task", "layer")  # a chunk's coefficient scales part of τ's entries
+
+    @classmethod
+    def shard_refusal(cls, cfg: MethodConfig) -> str | None:
+        if cfg.granularity not in ("task", "layer"):  # chunks would straddle the processes' slices
+            return f"method {cfg.label} has granularity {cfg.granularity}: only task or layer can be sharded"
+        return None

@@ -15,7 +15,9 @@ import torch
 
 from ..checkpointing import check_checkpoint_meta, checkpoint_meta
 from ..coefficients import Coefficients
+from ..combine import InjectGrad
 from ..concrete_mask import ConcreteMask
+from ..distributed import dist_rank_world
 from ..errors import ConfigError
 from ..lora_factors import LORA_MODES
 from ..merged_model import MergedModel
@@ -27,27 +29,6 @@ from .method_config import LearnedConfig, MethodConfig
 from .registry import get_method
 
 log = logging.getLogger(__name__)
-
-
-
-
-class _InjectGrad(torch.autograd.Function):
-    """A zero-valued loss whose backward hands the stored ∂L/∂W to each merged tensor W.
-
-    Same gradient as the surrogate Σ⟨W, ∂L/∂W⟩ without its multiply and sum over the whole model;
-    the incoming scale (AMP loss scaling, accumulation) is applied to the stored gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, grads: tuple, *params: torch.Tensor) -> torch.Tensor:
-        ctx.grads = grads
-        return params[0].new_zeros(()) if params else torch.zeros(())
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        if g.numel() == 1 and g.item() == 1.0:  # the usual case: no model-sized scaled copy
-            return (None, *ctx.grads)
-        return (None, *(gr * g.to(gr.dtype) for gr in ctx.grads))
 
 
 def start_from_merge(pool: ModelPool, start_cfg: dict, tv_cfg: dict | None,
@@ -85,6 +66,9 @@ class MergeMethod(pl.LightningModule):
         object.__setattr__(self, "pool", pool)
         self.causal = pool.model_class == "causal_lm"
         self.fingerprint = pool.fingerprint()
+        self.shard = bool(tv_cfg.get("shard", False))
+        if self.shard and self.shard_refusal(self.cfg):
+            raise ConfigError(f"task_vectors.shard=true: {self.shard_refusal(self.cfg)}")
         self.merged = self.build_merged(pool, tv_cfg)
         # which tensors are merged is part of what a checkpoint's coefficients mean
         self.fingerprint["merged_tensors"] = len(self.merged.names)
@@ -137,13 +121,25 @@ class MergeMethod(pl.LightningModule):
             return "start_from re-expresses τ against a dense merge"
         return None if cls.supports_factorized(cfg) else f"{cls.name} needs dense task vectors"
 
+    @classmethod
+    def shard_refusal(cls, cfg: MethodConfig) -> str | None:
+        """Why ``task_vectors.shard=true`` cannot apply to this method so configured (None: it can): it needs
+        task vectors combined linearly, without masks, by ``step_loss``'s merge (adamerge/sharded.py)."""
+        return f"method {cfg.label} is not supported (AdaMerging task-/layer-wise only)"
+
+    def setup(self, stage: str) -> None:
+        """Lightning hook, after the process group starts and before the model moves to its device:
+        ``task_vectors.shard=true`` keeps only this process's slice of every task vector."""
+        if self.shard and not self.merged.sharded:
+            self.merged.shard(*dist_rank_world())
+
     def lora_factorized(self, pool: ModelPool, mode: str) -> bool:
         """``task_vectors.lora``: whether LoRA experts' task vectors stay factorized — the one place this is
         decided. ``auto``: when the pool has LoRA experts and this method can; ``factorized`` where it
         cannot: dense, with one log line saying why."""
         if mode not in LORA_MODES:
             raise ConfigError(f"config key 'task_vectors.lora' must be one of {', '.join(LORA_MODES)}, got {mode!r}")
-        if mode == "dense" or not any(e.is_lora for e in pool.experts.values()):
+        if mode == "dense" or self.shard or not any(e.is_lora for e in pool.experts.values()):
             return False
         why = self.dense_reason(self.cfg)
         if why is not None and mode == "factorized":
@@ -211,7 +207,10 @@ class MergeMethod(pl.LightningModule):
         """
         merged = merged or self.merged
         rows = merged.lookup_rows(list(batch.values()))
-        params = merged.merged_params(reuse_buffers=True, rows=rows)
+        if merged.sharded:  # this process's slices merged, then all-gathered for the forward
+            targets, params = merged.sharded_params()
+        else:
+            params = targets = merged.merged_params(reuse_buffers=True, rows=rows)
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         # factorized LoRA weights: their coefficients are a leaf of their own, read by the low-rank forward
         coefs = merged.factor_coefficients()
@@ -222,12 +221,14 @@ class MergeMethod(pl.LightningModule):
                 loss = self.task_loss(task, inputs, leaves)
                 loss.backward()
                 total = total + loss.detach()
-        used = [n for n in params if leaves[n].grad is not None]
-        grads, targets = [leaves[n].grad for n in used], [params[n] for n in used]
+        grads = {n: leaves[n].grad for n in params if leaves[n].grad is not None}
+        if merged.sharded:  # ∂L/∂W summed over processes, each keeping its slices' part
+            grads = merged.task_vectors.scatter_grads(grads, targets)
+        grads, targets = list(grads.values()), [targets[n] for n in grads]
         if coef_leaf is not None and coef_leaf.grad is not None:  # ∂L/∂c of the factorized weights
             grads.append(coef_leaf.grad)
             targets.append(coefs)
-        injected = _InjectGrad.apply(tuple(grads), *targets)
+        injected = InjectGrad.apply(tuple(grads), *targets)
         return total, injected + self.regularizer()
 
     def regularizer(self) -> torch.Tensor:

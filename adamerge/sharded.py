@@ -1,0 +1,144 @@
+"""Task vectors sharded across the processes of a DDP run (``task_vectors.shard=true``).
+
+Each of N processes keeps, of every stacked task vector ``[K, *shape]``, one flat slice
+``[K, ceil(numel / N)]`` (the last slices zero-padded), so it holds 1/N of the K·P entries. A training
+step then:
+
+1. merges its slice: W_shard = (W0 + offset)_shard + Σ_k c_k τ_k,shard (``Combine``, differentiable in c);
+2. all-gathers the slices into the full merged tensors the forward runs on (one tensor at a time);
+3. after the per-task backward, reduce-scatters ∂L/∂W (summed over the processes' batches) so each
+   process gets the gradient of its own slice, and hands it to its W_shard: ∂L/∂c_k = ⟨g_shard, τ_k,shard⟩.
+
+Every process's coefficient gradient is then its slices' part of the sum over all processes' batches;
+DDP all-reduces the coefficients' gradients as a mean over processes, so the result equals unsharded
+DDP (where each process holds the full ⟨g_own batch, τ_k⟩ and DDP averages those).
+
+``ShardedTaskVectors`` has ``TaskVectors``' reading interface (names, K, ``[name]``, ``map``,
+``nbytes``), so ``MergedModel`` moves and reads it the same way; its tensors are the local slices.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+
+from .combine import Combine
+from .distributed import all_gather_flat, reduce_scatter_flat
+from .task_vectors import TaskVectors
+
+log = logging.getLogger(__name__)
+
+
+def local_slice(flat: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """``flat[..., rank·s:(rank+1)·s]`` with s = ceil(numel / world), zero-padded to s entries (a copy)."""
+    numel = flat.shape[-1]
+    size = math.ceil(numel / world)
+    lo, hi = min(rank * size, numel), min((rank + 1) * size, numel)
+    part = flat[..., lo:hi]
+    if hi - lo == size:
+        return part.clone()
+    out = flat.new_zeros((*flat.shape[:-1], size))
+    out[..., : hi - lo] = part
+    return out
+
+
+class ShardedTaskVectors:
+    """This process's flat slice ``[K, ceil(numel / world)]`` of every stacked task vector."""
+
+    factors = None  # LoRA factors are not sharded: shard=true uses the dense path
+
+    def __init__(self, tensors: dict[str, torch.Tensor], task_names: list[str], shapes: dict[str, torch.Size],
+                 rank: int, world: int):
+        self.tensors = tensors
+        self.task_names = list(task_names)
+        self.shapes = shapes
+        self.rank, self.world = rank, world
+
+    @classmethod
+    def from_full(cls, tv: TaskVectors, rank: int, world: int) -> ShardedTaskVectors:
+        """Keep this process's slice of each of ``tv``'s stacks (the full stacks can then be freed)."""
+        if tv.factors is not None:
+            raise ValueError("sharded task vectors need dense task vectors (task_vectors.lora=dense)")
+        tensors = {n: local_slice(t.flatten(1), rank, world) for n, t in tv.items()}
+        out = cls(tensors, tv.task_names, {n: t.shape[1:] for n, t in tv.items()}, rank, world)
+        log.info("task vectors sharded over %d processes: rank %d holds %d of %d bytes (%d padding entries per task)",
+                 world, rank, out.nbytes(), tv.nbytes(), out.padding())
+        return out
+
+    # -- TaskVectors' reading interface ------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    @property
+    def K(self) -> int:
+        return len(self.task_names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def items(self):
+        return self.tensors.items()
+
+    def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> ShardedTaskVectors:
+        return ShardedTaskVectors({n: fn(n, t) for n, t in self.tensors.items()}, self.task_names, self.shapes,
+                                  self.rank, self.world)
+
+    def nbytes(self) -> int:
+        """Bytes this process holds (its slices, padding included)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def padding(self) -> int:
+        """Padded (zero) entries per task over this process's slices."""
+        return sum(t.shape[1] - max(0, min(t.shape[1], self.shapes[n].numel() - self.rank * t.shape[1]))
+                   for n, t in self.tensors.items())
+
+    # -- the collectives of a step ----------------------------------------------------------------
+    def local(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This process's slice of a full (unstacked) tensor of ``name``'s shape, flat and padded."""
+        return local_slice(full.reshape(-1), self.rank, self.world)
+
+    def gather(self, name: str, part: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The full tensor ``name`` from every process's slice ``part`` (a collective: every process calls
+        it for the same names in the same order). ``out``: a reused flat buffer of world·s entries."""
+        if out is None:
+            out = part.new_empty(part.numel() * self.world)
+        all_gather_flat(out, part.contiguous())
+        shape = self.shapes[name]
+        return out[: shape.numel()].view(shape)
+
+    def merge(self, coefs: list[torch.Tensor], adds: dict[str, tuple], cache: dict) -> tuple[dict, dict]:
+        """(merged slices (adds)_shard + Σ_k c_k τ_k,shard, differentiable in ``coefs``; the full merged tensors
+        gathered from every process, detached). ``adds``: name -> the full tensors added (W0 [, offset]);
+        ``cache``: per name (their slices, the slice's buffer, the gathered buffer), kept across calls."""
+        shards, full = {}, {}
+        for c, (n, tau) in zip(coefs, self.tensors.items()):
+            if n not in cache:
+                parts = tuple(self.local(n, a.detach()) for a in adds[n])
+                part = parts[0].new_empty(parts[0].shape, dtype=adds[n][0].dtype)
+                cache[n] = (parts, part, part.new_empty(part.numel() * self.world))
+            parts, part, whole = cache[n]
+            shards[n] = Combine.apply(c, tau, part.device, 0, parts, part.detach(), None)
+            full[n] = self.gather(n, shards[n].detach(), whole)
+        return shards, full
+
+    def scatter_grads(self, grads: dict[str, torch.Tensor | None], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each tensor's ∂L/∂W summed over processes, this process's slice of it (fp32). A collective: every
+        process scatters every tensor of ``like`` (a missing gradient counts as zeros), in the same order."""
+        out = {}
+        for n, part in like.items():
+            g = grads.get(n)
+            size = part.numel()
+            flat = torch.zeros(size * self.world, dtype=torch.float32, device=part.device)
+            if g is not None:
+                if g.is_sparse:
+                    g = g.to_dense()
+                flat[: g.numel()] = g.reshape(-1)
+            out[n] = reduce_scatter_flat(flat, size)
+        return out

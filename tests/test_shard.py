@@ -1,0 +1,151 @@
+"""Task vectors sharded across DDP processes (``task_vectors.shard=true``): the same coefficients and export
+as one unsharded process, an exact resume, uneven slices, 1/N of the bytes per process, clear refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import make_pool, run_train, write_pool_config
+
+ODD = "bert.encoder.layer.0.intermediate.dense.bias"  # 63 entries: 32 + 31 over 2 processes
+
+
+@pytest.fixture(scope="module")
+def odd_pool(tmp_path_factory):
+    """Two experts of a tiny BERT whose FFN width (63) is odd, so some tensors do not split evenly in 2."""
+    return make_pool(tmp_path_factory.mktemp("pool_odd"), k=2, intermediate_size=63)
+
+
+@pytest.fixture(scope="module")
+def conf(tmp_path_factory, odd_pool):
+    d = tmp_path_factory.mktemp("conf_odd")
+    write_pool_config(d, "odd", odd_pool)
+    return d
+
+
+def train(conf: Path, out: Path, *extra: str, method: str = "adamerging_layerwise", **kw):
+    lr = ["method.lr=0.05"] if method.startswith("adamerging") else []  # a few steps move the coefficients
+    # attention key biases have a zero gradient in exact arithmetic (softmax is shift-invariant): their Adam
+    # steps are rounding noise (~1e-6 apart between any two summation orders, unsharded DDP included)
+    return run_train(["--config-dir", str(conf), "pool=odd", f"out_dir={out}", f"method={method}", *lr,
+                      "data.batch_size=8", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
+                      "evaluate.reference_rows=false", "task_vectors.exclude=[attention.self.key.bias]", *extra], **kw)
+
+
+SHARDED = ("trainer=ddp", "trainer.devices=2", "task_vectors.shard=true")
+
+
+def coefs(run: Path) -> torch.Tensor:
+    return torch.tensor(json.loads((run / "export" / "coefficients.json").read_text())["coefficients"])
+
+
+@pytest.fixture(scope="module")
+def sharded5(conf, tmp_path_factory):
+    """2 gloo processes, sharded task vectors, 5 steps (evaluation and export on rank 0)."""
+    out = tmp_path_factory.mktemp("sharded5") / "run"
+    train(conf, out, *SHARDED, "trainer.max_steps=5", timeout=300)
+    return out
+
+
+def test_local_slices_cover_uneven_tensors():
+    from adamerge.sharded import local_slice
+
+    for numel in (1, 2, 5, 63, 64):
+        for world in (1, 2, 3, 4):
+            flat = torch.arange(2 * numel, dtype=torch.float32).view(2, numel) + 1
+            parts = [local_slice(flat, r, world) for r in range(world)]
+            assert len({p.shape for p in parts}) == 1  # equal slices, the last ones zero-padded
+            torch.testing.assert_close(torch.cat(parts, 1)[:, :numel], flat, rtol=0, atol=0)
+            assert (torch.cat(parts, 1)[:, numel:] == 0).all()
+
+
+def test_sharded_step_in_one_process_equals_the_unsharded_step(odd_pool):
+    """Without a process group the slice is the whole tensor: the same value and coefficient gradient."""
+    from adamerge.data import CalibrationDataModule, StepBatches
+    from adamerge.methods import get_method
+    from adamerge.pool_config import pool_from_config
+
+    pool = pool_from_config(odd_pool)
+    cfg = {"name": "adamerging", "granularity": "layer", "init": 0.3}
+    plain, sharded = (get_method("adamerging")(pool, cfg, {"shard": s}) for s in (False, True))
+    sharded.setup("fit")
+    assert sharded.merged.sharded and not plain.merged.sharded
+    dm = CalibrationDataModule.from_pool(pool, batch_size=4, max_length=32, seed=0, size=None)
+    batch = StepBatches(dm.encoded, 4, 0).batch(0)
+    (va, sa), (vb, sb) = plain.step_loss(batch), sharded.step_loss(batch)
+    ga, gb = (torch.autograd.grad(s, m.merged.coefficients.raw)[0] for s, m in ((sa, plain), (sb, sharded)))
+    torch.testing.assert_close(vb, va, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-7)
+    pa, pb = plain.merged.merged_params(), sharded.merged.merged_params()
+    for n in pa:
+        torch.testing.assert_close(pb[n], pa[n], rtol=0, atol=0)
+
+
+def test_two_sharded_processes_equal_one_unsharded(conf, sharded5, tmp_path):
+    one = tmp_path / "one"
+    train(conf, one, "trainer.max_steps=5", timeout=300)
+    rep = json.loads((sharded5 / "export" / "coefficients.json").read_text())
+    assert ODD in rep["tensors"]  # an odd-sized tensor is merged and sharded
+    torch.testing.assert_close(coefs(sharded5), coefs(one), atol=1e-6, rtol=0)
+    assert not torch.allclose(coefs(one), torch.full_like(coefs(one), 0.3))  # the coefficients moved
+    # rank 0 evaluated and exported the merge gathered from both processes' slices
+    a, b = (load_file(run / "export" / "model" / "model.safetensors") for run in (sharded5, one))
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0)
+    assert (sharded5 / "eval.json").exists()
+
+
+def test_each_process_holds_half_the_task_vectors(odd_pool, sharded5):
+    from adamerge.pool_config import pool_from_config
+    from adamerge.task_vectors import TaskVectors
+
+    tv = TaskVectors.from_pool(pool_from_config(odd_pool), exclude=["attention.self.key.bias"])  # as train()
+    full = tv.nbytes()  # K·P fp32
+    assert tv[ODD].shape[1:].numel() % 2 == 1
+    logs = list(sharded5.glob("*.log"))
+    held = {}
+    for f in logs:  # rank 0 logs to train.log, rank 1 to train_ddp_process_1.log
+        for m in re.finditer(r"sharded over 2 processes: rank (\d) holds (\d+) of (\d+) bytes \((\d+) padding", f.read_text()):
+            held[int(m[1])] = (int(m[2]), int(m[3]), int(m[4]))
+    assert set(held) == {0, 1}, [f.name for f in logs]
+    for nbytes, total, _ in held.values():
+        assert total == full
+        assert nbytes <= 1.05 * full / 2 + tv.K * 4 * len(tv)  # at most one padded entry per tensor and task
+        assert nbytes >= full / 2
+    assert held[0][2] == 0 and held[1][2] > 0  # the odd tensors are padded on the last rank only
+
+
+def test_sharded_resume_is_exact(conf, sharded5, tmp_path):
+    part = tmp_path / "part"
+    train(conf, part, *SHARDED, "trainer.max_steps=3", "evaluate.enabled=false", timeout=300)
+    train(conf, part, *SHARDED, "trainer.max_steps=5", "resume=last", "export.overwrite=true",
+          "evaluate.enabled=false", timeout=300)
+    torch.testing.assert_close(coefs(part), coefs(sharded5), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method, extra, words", [
+    ("adamerging_layerwise", (), "needs a multi-process DDP trainer"),
+    ("adamerging_layerwise", ("trainer=ddp", "trainer.devices=1"), "needs a multi-process DDP trainer"),
+    ("concrete_adamerging_layerwise", ("trainer=ddp",), "is not supported"),
+    ("task_arithmetic", ("trainer=ddp",), "is not supported"),
+    ("adamerging_layerwise", ("trainer=ddp", "method.granularity=chunk"), "only task or layer can be sharded"),
+    ("adamerging_layerwise", ("trainer=ddp", "task_vectors.lora=factorized"), "lora=factorized refused"),
+])
+def test_bad_shard_config_is_one_line_and_writes_nothing(conf, tmp_path, method, extra, words):
+    p = train(conf, tmp_path / "run", "task_vectors.shard=true", *extra, method=method, check=False, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().count("\n") == 0 and words in p.stderr
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_shard_must_be_a_bool(conf, tmp_path):
+    p = train(conf, tmp_path / "run", "task_vectors.shard=maybe", check=False, timeout=120)
+    assert p.returncode == 2 and "config key 'task_vectors.shard' must be true or false" in p.stderr
+    assert not (tmp_path / "run" / "export").exists()
