@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_pool, run_train, write_pool_config
+from helpers import make_pool, run_inprocess, run_train, write_pool_config
 
 ODD = "bert.encoder.layer.0.intermediate.dense.bias"  # 63 entries: 32 + 31 over 2 processes
 
@@ -138,14 +138,17 @@ def test_sharded_resume_is_exact(conf, sharded5, tmp_path):
     ("adamerging_layerwise", ("trainer=ddp", "method.granularity=chunk"), "only task or layer can be sharded"),
     ("adamerging_layerwise", ("trainer=ddp", "task_vectors.lora=factorized"), "lora=factorized refused"),
 ])
-def test_bad_shard_config_is_one_line_and_writes_nothing(conf, tmp_path, method, extra, words):
-    p = train(conf, tmp_path / "run", "task_vectors.shard=true", *extra, method=method, check=False, timeout=120)
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert p.stderr.strip().count("\n") == 0 and words in p.stderr
+def test_bad_shard_config_is_one_line_and_writes_nothing(odd_pool, tmp_path, capsys, method, extra, words):
+    # in this process (train.py's cli): every refusal comes before any process is started
+    code = run_inprocess([f"method={method}", f"out_dir={tmp_path / 'run'}", "task_vectors.shard=true", *extra],
+                         odd_pool)
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert err.strip().count("\n") == 0 and words in err
     assert not (tmp_path / "run" / "export").exists()
 
 
-def test_shard_must_be_a_bool(conf, tmp_path):
-    p = train(conf, tmp_path / "run", "task_vectors.shard=maybe", check=False, timeout=120)
-    assert p.returncode == 2 and "config key 'task_vectors.shard' must be true or false" in p.stderr
+def test_shard_must_be_a_bool(odd_pool, tmp_path, capsys):
+    code = run_inprocess([f"out_dir={tmp_path / 'run'}", "task_vectors.shard=maybe"], odd_pool)
+    assert code == 2 and "config key 'task_vectors.shard' must be true or false" in capsys.readouterr().err
     assert not (tmp_path / "run" / "export").exists()
