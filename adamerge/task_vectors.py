@@ -88,13 +88,18 @@ class TaskVectors:
         for n in names:
             if factors is not None and n in factors:
                 continue
-            # filled row by row in the storage dtype: no fp32 stack beside it
-            stacked = torch.empty((len(pool.task_names), *pool.base_tensor(n).shape), dtype=dt)
+            # filled row by row in the storage dtype: no fp32 stack beside it. The stack is allocated at
+            # the first expert that changes the tensor (earlier rows are zero): a tensor no expert changes
+            # (e.g. outside every LoRA target) never costs K copies, even for a moment — it is left out,
+            # which also spares its gradient (the embedding's is the largest) in every training step
+            stacked = None
             for k, t in enumerate(pool.task_names):
-                stacked[k].copy_(pool.task_vector(t, n))
-            if not keep_unchanged and not stacked.any():
-                # no expert changed it (e.g. outside every LoRA target): merging it is a no-op, and leaving
-                # it out spares its gradient (the embedding's is the largest) in every training step
+                tau = pool.task_vector(t, n)
+                if stacked is None and (keep_unchanged or tau.any()):
+                    stacked = torch.zeros((len(pool.task_names), *tau.shape), dtype=dt)
+                if stacked is not None:
+                    stacked[k].copy_(tau)
+            if stacked is None:
                 continue
             if pin_memory and torch.cuda.is_available():
                 stacked = stacked.pin_memory()
