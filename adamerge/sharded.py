@@ -13,8 +13,8 @@ Every process's coefficient gradient is then its slices' part of the sum over al
 DDP all-reduces the coefficients' gradients as a mean over processes, so the result equals unsharded
 DDP (where each process holds the full ⟨g_own batch, τ_k⟩ and DDP averages those).
 
-``ShardedTaskVectors`` has ``TaskVectors``' reading interface (names, K, ``[name]``, ``map``,
-``nbytes``), so ``MergedModel`` moves and reads it the same way; its tensors are the local slices.
+``ShardedTaskVectors`` has ``TaskVectors``' reading interface (``StackedTensors``: names, K, ``[name]``,
+``nbytes``; and ``map``), so ``MergedModel`` moves and reads it the same way; its tensors are the local slices.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 from .combine import Combine
 from .distributed import all_gather_flat, reduce_scatter_flat
-from .task_vectors import TaskVectors
+from .task_vectors import StackedTensors, TaskVectors
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,9 @@ def local_slice(flat: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return out
 
 
-class ShardedTaskVectors:
-    """This process's flat slice ``[K, ceil(numel / world)]`` of every stacked task vector."""
-
-    factors = None  # LoRA factors are not sharded: shard=true uses the dense path
+class ShardedTaskVectors(StackedTensors):
+    """This process's flat slice ``[K, ceil(numel / world)]`` of every stacked task vector (dense only:
+    LoRA factors are not sharded); ``nbytes`` counts the slices, padding included."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], task_names: list[str], shapes: dict[str, torch.Size],
                  rank: int, world: int):
@@ -68,31 +67,9 @@ class ShardedTaskVectors:
                  world, rank, out.nbytes(), tv.nbytes(), out.padding())
         return out
 
-    # -- TaskVectors' reading interface ------------------------------------------------------------
-    @property
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    @property
-    def K(self) -> int:
-        return len(self.task_names)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def items(self):
-        return self.tensors.items()
-
     def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> ShardedTaskVectors:
         return ShardedTaskVectors({n: fn(n, t) for n, t in self.tensors.items()}, self.task_names, self.shapes,
                                   self.rank, self.world)
-
-    def nbytes(self) -> int:
-        """Bytes this process holds (its slices, padding included)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def padding(self) -> int:
         """Padded (zero) entries per task over this process's slices."""

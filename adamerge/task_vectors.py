@@ -38,7 +38,37 @@ def select_names(names: Iterable[str], include: list[str] | None, exclude: list[
     return out
 
 
-class TaskVectors:
+class StackedTensors:
+    """What ``MergedModel`` reads of task vectors: named stacks ``[K, ...]`` (``tensors``) over ``task_names``.
+    ``TaskVectors`` holds whole stacks; ``ShardedTaskVectors`` (adamerge/sharded.py) one slice of each."""
+
+    tensors: dict[str, torch.Tensor]
+    task_names: list[str]
+    factors = None  # LoRA factors (TaskVectors only)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    @property
+    def K(self) -> int:
+        return len(self.task_names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def items(self):
+        return self.tensors.items()
+
+    def nbytes(self) -> int:
+        """Bytes of the stacks held here."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class TaskVectors(StackedTensors):
     """Ordered mapping ``name -> Tensor[K, *shape]`` plus the task order.
 
     Placement (device, dtype) is a setting: the tensors may stay on CPU while the model runs
@@ -115,19 +145,6 @@ class TaskVectors:
         """Every merged tensor: dense and factorized."""
         return list(self._names)
 
-    @property
-    def K(self) -> int:
-        return len(self.task_names)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def items(self):
-        return self.tensors.items()
-
     def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> TaskVectors:
         """``fn`` on each dense tensor; the factors are kept as they are."""
         return TaskVectors({n: fn(n, t) for n, t in self.tensors.items()}, self.task_names, self.factors, self._names)
@@ -141,8 +158,7 @@ class TaskVectors:
 
     def nbytes(self) -> int:
         """Bytes held: the dense stacks and the factors."""
-        dense = sum(t.numel() * t.element_size() for t in self.tensors.values())
-        return dense + (self.factors.nbytes() if self.factors is not None else 0)
+        return super().nbytes() + (self.factors.nbytes() if self.factors is not None else 0)
 
     # -- data-free transforms ---------------------------------------------------------------
     def topk_thresholds(self, density: float, what: str = "ties density") -> torch.Tensor:
