@@ -124,7 +124,27 @@ class LoraFactors:
                 h.remove()
 
 
+class LowRank(torch.autograd.Function):
+    """((x Aᵀ) · w) Bᵀ with the backward recomputing x Aᵀ: autograd would keep x Aᵀ and its scaled copy
+    ([tokens, R] each, R = Σ_k r_k) for every adapted layer until the backward — per expert about the
+    adapter's own size again. Only x (already kept by the Linear itself), A, B and w are saved; the factors
+    are frozen, so only x and w get gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, a, b, w)
+        return F.linear(F.linear(x, a) * w, b)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, a, b, w = ctx.saved_tensors
+        gh = F.linear(g.to(x.dtype), b.t())  # ∂/∂(h·w), [..., R]; under autocast g may come in half precision
+        grad_w = (gh * F.linear(x, a)).reshape(-1, gh.shape[-1]).sum(0).to(w.dtype) if ctx.needs_input_grad[3] else None
+        grad_x = F.linear(gh * w, a.t()) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, grad_w
+
+
 def _low_rank(f: Factors, c: torch.Tensor, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
     x = args[0] if args else kwargs["input"]
-    h = F.linear(x, f.a.to(x.device, x.dtype))  # [..., R]: every expert's x A_kᵀ at once
-    return output + F.linear(h * f.weights(c, x.device).to(h.dtype), f.b.to(x.device, x.dtype))
+    a, b = f.a.to(x.device, x.dtype), f.b.to(x.device, x.dtype)
+    return output + LowRank.apply(x, a, b, f.weights(c, x.device).to(x.dtype))
