@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .lora_factors import LORA_MODES
+from .lora_factors import check_lora_mode
 from .task_vectors import DTYPES
 
 
@@ -91,8 +91,8 @@ def check_config(c: dict) -> None:
     if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise ConfigError(f"config key 'task_vectors.dtype' must be one of {sorted(DTYPES)}, got {dtype!r}")
     lora = _get(c, "task_vectors.lora")
-    if lora is not None and lora not in LORA_MODES:
-        raise ConfigError(f"config key 'task_vectors.lora' must be one of {', '.join(LORA_MODES)}, got {lora!r}")
+    if lora is not None:
+        check_lora_mode(lora)
     check_shard(c)
     for key in ("task_vectors.include", "task_vectors.exclude"):
         v = _get(c, key)

@@ -20,9 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
 from .pool import ModelPool
 
 LORA_MODES = ("auto", "dense", "factorized")  # task_vectors.lora
+
+
+def check_lora_mode(mode: object) -> None:
+    """``task_vectors.lora`` must be one of ``LORA_MODES``: a one-line ConfigError otherwise."""
+    if mode not in LORA_MODES:
+        raise ConfigError(f"config key 'task_vectors.lora' must be one of {', '.join(LORA_MODES)}, got {mode!r}")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ..combine import InjectGrad
 from ..concrete_mask import ConcreteMask
 from ..distributed import dist_rank_world
 from ..errors import ConfigError
-from ..lora_factors import LORA_MODES
+from ..lora_factors import check_lora_mode
 from ..merged_model import MergedModel
 from ..objectives import entropy, marginal_entropy
 from ..pool import ModelPool
@@ -67,8 +67,8 @@ class MergeMethod(pl.LightningModule):
         self.causal = pool.model_class == "causal_lm"
         self.fingerprint = pool.fingerprint()
         self.shard = bool(tv_cfg.get("shard", False))
-        if self.shard and self.shard_refusal(self.cfg):
-            raise ConfigError(f"task_vectors.shard=true: {self.shard_refusal(self.cfg)}")
+        if self.shard:
+            self.check_shardable(self.cfg)
         self.merged = self.build_merged(pool, tv_cfg)
         # which tensors are merged is part of what a checkpoint's coefficients mean
         self.fingerprint["merged_tensors"] = len(self.merged.names)
@@ -127,6 +127,13 @@ class MergeMethod(pl.LightningModule):
         task vectors combined linearly, without masks, by ``step_loss``'s merge (adamerge/sharded.py)."""
         return f"method {cfg.label} is not supported (AdaMerging task-/layer-wise only)"
 
+    @classmethod
+    def check_shardable(cls, cfg: MethodConfig) -> None:
+        """A one-line ConfigError when ``task_vectors.shard=true`` cannot apply (``shard_refusal``)."""
+        why = cls.shard_refusal(cfg)
+        if why:
+            raise ConfigError(f"task_vectors.shard=true: {why}")
+
     def setup(self, stage: str) -> None:
         """Lightning hook, after the process group starts and before the model moves to its device:
         ``task_vectors.shard=true`` keeps only this process's slice of every task vector."""
@@ -137,8 +144,7 @@ class MergeMethod(pl.LightningModule):
         """``task_vectors.lora``: whether LoRA experts' task vectors stay factorized — the one place this is
         decided. ``auto``: when the pool has LoRA experts and this method can; ``factorized`` where it
         cannot: dense, with one log line saying why."""
-        if mode not in LORA_MODES:
-            raise ConfigError(f"config key 'task_vectors.lora' must be one of {', '.join(LORA_MODES)}, got {mode!r}")
+        check_lora_mode(mode)
         if mode == "dense" or self.shard or not any(e.is_lora for e in pool.experts.values()):
             return False
         why = self.dense_reason(self.cfg)
