@@ -31,6 +31,7 @@ def read_jsonl(path: str | Path, task: str, need_labels: bool = False, num_label
     if not p.exists():
         raise DataError(f"{where} does not exist; fix the path under pool tasks.{task}.{key}")
     texts, labels = [], []
+    allowed = {c.strip() for c in classes} if classes is not None else None  # targets match ignoring spaces
     with p.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -46,7 +47,7 @@ def read_jsonl(path: str | Path, task: str, need_labels: bool = False, num_label
             if need_labels:
                 labels.append(_label(row, f"{where} line {i}", num_labels))
             elif need_targets:
-                labels.append(_target(row, f"{where} line {i}", classes, f"pool tasks.{task}.classes"))
+                labels.append(_target(row, f"{where} line {i}", classes, allowed, f"pool tasks.{task}.classes"))
     if not texts:
         raise DataError(f"{where} has no examples (empty calibration/test data); give at least one line")
     return texts, labels
@@ -65,7 +66,7 @@ def _label(row: dict, where: str, num_labels: int | None) -> int:
     return y
 
 
-def _target(row: dict, where: str, classes: list[str] | None, classes_key: str) -> str:
+def _target(row: dict, where: str, classes: list[str] | None, allowed: set[str] | None, classes_key: str) -> str:
     """The row's target answer (a causal LM's expected output), or a DataError with the fix."""
     if "target" not in row:
         raise DataError(f"{where} has no 'target' (needed for evaluation); add the expected answer as a string "
@@ -73,7 +74,7 @@ def _target(row: dict, where: str, classes: list[str] | None, classes_key: str) 
     y = row["target"]
     if not isinstance(y, str) or not y.strip():
         raise DataError(f"{where}: target {y!r} is not a non-empty string; write the expected answer as text")
-    if classes is not None and y.strip() not in [c.strip() for c in classes]:
+    if allowed is not None and y.strip() not in allowed:
         raise DataError(f"{where}: target {y!r} is not one of the task's classes {classes}; fix the target "
                         f"or {classes_key}")
     return y
