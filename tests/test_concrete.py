@@ -148,12 +148,16 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 def test_concrete_adamerging_resumes_exactly_in_both_phases(tiny_conf_dir, tmp_path):
     args = ["method=concrete_adamerging_layerwise", "method.mask_steps=3", "trainer.max_steps=6",
-            "method.lr=0.05", "method.adamerging_lr=0.05"]
+            "method.lr=0.05", "method.adamerging_lr=0.05", "++method.lr_schedule=cosine"]
     full = tmp_path / "full"
     train(tiny_conf_dir, full, *args, "checkpoint.every_n_steps=1", env=ONE_THREAD)
     # one optimizer step per training step goes through Lightning: global_step == number of batches
     assert sorted(p.name for p in (full / "checkpoints").glob("step*.ckpt")) == [f"step00000{i}.ckpt" for i in range(1, 7)]
     assert ckpt(full / "checkpoints" / "last.ckpt")["global_step"] == 6
+    # the cosine schedule is phase 2's alone: stepped once per phase-2 step, down to eta_min_ratio·lr
+    sched = ckpt(full / "checkpoints" / "last.ckpt")["lr_schedulers"][0]
+    assert sched["last_epoch"] == 3 and abs(sched["_last_lr"][0] - 0.1 * 0.05) < 1e-9
+    assert ckpt(full / "checkpoints" / "step000003.ckpt")["lr_schedulers"][0]["last_epoch"] == 0
     ref = ckpt(full / "checkpoints" / "last.ckpt")["state_dict"]
     mid = ckpt(full / "checkpoints" / "step000003.ckpt")["state_dict"]
     lam = "merged.coefficients.raw"

@@ -173,11 +173,20 @@ class ConcreteAdaMerging(MergeMethod):
         return build_subspace_mask(tv, self.cfg)
 
     def configure_optimizers(self):
+        """Inner λ, mask and phase-2 λ optimizers; ``lr_schedule: cosine`` decays the phase-2 lr once over
+        phase 2 (the mask's lr stays constant: its CPU schedule was measured so, bench/RESULTS.md)."""
         betas = tuple(self.cfg.betas)
         lam = [self.merged.coefficients.raw]
-        return [torch.optim.Adam(lam, lr=self.inner_lr, betas=betas),
+        opts = [torch.optim.Adam(lam, lr=self.inner_lr, betas=betas),
                 torch.optim.Adam(self.merged.mask.parameters(), lr=self.cfg.lr, betas=betas),
                 torch.optim.Adam(lam, lr=self.adamerging_lr, betas=betas)]
+        if self.cfg.lr_schedule == "constant":
+            return opts
+        total = int(self.trainer.max_steps if self._trainer is not None else self.cfg.steps)
+        phase2 = max(1, total - self.mask_steps)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opts[2], T_max=phase2, eta_min=self.cfg.eta_min_ratio * self.adamerging_lr)
+        return opts, [cosine]
 
     def on_fit_start(self) -> None:
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
@@ -226,6 +235,8 @@ class ConcreteAdaMerging(MergeMethod):
             value = self._grads_into(batch, [lam])
             lam_opt.step()
             lam_opt.zero_grad(set_to_none=True)
+            if self.cfg.lr_schedule != "constant":  # manual optimization: the schedule is stepped here
+                self.lr_schedulers().step()
         self.log("loss", value, prog_bar=True, on_step=True)
         t = self.merged.coefficients.values().detach()
         self.log_dict({"phase": float(phase), "coef/mean": t.mean(), "coef/min": t.min(), "coef/max": t.max()},
