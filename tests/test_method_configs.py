@@ -71,3 +71,19 @@ def test_every_registered_method_declares_a_config_whose_defaults_parse():
     for name, cls in METHODS.items():
         cfg = cls.Config.parse({"name": name})
         assert cfg.name == name and cfg.label == name
+
+
+def test_only_methods_that_train_are_lightning_modules():
+    """Data-free and closed-form merges are plain MergeAlgorithms; what trains is a MergeMethod
+    (a LightningModule). DOGE's one class trains in one of its two configurations."""
+    import pytorch_lightning as pl
+
+    from adamerge.methods import MergeAlgorithm, MergeMethod
+
+    for name, cls in METHODS.items():
+        assert issubclass(cls, MergeAlgorithm), name
+        cfg = cls.Config.parse({"name": name})
+        if cls.trains(cfg):
+            assert issubclass(cls, MergeMethod), name
+    plain = {n for n, c in METHODS.items() if not issubclass(c, pl.LightningModule)}
+    assert plain == {"static", "regmean", "regmean_pp", "fisher_merging", "pcb_merging", "tsv_merging"}

@@ -10,10 +10,11 @@ import importlib
 import pkgutil
 
 from ..errors import CheckpointError
+from .algorithm import MergeAlgorithm
 from .base import MergeMethod
 from .registry import METHODS, get_method
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "CheckpointError", "MergeMethod", "get_method"]
+__all__ = ["METHODS", "CheckpointError", "MergeAlgorithm", "MergeMethod", "get_method"]

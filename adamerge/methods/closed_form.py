@@ -21,7 +21,7 @@ from ..lines import apply_lines, lines_config
 from ..merged_model import MergedModel
 from ..pool import ModelPool
 from ..task_vectors import TaskVectors
-from .base import MergeMethod
+from .algorithm import MergeAlgorithm
 from .method_config import MethodConfig, check_range
 
 
@@ -43,11 +43,10 @@ class DeltaConfig(MethodConfig):
             check_range(getattr(self, key), f"{prefix}.{key}", 1)
 
 
-class DeltaMerge(MergeMethod):
+class DeltaMerge(MergeAlgorithm):
     """A non-iterative merge that computes the merged update directly (no optimizer steps)."""
 
     name = "delta_merge"
-    trainable = False
     Config = DeltaConfig
     lines_on_update = True
 

@@ -1,4 +1,4 @@
-"""The method registry: ``@register`` on a MergeMethod subclass makes it ``method.name=<its name>``."""
+"""The method registry: ``@register`` on a MergeAlgorithm subclass makes it ``method.name=<its name>``."""
 
 from __future__ import annotations
 

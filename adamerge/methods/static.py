@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..coefficients import Coefficients
 from ..task_vectors import TaskVectors
-from .base import MergeMethod
+from .algorithm import MergeAlgorithm
 from .method_config import MethodConfig
 from .registry import register
 
@@ -21,11 +21,10 @@ class StaticConfig(MethodConfig):
 
 
 @register
-class StaticMerge(MergeMethod):
+class StaticMerge(MergeAlgorithm):
     """θ = θ0 + λ Σ_k τ̃_k with τ̃ after the config's transforms (adamerge/transforms.py: DARE / TIES / consensus / LiNeS)."""
 
     name = "static"
-    trainable = False
     Config = StaticConfig
 
     @classmethod
