@@ -23,6 +23,7 @@ from ..lora_factors import check_lora_mode
 from ..merged_model import MergedModel
 from ..objectives import entropy, marginal_entropy
 from ..pool import ModelPool
+from ..seq2seq import first_step_inputs
 from ..task_vectors import TaskVectors
 from ..transforms import active_transforms, apply_transforms
 from .method_config import LearnedConfig, MethodConfig
@@ -65,6 +66,7 @@ class MergeMethod(pl.LightningModule):
         self.save_hyperparameters({"method": self.method_cfg, "task_vectors": tv_cfg})
         object.__setattr__(self, "pool", pool)
         self.causal = pool.model_class == "causal_lm"
+        self.seq2seq = pool.model_class == "seq2seq_lm"  # one decoder step (adamerge/seq2seq.py)
         self.fingerprint = pool.fingerprint()
         self.shard = bool(tv_cfg.get("shard", False))
         if self.shard:
@@ -184,7 +186,11 @@ class MergeMethod(pl.LightningModule):
 
     # -- model outputs ------------------------------------------------------------------------
     def task_logits(self, task: str, inputs: dict[str, torch.Tensor], params: dict | None = None):
-        """(logits, mask): per-example logits, or next-token logits with padding masked for causal LMs."""
+        """(logits, mask): per-example logits, next-token logits with padding masked for causal LMs, or the
+        first decoder step's logits ``[batch, vocab]`` for seq2seq LMs."""
+        if self.seq2seq:
+            out = self.merged(task=task, params=params, **first_step_inputs(self.merged.base, inputs))
+            return out.logits[:, 0], None
         out = self.merged(task=task, params=params, **inputs)
         if self.causal:
             return out.logits, inputs.get("attention_mask")
