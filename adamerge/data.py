@@ -15,16 +15,18 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .errors import DataError
+from .pool import TEXT_ANSWERS
 
 
 def read_jsonl(path: str | Path, task: str, need_labels: bool = False, num_labels: int | None = None,
                key: str = "data", need_targets: bool = False,
-               classes: list[str] | None = None) -> tuple[list[str], list]:
+               classes: list[str] | None = None, tokenizer=None) -> tuple[list[str], list]:
     """Texts (and labels or targets) from a JSON-lines file of ``{"text": ..., "label": ...}`` objects
-    (classifiers) or ``{"text": prompt, "target": answer}`` objects (causal LMs, ``need_targets``).
+    (classifiers) or ``{"text": prompt, "target": answer}`` objects (causal/seq2seq LMs, ``need_targets``).
 
     ``key`` (calibration, test, validation) only names the file in errors; with ``num_labels`` each
-    label must lie in [0, num_labels); with ``classes`` each target must be one of them.
+    label must lie in [0, num_labels); with ``classes`` each target must be one of them; with a
+    ``tokenizer`` (and no ``classes``) each target must have tokens.
     """
     p = Path(path)
     where = f"task '{task}': {key} file {p}"
@@ -47,7 +49,8 @@ def read_jsonl(path: str | Path, task: str, need_labels: bool = False, num_label
             if need_labels:
                 labels.append(_label(row, f"{where} line {i}", num_labels))
             elif need_targets:
-                labels.append(_target(row, f"{where} line {i}", classes, allowed, f"pool tasks.{task}.classes"))
+                labels.append(_target(row, f"{where} line {i}", classes, allowed, f"pool tasks.{task}.classes",
+                                      tokenizer))
     if not texts:
         raise DataError(f"{where} has no examples (empty calibration/test data); give at least one line")
     return texts, labels
@@ -66,8 +69,9 @@ def _label(row: dict, where: str, num_labels: int | None) -> int:
     return y
 
 
-def _target(row: dict, where: str, classes: list[str] | None, allowed: set[str] | None, classes_key: str) -> str:
-    """The row's target answer (a causal LM's expected output), or a DataError with the fix."""
+def _target(row: dict, where: str, classes: list[str] | None, allowed: set[str] | None, classes_key: str,
+            tokenizer=None) -> str:
+    """The row's target answer (an LM's expected output), or a DataError with the fix."""
     if "target" not in row:
         raise DataError(f"{where} has no 'target' (needed for evaluation); add the expected answer as a string "
                         '"target" next to "text"')
@@ -77,23 +81,28 @@ def _target(row: dict, where: str, classes: list[str] | None, allowed: set[str] 
     if allowed is not None and y.strip() not in allowed:
         raise DataError(f"{where}: target {y!r} is not one of the task's classes {classes}; fix the target "
                         f"or {classes_key}")
+    if tokenizer is not None and allowed is None and not tokenizer(y, add_special_tokens=False)["input_ids"]:
+        raise DataError(f"{where}: target {y!r} has no tokens under the base model's tokenizer, so there is "
+                        "nothing to score; write the expected answer as words the tokenizer keeps")
     return y
 
 
 def read_split(pool, task: str, split: str, need_labels: bool = False,
-               needed_by: str | None = None) -> tuple[list[str], list[int]]:
+               needed_by: str | None = None, tokenizer=None) -> tuple[list[str], list[int]]:
     """Texts and, with ``need_labels``, the answers of ``task``'s ``split`` file (``calibration``,
     ``test`` or ``validation``) in the pool: integer labels checked against the task's ``num_labels``
     (sequence classification), or target strings checked against the task's ``classes`` when it has
-    them (causal LMs). A DataError naming the task and the pool key when it has no such file. The one
-    way methods, the data module and evaluation read a task's data."""
+    them (causal/seq2seq LMs; with a ``tokenizer``, that they have tokens). A DataError naming the task
+    and the pool key when it has no such file. The one way methods, the data module and evaluation read
+    a task's data."""
     spec = pool.tasks[task]
     path = getattr(spec, split, None)
     if not path:
         who = f" ({needed_by} needs one)" if needed_by else ""
         raise DataError(f"task '{task}' has no {split} file in the pool config{who}; add pool tasks.{task}.{split}")
-    if need_labels and pool.model_class == "causal_lm":
-        return read_jsonl(path, task, key=split, need_targets=True, classes=getattr(spec, "classes", None))
+    if need_labels and pool.model_class in TEXT_ANSWERS:
+        return read_jsonl(path, task, key=split, need_targets=True, classes=getattr(spec, "classes", None),
+                          tokenizer=tokenizer)
     return read_jsonl(path, task, need_labels=need_labels,
                       num_labels=pool.num_labels(task) if need_labels else None, key=split)
 
@@ -101,13 +110,20 @@ def read_split(pool, task: str, split: str, need_labels: bool = False,
 def check_data(pool) -> None:
     """Read every data file the pool names, before anything is trained: each line JSON with a string
     'text'; test and validation labels integers in [0, num_labels) (sequence classification pools) or
-    string targets, one of the task's ``classes`` when it has them (causal LM pools).
-    Raises DataError naming task, file, line and the fix."""
-    labelled = pool.model_class in ("sequence_classification", "causal_lm")  # only these pools are evaluated
+    string targets, one of the task's ``classes`` when it has them (causal and seq2seq LM pools; seq2seq:
+    label words and targets with tokens, adamerge/seq2seq.py). Raises DataError naming task, file, line
+    and the fix."""
+    labelled = pool.model_class in ("sequence_classification", *TEXT_ANSWERS)  # only these pools are evaluated
+    tok = None
+    if pool.model_class == "seq2seq_lm":
+        from .seq2seq import check_pool
+
+        tok = load_tokenizer(pool.base_path)
+        check_pool(pool, tok)
     for name, spec in pool.tasks.items():
         for key in ("calibration", "test", "validation"):
             if getattr(spec, key):
-                read_split(pool, name, key, need_labels=labelled and key != "calibration")
+                read_split(pool, name, key, need_labels=labelled and key != "calibration", tokenizer=tok)
 
 
 def load_tokenizer(path: str | Path, causal: bool = False):

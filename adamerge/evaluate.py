@@ -1,7 +1,8 @@
 """Per-task accuracy through each task's own head; absolute and normalized averages as one table.
 
-Sequence classifiers are scored here; causal LMs (label words or exact match) by adamerge/evaluate_lm.py,
-behind the same ``load_test_sets`` and ``evaluate_params``, so every row and the table are the same.
+Sequence classifiers are scored here; causal LMs (label words or exact match) by adamerge/evaluate_lm.py and
+seq2seq LMs (label words or first token) by adamerge/seq2seq.py, behind the same ``load_test_sets`` and
+``evaluate_params``, so every row and the table are the same.
 
 Normalized accuracy is averaged per task: mean_t acc_merged(t) / acc_expert(t) (as TALL masks and
 LiNeS report it), not the ratio of averages.
@@ -19,18 +20,22 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .data import batches, encode, read_split
 from .evaluate_lm import LMTestSet, lm_accuracy, load_lm_test_sets
+from .seq2seq import Seq2SeqTestSet, load_seq2seq_test_sets, seq2seq_accuracy
 
-TestSets = dict[str, tuple[dict[str, torch.Tensor], torch.Tensor, int] | LMTestSet]
-EVALUATED = ("sequence_classification", "causal_lm")  # the pool model classes with a per-task accuracy
+TestSets = dict[str, tuple[dict[str, torch.Tensor], torch.Tensor, int] | LMTestSet | Seq2SeqTestSet]
+EVALUATED = ("sequence_classification", "causal_lm", "seq2seq_lm")  # the pool model classes with a per-task accuracy
 
 
 def load_test_sets(pool, tokenizer, max_length: int = 64, max_examples: int | None = None,
                    split: str = "test", max_new_tokens: int = 16) -> TestSets:
     """{task: test set} from each task's labelled ``split`` file (``test`` or ``validation``); tasks
     without one are left out. Classifiers: (encoded inputs, labels, num_classes); causal LMs: an
-    LMTestSet (prompts untruncated; ``max_new_tokens`` caps exact-match generation)."""
+    LMTestSet (prompts untruncated; ``max_new_tokens`` caps exact-match generation); seq2seq LMs: a
+    Seq2SeqTestSet (inputs untruncated)."""
     if pool.model_class == "causal_lm":
         return load_lm_test_sets(pool, tokenizer, max_examples, split, max_new_tokens)
+    if pool.model_class == "seq2seq_lm":
+        return load_seq2seq_test_sets(pool, tokenizer, max_examples, split)
     out = {}
     for name, spec in pool.tasks.items():
         if not getattr(spec, split):
@@ -71,6 +76,9 @@ def evaluate_params(base: torch.nn.Module, params_for_task: Callable[[str], dict
         if isinstance(ts, LMTestSet):
             res[task] = lm_accuracy(base, params, ts, batch_size)
             continue
+        if isinstance(ts, Seq2SeqTestSet):
+            res[task] = seq2seq_accuracy(base, params, ts, batch_size)
+            continue
         enc, labels, n_cls = ts
         res[task] = accuracy(lambda b, p=params: functional_call(base, p, args=(), kwargs=b).logits,
                              enc, labels, n_cls, batch_size, device)
@@ -79,7 +87,7 @@ def evaluate_params(base: torch.nn.Module, params_for_task: Callable[[str], dict
 
 
 def reference_rows(pool, test_sets: TestSets, batch_size: int = 64) -> dict[str, dict[str, float]]:
-    """The pretrained backbone with the experts' heads (causal LMs: none), and each expert on its own
+    """The pretrained backbone with the experts' heads (LMs: none), and each expert on its own
     task (the ceiling)."""
     pre = evaluate_params(pool.base_model, lambda t: pool.head(t), test_sets, batch_size)
     device = next(pool.base_model.parameters()).device

@@ -180,7 +180,10 @@ def model_card(pool, report: dict, method_cfg: dict | None, eval_md: str | None)
                   "`model/` is the merged backbone with the *base's* classifier head (not any task's): "
                   "use `tasks/<task>/` to classify."]
     else:
-        lines += ["```python", "from transformers import AutoModel", 'model = AutoModel.from_pretrained("export/model")',
+        from .pool import MODEL_CLASSES
+
+        cls = MODEL_CLASSES.get(pool.model_class, "AutoModel")
+        lines += ["```python", f"from transformers import {cls}", f'model = {cls}.from_pretrained("export/model")',
                   "```"]
     return "\n".join(lines) + "\n"
 

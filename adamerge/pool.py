@@ -26,8 +26,10 @@ from .fingerprint import pool_fingerprint
 MODEL_CLASSES = {
     "sequence_classification": "AutoModelForSequenceClassification",
     "causal_lm": "AutoModelForCausalLM",
+    "seq2seq_lm": "AutoModelForSeq2SeqLM",
     "auto": "AutoModel",
 }
+TEXT_ANSWERS = ("causal_lm", "seq2seq_lm")  # pools whose tasks answer in text: "target" strings, label words
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,7 +46,7 @@ class TaskSpec:
     validation: str | None = None  # labelled, optional: chooses between the start and the end of training
     num_labels: int | None = None
     label_names: list[str] | None = None
-    classes: list[str] | None = None  # causal LMs: label words scored after the prompt (none: exact match)
+    classes: list[str] | None = None  # LMs: label words scored after the prompt (none: exact match, first token)
 
 
 def build_model(model_class: str, path: str | Path, **kwargs) -> nn.Module:

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from .errors import PoolError, refuse_unknown_keys
-from .pool import ModelPool, TaskSpec
+from .pool import TEXT_ANSWERS, ModelPool, TaskSpec
 
 POOL_KEYS = ["base", "tasks", "model_class", "head_prefixes", "check_finite"]
 
@@ -39,13 +39,13 @@ def pool_from_config(cfg: dict) -> ModelPool:
 
 
 def check_classes(task: str, classes, model_class: str) -> list[str] | None:
-    """A causal-LM task's label words: two or more distinct non-empty strings, or None."""
+    """A causal or seq2seq LM task's label words: two or more distinct non-empty strings, or None."""
     if classes is None:
         return None
     key = f"pool.tasks.{task}.classes"
-    if model_class != "causal_lm":
-        raise PoolError(f"{key}: label words apply to causal_lm pools only; a {model_class} task has "
-                        "num_labels (and label_names) instead")
+    if model_class not in TEXT_ANSWERS:
+        raise PoolError(f"{key}: label words apply to {' and '.join(TEXT_ANSWERS)} pools only; a {model_class} "
+                        "task has num_labels (and label_names) instead")
     if (not isinstance(classes, (list, tuple)) or len(classes) < 2
             or not all(isinstance(c, str) and c.strip() for c in classes)):
         raise PoolError(f"{key} must be a list of two or more label words (non-empty strings), got {classes!r}")

@@ -217,7 +217,7 @@ def test_bad_causal_lm_test_data_is_one_line_before_training(tmp_path, capsys, c
     (["sports"], "causal_lm", r"two or more label words"),
     (["sports", " sports"], "causal_lm", r"label words must differ"),
     (["a", 3], "causal_lm", r"two or more label words \(non-empty strings\)"),
-    (["a", "b"], "sequence_classification", r"apply to causal_lm pools only"),
+    (["a", "b"], "sequence_classification", r"apply to causal_lm and seq2seq_lm pools only"),
 ])
 def test_bad_classes_are_refused(classes, model_class, pattern):
     with pytest.raises(PoolError, match=r"pool.tasks.t.classes.*" + pattern):

@@ -67,6 +67,7 @@ class MergeAlgorithm(nn.Module):
         self.tv_cfg = tv_cfg
         object.__setattr__(self, "pool", pool)
         self.causal = pool.model_class == "causal_lm"
+        self.seq2seq = pool.model_class == "seq2seq_lm"  # one decoder step (adamerge/seq2seq.py)
         self.fingerprint = pool.fingerprint()
         self.shard = bool(tv_cfg.get("shard", False))
         if self.shard:

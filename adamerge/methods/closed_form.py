@@ -20,6 +20,7 @@ from ..distributed import dist_rank_world
 from ..lines import apply_lines, lines_config
 from ..merged_model import MergedModel
 from ..pool import ModelPool
+from ..seq2seq import first_step_inputs
 from ..task_vectors import TaskVectors
 from .algorithm import MergeAlgorithm
 from .method_config import MethodConfig, check_range
@@ -97,6 +98,9 @@ class DeltaMerge(MergeAlgorithm):
         return batches(enc, bs, self.merged.device)
 
     def forward_kwargs(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The statistics' forward: seq2seq LMs run their first decoder step (as the learned objectives)."""
+        if self.seq2seq:
+            return first_step_inputs(self.merged.base, inputs)
         return {**inputs, "use_cache": False} if self.causal else dict(inputs)
 
     def report(self) -> dict[str, Any]:

@@ -8,8 +8,9 @@ the task-arithmetic λ). For a calibration batch of task k the loss is
     R = Σ|σ(w) − α̅| / (#coefficients / K),
 
 with z_k, h^(k) the logits and hidden states of expert k itself (its own head for classification
-pools; next-token logits, padding masked, for causal-LM pools). The per-task forward/backward into
-∂L/∂W is the base class's ``step_loss``; this file only adds the targets, the loss and the optimizer.
+pools; next-token logits, padding masked, for causal-LM pools; the first decoder step's logits, without
+hidden states, for seq2seq-LM pools). The per-task forward/backward into ∂L/∂W is the base class's
+``step_loss``; this file only adds the targets, the loss and the optimizer.
 
 Scale: the authors take one sample at a time and add γ·R to every sample's loss; here every
 micro-step holds one batch of every task, so each task's term is divided by K and γ·R is added once:
@@ -39,6 +40,7 @@ import torch
 from ..coefficients import Coefficients
 from ..objectives import distill_kl, hidden_mse, l1_to_init
 from ..pool import ModelPool
+from ..seq2seq import first_step_inputs
 from ..task_vectors import TaskVectors
 from ..transforms import active_transforms
 from .base import MergeMethod
@@ -85,6 +87,9 @@ class ExpertMerging(MergeMethod):
     Config = ExpertMergingConfig
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
+        if pool.model_class == "seq2seq_lm" and self.parse_config(method).hidden_layers:  # before any τ is read
+            raise ConfigError("config key 'method.hidden_layers': in a seq2seq_lm pool only the first decoder "
+                              "step's logits are aligned; leave hidden_layers empty")
         super().__init__(pool, method, task_vectors)
         m = self.cfg
         self.temperature = m.temperature
@@ -137,7 +142,7 @@ class ExpertMerging(MergeMethod):
         return out
 
     def _forward_kwargs(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-        kw: dict[str, Any] = dict(inputs)
+        kw: dict[str, Any] = first_step_inputs(self.merged.base, inputs) if self.seq2seq else dict(inputs)
         if self.hidden_layers:
             kw["output_hidden_states"] = True
         if self.causal:
