@@ -283,10 +283,18 @@ def _coefs(run: Path) -> torch.Tensor:
     return torch.tensor(json.loads((run / "export" / "coefficients.json").read_text())["coefficients"])
 
 
+@pytest.fixture(scope="module")
+def uninterrupted12(tiny_conf_dir, tmp_path_factory):
+    """The 12-step run both kill tests must reproduce after their resume (the pool is tiny_conf_dir's, as conf's)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "full"
+    train(tiny_conf_dir, out, "method=adamerging_layerwise", "method.lr=0.05", "checkpoint.every_n_steps=2",
+          "trainer.max_steps=12")
+    return out
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_run_resumes_to_the_same_result(conf, tmp_path, sig):
+def test_killed_run_resumes_to_the_same_result(conf, uninterrupted12, tmp_path, sig):
     steps = "trainer.max_steps=12"
-    train(conf, tmp_path / "full", "method=adamerging_layerwise", "method.lr=0.05", "checkpoint.every_n_steps=2", steps)
     run = tmp_path / "killed"
     p = _spawn(conf, run, steps)
     _wait_for(run / "checkpoints", "step000004.ckpt")
@@ -301,7 +309,7 @@ def test_killed_run_resumes_to_the_same_result(conf, tmp_path, sig):
     assert not (run / "export").exists()  # nothing half-written
     train(conf, run, "method=adamerging_layerwise", "method.lr=0.05", "checkpoint.every_n_steps=2", steps,
           "resume=last")
-    torch.testing.assert_close(_coefs(run), _coefs(tmp_path / "full"), atol=1e-6, rtol=0)
+    torch.testing.assert_close(_coefs(run), _coefs(uninterrupted12), atol=1e-6, rtol=0)
 
 
 def test_truncated_newest_checkpoint_falls_back_to_previous(conf, tmp_path):
