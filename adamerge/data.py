@@ -100,6 +100,10 @@ def read_split(pool, task: str, split: str, need_labels: bool = False,
     if not path:
         who = f" ({needed_by} needs one)" if needed_by else ""
         raise DataError(f"task '{task}' has no {split} file in the pool config{who}; add pool tasks.{task}.{split}")
+    if pool.model_class == "clip_zero_shot":  # image paths (adamerge/clip_zero_shot.py)
+        from .clip_zero_shot import read_images
+
+        return read_images(pool, task, split, path, need_labels)
     if need_labels and pool.model_class in TEXT_ANSWERS:
         return read_jsonl(path, task, key=split, need_targets=True, classes=getattr(spec, "classes", None),
                           tokenizer=tokenizer)
@@ -111,9 +115,9 @@ def check_data(pool) -> None:
     """Read every data file the pool names, before anything is trained: each line JSON with a string
     'text'; test and validation labels integers in [0, num_labels) (sequence classification pools) or
     string targets, one of the task's ``classes`` when it has them (causal and seq2seq LM pools; seq2seq:
-    label words and targets with tokens, adamerge/seq2seq.py). Raises DataError naming task, file, line
-    and the fix."""
-    labelled = pool.model_class in ("sequence_classification", *TEXT_ANSWERS)  # only these pools are evaluated
+    label words and targets with tokens, adamerge/seq2seq.py), or image files (clip_zero_shot pools).
+    Raises DataError naming task, file, line and the fix."""
+    labelled = pool.model_class in ("sequence_classification", "clip_zero_shot", *TEXT_ANSWERS)  # the evaluated pools
     tok = None
     if pool.model_class == "seq2seq_lm":
         from .seq2seq import check_pool
@@ -144,13 +148,15 @@ def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tens
 
 def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop padding columns no row of this batch uses (inputs are padded to max_length once)."""
+    if "attention_mask" not in batch:  # images: nothing padded
+        return batch
     n = int(batch["attention_mask"].sum(1).max())
     return {k: v[:, :n] for k, v in batch.items()}
 
 
 def batches(enc: dict[str, torch.Tensor], size: int, device: torch.device | str | None = None) -> list[dict]:
     """``enc`` cut into consecutive batches of ``size`` rows, each trimmed to its longest row."""
-    n = enc["attention_mask"].shape[0]
+    n = next(iter(enc.values())).shape[0]
     return [trim({k: v[i:i + size].to(device) if device else v[i:i + size] for k, v in enc.items()})
             for i in range(0, n, size)]
 
@@ -178,7 +184,7 @@ class StepBatches(IterableDataset):
     def batch(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
         out = {}
         for k, (task, enc) in enumerate(self.encoded.items()):
-            n = enc["input_ids"].shape[0]
+            n = next(iter(enc.values())).shape[0]
             idx = step_indices(n, self.batch_size, step, self.seed, k)[self.rank:: self.world]
             out[task] = trim({name: v[idx] for name, v in enc.items()})
         return out
@@ -194,7 +200,7 @@ class CalibrationDataModule(pl.LightningDataModule):
     """Unlabeled calibration texts of every task, tokenized once, served one global step at a time."""
 
     def __init__(self, calibration: dict[str, list[str]], tokenizer, batch_size: int = 16,
-                 max_length: int = 64, seed: int = 0, size: int | None = None):
+                 max_length: int = 64, seed: int = 0, size: int | None = None, encoder=None):
         super().__init__()
         if not calibration:
             raise DataError("no calibration data: the pool has no task with a calibration file")
@@ -207,12 +213,18 @@ class CalibrationDataModule(pl.LightningDataModule):
                 raise DataError(f"task '{task}' has no calibration examples")
         self.texts = {t: (v[:size] if size else v) for t, v in calibration.items()}
         self.tokenizer, self.batch_size, self.max_length, self.seed = tokenizer, batch_size, max_length, seed
-        self.encoded = {t: encode(tokenizer, v, max_length) for t, v in self.texts.items()}
+        # ``encoder``: texts (image paths) to model inputs other than by the tokenizer (clip_zero_shot: pixels)
+        self.encoded = {t: encoder(v) if encoder else encode(tokenizer, v, max_length) for t, v in self.texts.items()}
 
     @classmethod
     def from_pool(cls, pool, batch_size: int = 16, max_length: int = 64, seed: int = 0,
                   size: int | None = None, tokenizer=None) -> CalibrationDataModule:
         cal = {name: read_split(pool, name, "calibration")[0] for name in pool.tasks}
+        if pool.model_class == "clip_zero_shot":
+            from .clip_zero_shot import pixel_values
+
+            return cls(cal, None, batch_size=batch_size, max_length=max_length, seed=seed, size=size,
+                       encoder=lambda paths: pixel_values(pool, paths))
         tok = tokenizer or load_tokenizer(pool.base_path, causal=pool.model_class == "causal_lm")
         return cls(cal, tok, batch_size=batch_size, max_length=max_length, seed=seed, size=size)
 

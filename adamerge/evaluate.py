@@ -3,6 +3,7 @@
 Sequence classifiers are scored here; causal LMs (label words or exact match) by adamerge/evaluate_lm.py and
 seq2seq LMs (label words or first token) by adamerge/seq2seq.py, behind the same ``load_test_sets`` and
 ``evaluate_params``, so every row and the table are the same.
+CLIP zero-shot pools' test images are read and scored, a batch at a time, by adamerge/clip_zero_shot.py.
 
 Normalized accuracy is averaged per task: mean_t acc_merged(t) / acc_expert(t) (as TALL masks and
 LiNeS report it), not the ratio of averages.
@@ -18,12 +19,14 @@ import torch
 from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
 
+from .clip_zero_shot import ImageTestSet, image_accuracy
+from .clip_zero_shot import load_test_sets as load_image_test_sets
 from .data import batches, encode, read_split
 from .evaluate_lm import LMTestSet, lm_accuracy, load_lm_test_sets
 from .seq2seq import Seq2SeqTestSet, load_seq2seq_test_sets, seq2seq_accuracy
 
-TestSets = dict[str, tuple[dict[str, torch.Tensor], torch.Tensor, int] | LMTestSet | Seq2SeqTestSet]
-EVALUATED = ("sequence_classification", "causal_lm", "seq2seq_lm")  # the pool model classes with a per-task accuracy
+TestSets = dict[str, tuple[dict[str, torch.Tensor], torch.Tensor, int] | LMTestSet | Seq2SeqTestSet | ImageTestSet]
+EVALUATED = ("sequence_classification", "causal_lm", "seq2seq_lm", "clip_zero_shot")  # the pool model classes with a per-task accuracy
 
 
 def load_test_sets(pool, tokenizer, max_length: int = 64, max_examples: int | None = None,
@@ -36,6 +39,8 @@ def load_test_sets(pool, tokenizer, max_length: int = 64, max_examples: int | No
         return load_lm_test_sets(pool, tokenizer, max_examples, split, max_new_tokens)
     if pool.model_class == "seq2seq_lm":
         return load_seq2seq_test_sets(pool, tokenizer, max_examples, split)
+    if pool.model_class == "clip_zero_shot":  # image files, read when scored (adamerge/clip_zero_shot.py)
+        return load_image_test_sets(pool, max_examples, split)
     out = {}
     for name, spec in pool.tasks.items():
         if not getattr(spec, split):
@@ -78,6 +83,9 @@ def evaluate_params(base: torch.nn.Module, params_for_task: Callable[[str], dict
             continue
         if isinstance(ts, Seq2SeqTestSet):
             res[task] = seq2seq_accuracy(base, params, ts, batch_size)
+            continue
+        if isinstance(ts, ImageTestSet):
+            res[task] = image_accuracy(base, params, ts, batch_size)
             continue
         enc, labels, n_cls = ts
         res[task] = accuracy(lambda b, p=params: functional_call(base, p, args=(), kwargs=b).logits,

@@ -3,7 +3,8 @@
 Layout of an export directory::
 
     model/                 merged model, loadable with transformers ``from_pretrained`` (+ tokenizer);
-                           its ``classifier.*`` is the base's, not a task's
+                           its ``classifier.*`` is the base's, not a task's (clip_zero_shot: the vision
+                           tower, ``CLIPVisionModelWithProjection``, + image processor; heads/ are zero-shot)
     tasks/<task>/          sequence classification: merged backbone + that task's head, config and labels
     README.md              model card: base, experts, method and its config, coefficients, evaluation
     heads/<task>.safetensors, heads.json   each task's own head, so every task can be served
@@ -179,6 +180,10 @@ def model_card(pool, report: dict, method_cfg: dict | None, eval_md: str | None)
                   f'tokenizer = AutoTokenizer.from_pretrained("export/tasks/{task}")', "```", "",
                   "`model/` is the merged backbone with the *base's* classifier head (not any task's): "
                   "use `tasks/<task>/` to classify."]
+    elif pool.model_class == "clip_zero_shot":
+        from .clip_zero_shot import how_to_load
+
+        lines += how_to_load(pool)
     else:
         from .pool import MODEL_CLASSES
 
@@ -202,11 +207,12 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
 
     def write(tmp: Path) -> None:
         model_dir = tmp / "model"
-        pool.base_model.save_pretrained(model_dir, state_dict=merged_sd)
+        pool.base_model.save_pretrained(model_dir, state_dict=merged_sd)  # clip_zero_shot: + image processor
         try:
             from .data import load_tokenizer
 
-            load_tokenizer(pool.base_path).save_pretrained(model_dir)
+            if pool.model_class != "clip_zero_shot":  # its export is the vision tower: no text tokenizer
+                load_tokenizer(pool.base_path).save_pretrained(model_dir)
         except (OSError, ValueError):
             pass  # a base without a tokenizer exports the model alone
         heads_meta = {}

@@ -27,6 +27,7 @@ MODEL_CLASSES = {
     "sequence_classification": "AutoModelForSequenceClassification",
     "causal_lm": "AutoModelForCausalLM",
     "seq2seq_lm": "AutoModelForSeq2SeqLM",
+    "clip_zero_shot": "CLIPModel",  # built by adamerge/clip_zero_shot.py: vision tower + zero-shot heads
     "auto": "AutoModel",
 }
 TEXT_ANSWERS = ("causal_lm", "seq2seq_lm")  # pools whose tasks answer in text: "target" strings, label words
@@ -47,6 +48,7 @@ class TaskSpec:
     num_labels: int | None = None
     label_names: list[str] | None = None
     classes: list[str] | None = None  # LMs: label words scored after the prompt (none: exact match, first token)
+    templates: list[str] | None = None  # clip_zero_shot: prompt templates of the zero-shot head ({} = class name)
 
 
 def build_model(model_class: str, path: str | Path, **kwargs) -> nn.Module:
@@ -85,13 +87,21 @@ class ModelPool:
         self.model_class = model_class
         self.tasks = dict(tasks)
         self.head_prefixes = tuple(head_prefixes)
+        self.fixed_heads: dict[str, dict[str, torch.Tensor]] = {}  # heads the family builds (not the experts')
+        self.optional_names: set[str] = set()  # shared tensors an expert may lack (then the base's)
+        self.ignored_prefixes: tuple[str, ...] = ()  # expert tensors outside the pool's model (not merged)
         kwargs = {}
         if model_class == "sequence_classification":
             nl = [t.num_labels for t in self.tasks.values() if t.num_labels]
             if nl:
                 # the base's own head is only a fallback; a wrong size must reach the per-task head check
                 kwargs.update(num_labels=nl[0], ignore_mismatched_sizes=True)
-        self.base_model: nn.Module = build_model(model_class, self.base_path, **kwargs)
+        if model_class == "clip_zero_shot":
+            from .clip_zero_shot import setup_pool
+
+            setup_pool(self)  # sets base_model, fixed_heads, optional_names, ignored_prefixes
+        else:
+            self.base_model: nn.Module = build_model(model_class, self.base_path, **kwargs)
         self.base_model.eval().requires_grad_(False)
         self._params = dict(self.base_model.named_parameters())
         prefix = getattr(self.base_model, "base_model_prefix", "") or ""
@@ -139,14 +149,14 @@ class ModelPool:
         for fname in names:
             canon = self._canonical(fname)
             if canon is None:
-                if self._is_buffer_name(fname):
+                if self._is_buffer_name(fname) or fname.startswith(self.ignored_prefixes):
                     continue  # buffers such as position_ids are not merged
                 raise PoolError(
                     f"expert '{e.name}' ({e.path}): extra tensor '{fname}' that the base model does not have "
                     "(different architecture?)"
                 )
             e.file_names[canon] = fname
-        missing = [n for n in self.shared_names() if n not in e.file_names]
+        missing = [n for n in self.shared_names() if n not in e.file_names and n not in self.optional_names]
         if missing:
             raise PoolError(
                 f"expert '{e.name}' ({e.path}): missing tensor '{missing[0]}'"
@@ -241,8 +251,8 @@ class ModelPool:
         """The expert's full value of one tensor (base + its delta), read lazily."""
         e = self.experts[task]
         if name not in e.file_names:
-            if e.is_lora and name in self._params:
-                return self.base_tensor(name)  # LoRA leaves this tensor untouched
+            if (e.is_lora or name in self.optional_names) and name in self._params:
+                return self.base_tensor(name)  # LoRA (or an expert without it) leaves this tensor untouched
             raise PoolError(f"expert '{task}' ({e.path}): missing tensor '{name}'")
         if self._is_lora_module(e, name):
             return self.base_tensor(name) + self._lora_delta(e, name).to(self._params[name].dtype)
@@ -295,11 +305,12 @@ class ModelPool:
         for n in self.head_names():
             e = self.experts[task]
             out[n] = self.expert_tensor(task, n) if n in e.file_names else self.base_tensor(n)
-        return out
+        return {**out, **self.fixed_heads.get(task, {})}
 
     def iter_expert_state(self, task: str) -> Iterator[tuple[str, torch.Tensor]]:
+        fixed = self.fixed_heads.get(task, {})
         for n in self._params:
-            yield n, self.expert_tensor(task, n)
+            yield n, fixed[n] if n in fixed else self.expert_tensor(task, n)
 
     def fingerprint(self) -> dict:
         """What a checkpoint's coefficients were learned on (adamerge/fingerprint.py), computed once per pool."""

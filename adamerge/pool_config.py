@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from .clip_zero_shot import check_class_names, check_templates
 from .errors import PoolError, refuse_unknown_keys
 from .pool import TEXT_ANSWERS, ModelPool, TaskSpec
 
@@ -30,6 +31,7 @@ def pool_from_config(cfg: dict) -> ModelPool:
             validation=t.get("validation"),
             num_labels=t.get("num_labels"), label_names=list(t["label_names"]) if t.get("label_names") else None,
             classes=check_classes(name, t.get("classes"), cfg.get("model_class", "sequence_classification")),
+            templates=check_templates(name, t.get("templates"), cfg.get("model_class", "sequence_classification")),
         )
     return ModelPool(
         cfg["base"], tasks, model_class=cfg.get("model_class", "sequence_classification"),
@@ -39,7 +41,10 @@ def pool_from_config(cfg: dict) -> ModelPool:
 
 
 def check_classes(task: str, classes, model_class: str) -> list[str] | None:
-    """A causal or seq2seq LM task's label words: two or more distinct non-empty strings, or None."""
+    """A causal or seq2seq LM task's label words: two or more distinct non-empty strings, or None; a
+    clip_zero_shot task's class names (required)."""
+    if model_class == "clip_zero_shot":
+        return check_class_names(task, classes)
     if classes is None:
         return None
     key = f"pool.tasks.{task}.classes"

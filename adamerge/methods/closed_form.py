@@ -94,6 +94,10 @@ class DeltaMerge(MergeAlgorithm):
             self._tokenizer = load_tokenizer(self.pool.base_path, causal=self.causal)
         if not texts:
             return []
+        if self.pool.model_class == "clip_zero_shot":  # image paths (adamerge/clip_zero_shot.py)
+            from ..clip_zero_shot import pixel_values
+
+            return batches(pixel_values(self.pool, texts), bs, self.merged.device)
         enc = encode(self._tokenizer, texts, max_length)
         return batches(enc, bs, self.merged.device)
 

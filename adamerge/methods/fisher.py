@@ -79,10 +79,11 @@ class FisherMerging(DeltaMerge):
         count = torch.zeros((), dtype=torch.float64)
         with torch.enable_grad():
             for batch in self.calibration_batches(task):
-                for i in range(batch["input_ids"].shape[0]):
+                for i in range(next(iter(batch.values())).shape[0]):
                     ex = {key: v[i:i + 1] for key, v in batch.items()}
-                    n_tok = int(ex["attention_mask"].sum())
-                    ex = {key: v[:, :n_tok] for key, v in ex.items()}  # right padding only
+                    if "attention_mask" in ex:  # text: right padding only (images have none)
+                        n_tok = int(ex["attention_mask"].sum())
+                        ex = {key: v[:, :n_tok] for key, v in ex.items()}
                     # one generator per example (by its index in the whole set): the same draws
                     # whatever the number of processes
                     g = torch.Generator().manual_seed(seed * 1_000_003 + rank + world * int(count))

@@ -1,0 +1,333 @@
+"""``model_class: clip_zero_shot``: image classification with CLIP, as in the task-arithmetic papers.
+
+The base is a ``CLIPModel`` directory; the experts are ``CLIPVisionModel`` (or full ``CLIPModel``)
+directories fine-tuned from it. Only the vision tower (and the visual projection, where an expert has
+one) is merged. Each task's head is its zero-shot classifier, built once from the *base* text tower:
+per class, the L2-normalized text embeddings of ``template.format(class)`` averaged over the task's
+templates and normalized again, the rows scaled by the base's ``logit_scale.exp()``.
+
+The pool's base module is ``ZeroShotCLIP``: the base's vision tower and projection with a bias-free
+``classifier`` whose weight is the task's head (``ModelPool.fixed_heads``), so ``functional_call`` with
+merged weights and that head gives ``logits = head @ normalize(image_embeds)`` like any classifier's.
+Data files are image folders (``<dir>/<class>/*.png``) or JSON lines of ``{"image": path, "label": i}``;
+images go through the base's image processor. The export (``model/``) loads with
+``CLIPVisionModelWithProjection`` or ``CLIPVisionModel`` ``.from_pretrained`` and holds the image processor.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DataError, PoolError
+
+HEAD = "classifier.weight"  # the per-task zero-shot head in ZeroShotCLIP
+DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
+EXPERT_IGNORED = ("text_model.", "text_projection.", "logit_scale")  # a full CLIPModel expert's non-vision part
+VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
+                 "image_size", "num_channels")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pool keys
+# ----------------------------------------------------------------------------------------------
+def check_class_names(task: str, classes) -> list[str]:
+    """A zero-shot task's class names: required, two or more distinct non-empty strings."""
+    key = f"pool.tasks.{task}.classes"
+    if classes is None or (isinstance(classes, (list, tuple)) and not classes):
+        raise PoolError(f"{key} is required for a clip_zero_shot task: the class names its zero-shot head is "
+                        "built from, in label order (e.g. classes: [cat, dog])")
+    if (not isinstance(classes, (list, tuple)) or len(classes) < 2
+            or not all(isinstance(c, str) and c.strip() for c in classes)):
+        raise PoolError(f"{key} must be a list of two or more class names (non-empty strings), got {classes!r}")
+    if len({c.strip() for c in classes}) != len(classes):
+        raise PoolError(f"{key}: class names must differ, got {list(classes)!r}")
+    return list(classes)
+
+
+def check_templates(task: str, templates, model_class: str) -> list[str] | None:
+    """A zero-shot task's prompt templates, each with one ``{}`` for the class name; None: the defaults."""
+    key = f"pool.tasks.{task}.templates"
+    if templates is None:
+        return None
+    if model_class != "clip_zero_shot":
+        raise PoolError(f"{key}: templates apply to clip_zero_shot pools only")
+    if not isinstance(templates, (list, tuple)) or not templates or not all(isinstance(t, str) for t in templates):
+        raise PoolError(f"{key} must be a non-empty list of strings such as 'a photo of a {{}}.', got {templates!r}")
+    for t in templates:
+        try:
+            ok = "{}" in t and t.format("x") is not None
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise PoolError(f"{key}: template {t!r} must hold exactly one '{{}}' where the class name goes "
+                            "(and no other braces), e.g. 'a photo of a {}.'")
+    return list(templates)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pool's base module
+# ----------------------------------------------------------------------------------------------
+class ZeroShotCLIP(nn.Module):
+    """CLIP's vision tower + projection, and a classifier over normalized image embeddings (the task's head)."""
+
+    base_model_prefix = "vision_model"  # a CLIPVisionModel saved by transformers 5 has no "vision_model." in its keys
+
+    def __init__(self, hf_model: nn.Module, head: torch.Tensor, image_processor):
+        super().__init__()
+        self.vision_model = hf_model.vision_model
+        self.visual_projection = hf_model.visual_projection
+        self.classifier = nn.Linear(head.shape[1], head.shape[0], bias=False)
+        with torch.no_grad():
+            self.classifier.weight.copy_(head)
+        object.__setattr__(self, "hf_model", hf_model)  # a CLIPVisionModelWithProjection over the same modules
+        self.image_processor = image_processor
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        out = self.vision_model(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
+        emb = F.normalize(self.visual_projection(out.pooler_output), dim=-1)
+        return ImageClassifierOutput(logits=self.classifier(emb), hidden_states=out.hidden_states)
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **kwargs) -> None:
+        """A ``CLIPVisionModelWithProjection`` directory (``state_dict``'s vision weights) with the image processor."""
+        sd = {k: v for k, v in (state_dict or self.state_dict()).items() if not k.startswith("classifier.")}
+        self.hf_model.save_pretrained(path, state_dict=sd, **kwargs)
+        self.image_processor.save_pretrained(path)
+
+
+def _vision_config(path: Path, what: str):
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise PoolError(f"{what} ({path}): cannot read its config ({e})") from e
+    if cfg.model_type in ("clip", "clip_vision_model"):
+        return cfg.vision_config if cfg.model_type == "clip" else cfg
+    raise PoolError(f"{what} ({path}) is a {cfg.model_type} model, not a CLIP one; a clip_zero_shot pool needs "
+                    "CLIPVisionModel or CLIPModel directories")
+
+
+def check_expert_config(task: str, path: Path, base_path: Path, base_vision) -> None:
+    """A one-line PoolError when an expert directory's vision config differs from the base's."""
+    if not (path.is_dir() and (path / "config.json").exists()):
+        return  # a single state-dict file or an adapter: its tensors are checked by name and shape
+    vis = _vision_config(path, f"expert '{task}'")
+    diffs = [f"{k} {getattr(vis, k, None)} vs base {getattr(base_vision, k, None)}" for k in VISION_FIELDS
+             if getattr(vis, k, None) != getattr(base_vision, k, None)]
+    if diffs:
+        raise PoolError(f"expert '{task}' ({path}): its vision config differs from the base's ({', '.join(diffs)}); "
+                        f"give an expert fine-tuned from the base {base_path}")
+
+
+@torch.no_grad()
+def zero_shot_head(clip: nn.Module, tokenizer, classes: list[str], templates: list[str]) -> torch.Tensor:
+    """``[C, projection_dim]``: per class, the mean of the normalized text embeddings of its templates,
+    normalized, times ``logit_scale.exp()``."""
+    texts = [t.format(c) for c in classes for t in templates]
+    max_len = clip.config.text_config.max_position_embeddings
+    embs = []
+    for i in range(0, len(texts), 256):
+        enc = tokenizer(texts[i:i + 256], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        out = clip.get_text_features(input_ids=enc["input_ids"], attention_mask=enc.get("attention_mask"))
+        embs.append(F.normalize(getattr(out, "pooler_output", out).float(), dim=-1))
+    per_class = torch.cat(embs).view(len(classes), len(templates), -1).mean(1)
+    return F.normalize(per_class, dim=-1) * clip.logit_scale.float().exp()
+
+
+def setup_pool(pool) -> None:
+    """Build ``pool.base_model`` (ZeroShotCLIP) and the tasks' zero-shot heads; check every task's keys
+    and every expert's vision config first. Called by ``ModelPool.__init__``."""
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoTokenizer,
+        CLIPModel,
+        CLIPVisionModelWithProjection,
+    )
+
+    for name, spec in pool.tasks.items():
+        classes = check_class_names(name, spec.classes)
+        check_templates(name, spec.templates, pool.model_class)
+        if spec.num_labels is not None and spec.num_labels != len(classes):
+            raise PoolError(f"task '{name}': num_labels {spec.num_labels} but {len(classes)} classes; drop "
+                            "num_labels (a clip_zero_shot task has one label per class)")
+        pool.tasks[name] = dataclasses.replace(spec, num_labels=len(classes), label_names=list(classes))
+    base = pool.base_path
+    where = f"base model {base}"
+    try:
+        base_cfg = AutoConfig.from_pretrained(str(base))
+    except (OSError, ValueError) as e:
+        raise PoolError(f"{where}: cannot read its config ({e})") from e
+    if base_cfg.model_type != "clip":
+        raise PoolError(f"{where} is a {base_cfg.model_type} model; a clip_zero_shot base is a CLIPModel directory "
+                        "(vision and text tower: the zero-shot heads are built from its text tower)")
+    base_vision = base_cfg.vision_config
+    for name, spec in pool.tasks.items():
+        check_expert_config(name, Path(spec.expert), base, base_vision)
+    try:
+        clip = CLIPModel.from_pretrained(str(base)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+        processor = AutoImageProcessor.from_pretrained(str(base))
+    except (OSError, ValueError) as e:
+        raise PoolError(f"{where}: cannot load the CLIPModel, its tokenizer and its image processor ({e}); "
+                        "save all three into the base directory") from e
+    heads = {name: zero_shot_head(clip, tokenizer, spec.classes, spec.templates or DEFAULT_TEMPLATES)
+             for name, spec in pool.tasks.items()}
+    vcfg = copy.deepcopy(clip.config.vision_config)
+    vcfg.projection_dim = clip.config.projection_dim
+    with torch.device("meta"):  # an empty shell around the base's own vision modules: what the export saves
+        vision = CLIPVisionModelWithProjection(vcfg)
+    vision.vision_model, vision.visual_projection = clip.vision_model, clip.visual_projection
+    del clip  # the text tower is not needed again
+    dtype = vision.visual_projection.weight.dtype
+    pool.fixed_heads = {t: {HEAD: h.to(dtype)} for t, h in heads.items()}
+    pool.base_model = ZeroShotCLIP(vision, pool.fixed_heads[pool.task_names[0]][HEAD], processor)
+    pool.optional_names = {"visual_projection.weight"}  # a CLIPVisionModel expert has none: the base's
+    pool.ignored_prefixes = EXPERT_IGNORED
+    if "classifier." not in pool.head_prefixes:
+        pool.head_prefixes = (*pool.head_prefixes, "classifier.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def _open_check(p: Path, where: str, key: str) -> None:
+    from PIL import Image
+
+    if not p.is_file():
+        raise DataError(f"{where}: image {p} does not exist; fix the path under pool {key} (relative paths are read "
+                        "from the jsonl file's folder)")
+    try:
+        with Image.open(p) as im:
+            im.size  # noqa: B018  (the header is read: the file is an image PIL can decode)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{where}: image {p} does not open as an image ({e}); replace or remove it") from e
+
+
+def read_images(pool, task: str, split: str, path: str, need_labels: bool) -> tuple[list[str], list[int]]:
+    """Image paths (and labels) of one split: an image folder (``<dir>/<class>/*``; calibration: any images
+    under it) or a JSON-lines file of ``{"image": path, "label": int}``. Every image is checked to open."""
+    p, classes, key = Path(path), pool.tasks[task].classes, f"tasks.{task}.{split}"
+    where = f"task '{task}': {split} {'folder' if p.is_dir() else 'file'} {p}"
+    if not p.exists():
+        raise DataError(f"{where} does not exist; fix the path under pool {key}")
+    paths, labels = [], []
+    if p.is_dir():
+        for f in sorted(p.rglob("*")):
+            if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
+                continue
+            rel = f.relative_to(p).parts
+            if need_labels:
+                if len(rel) != 2 or rel[0] not in classes:
+                    raise DataError(f"{where}: {f} is not in a folder named after one of the task's classes "
+                                    f"{classes} (<dir>/<class>/<image>); move it or fix pool tasks.{task}.classes")
+                labels.append(classes.index(rel[0]))
+            paths.append(str(f))
+    else:
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where} line {i} is not valid JSON ({e}); each line must be one JSON object") from e
+            if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+                raise DataError(f"{where} line {i} has no string 'image' field; write each line as "
+                                '{"image": "path/to/image.png", "label": 0}')
+            img = Path(row["image"]) if Path(row["image"]).is_absolute() else p.parent / row["image"]
+            _open_check(img, f"{where} line {i}", key)
+            paths.append(str(img))
+            if need_labels:
+                y = row.get("label")
+                if isinstance(y, bool) or not isinstance(y, int) or not 0 <= y < len(classes):
+                    raise DataError(f"{where} line {i}: label {y!r} is not a class index in [0, {len(classes)}) "
+                                    f"(the task's classes {classes}); fix the label or pool tasks.{task}.classes")
+                labels.append(y)
+    if not paths:
+        raise DataError(f"{where} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); give at least one")
+    if p.is_dir():
+        for f in paths:
+            _open_check(Path(f), where, key)
+    return paths, labels
+
+
+def pixel_values(pool, paths: list[str], chunk: int = 64) -> dict[str, torch.Tensor]:
+    """``{"pixel_values": [N, 3, H, W]}`` of the images at ``paths``, by the base's image processor."""
+    from PIL import Image
+
+    processor = pool.base_model.image_processor
+    out = []
+    for i in range(0, len(paths), chunk):
+        images = []
+        for f in paths[i:i + chunk]:
+            try:
+                with Image.open(f) as im:
+                    images.append(im.convert("RGB"))
+            except (OSError, ValueError) as e:
+                raise DataError(f"image {f} cannot be read ({e}); replace or remove it") from e
+        out.append(processor(images=images, return_tensors="pt")["pixel_values"])
+    return {"pixel_values": torch.cat(out)}
+
+
+@dataclasses.dataclass
+class ImageTestSet:
+    """One task's labelled images, read and processed one batch at a time when scored (a test set of
+    thousands of images never sits in memory as pixels)."""
+
+    paths: list[str]
+    labels: torch.Tensor
+    pool: object  # its base module's image processor reads them
+
+
+def load_test_sets(pool, max_examples: int | None = None, split: str = "test") -> dict[str, ImageTestSet]:
+    """{task: ImageTestSet} from each task's labelled ``split``; tasks without one are left out."""
+    from .data import read_split
+
+    out = {}
+    for name, spec in pool.tasks.items():
+        if not getattr(spec, split):
+            continue
+        paths, labels = read_split(pool, name, split, need_labels=True)
+        if max_examples:
+            paths, labels = paths[:max_examples], labels[:max_examples]
+        out[name] = ImageTestSet(paths, torch.tensor(labels), pool)
+    return out
+
+
+@torch.no_grad()
+def image_accuracy(base: nn.Module, params: dict[str, torch.Tensor], ts: ImageTestSet, batch_size: int = 64) -> float:
+    """Top-1 accuracy of ``base`` run with ``params`` (merged weights + the task's head) on ``ts``."""
+    from torch.func import functional_call
+
+    device = next(base.parameters()).device
+    correct = 0
+    for i in range(0, len(ts.paths), batch_size):
+        x = pixel_values(ts.pool, ts.paths[i:i + batch_size])["pixel_values"].to(device)
+        logits = functional_call(base, params, args=(), kwargs={"pixel_values": x}).logits
+        correct += int((logits.argmax(-1).cpu() == ts.labels[i:i + batch_size]).sum())
+    return correct / len(ts.paths)
+
+
+def how_to_load(pool) -> list[str]:
+    """The model card's "How to load" lines."""
+    task = pool.task_names[0]
+    return ["`model/` is the merged vision tower with its projection (`CLIPVisionModelWithProjection`; "
+            "`CLIPVisionModel` loads the tower alone) and the image processor; `heads/<task>.safetensors` holds "
+            f"each task's zero-shot head `{HEAD}` (logit scale included):", "", "```python",
+            "import torch.nn.functional as F", "from safetensors.torch import load_file",
+            "from transformers import AutoImageProcessor, CLIPVisionModelWithProjection",
+            'model = CLIPVisionModelWithProjection.from_pretrained("export/model")',
+            'processor = AutoImageProcessor.from_pretrained("export/model")',
+            f'head = load_file("export/heads/{task}.safetensors")["{HEAD}"]',
+            'emb = model(**processor(images=image, return_tensors="pt")).image_embeds',
+            "logits = F.normalize(emb, dim=-1) @ head.T", "```"]
