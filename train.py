@@ -167,7 +167,7 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     from adamerge.checkpointing import AtomicCheckpointIO, Interrupted, SaveOnInterrupt
     from adamerge.config import ConfigError
     from adamerge.data import CalibrationDataModule
-    from adamerge.evaluate import EVALUATED, load_test_sets
+    from adamerge.evaluate import load_test_sets
     from adamerge.loggers import build_loggers
     from adamerge.progress import ProgressLog, StepProgressBar
     from adamerge.start_vs_end import calibration_objective, choose, gather_merges, monitor_batches, snapshot
@@ -209,16 +209,14 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     method.cpu()
     validation = (load_test_sets(pool, dm.tokenizer, c["data"]["max_length"], split="validation",
                                  max_new_tokens=c["evaluate"]["max_new_tokens"])
-                  if pool.model_class in EVALUATED else {})
+                  if pool.family.evaluated else {})
     return start_state, choose(method, start_state, start_loss, monitor, validation, c["evaluate"]["batch_size"])
 
 
 def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -> dict | None:
     """Per-task test accuracy of the reference rows, the start (learned methods) and the merge; the
     table is printed and saved (eval.json). None when there is nothing to evaluate."""
-    from adamerge.data import load_tokenizer
     from adamerge.evaluate import (
-        EVALUATED,
         evaluate_params,
         load_test_sets,
         markdown,
@@ -228,9 +226,9 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
     )
     from adamerge.start_vs_end import merged_at
 
-    if not c["evaluate"]["enabled"] or pool.model_class not in EVALUATED:
+    if not c["evaluate"]["enabled"] or not pool.family.evaluated:
         return None
-    tokenizer = load_tokenizer(pool.base_path, causal=pool.model_class == "causal_lm")
+    tokenizer = pool.family.tokenizer(pool)
     tests = load_test_sets(pool, tokenizer, c["data"]["max_length"], c["evaluate"]["max_examples"],
                            max_new_tokens=c["evaluate"]["max_new_tokens"])
     if not tests:

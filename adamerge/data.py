@@ -15,7 +15,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .errors import DataError
-from .pool import TEXT_ANSWERS
 
 
 def read_jsonl(path: str | Path, task: str, need_labels: bool = False, num_labels: int | None = None,
@@ -92,38 +91,27 @@ def read_split(pool, task: str, split: str, need_labels: bool = False,
     """Texts and, with ``need_labels``, the answers of ``task``'s ``split`` file (``calibration``,
     ``test`` or ``validation``) in the pool: integer labels checked against the task's ``num_labels``
     (sequence classification), or target strings checked against the task's ``classes`` when it has
-    them (causal/seq2seq LMs; with a ``tokenizer``, that they have tokens). A DataError naming the task
-    and the pool key when it has no such file. The one way methods, the data module and evaluation read
-    a task's data."""
+    them (causal/seq2seq LMs; with a ``tokenizer``, that they have tokens), or image paths (CLIP), as the
+    pool's family reads them (adamerge/families/). A DataError naming the task and the pool key when it
+    has no such file. The one way methods, the data module and evaluation read a task's data."""
     spec = pool.tasks[task]
     path = getattr(spec, split, None)
     if not path:
         who = f" ({needed_by} needs one)" if needed_by else ""
         raise DataError(f"task '{task}' has no {split} file in the pool config{who}; add pool tasks.{task}.{split}")
-    if pool.model_class == "clip_zero_shot":  # image paths (adamerge/clip_zero_shot.py)
-        from .clip_zero_shot import read_images
-
-        return read_images(pool, task, split, path, need_labels)
-    if need_labels and pool.model_class in TEXT_ANSWERS:
-        return read_jsonl(path, task, key=split, need_targets=True, classes=getattr(spec, "classes", None),
-                          tokenizer=tokenizer)
-    return read_jsonl(path, task, need_labels=need_labels,
-                      num_labels=pool.num_labels(task) if need_labels else None, key=split)
+    return pool.family.read_split(pool, task, split, path, need_labels, tokenizer)
 
 
 def check_data(pool) -> None:
     """Read every data file the pool names, before anything is trained: each line JSON with a string
     'text'; test and validation labels integers in [0, num_labels) (sequence classification pools) or
     string targets, one of the task's ``classes`` when it has them (causal and seq2seq LM pools; seq2seq:
-    label words and targets with tokens, adamerge/seq2seq.py), or image files (clip_zero_shot pools).
+    label words and targets with tokens), or image files (clip_zero_shot pools): the pool's family reads
+    each file (adamerge/families/).
     Raises DataError naming task, file, line and the fix."""
-    labelled = pool.model_class in ("sequence_classification", "clip_zero_shot", *TEXT_ANSWERS)  # the evaluated pools
-    tok = None
-    if pool.model_class == "seq2seq_lm":
-        from .seq2seq import check_pool
-
-        tok = load_tokenizer(pool.base_path)
-        check_pool(pool, tok)
+    family = pool.family
+    tok = family.check_data(pool)
+    labelled = family.evaluated  # the answers of evaluated pools' test and validation files are checked
     for name, spec in pool.tasks.items():
         for key in ("calibration", "test", "validation"):
             if getattr(spec, key):
@@ -213,20 +201,17 @@ class CalibrationDataModule(pl.LightningDataModule):
                 raise DataError(f"task '{task}' has no calibration examples")
         self.texts = {t: (v[:size] if size else v) for t, v in calibration.items()}
         self.tokenizer, self.batch_size, self.max_length, self.seed = tokenizer, batch_size, max_length, seed
-        # ``encoder``: texts (image paths) to model inputs other than by the tokenizer (clip_zero_shot: pixels)
+        # ``encoder``: a task's calibration items (texts; image paths) to model inputs (default: the tokenizer)
         self.encoded = {t: encoder(v) if encoder else encode(tokenizer, v, max_length) for t, v in self.texts.items()}
 
     @classmethod
     def from_pool(cls, pool, batch_size: int = 16, max_length: int = 64, seed: int = 0,
                   size: int | None = None, tokenizer=None) -> CalibrationDataModule:
         cal = {name: read_split(pool, name, "calibration")[0] for name in pool.tasks}
-        if pool.model_class == "clip_zero_shot":
-            from .clip_zero_shot import pixel_values
-
-            return cls(cal, None, batch_size=batch_size, max_length=max_length, seed=seed, size=size,
-                       encoder=lambda paths: pixel_values(pool, paths))
-        tok = tokenizer or load_tokenizer(pool.base_path, causal=pool.model_class == "causal_lm")
-        return cls(cal, tok, batch_size=batch_size, max_length=max_length, seed=seed, size=size)
+        family = pool.family
+        tok = tokenizer or family.tokenizer(pool)
+        return cls(cal, tok, batch_size=batch_size, max_length=max_length, seed=seed, size=size,
+                   encoder=lambda items: family.encode(pool, items, tok, max_length))
 
     def _world(self) -> tuple[int, int, int]:
         trainer = self.trainer

@@ -1,9 +1,8 @@
 """Per-task accuracy through each task's own head; absolute and normalized averages as one table.
 
-Sequence classifiers are scored here; causal LMs (label words or exact match) by adamerge/evaluate_lm.py and
-seq2seq LMs (label words or first token) by adamerge/seq2seq.py, behind the same ``load_test_sets`` and
-``evaluate_params``, so every row and the table are the same.
-CLIP zero-shot pools' test images are read and scored, a batch at a time, by adamerge/clip_zero_shot.py.
+Each model family (adamerge/families/) loads its own test sets — encoded texts of a classifier, prompts
+and label words of an LM, image files of CLIP — and each test set scores itself (``accuracy``), so every
+row and the table are the same whatever the family.
 
 Normalized accuracy is averaged per task: mean_t acc_merged(t) / acc_expert(t) (as TALL masks and
 LiNeS report it), not the ratio of averages.
@@ -14,47 +13,22 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.func import functional_call
 from torchmetrics.classification import MulticlassAccuracy
 
-from .clip_zero_shot import ImageTestSet, image_accuracy
-from .clip_zero_shot import load_test_sets as load_image_test_sets
-from .data import batches, encode, read_split
-from .evaluate_lm import LMTestSet, lm_accuracy, load_lm_test_sets
-from .seq2seq import Seq2SeqTestSet, load_seq2seq_test_sets, seq2seq_accuracy
+from .data import batches
 
-TestSets = dict[str, tuple[dict[str, torch.Tensor], torch.Tensor, int] | LMTestSet | Seq2SeqTestSet | ImageTestSet]
-EVALUATED = ("sequence_classification", "causal_lm", "seq2seq_lm", "clip_zero_shot")  # the pool model classes with a per-task accuracy
+TestSets = dict[str, Any]  # task -> a family's test set (adamerge/families/), with .accuracy(base, params, batch_size)
 
 
 def load_test_sets(pool, tokenizer, max_length: int = 64, max_examples: int | None = None,
                    split: str = "test", max_new_tokens: int = 16) -> TestSets:
-    """{task: test set} from each task's labelled ``split`` file (``test`` or ``validation``); tasks
-    without one are left out. Classifiers: (encoded inputs, labels, num_classes); causal LMs: an
-    LMTestSet (prompts untruncated; ``max_new_tokens`` caps exact-match generation); seq2seq LMs: a
-    Seq2SeqTestSet (inputs untruncated)."""
-    if pool.model_class == "causal_lm":
-        return load_lm_test_sets(pool, tokenizer, max_examples, split, max_new_tokens)
-    if pool.model_class == "seq2seq_lm":
-        return load_seq2seq_test_sets(pool, tokenizer, max_examples, split)
-    if pool.model_class == "clip_zero_shot":  # image files, read when scored (adamerge/clip_zero_shot.py)
-        return load_image_test_sets(pool, max_examples, split)
-    out = {}
-    for name, spec in pool.tasks.items():
-        if not getattr(spec, split):
-            continue
-        n_cls = pool.num_labels(name)
-        texts, labels = read_split(pool, name, split, need_labels=True)
-        if max_examples:
-            texts, labels = texts[:max_examples], labels[:max_examples]
-        n_cls = n_cls or (max(labels) + 1)
-        enc, y = encode(tokenizer, texts, max_length), torch.tensor(labels)
-        # shortest first: batches of similar lengths carry little padding (accuracy ignores the order)
-        order = torch.argsort(enc["attention_mask"].sum(1), stable=True)
-        out[name] = ({k: v[order] for k, v in enc.items()}, y[order], n_cls)
-    return out
+    """{task: test set} from each task's labelled ``split`` file (``test`` or ``validation``), as the pool's
+    family reads it; tasks without one are left out. Classifier inputs are cut to ``max_length``; LM
+    prompts are not (``max_new_tokens`` caps exact-match generation)."""
+    return pool.family.load_test_sets(pool, tokenizer, max_length, max_examples, split, max_new_tokens)
 
 
 @torch.no_grad()
@@ -72,24 +46,9 @@ def accuracy(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], enc: 
 def evaluate_params(base: torch.nn.Module, params_for_task: Callable[[str], dict[str, torch.Tensor]],
                     test_sets: TestSets, batch_size: int = 64) -> dict[str, float]:
     """Accuracy per task of ``base`` run with ``params_for_task(task)`` (merged weights + that head)."""
-    device = next(base.parameters()).device
     was = base.training
     base.eval()
-    res = {}
-    for task, ts in test_sets.items():
-        params = params_for_task(task)
-        if isinstance(ts, LMTestSet):
-            res[task] = lm_accuracy(base, params, ts, batch_size)
-            continue
-        if isinstance(ts, Seq2SeqTestSet):
-            res[task] = seq2seq_accuracy(base, params, ts, batch_size)
-            continue
-        if isinstance(ts, ImageTestSet):
-            res[task] = image_accuracy(base, params, ts, batch_size)
-            continue
-        enc, labels, n_cls = ts
-        res[task] = accuracy(lambda b, p=params: functional_call(base, p, args=(), kwargs=b).logits,
-                             enc, labels, n_cls, batch_size, device)
+    res = {task: ts.accuracy(base, params_for_task(task), batch_size) for task, ts in test_sets.items()}
     base.train(was)
     return res
 

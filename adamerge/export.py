@@ -172,24 +172,7 @@ def model_card(pool, report: dict, method_cfg: dict | None, eval_md: str | None)
     if eval_md:
         lines += ["## Evaluation", "", eval_md.strip(), ""]
     lines += ["## How to load", ""]
-    if pool.model_class == "sequence_classification":
-        task = pool.task_names[0]
-        lines += ["Each task's model (merged backbone, that task's head and labels):", "", "```python",
-                  "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-                  f'model = AutoModelForSequenceClassification.from_pretrained("export/tasks/{task}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("export/tasks/{task}")', "```", "",
-                  "`model/` is the merged backbone with the *base's* classifier head (not any task's): "
-                  "use `tasks/<task>/` to classify."]
-    elif pool.model_class == "clip_zero_shot":
-        from .clip_zero_shot import how_to_load
-
-        lines += how_to_load(pool)
-    else:
-        from .pool import MODEL_CLASSES
-
-        cls = MODEL_CLASSES.get(pool.model_class, "AutoModel")
-        lines += ["```python", f"from transformers import {cls}", f'model = {cls}.from_pretrained("export/model")',
-                  "```"]
+    lines += pool.family.how_to_load(pool)
     return "\n".join(lines) + "\n"
 
 
@@ -211,7 +194,7 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
         try:
             from .data import load_tokenizer
 
-            if pool.model_class != "clip_zero_shot":  # its export is the vision tower: no text tokenizer
+            if pool.family.saves_tokenizer():  # not CLIP's: its export is the vision tower
                 load_tokenizer(pool.base_path).save_pretrained(model_dir)
         except (OSError, ValueError):
             pass  # a base without a tokenizer exports the model alone
@@ -229,7 +212,7 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
             plot_coefficients(report, tmp / "coefficients.png", losses)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        if task_models and pool.model_class == "sequence_classification":
+        if task_models and pool.family.task_models:
             # model/ carries the base's random head (each tasks/<task> copies the backbone: export.task_models): give each task a directory from_pretrained serves as is
             from transformers import AutoTokenizer
 

@@ -21,16 +21,8 @@ from torch import nn
 
 from .errors import PoolError
 from .expert_files import Expert, load_expert, lora_scaling, strip_prefixes
+from .families import get_family
 from .fingerprint import pool_fingerprint
-
-MODEL_CLASSES = {
-    "sequence_classification": "AutoModelForSequenceClassification",
-    "causal_lm": "AutoModelForCausalLM",
-    "seq2seq_lm": "AutoModelForSeq2SeqLM",
-    "clip_zero_shot": "CLIPModel",  # built by adamerge/clip_zero_shot.py: vision tower + zero-shot heads
-    "auto": "AutoModel",
-}
-TEXT_ANSWERS = ("causal_lm", "seq2seq_lm")  # pools whose tasks answer in text: "target" strings, label words
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,19 +41,6 @@ class TaskSpec:
     label_names: list[str] | None = None
     classes: list[str] | None = None  # LMs: label words scored after the prompt (none: exact match, first token)
     templates: list[str] | None = None  # clip_zero_shot: prompt templates of the zero-shot head ({} = class name)
-
-
-def build_model(model_class: str, path: str | Path, **kwargs) -> nn.Module:
-    """``from_pretrained`` of the pool's model class (offline)."""
-    import transformers
-
-    if model_class not in MODEL_CLASSES:
-        raise PoolError(f"unknown model_class '{model_class}'; choose one of {sorted(MODEL_CLASSES)}")
-    cls = getattr(transformers, MODEL_CLASSES[model_class])
-    try:
-        return cls.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as e:
-        raise PoolError(f"base model {path}: cannot be loaded with {cls.__name__}.from_pretrained ({e})") from e
 
 
 class ModelPool:
@@ -90,18 +69,8 @@ class ModelPool:
         self.fixed_heads: dict[str, dict[str, torch.Tensor]] = {}  # heads the family builds (not the experts')
         self.optional_names: set[str] = set()  # shared tensors an expert may lack (then the base's)
         self.ignored_prefixes: tuple[str, ...] = ()  # expert tensors outside the pool's model (not merged)
-        kwargs = {}
-        if model_class == "sequence_classification":
-            nl = [t.num_labels for t in self.tasks.values() if t.num_labels]
-            if nl:
-                # the base's own head is only a fallback; a wrong size must reach the per-task head check
-                kwargs.update(num_labels=nl[0], ignore_mismatched_sizes=True)
-        if model_class == "clip_zero_shot":
-            from .clip_zero_shot import setup_pool
-
-            setup_pool(self)  # sets base_model, fixed_heads, optional_names, ignored_prefixes
-        else:
-            self.base_model: nn.Module = build_model(model_class, self.base_path, **kwargs)
+        self.family = get_family(model_class)
+        self.base_model: nn.Module = self.family.build_base(self)
         self.base_model.eval().requires_grad_(False)
         self._params = dict(self.base_model.named_parameters())
         prefix = getattr(self.base_model, "base_model_prefix", "") or ""
@@ -112,8 +81,7 @@ class ModelPool:
             self.experts[t.name] = load_expert(t.name, t.expert)
         for e in self.experts.values():
             self.align_and_validate(e, check_finite)
-        if model_class == "sequence_classification":
-            self._check_head_sizes()
+        self.family.check_pool(self)
 
     # -- names -----------------------------------------------------------------------------
     @property
@@ -166,7 +134,7 @@ class ModelPool:
             t = e.source.get(fname)
             self._check_tensor(e, canon, t, check_finite, compare_shape=not self.is_head(canon))
 
-    def _check_head_sizes(self) -> None:
+    def check_head_sizes(self) -> None:
         """Each task's num_labels (and label_names) must be its head's output size; otherwise it would
         train and export a model whose labels mean nothing."""
         names = self.head_names()

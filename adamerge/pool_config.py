@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .clip_zero_shot import check_class_names, check_templates
 from .errors import PoolError, refuse_unknown_keys
-from .pool import TEXT_ANSWERS, ModelPool, TaskSpec
+from .families import get_family
+from .pool import ModelPool, TaskSpec
 
 POOL_KEYS = ["base", "tasks", "model_class", "head_prefixes", "check_finite"]
 
@@ -18,6 +18,8 @@ def pool_from_config(cfg: dict) -> ModelPool:
         if key not in cfg or cfg[key] in (None, "", {}):
             raise PoolError(f"pool config: key '{key}' is required")
     refuse_unknown_keys(cfg, POOL_KEYS, "pool", "a pool config", PoolError)
+    model_class = cfg.get("model_class", "sequence_classification")
+    family = get_family(model_class)
     tasks = {}
     task_keys = [f.name for f in dataclasses.fields(TaskSpec) if f.name != "name"]
     for name, t in cfg["tasks"].items():
@@ -30,34 +32,14 @@ def pool_from_config(cfg: dict) -> ModelPool:
             name=name, expert=t["expert"], calibration=t.get("calibration"), test=t.get("test"),
             validation=t.get("validation"),
             num_labels=t.get("num_labels"), label_names=list(t["label_names"]) if t.get("label_names") else None,
-            classes=check_classes(name, t.get("classes"), cfg.get("model_class", "sequence_classification")),
-            templates=check_templates(name, t.get("templates"), cfg.get("model_class", "sequence_classification")),
+            classes=family.check_classes(name, t.get("classes")),
+            templates=family.check_templates(name, t.get("templates")),
         )
     return ModelPool(
-        cfg["base"], tasks, model_class=cfg.get("model_class", "sequence_classification"),
+        cfg["base"], tasks, model_class=model_class,
         head_prefixes=list(cfg.get("head_prefixes", ["classifier."])),
         check_finite=cfg.get("check_finite", True),
     )
-
-
-def check_classes(task: str, classes, model_class: str) -> list[str] | None:
-    """A causal or seq2seq LM task's label words: two or more distinct non-empty strings, or None; a
-    clip_zero_shot task's class names (required)."""
-    if model_class == "clip_zero_shot":
-        return check_class_names(task, classes)
-    if classes is None:
-        return None
-    key = f"pool.tasks.{task}.classes"
-    if model_class not in TEXT_ANSWERS:
-        raise PoolError(f"{key}: label words apply to {' and '.join(TEXT_ANSWERS)} pools only; a {model_class} "
-                        "task has num_labels (and label_names) instead")
-    if (not isinstance(classes, (list, tuple)) or len(classes) < 2
-            or not all(isinstance(c, str) and c.strip() for c in classes)):
-        raise PoolError(f"{key} must be a list of two or more label words (non-empty strings), got {classes!r}")
-    stripped = [c.strip() for c in classes]
-    if len(set(stripped)) != len(stripped):
-        raise PoolError(f"{key}: label words must differ (ignoring surrounding spaces), got {list(classes)!r}")
-    return list(classes)
 
 
 def load_recipe(path: str | Path):

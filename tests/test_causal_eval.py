@@ -15,9 +15,10 @@ from torch import nn
 import helpers
 from adamerge.data import load_tokenizer
 from adamerge.evaluate import evaluate_params, load_test_sets
-from adamerge.evaluate_lm import class_loglik, greedy_generate, lm_accuracy
+from adamerge.families import get_family
+from adamerge.families.causal import class_loglik, greedy_generate, lm_accuracy
 from adamerge.pool import PoolError
-from adamerge.pool_config import check_classes, pool_from_config
+from adamerge.pool_config import pool_from_config
 
 TOPICS = ["sports", "tech", "food"]
 
@@ -221,4 +222,4 @@ def test_bad_causal_lm_test_data_is_one_line_before_training(tmp_path, capsys, c
 ])
 def test_bad_classes_are_refused(classes, model_class, pattern):
     with pytest.raises(PoolError, match=r"pool.tasks.t.classes.*" + pattern):
-        check_classes("t", classes, model_class)
+        get_family(model_class).check_classes("t", classes)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import helpers
-from adamerge.clip_zero_shot import DEFAULT_TEMPLATES, HEAD
+from adamerge.families.clip import DEFAULT_TEMPLATES, HEAD
 from adamerge.pool import PoolError
 from adamerge.pool_config import pool_from_config
 
@@ -309,8 +309,9 @@ def test_mistakes_are_one_line_before_training(clip_cfg, tmp_path, capsys, case)
     ("classes", ["cat", "cat "], "clip_zero_shot", r"class names must differ"),
 ])
 def test_bad_templates_and_classes_are_refused(key, value, model_class, pattern):
-    from adamerge.pool_config import check_classes, check_templates
+    from adamerge.families import get_family
 
-    check = check_templates if key == "templates" else check_classes
+    family = get_family(model_class)
+    check = family.check_templates if key == "templates" else family.check_classes
     with pytest.raises(PoolError, match=rf"pool.tasks.t.{key}.*{pattern}"):
-        check("t", value, model_class)
+        check("t", value)

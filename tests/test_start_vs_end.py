@@ -10,6 +10,7 @@ import torch
 import helpers
 from adamerge.data import load_tokenizer
 from adamerge.evaluate import accuracy, load_test_sets
+from adamerge.families.classifier import ClassifierTestSet
 from adamerge.methods import get_method
 from adamerge.start_vs_end import calibration_objective, choose, merged_at, monitor_batches, snapshot
 
@@ -25,7 +26,7 @@ def _labelled_by(method, pool, state, sets):
     for task, (enc, _, n_cls) in sets.items():
         with torch.no_grad():
             logits = torch.func.functional_call(pool.base_model, {**params, **pool.head(task)}, args=(), kwargs=enc).logits
-        out[task] = (enc, logits.argmax(-1), n_cls)
+        out[task] = ClassifierTestSet(enc, logits.argmax(-1), n_cls)
     return out
 
 

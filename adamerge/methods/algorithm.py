@@ -66,8 +66,7 @@ class MergeAlgorithm(nn.Module):
         self.method_cfg = self.cfg.as_dict()
         self.tv_cfg = tv_cfg
         object.__setattr__(self, "pool", pool)
-        self.causal = pool.model_class == "causal_lm"
-        self.seq2seq = pool.model_class == "seq2seq_lm"  # one decoder step (adamerge/seq2seq.py)
+        self.family = pool.family  # how a batch is fed and which logits the objectives see
         self.fingerprint = pool.fingerprint()
         self.shard = bool(tv_cfg.get("shard", False))
         if self.shard:

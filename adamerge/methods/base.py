@@ -20,7 +20,6 @@ from ..distributed import dist_rank_world
 from ..merged_model import MergedModel
 from ..objectives import entropy, marginal_entropy
 from ..pool import ModelPool
-from ..seq2seq import first_step_inputs
 from ..task_vectors import TaskVectors
 from .algorithm import MergeAlgorithm
 from .method_config import LearnedConfig, MethodConfig
@@ -52,15 +51,10 @@ class MergeMethod(MergeAlgorithm, pl.LightningModule):
 
     # -- model outputs ------------------------------------------------------------------------
     def task_logits(self, task: str, inputs: dict[str, torch.Tensor], params: dict | None = None):
-        """(logits, mask): per-example logits, next-token logits with padding masked for causal LMs, or the
-        first decoder step's logits ``[batch, vocab]`` for seq2seq LMs."""
-        if self.seq2seq:
-            out = self.merged(task=task, params=params, **first_step_inputs(self.merged.base, inputs))
-            return out.logits[:, 0], None
-        out = self.merged(task=task, params=params, **inputs)
-        if self.causal:
-            return out.logits, inputs.get("attention_mask")
-        return out.logits, None
+        """(logits, mask) the objectives see, as the pool's family defines them: per-example logits,
+        next-token logits with padding masked (causal LMs), the first decoder step's (seq2seq LMs)."""
+        out = self.merged(task=task, params=params, **self.family.model_inputs(self.merged.base, inputs))
+        return self.family.logits(out, inputs)
 
     def task_loss(self, task: str, inputs: dict[str, torch.Tensor], params: dict | None = None) -> torch.Tensor:
         """Default objective: mean prediction entropy of the task's own head (AdaMerging).

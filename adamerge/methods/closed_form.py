@@ -15,12 +15,11 @@ from typing import Any
 import torch
 
 from ..coefficients import Coefficients
-from ..data import batches, encode, load_tokenizer, read_split
+from ..data import batches, read_split
 from ..distributed import dist_rank_world
 from ..lines import apply_lines, lines_config
 from ..merged_model import MergedModel
 from ..pool import ModelPool
-from ..seq2seq import first_step_inputs
 from ..task_vectors import TaskVectors
 from .algorithm import MergeAlgorithm
 from .method_config import MethodConfig, check_range
@@ -90,22 +89,15 @@ class DeltaMerge(MergeAlgorithm):
         n, bs, max_length = m.num_examples, m.batch_size, m.max_length
         rank, world = dist_rank_world()
         texts = read_split(self.pool, task, "calibration", needed_by=self.method_id)[0][:n][rank::world]
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.pool.base_path, causal=self.causal)
         if not texts:
             return []
-        if self.pool.model_class == "clip_zero_shot":  # image paths (adamerge/clip_zero_shot.py)
-            from ..clip_zero_shot import pixel_values
-
-            return batches(pixel_values(self.pool, texts), bs, self.merged.device)
-        enc = encode(self._tokenizer, texts, max_length)
-        return batches(enc, bs, self.merged.device)
+        if self._tokenizer is None:
+            self._tokenizer = self.family.tokenizer(self.pool)
+        return batches(self.family.encode(self.pool, texts, self._tokenizer, max_length), bs, self.merged.device)
 
     def forward_kwargs(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """The statistics' forward: seq2seq LMs run their first decoder step (as the learned objectives)."""
-        if self.seq2seq:
-            return first_step_inputs(self.merged.base, inputs)
-        return {**inputs, "use_cache": False} if self.causal else dict(inputs)
+        """The statistics' forward, as the learned objectives' (seq2seq LMs: the first decoder step)."""
+        return self.family.model_inputs(self.merged.base, inputs)
 
     def report(self) -> dict[str, Any]:
         return {"method": self.method_id, "tasks": self.pool.task_names, "tensors": self.merged.names,

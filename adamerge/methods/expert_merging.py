@@ -40,7 +40,6 @@ import torch
 from ..coefficients import Coefficients
 from ..objectives import distill_kl, hidden_mse, l1_to_init
 from ..pool import ModelPool
-from ..seq2seq import first_step_inputs
 from ..task_vectors import TaskVectors
 from ..transforms import active_transforms
 from .base import MergeMethod
@@ -142,11 +141,9 @@ class ExpertMerging(MergeMethod):
         return out
 
     def _forward_kwargs(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-        kw: dict[str, Any] = first_step_inputs(self.merged.base, inputs) if self.seq2seq else dict(inputs)
+        kw: dict[str, Any] = self.family.model_inputs(self.merged.base, inputs)
         if self.hidden_layers:
             kw["output_hidden_states"] = True
-        if self.causal:
-            kw["use_cache"] = False  # no key/value cache is needed for teacher forcing
         return kw
 
     def _hidden(self, out, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -169,12 +166,12 @@ class ExpertMerging(MergeMethod):
         kw = self._forward_kwargs(inputs)
         with torch.no_grad():
             t_out = self.merged(task=task, params=self.expert_params(task), **kw)
-            t_logits = t_out.logits.detach()
+            t_logits = self.family.logits(t_out, inputs)[0].detach()
             t_hidden = [h.detach() for h in self._hidden(t_out, inputs)] if self.hidden_layers else []
             del t_out
         s_out = self.merged(task=task, params=params, **kw)
-        mask = inputs.get("attention_mask") if self.causal else None
-        kl = distill_kl(s_out.logits, t_logits, self.temperature, mask)
+        s_logits, mask = self.family.logits(s_out, inputs)
+        kl = distill_kl(s_logits, t_logits, self.temperature, mask)
         loss = kl
         if self.hidden_layers and self.hidden_weight:
             hid = hidden_mse(self._hidden(s_out, inputs), t_hidden).to(kl.device)

@@ -18,21 +18,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError, PoolError
+from ..errors import PoolError
+from .base import ModelFamily, register_family
+from .clip_images import load_image_test_sets, pixel_values, read_images
 
 HEAD = "classifier.weight"  # the per-task zero-shot head in ZeroShotCLIP
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
 EXPERT_IGNORED = ("text_model.", "text_projection.", "logit_scale")  # a full CLIPModel expert's non-vision part
 VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
                  "image_size", "num_channels")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,13 +52,11 @@ def check_class_names(task: str, classes) -> list[str]:
     return list(classes)
 
 
-def check_templates(task: str, templates, model_class: str) -> list[str] | None:
+def check_templates(task: str, templates) -> list[str] | None:
     """A zero-shot task's prompt templates, each with one ``{}`` for the class name; None: the defaults."""
     key = f"pool.tasks.{task}.templates"
     if templates is None:
         return None
-    if model_class != "clip_zero_shot":
-        raise PoolError(f"{key}: templates apply to clip_zero_shot pools only")
     if not isinstance(templates, (list, tuple)) or not templates or not all(isinstance(t, str) for t in templates):
         raise PoolError(f"{key} must be a non-empty list of strings such as 'a photo of a {{}}.', got {templates!r}")
     for t in templates:
@@ -144,9 +142,9 @@ def zero_shot_head(clip: nn.Module, tokenizer, classes: list[str], templates: li
     return F.normalize(per_class, dim=-1) * clip.logit_scale.float().exp()
 
 
-def setup_pool(pool) -> None:
-    """Build ``pool.base_model`` (ZeroShotCLIP) and the tasks' zero-shot heads; check every task's keys
-    and every expert's vision config first. Called by ``ModelPool.__init__``."""
+def build_zero_shot_base(pool) -> ZeroShotCLIP:
+    """The pool's base module (ZeroShotCLIP) and the tasks' zero-shot heads; every task's keys and every
+    expert's vision config are checked first. Sets the pool's family-built heads and expert name rules."""
     from transformers import (
         AutoConfig,
         AutoImageProcessor,
@@ -157,7 +155,7 @@ def setup_pool(pool) -> None:
 
     for name, spec in pool.tasks.items():
         classes = check_class_names(name, spec.classes)
-        check_templates(name, spec.templates, pool.model_class)
+        check_templates(name, spec.templates)
         if spec.num_labels is not None and spec.num_labels != len(classes):
             raise PoolError(f"task '{name}': num_labels {spec.num_labels} but {len(classes)} classes; drop "
                             "num_labels (a clip_zero_shot task has one label per class)")
@@ -191,131 +189,11 @@ def setup_pool(pool) -> None:
     del clip  # the text tower is not needed again
     dtype = vision.visual_projection.weight.dtype
     pool.fixed_heads = {t: {HEAD: h.to(dtype)} for t, h in heads.items()}
-    pool.base_model = ZeroShotCLIP(vision, pool.fixed_heads[pool.task_names[0]][HEAD], processor)
     pool.optional_names = {"visual_projection.weight"}  # a CLIPVisionModel expert has none: the base's
     pool.ignored_prefixes = EXPERT_IGNORED
     if "classifier." not in pool.head_prefixes:
         pool.head_prefixes = (*pool.head_prefixes, "classifier.")
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-def _open_check(p: Path, where: str, key: str) -> None:
-    from PIL import Image
-
-    if not p.is_file():
-        raise DataError(f"{where}: image {p} does not exist; fix the path under pool {key} (relative paths are read "
-                        "from the jsonl file's folder)")
-    try:
-        with Image.open(p) as im:
-            im.size  # noqa: B018  (the header is read: the file is an image PIL can decode)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{where}: image {p} does not open as an image ({e}); replace or remove it") from e
-
-
-def read_images(pool, task: str, split: str, path: str, need_labels: bool) -> tuple[list[str], list[int]]:
-    """Image paths (and labels) of one split: an image folder (``<dir>/<class>/*``; calibration: any images
-    under it) or a JSON-lines file of ``{"image": path, "label": int}``. Every image is checked to open."""
-    p, classes, key = Path(path), pool.tasks[task].classes, f"tasks.{task}.{split}"
-    where = f"task '{task}': {split} {'folder' if p.is_dir() else 'file'} {p}"
-    if not p.exists():
-        raise DataError(f"{where} does not exist; fix the path under pool {key}")
-    paths, labels = [], []
-    if p.is_dir():
-        for f in sorted(p.rglob("*")):
-            if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
-                continue
-            rel = f.relative_to(p).parts
-            if need_labels:
-                if len(rel) != 2 or rel[0] not in classes:
-                    raise DataError(f"{where}: {f} is not in a folder named after one of the task's classes "
-                                    f"{classes} (<dir>/<class>/<image>); move it or fix pool tasks.{task}.classes")
-                labels.append(classes.index(rel[0]))
-            paths.append(str(f))
-    else:
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where} line {i} is not valid JSON ({e}); each line must be one JSON object") from e
-            if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-                raise DataError(f"{where} line {i} has no string 'image' field; write each line as "
-                                '{"image": "path/to/image.png", "label": 0}')
-            img = Path(row["image"]) if Path(row["image"]).is_absolute() else p.parent / row["image"]
-            _open_check(img, f"{where} line {i}", key)
-            paths.append(str(img))
-            if need_labels:
-                y = row.get("label")
-                if isinstance(y, bool) or not isinstance(y, int) or not 0 <= y < len(classes):
-                    raise DataError(f"{where} line {i}: label {y!r} is not a class index in [0, {len(classes)}) "
-                                    f"(the task's classes {classes}); fix the label or pool tasks.{task}.classes")
-                labels.append(y)
-    if not paths:
-        raise DataError(f"{where} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); give at least one")
-    if p.is_dir():
-        for f in paths:
-            _open_check(Path(f), where, key)
-    return paths, labels
-
-
-def pixel_values(pool, paths: list[str], chunk: int = 64) -> dict[str, torch.Tensor]:
-    """``{"pixel_values": [N, 3, H, W]}`` of the images at ``paths``, by the base's image processor."""
-    from PIL import Image
-
-    processor = pool.base_model.image_processor
-    out = []
-    for i in range(0, len(paths), chunk):
-        images = []
-        for f in paths[i:i + chunk]:
-            try:
-                with Image.open(f) as im:
-                    images.append(im.convert("RGB"))
-            except (OSError, ValueError) as e:
-                raise DataError(f"image {f} cannot be read ({e}); replace or remove it") from e
-        out.append(processor(images=images, return_tensors="pt")["pixel_values"])
-    return {"pixel_values": torch.cat(out)}
-
-
-@dataclasses.dataclass
-class ImageTestSet:
-    """One task's labelled images, read and processed one batch at a time when scored (a test set of
-    thousands of images never sits in memory as pixels)."""
-
-    paths: list[str]
-    labels: torch.Tensor
-    pool: object  # its base module's image processor reads them
-
-
-def load_test_sets(pool, max_examples: int | None = None, split: str = "test") -> dict[str, ImageTestSet]:
-    """{task: ImageTestSet} from each task's labelled ``split``; tasks without one are left out."""
-    from .data import read_split
-
-    out = {}
-    for name, spec in pool.tasks.items():
-        if not getattr(spec, split):
-            continue
-        paths, labels = read_split(pool, name, split, need_labels=True)
-        if max_examples:
-            paths, labels = paths[:max_examples], labels[:max_examples]
-        out[name] = ImageTestSet(paths, torch.tensor(labels), pool)
-    return out
-
-
-@torch.no_grad()
-def image_accuracy(base: nn.Module, params: dict[str, torch.Tensor], ts: ImageTestSet, batch_size: int = 64) -> float:
-    """Top-1 accuracy of ``base`` run with ``params`` (merged weights + the task's head) on ``ts``."""
-    from torch.func import functional_call
-
-    device = next(base.parameters()).device
-    correct = 0
-    for i in range(0, len(ts.paths), batch_size):
-        x = pixel_values(ts.pool, ts.paths[i:i + batch_size])["pixel_values"].to(device)
-        logits = functional_call(base, params, args=(), kwargs={"pixel_values": x}).logits
-        correct += int((logits.argmax(-1).cpu() == ts.labels[i:i + batch_size]).sum())
-    return correct / len(ts.paths)
+    return ZeroShotCLIP(vision, pool.fixed_heads[pool.task_names[0]][HEAD], processor)
 
 
 def how_to_load(pool) -> list[str]:
@@ -331,3 +209,39 @@ def how_to_load(pool) -> list[str]:
             f'head = load_file("export/heads/{task}.safetensors")["{HEAD}"]',
             'emb = model(**processor(images=image, return_tensors="pt")).image_embeds',
             "logits = F.normalize(emb, dim=-1) @ head.T", "```"]
+
+
+@register_family
+class CLIPZeroShot(ModelFamily):
+    name = "clip_zero_shot"
+    auto_class = "CLIPVisionModelWithProjection"  # what the export's model/ is
+    evaluated = True
+
+    def build_base(self, pool) -> nn.Module:
+        return build_zero_shot_base(pool)
+
+    def check_classes(self, task: str, classes) -> list[str]:
+        return check_class_names(task, classes)
+
+    def check_templates(self, task: str, templates) -> list[str] | None:
+        return check_templates(task, templates)
+
+    def read_split(self, pool, task: str, split: str, path: str, need_labels: bool,
+                   tokenizer=None) -> tuple[list, list]:
+        return read_images(pool, task, split, path, need_labels)
+
+    def tokenizer(self, pool):
+        return None  # images, not text
+
+    def encode(self, pool, items: list, tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+        return pixel_values(pool, items)
+
+    def load_test_sets(self, pool, tokenizer, max_length: int, max_examples: int | None, split: str,
+                       max_new_tokens: int) -> dict:
+        return load_image_test_sets(pool, max_examples, split)
+
+    def saves_tokenizer(self) -> bool:
+        return False  # the export is the vision tower (+ image processor)
+
+    def how_to_load(self, pool) -> list[str]:
+        return how_to_load(pool)

@@ -1,4 +1,6 @@
-"""Per-task accuracy of a causal LM, for the same table as the classifiers' (adamerge/evaluate.py).
+"""``model_class: causal_lm``: decoder-only LMs; the objectives see next-token logits, padding masked.
+
+Evaluation gives the same per-task table as the classifiers' (adamerge/evaluate.py).
 
 A task's test (or validation) file holds ``{"text": prompt, "target": answer}`` lines. Two ways to score:
 
@@ -23,8 +25,9 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from .data import read_split
-from .errors import DataError
+from ..data import read_jsonl, read_split
+from ..errors import DataError, PoolError
+from .base import ModelFamily, register_family
 
 
 @dataclass
@@ -40,6 +43,9 @@ class LMTestSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def accuracy(self, base: torch.nn.Module, params: dict[str, torch.Tensor], batch_size: int = 64) -> float:
+        return lm_accuracy(base, params, self, batch_size)
 
 
 def load_lm_test_sets(pool, tokenizer, max_examples: int | None = None, split: str = "test",
@@ -89,7 +95,7 @@ def word_ids(tokenizer, text: str, where: str) -> list[int]:
     return ids
 
 
-def _right_padded(seqs: list[list[int]], pad_id: int, width: int | None = None,
+def right_padded(seqs: list[list[int]], pad_id: int, width: int | None = None,
                   device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of ``seqs`` padded at the end to ``width`` (the longest by default)."""
     width = width or max(len(s) for s in seqs)
@@ -101,7 +107,7 @@ def _right_padded(seqs: list[list[int]], pad_id: int, width: int | None = None,
     return ids.to(device), mask.to(device)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id
     return pad if pad is not None else 0  # padded positions are masked: any id will do
 
@@ -115,7 +121,7 @@ def class_loglik(base: torch.nn.Module, params: dict[str, torch.Tensor], prompts
     out = torch.empty(len(prompts), len(classes), dtype=torch.float64)
     for i in range(0, len(rows), batch_size):
         part = rows[i:i + batch_size]
-        ids, mask = _right_padded([prompts[n] + classes[c] for n, c in part], pad_id, device=device)
+        ids, mask = right_padded([prompts[n] + classes[c] for n, c in part], pad_id, device=device)
         logits = functional_call(base, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask}).logits
         width = max(len(classes[c]) for _, c in part)
         # the word's j-th token sits at len(prompt) + j and is predicted at the position before it
@@ -141,7 +147,7 @@ def greedy_generate(base: torch.nn.Module, params: dict[str, torch.Tensor], prom
         ps, limits = prompts[i:i + batch_size], max_new[i:i + batch_size]
         steps = max(limits)
         lens = torch.tensor([len(p) for p in ps], device=device)
-        ids, mask = _right_padded(ps, pad_id, width=int(lens.max()) + steps, device=device)
+        ids, mask = right_padded(ps, pad_id, width=int(lens.max()) + steps, device=device)
         rows = torch.arange(len(ps), device=device)
         gen: list[list[int]] = [[] for _ in ps]
         stopped = [False] * len(ps)
@@ -168,8 +174,57 @@ def lm_accuracy(base: torch.nn.Module, params: dict[str, torch.Tensor], ts: LMTe
     """Fraction of ``ts``'s examples answered correctly by ``base`` run with ``params``."""
     tok = ts.tokenizer
     if ts.classes is not None:
-        pred = class_loglik(base, params, ts.prompts, ts.classes, _pad_id(tok), batch_size).argmax(1)
+        pred = class_loglik(base, params, ts.prompts, ts.classes, pad_id(tok), batch_size).argmax(1)
         return float((pred == torch.tensor(ts.answers)).double().mean())
-    gens = greedy_generate(base, params, ts.prompts, ts.max_new, _pad_id(tok), tok.eos_token_id, batch_size)
+    gens = greedy_generate(base, params, ts.prompts, ts.max_new, pad_id(tok), tok.eos_token_id, batch_size)
     hits = [tok.decode(g, skip_special_tokens=True).strip() == t.strip() for g, t in zip(gens, ts.targets)]
     return sum(hits) / len(hits)
+
+
+# ----------------------------------------------------------------------------------------------
+# the families
+# ----------------------------------------------------------------------------------------------
+class TextAnswers(ModelFamily):
+    """LMs whose tasks answer in text: test rows ``{"text", "target"}``, optional label words ``classes``."""
+
+    evaluated = True
+
+    def check_classes(self, task: str, classes) -> list[str] | None:
+        """Label words: two or more distinct non-empty strings, or None (exact match)."""
+        if classes is None:
+            return None
+        key = f"pool.tasks.{task}.classes"
+        if (not isinstance(classes, (list, tuple)) or len(classes) < 2
+                or not all(isinstance(c, str) and c.strip() for c in classes)):
+            raise PoolError(f"{key} must be a list of two or more label words (non-empty strings), got {classes!r}")
+        if len({c.strip() for c in classes}) != len(classes):
+            raise PoolError(f"{key}: label words must differ (ignoring surrounding spaces), got {list(classes)!r}")
+        return list(classes)
+
+    def read_split(self, pool, task: str, split: str, path: str, need_labels: bool,
+                   tokenizer=None) -> tuple[list, list]:
+        if not need_labels:
+            return read_jsonl(path, task, key=split)
+        return read_jsonl(path, task, key=split, need_targets=True, classes=pool.tasks[task].classes,
+                          tokenizer=tokenizer)
+
+
+@register_family
+class CausalLM(TextAnswers):
+    name = "causal_lm"
+    auto_class = "AutoModelForCausalLM"
+
+    def tokenizer(self, pool):
+        from ..data import load_tokenizer
+
+        return load_tokenizer(pool.base_path, causal=True)
+
+    def model_inputs(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {**inputs, "use_cache": False}  # no key/value cache is needed for teacher forcing
+
+    def logits(self, out, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return out.logits, inputs.get("attention_mask")
+
+    def load_test_sets(self, pool, tokenizer, max_length: int, max_examples: int | None, split: str,
+                       max_new_tokens: int) -> dict[str, LMTestSet]:
+        return load_lm_test_sets(pool, tokenizer, max_examples, split, max_new_tokens)

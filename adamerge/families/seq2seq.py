@@ -6,7 +6,7 @@ the model's ``decoder_start_token_id``; the objective sees the logits of that fi
 forwards of Expert Merging, Fisher and RegMean). AdaMerging's entropy and Expert Merging's logit KL are
 then taken on the distribution of the answer's first token, as FusionBench does for Flan-T5.
 
-Evaluation reads the ``{"text": input, "target": answer}`` lines of the causal LMs (adamerge/evaluate_lm.py,
+Evaluation reads the ``{"text": input, "target": answer}`` lines of the causal LMs (adamerge/families/causal.py,
 whose loading, tokenization and padding are reused):
 
 - the task has ``classes`` (label words): each word is scored by the sum of its tokens' log-probabilities
@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from .errors import PoolError
-from .evaluate_lm import _pad_id, _right_padded, load_lm_test_sets, word_ids
+from ..errors import PoolError
+from .base import register_family
+from .causal import TextAnswers, load_lm_test_sets, pad_id, right_padded, word_ids
 
 ENCODER_KEYS = ("input_ids", "attention_mask")
 
@@ -85,6 +86,9 @@ class Seq2SeqTestSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def accuracy(self, base: torch.nn.Module, params: dict[str, torch.Tensor], batch_size: int = 64) -> float:
+        return seq2seq_accuracy(base, params, self, batch_size)
+
 
 def load_seq2seq_test_sets(pool, tokenizer, max_examples: int | None = None,
                            split: str = "test") -> dict[str, Seq2SeqTestSet]:
@@ -94,7 +98,7 @@ def load_seq2seq_test_sets(pool, tokenizer, max_examples: int | None = None,
     for name, ts in load_lm_test_sets(pool, tokenizer, max_examples, split, max_new_tokens=1).items():
         answers = ts.answers if ts.classes is not None else [
             word_ids(tokenizer, t, f"task '{name}': a target in {split}")[0] for t in ts.targets]
-        out[name] = Seq2SeqTestSet(ts.prompts, ts.targets, _pad_id(tokenizer), ts.classes, answers)
+        out[name] = Seq2SeqTestSet(ts.prompts, ts.targets, pad_id(tokenizer), ts.classes, answers)
     return out
 
 
@@ -115,7 +119,7 @@ def class_loglik(base: torch.nn.Module, params: dict[str, torch.Tensor], prompts
     out = torch.empty(len(prompts), C, dtype=torch.float64)
     step = max(1, batch_size // C)
     for i in range(0, len(prompts), step):
-        ids, mask = _right_padded(prompts[i:i + step], pad_id, device=device)
+        ids, mask = right_padded(prompts[i:i + step], pad_id, device=device)
         n = ids.shape[0]
         _, first = first_step_logits(base, params, {"input_ids": ids, "attention_mask": mask})
         enc = BaseModelOutput(last_hidden_state=first.encoder_last_hidden_state.repeat_interleave(C, 0))
@@ -134,7 +138,7 @@ def first_tokens(base: torch.nn.Module, params: dict[str, torch.Tensor], prompts
     device = next(base.parameters()).device
     out: list[int] = []
     for i in range(0, len(prompts), batch_size):
-        ids, mask = _right_padded(prompts[i:i + batch_size], pad_id, device=device)
+        ids, mask = right_padded(prompts[i:i + batch_size], pad_id, device=device)
         out += first_step_logits(base, params, {"input_ids": ids, "attention_mask": mask})[0].argmax(-1).tolist()
     return out
 
@@ -147,3 +151,26 @@ def seq2seq_accuracy(base: torch.nn.Module, params: dict[str, torch.Tensor], ts:
     else:
         pred = first_tokens(base, params, ts.prompts, ts.pad_id, batch_size)
     return sum(p == a for p, a in zip(pred, ts.answers)) / len(ts)
+
+
+@register_family
+class Seq2SeqLM(TextAnswers):
+    name = "seq2seq_lm"
+    auto_class = "AutoModelForSeq2SeqLM"
+
+    def check_data(self, pool):
+        from ..data import load_tokenizer
+
+        tokenizer = load_tokenizer(pool.base_path)
+        check_pool(pool, tokenizer)
+        return tokenizer  # targets are checked to have tokens
+
+    def model_inputs(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict:
+        return first_step_inputs(model, inputs)
+
+    def logits(self, out, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, None]:
+        return out.logits[:, 0], None
+
+    def load_test_sets(self, pool, tokenizer, max_length: int, max_examples: int | None, split: str,
+                       max_new_tokens: int) -> dict[str, Seq2SeqTestSet]:
+        return load_seq2seq_test_sets(pool, tokenizer, max_examples, split)

@@ -1,0 +1,72 @@
+"""``model_class: sequence_classification``: text classifiers (``AutoModelForSequenceClassification``).
+
+Each task's head is its expert's own (the pool's ``head_prefixes``, kept per task, not merged); data
+files are JSON lines of ``{"text": ..., "label": int}``; evaluation is top-1 accuracy through the
+task's head; the export adds ``tasks/<task>/``, the merged backbone with that task's head.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..data import encode, read_split
+from ..evaluate import accuracy
+from .base import ModelFamily, build_model, register_family
+
+
+class ClassifierTestSet(NamedTuple):
+    """One task's labelled texts, tokenized; shortest first (batches of similar lengths carry little padding)."""
+
+    encoded: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    num_classes: int
+
+    def accuracy(self, base: nn.Module, params: dict[str, torch.Tensor], batch_size: int = 64) -> float:
+        device = next(base.parameters()).device
+        return accuracy(lambda b: functional_call(base, params, args=(), kwargs=b).logits,
+                        self.encoded, self.labels, self.num_classes, batch_size, device)
+
+
+@register_family
+class SequenceClassification(ModelFamily):
+    name = "sequence_classification"
+    auto_class = "AutoModelForSequenceClassification"
+    evaluated = True
+    task_models = True  # the export writes tasks/<task>/: backbone + that task's head, from_pretrained as is
+
+    def build_base(self, pool) -> nn.Module:
+        nl = [t.num_labels for t in pool.tasks.values() if t.num_labels]
+        # the base's own head is only a fallback; a wrong size must reach the per-task head check
+        kwargs = dict(num_labels=nl[0], ignore_mismatched_sizes=True) if nl else {}
+        return build_model(self.auto_class, pool.base_path, **kwargs)
+
+    def check_pool(self, pool) -> None:
+        pool.check_head_sizes()
+
+    def load_test_sets(self, pool, tokenizer, max_length: int, max_examples: int | None, split: str,
+                       max_new_tokens: int) -> dict[str, ClassifierTestSet]:
+        out = {}
+        for name, spec in pool.tasks.items():
+            if not getattr(spec, split):
+                continue
+            texts, labels = read_split(pool, name, split, need_labels=True)
+            if max_examples:
+                texts, labels = texts[:max_examples], labels[:max_examples]
+            n_cls = pool.num_labels(name) or (max(labels) + 1)
+            enc, y = encode(tokenizer, texts, max_length), torch.tensor(labels)
+            order = torch.argsort(enc["attention_mask"].sum(1), stable=True)  # accuracy ignores the order
+            out[name] = ClassifierTestSet({k: v[order] for k, v in enc.items()}, y[order], n_cls)
+        return out
+
+    def how_to_load(self, pool) -> list[str]:
+        task = pool.task_names[0]
+        return ["Each task's model (merged backbone, that task's head and labels):", "", "```python",
+                "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+                f'model = AutoModelForSequenceClassification.from_pretrained("export/tasks/{task}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("export/tasks/{task}")', "```", "",
+                "`model/` is the merged backbone with the *base's* classifier head (not any task's): "
+                "use `tasks/<task>/` to classify."]
