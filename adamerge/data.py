@@ -8,7 +8,9 @@ Labels are dropped before anything reaches training: they are only read for eval
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -33,26 +35,31 @@ def read_jsonl(path: str | Path, task: str, need_labels: bool = False, num_label
         raise DataError(f"{where} does not exist; fix the path under pool tasks.{task}.{key}")
     texts, labels = [], []
     allowed = {c.strip() for c in classes} if classes is not None else None  # targets match ignoring spaces
-    with p.open(encoding="utf-8") as f:
+    for i, row in jsonl_rows(p, where):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f"{where} line {i} is not a JSON object with a string 'text' field; "
+                            'write each line as {"text": "..."}')
+        texts.append(row["text"])
+        if need_labels:
+            labels.append(_label(row, f"{where} line {i}", num_labels))
+        elif need_targets:
+            labels.append(_target(row, f"{where} line {i}", classes, allowed, f"pool tasks.{task}.classes",
+                                  tokenizer))
+    if not texts:
+        raise DataError(f"{where} has no examples (empty calibration/test data); give at least one line")
+    return texts, labels
+
+
+def jsonl_rows(path: Path, where: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of every non-blank line; a DataError naming ``where`` and the line otherwise."""
+    with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield i, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where} line {i} is not valid JSON ({e}); each line must be one JSON object") from e
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f"{where} line {i} is not a JSON object with a string 'text' field; "
-                                'write each line as {"text": "..."}')
-            texts.append(row["text"])
-            if need_labels:
-                labels.append(_label(row, f"{where} line {i}", num_labels))
-            elif need_targets:
-                labels.append(_target(row, f"{where} line {i}", classes, allowed, f"pool tasks.{task}.classes",
-                                      tokenizer))
-    if not texts:
-        raise DataError(f"{where} has no examples (empty calibration/test data); give at least one line")
-    return texts, labels
 
 
 def _label(row: dict, where: str, num_labels: int | None) -> int:
@@ -100,6 +107,15 @@ def read_split(pool, task: str, split: str, need_labels: bool = False,
         who = f" ({needed_by} needs one)" if needed_by else ""
         raise DataError(f"task '{task}' has no {split} file in the pool config{who}; add pool tasks.{task}.{split}")
     return pool.family.read_split(pool, task, split, path, need_labels, tokenizer)
+
+
+def labelled_splits(pool, split: str, max_examples: int | None = None) -> Iterator[tuple[str, list, list]]:
+    """(task, inputs, answers) of every task with a labelled ``split`` file, the first ``max_examples`` rows
+    of each (all when None): what each family's test sets are built from."""
+    for name, spec in pool.tasks.items():
+        if getattr(spec, split):
+            inputs, answers = read_split(pool, name, split, need_labels=True)
+            yield name, inputs[:max_examples], answers[:max_examples]
 
 
 def check_data(pool) -> None:

@@ -216,3 +216,22 @@ def step_gradient_matches_dense(method, batch: dict) -> torch.Tensor:
     torch.testing.assert_close(value, total.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-4)
     return ours
+
+
+def assert_refused_in_one_line(code: int, capsys, pattern: str, out: Path) -> None:
+    """train.py refused the run (exit 2) with one ``error: <pattern>…`` line and no traceback, before training."""
+    import re
+
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(r"error: " + pattern + r".*", err.strip()), err
+    assert not (out / "checkpoints").exists()  # refused before training
+
+
+def replace_test_line(cfg: dict, task: str, line: str, tmp: Path, index: int = 2) -> None:
+    """Point ``cfg``'s task at a copy of its test file whose line ``index`` is ``line``."""
+    rows = open(cfg["tasks"][task]["test"]).read().splitlines()
+    rows[index] = line
+    (tmp / "bad.jsonl").write_text("\n".join(rows) + "\n")
+    cfg["tasks"][task]["test"] = str(tmp / "bad.jsonl")

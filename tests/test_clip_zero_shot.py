@@ -6,7 +6,6 @@ AdaMerging and task arithmetic end to end through train.py (table, export loadab
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -294,10 +293,7 @@ ERRORS = {
 def test_mistakes_are_one_line_before_training(clip_cfg, tmp_path, capsys, case):
     cfg = broken(clip_cfg, tmp_path, case)
     out = tmp_path / "run"
-    assert run(cfg, out, "adamerging_layerwise") == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and re.fullmatch(r"error: " + ERRORS[case] + r".*", err), err
-    assert not (out / "checkpoints").exists()  # refused before training
+    helpers.assert_refused_in_one_line(run(cfg, out, "adamerging_layerwise"), capsys, ERRORS[case], out)
 
 
 @pytest.mark.parametrize("key, value, model_class, pattern", [

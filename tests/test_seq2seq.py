@@ -244,13 +244,7 @@ def test_bad_seq2seq_data_is_one_line_before_training(pool_dir, tmp_path, capsys
     if line is None:
         cfg["tasks"][task]["classes"] = ["sports", "\x01", "food"]
     else:
-        rows = open(cfg["tasks"][task]["test"]).read().splitlines()
-        rows[2] = line
-        (tmp_path / "bad.jsonl").write_text("\n".join(rows) + "\n")
-        cfg["tasks"][task]["test"] = str(tmp_path / "bad.jsonl")
+        helpers.replace_test_line(cfg, task, line, tmp_path)
     out = tmp_path / "run"
-    assert helpers.run_inprocess(["method=adamerging_layerwise", f"out_dir={out}", "trainer.max_steps=2"], cfg) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert re.fullmatch(r"error: " + pattern + r".*", err.strip()), err
-    assert not (out / "checkpoints").exists()  # refused before training
+    code = helpers.run_inprocess(["method=adamerging_layerwise", f"out_dir={out}", "trainer.max_steps=2"], cfg)
+    helpers.assert_refused_in_one_line(code, capsys, pattern, out)

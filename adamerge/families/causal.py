@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from ..data import read_jsonl, read_split
+from ..data import labelled_splits, read_jsonl
 from ..errors import DataError, PoolError
 from .base import ModelFamily, register_family
 
@@ -53,12 +53,8 @@ def load_lm_test_sets(pool, tokenizer, max_examples: int | None = None, split: s
     """{task: LMTestSet} from each task's ``split`` file (``test`` or ``validation``); tasks without one
     are left out. Targets were checked (present; one of the classes) by ``read_split``."""
     out = {}
-    for name, spec in pool.tasks.items():
-        if not getattr(spec, split):
-            continue
-        texts, targets = read_split(pool, name, split, need_labels=True)
-        if max_examples:
-            texts, targets = texts[:max_examples], targets[:max_examples]
+    for name, texts, targets in labelled_splits(pool, split, max_examples):
+        spec = pool.tasks[name]
         prompts = [prompt_ids(tokenizer, t, f"task '{name}': {split} file {getattr(spec, split)}") for t in texts]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: ties keep file order
         prompts, targets = [prompts[i] for i in order], [targets[i] for i in order]

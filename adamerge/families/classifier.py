@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..data import encode, read_split
+from ..data import encode, labelled_splits
 from ..evaluate import accuracy
 from .base import ModelFamily, build_model, register_family
 
@@ -50,12 +50,7 @@ class SequenceClassification(ModelFamily):
     def load_test_sets(self, pool, tokenizer, max_length: int, max_examples: int | None, split: str,
                        max_new_tokens: int) -> dict[str, ClassifierTestSet]:
         out = {}
-        for name, spec in pool.tasks.items():
-            if not getattr(spec, split):
-                continue
-            texts, labels = read_split(pool, name, split, need_labels=True)
-            if max_examples:
-                texts, labels = texts[:max_examples], labels[:max_examples]
+        for name, texts, labels in labelled_splits(pool, split, max_examples):
             n_cls = pool.num_labels(name) or (max(labels) + 1)
             enc, y = encode(tokenizer, texts, max_length), torch.tensor(labels)
             order = torch.argsort(enc["attention_mask"].sum(1), stable=True)  # accuracy ignores the order

@@ -4,14 +4,13 @@ checked before training, turned into pixels by the base's image processor, score
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..data import read_split
+from ..data import jsonl_rows, labelled_splits
 from ..errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -50,13 +49,7 @@ def read_images(pool, task: str, split: str, path: str, need_labels: bool) -> tu
                 labels.append(classes.index(rel[0]))
             paths.append(str(f))
     else:
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where} line {i} is not valid JSON ({e}); each line must be one JSON object") from e
+        for i, row in jsonl_rows(p, where):
             if not isinstance(row, dict) or not isinstance(row.get("image"), str):
                 raise DataError(f"{where} line {i} has no string 'image' field; write each line as "
                                 '{"image": "path/to/image.png", "label": 0}')
@@ -110,15 +103,8 @@ class ImageTestSet:
 
 def load_image_test_sets(pool, max_examples: int | None = None, split: str = "test") -> dict[str, ImageTestSet]:
     """{task: ImageTestSet} from each task's labelled ``split``; tasks without one are left out."""
-    out = {}
-    for name, spec in pool.tasks.items():
-        if not getattr(spec, split):
-            continue
-        paths, labels = read_split(pool, name, split, need_labels=True)
-        if max_examples:
-            paths, labels = paths[:max_examples], labels[:max_examples]
-        out[name] = ImageTestSet(paths, torch.tensor(labels), pool)
-    return out
+    return {name: ImageTestSet(paths, torch.tensor(labels), pool)
+            for name, paths, labels in labelled_splits(pool, split, max_examples)}
 
 
 @torch.no_grad()
