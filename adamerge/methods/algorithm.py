@@ -91,6 +91,8 @@ class MergeAlgorithm(nn.Module):
             keep_unchanged=bool(tv_cfg.get("keep_unchanged", False)),
             factorize=self.lora_factorized(pool, tv_cfg.get("lora", "auto")),
         )
+        log.info("task vectors: %d experts, %d tensors, %d bytes (%s%s)", tv.K, len(tv), tv.nbytes(),
+                 tv_cfg.get("dtype", "float32"), ", LoRA factorized" if tv.factors is not None else "")
         # the data-free transforms, in their fixed order (closed-form merges apply LiNeS to their update)
         tv = apply_transforms(tv, self.cfg, skip=("lines",) if self.lines_on_update else ())
         start = self.cfg.start_from
