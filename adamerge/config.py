@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .lora_factors import check_lora_mode
+from .lora_factors import check_lora_mode, check_lora_step
 from .task_vectors import DTYPES
 
 
@@ -93,6 +93,9 @@ def check_config(c: dict) -> None:
     lora = _get(c, "task_vectors.lora")
     if lora is not None:
         check_lora_mode(lora)
+    lora_step = _get(c, "task_vectors.lora_step")
+    if lora_step is not None:
+        check_lora_step(lora_step)
     check_shard(c)
     for key in ("task_vectors.include", "task_vectors.exclude"):
         v = _get(c, key)

@@ -5,8 +5,11 @@ all experts' factors concatenated along the rank: A [R, in], B [out, R], and for
 expert and that expert's scaling (experts may have different ranks). ``TaskVectors`` owns it beside
 its dense tensors (``TaskVectors.factors``). The training step runs the multi-adapter forward
 y = x W0ᵀ + Σ_k c_k s_k (x A_kᵀ) B_kᵀ through forward hooks (``hooks``), so neither τ nor ∂L/∂W of
-those weights is ever dense; evaluation and export materialize W0 + Σ_k c_k s_k B_k A_k one tensor at
-a time (``delta``). Which methods may use it is decided by ``MergeMethod.lora_factorized``.
+those weights is ever dense — or merges W0 + B diag(c·s) A once per step (``delta``; one matmul of the
+concatenated factors, its gradient ∂L/∂c from autograd through it), which costs less when the step has
+many tokens (``task_vectors.lora_step``: ``auto`` picks per weight, ``Factors.merge_is_cheaper``). No
+τ_k is ever dense either way. Evaluation and export materialize W0 + Σ_k c_k s_k B_k A_k one tensor at a
+time. Which methods may use it is decided by ``MergeAlgorithm.lora_factorized``.
 """
 
 from __future__ import annotations
@@ -24,12 +27,19 @@ from .errors import ConfigError
 from .pool import ModelPool
 
 LORA_MODES = ("auto", "dense", "factorized")  # task_vectors.lora
+LORA_STEPS = ("auto", "adapters", "merge")  # task_vectors.lora_step: how a training step runs factorized weights
 
 
 def check_lora_mode(mode: object) -> None:
     """``task_vectors.lora`` must be one of ``LORA_MODES``: a one-line ConfigError otherwise."""
     if mode not in LORA_MODES:
         raise ConfigError(f"config key 'task_vectors.lora' must be one of {', '.join(LORA_MODES)}, got {mode!r}")
+
+
+def check_lora_step(mode: object) -> None:
+    """``task_vectors.lora_step`` must be one of ``LORA_STEPS``: a one-line ConfigError otherwise."""
+    if mode not in LORA_STEPS:
+        raise ConfigError(f"config key 'task_vectors.lora_step' must be one of {', '.join(LORA_STEPS)}, got {mode!r}")
 
 
 @dataclass
@@ -44,6 +54,12 @@ class Factors:
     def weights(self, c: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``[R]``: c_k s_k for each rank row (differentiable in ``c``)."""
         return c.to(device).float()[self.owner.to(device)] * self.scale.to(device)
+
+    def merge_is_cheaper(self, tokens: int | None) -> bool:
+        """Whether merging B diag(w) A once per step costs fewer multiply-adds than the adapters' forward over
+        ``tokens`` rows: R·out·in < tokens·R·(out + in), each with its backward (None: unknown, e.g. images)."""
+        out_features, in_features = self.b.shape[0], self.a.shape[1]
+        return tokens is None or tokens * (out_features + in_features) > out_features * in_features
 
 
 def linear_weights(base: nn.Module) -> set[str]:

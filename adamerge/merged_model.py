@@ -13,6 +13,7 @@ adamerge/sharded.py): the step merges its slices and all-gathers them (``sharded
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -59,6 +60,7 @@ class MergedModel(nn.Module):
         mask: ConcreteMask | None = None,
         tv_device: str | None = None,
         offset: dict[str, torch.Tensor] | None = None,
+        lora_step: str = "auto",
     ):
         super().__init__()
         object.__setattr__(self, "base", base.eval().requires_grad_(False))
@@ -89,6 +91,7 @@ class MergedModel(nn.Module):
         self.lookup_name = _lookup_table(base, self.names)
         factors = task_vectors.factors if task_vectors is not None else None
         self.factored_names = [n for n in self.names if factors is not None and n in factors]
+        self.lora_step = lora_step  # how a training step runs the factorized weights (adamerge/lora_factors.py)
         self._out: dict[str, torch.Tensor] = {}  # merged weights of the training step, reused across steps
         self._dirty: dict[str, torch.Tensor] = {}  # rows of a lookup table's buffer that hold a merged value
         self._kept: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # sharded: merges gathered after training
@@ -161,7 +164,8 @@ class MergedModel(nn.Module):
             out[n] = w0 + (d + self.offset[n] if n in self.offset else d).to(w0.dtype)
         return out
 
-    def merged_params(self, reuse_buffers: bool = False, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def merged_params(self, reuse_buffers: bool = False, rows: torch.Tensor | None = None,
+                      adapters: Collection[str] = ()) -> dict[str, torch.Tensor]:
         """Merged values of every merged tensor, in the base's dtype (merged one tensor at a time, so
         no model-sized dict of deltas lives beside the merged weights).
 
@@ -169,7 +173,8 @@ class MergedModel(nn.Module):
         valid until the next such call. ``rows`` (with it): the token ids this step looks up; the input
         embedding table (``lookup_name``) is then merged on those rows only — its other rows hold the
         base value — and its coefficient gradient is taken on them, which is exact for a lookup.
-        Factorized LoRA weights are left out with ``reuse_buffers``: the step adds them in ``low_rank``.
+        ``adapters`` (with it): factorized LoRA weights left out, the step adds them in ``low_rank``; the
+        other factorized weights are merged from their factors (``lora_step``, ``via_adapters``).
         Sharded task vectors: the merge gathered from every process (``sharded_params``, a collective), or
         after training one of the merges kept by ``keep_merged``; ``reuse_buffers`` is the step's
         ``sharded_params``.
@@ -187,10 +192,12 @@ class MergedModel(nn.Module):
         factors = self.task_vectors.factors
         out = {}
         for i, n in enumerate(self.names):
-            if factors is not None and n in factors:
-                continue
             w0 = self._base_params[n]
             adds = (w0, self.offset[n]) if n in self.offset else (w0,)
+            if factors is not None and n in factors:
+                if n not in adapters:  # W0 + B diag(c·s) A, a fresh tensor: ∂L/∂c through autograd
+                    out[n] = sum(a.to(w0.dtype) for a in adds) + factors.delta(n, coefs[i], w0.device).to(w0.dtype)
+                continue
             size = self.coefficients.chunk_sizes[i] if self.coefficients.chunk_sizes else 0
             r = rows if n == self.lookup_name and not size else None
             buf = self._out.get(n)
@@ -241,20 +248,29 @@ class MergedModel(nn.Module):
             self._kept.append((key, {n: v.cpu() for n, v in merged.items()}))
         return merged
 
-    def factor_coefficients(self) -> torch.Tensor | None:
-        """``[F, K]``: the coefficients of the factorized LoRA weights (``factored_names``), differentiable;
-        None without factors."""
-        if self.task_vectors is None or self.task_vectors.factors is None:
-            return None
-        coefs, factored = self.coefficients(), set(self.factored_names)
-        return torch.stack([coefs[i] for i, n in enumerate(self.names) if n in factored])
+    def via_adapters(self, tokens: int | None) -> list[str]:
+        """The factorized LoRA weights a training step over ``tokens`` input rows runs as the multi-adapter
+        forward (``low_rank``); the others it merges from their factors (``merged_params``)."""
+        if self.lora_step == "merge" or not self.factored_names:
+            return []
+        if self.lora_step == "adapters":
+            return list(self.factored_names)
+        factors = self.task_vectors.factors.factors
+        return [n for n in self.factored_names if not factors[n].merge_is_cheaper(tokens)]
 
-    def low_rank(self, coefs: torch.Tensor | None):
-        """While active, each factorized LoRA weight's Linear adds Σ_k c_k s_k (x A_kᵀ) B_kᵀ to its output with
-        c = ``coefs`` (``[F, K]``, as ``factor_coefficients``): the forward of W0 + Σ_k c_k τ_k without τ."""
+    def factor_coefficients(self, names: list[str]) -> torch.Tensor | None:
+        """``[F, K]``: the coefficients of the factorized LoRA weights ``names``, differentiable; None without."""
+        if not names:
+            return None
+        coefs, index = self.coefficients(), {n: i for i, n in enumerate(self.names)}
+        return torch.stack([coefs[index[n]] for n in names])
+
+    def low_rank(self, coefs: torch.Tensor | None, names: list[str]):
+        """While active, the Linear of each factorized LoRA weight in ``names`` adds Σ_k c_k s_k (x A_kᵀ) B_kᵀ to its
+        output with c = ``coefs`` (``[F, K]``, as ``factor_coefficients(names)``): W0 + Σ_k c_k τ_k without τ."""
         if coefs is None:
             return contextlib.nullcontext()
-        return self.task_vectors.factors.hooks(self.base, dict(zip(self.factored_names, coefs.unbind(0))))
+        return self.task_vectors.factors.hooks(self.base, dict(zip(names, coefs.unbind(0))))
 
     @contextlib.contextmanager
     def sparse_lookup_grad(self, rows: torch.Tensor | None):

@@ -63,11 +63,11 @@ def llama(tmp_path_factory):
     return pool_from_config(make_llama_lora_pool(tmp_path_factory.mktemp("llama_lora")))
 
 
-def methods(pool, method: dict, seed: int = 0):
+def methods(pool, method: dict, seed: int = 0, lora_step: str = "auto"):
     """The same method built dense and factorized, with the same random coefficients."""
     out = {}
     for mode in ("dense", "factorized"):
-        m = get_method(method["name"])(pool, method, {"lora": mode})
+        m = get_method(method["name"])(pool, method, {"lora": mode, "lora_step": lora_step})
         if m.merged.coefficients.raw.requires_grad:
             with torch.no_grad():
                 m.merged.coefficients.raw.copy_(torch.rand(m.merged.coefficients.raw.shape,
@@ -88,11 +88,18 @@ def batch_for(pool, causal: bool, step: int = 0) -> dict:
 
 # -- the training step and the export -------------------------------------------------------------
 @pytest.mark.parametrize("granularity", ["task", "layer"])
-@pytest.mark.parametrize("model", ["bert", "llama"])
-def test_step_loss_and_coefficient_gradient_equal_the_dense(model, granularity, request):
+@pytest.mark.parametrize("model, lora_step", [("bert", "adapters"), ("bert", "merge"), ("llama", "adapters"),
+                                              ("llama", "auto")])
+def test_step_loss_and_coefficient_gradient_equal_the_dense(model, lora_step, granularity, request):
+    """Both ways a step runs factorized weights (the multi-adapter forward; merged from the factors once
+    per step) give the dense path's loss and coefficient gradient."""
     pool = request.getfixturevalue(model)
-    dense, fact = methods(pool, {"name": "adamerging", "granularity": granularity})
+    dense, fact = methods(pool, {"name": "adamerging", "granularity": granularity}, lora_step=lora_step)
     mf = fact.merged
+    tokens = sum(x["input_ids"].numel() for x in batch_for(pool, model == "llama").values())
+    via = mf.via_adapters(tokens)
+    assert via == ({"adapters": mf.factored_names, "merge": []}[lora_step] if lora_step != "auto"
+                   else [n for n in mf.factored_names if not mf.task_vectors.factors.factors[n].merge_is_cheaper(tokens)])
     if model == "llama":
         assert "model.layers.0.self_attn.q_proj.weight" in mf.factored_names
         # o_proj: lm1 changes it as a full tensor, so it keeps the dense path beside the factors
@@ -182,7 +189,7 @@ def test_ties_falls_back_to_dense_with_one_line(bert_cfg, bert, tmp_path, caplog
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="adamerge"):
         ties = get_method("static")(bert, {"name": "static", "ties": {}}, {})
-        assert not ties.merged.factored_names and not caplog.records
+        assert not ties.merged.factored_names and not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert get_method("static")(bert, {"name": "static"}, {}).merged.factored_names
     assert not get_method("static")(bert, {"name": "static"}, {"lora": "dense"}).merged.factored_names
     with caplog.at_level(logging.INFO, logger="adamerge"):
@@ -260,8 +267,9 @@ class CountShape(TorchDispatchMode):
         return out
 
 
-def weight_shaped_allocations(pool, mode: str) -> int:
-    m = get_method("adamerging")(pool, {"name": "adamerging", "granularity": "layer"}, {"lora": mode})
+def weight_shaped_allocations(pool, mode: str, lora_step: str = "adapters") -> int:
+    m = get_method("adamerging")(pool, {"name": "adamerging", "granularity": "layer"},
+                                 {"lora": mode, "lora_step": lora_step})
     ids = torch.randint(1000, 3000, (3, 7), generator=torch.Generator().manual_seed(0))
     # the same two tasks' batches whatever K: what grows with K is the merge, not the forward passes
     batch = {t: {"input_ids": ids, "attention_mask": torch.ones_like(ids)} for t in pool.task_names[:2]}
@@ -282,3 +290,6 @@ def test_factorized_step_allocates_no_dense_weight_per_expert(tmp_path):
     counts = {k: weight_shaped_allocations(p, "factorized") for k, p in ((2, few), (16, many))}
     assert counts[16] == counts[2] == 0  # neither τ_k nor ∂L/∂W of a factorized weight is ever written out
     assert weight_shaped_allocations(many, "dense") > 0  # the counter sees the dense path's ∂L/∂W
+    # merged from the factors once per step: the merged weight and its gradient, as many whatever K
+    merged = {k: weight_shaped_allocations(p, "factorized", "merge") for k, p in ((2, few), (16, many))}
+    assert 0 < merged[2] == merged[16]

@@ -81,7 +81,8 @@ class MergeAlgorithm(nn.Module):
         tv, offset = self.build_task_vectors(pool, tv_cfg)
         heads = {t: pool.head(t) for t in pool.task_names}
         return MergedModel(pool.base_model, tv, self.build_coefficients(tv), heads,
-                           mask=self.build_mask(tv), tv_device=tv_cfg.get("device"), offset=offset)
+                           mask=self.build_mask(tv), tv_device=tv_cfg.get("device"), offset=offset,
+                           lora_step=tv_cfg.get("lora_step", "auto"))
 
     def build_task_vectors(self, pool: ModelPool, tv_cfg: dict) -> tuple[TaskVectors, dict | None]:
         """(task vectors after the config's transforms, offset of the ``start_from`` merge or None)."""

@@ -27,6 +27,13 @@ from .method_config import LearnedConfig, MethodConfig
 log = logging.getLogger(__name__)
 
 
+def step_tokens(batch: dict[str, dict[str, torch.Tensor]]) -> int | None:
+    """Token positions in one step's batches (every task's), or None when the inputs are not token ids."""
+    if not all("input_ids" in inputs for inputs in batch.values()):
+        return None
+    return sum(inputs["input_ids"].numel() for inputs in batch.values())
+
+
 class MergeMethod(MergeAlgorithm, pl.LightningModule):
     """A merge that trains: only coefficients (and masks) are parameters; ``self.merged`` is built once."""
 
@@ -79,16 +86,18 @@ class MergeMethod(MergeAlgorithm, pl.LightningModule):
         """
         merged = merged or self.merged
         rows = merged.lookup_rows(list(batch.values()))
+        # factorized LoRA weights run as adapters (their coefficients a leaf of their own, read by the
+        # low-rank forward) or are merged from their factors below, whichever costs less for this step
+        adapters = merged.via_adapters(step_tokens(batch))
         if merged.sharded:  # this process's slices merged, then all-gathered for the forward
             targets, params = merged.sharded_params()
         else:
-            params = targets = merged.merged_params(reuse_buffers=True, rows=rows)
+            params = targets = merged.merged_params(reuse_buffers=True, rows=rows, adapters=adapters)
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        # factorized LoRA weights: their coefficients are a leaf of their own, read by the low-rank forward
-        coefs = merged.factor_coefficients()
+        coefs = merged.factor_coefficients(adapters)
         coef_leaf = coefs.detach().requires_grad_(True) if coefs is not None else None
         total = torch.zeros((), device=self.device)
-        with merged.sparse_lookup_grad(rows), merged.low_rank(coef_leaf):
+        with merged.sparse_lookup_grad(rows), merged.low_rank(coef_leaf, adapters):
             for task, inputs in batch.items():
                 loss = self.task_loss(task, inputs, leaves)
                 loss.backward()
