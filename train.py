@@ -152,7 +152,13 @@ def build_pool_and_method(c: dict, trains: bool):
     pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     check_data(pool)  # a bad line or label is named now, not after training
     stats_rank = 0 if trains else _launch_statistics_ranks(c["trainer"])
-    method = get_method(c["method"]["name"])(pool, c["method"], c["task_vectors"])  # closed form: every rank adds its statistics
+    extra = {}
+    if c["task_vectors"].get("shard"):  # each process reads only its slices of the task vectors
+        from adamerge.distributed import launch_rank_world
+
+        extra["shard_slice"] = launch_rank_world(c["trainer"].get("devices"), c["trainer"].get("num_nodes"))
+    # closed form: every rank adds its statistics
+    method = get_method(c["method"]["name"])(pool, c["method"], c["task_vectors"], **extra)
     return pool, (method if stats_rank == 0 else None)
 
 
@@ -170,19 +176,19 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     from adamerge.evaluate import load_test_sets
     from adamerge.loggers import build_loggers
     from adamerge.progress import ProgressLog, StepProgressBar
-    from adamerge.start_vs_end import calibration_objective, choose, gather_merges, monitor_batches, snapshot
+    from adamerge.start_vs_end import StartObjective, choose, gather_merges, monitor_batches, snapshot
 
     ckpt_dir = out_dir / "checkpoints"
     dm = CalibrationDataModule.from_pool(pool, batch_size=c["data"]["batch_size"], max_length=c["data"]["max_length"],
                                          seed=c["seed"], size=c["data"]["calibration_size"])
     start_state = snapshot(method)  # the starting merge, kept to compare with the end
     monitor = monitor_batches(dm.encoded, dm.batch_size, c["seed"], int(c["evaluate"]["monitor_batches"]))
-    start_loss = calibration_objective(method, monitor)
+    start_objective = StartObjective(start_state, monitor)
     interrupt = SaveOnInterrupt(ckpt_dir / "last.ckpt")
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                  every_n_train_steps=int(c["checkpoint"]["every_n_steps"]), save_top_k=-1,
                                  save_last=False),
-                 interrupt, ProgressLog(c["progress"]["every_n_steps"], c["progress"]["every_s"])]
+                 interrupt, ProgressLog(c["progress"]["every_n_steps"], c["progress"]["every_s"]), start_objective]
     bar = c["trainer"].get("enable_progress_bar")
     bar = sys.stdout.isatty() if bar is None else bool(bar)  # redrawn lines only make sense on a terminal
     if bar:
@@ -210,7 +216,8 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     validation = (load_test_sets(pool, dm.tokenizer, c["data"]["max_length"], split="validation",
                                  max_new_tokens=c["evaluate"]["max_new_tokens"])
                   if pool.family.evaluated else {})
-    return start_state, choose(method, start_state, start_loss, monitor, validation, c["evaluate"]["batch_size"])
+    return start_state, choose(method, start_state, start_objective.value, monitor, validation,
+                               c["evaluate"]["batch_size"])
 
 
 def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -> dict | None:

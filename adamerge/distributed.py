@@ -4,6 +4,8 @@ the all-gather / reduce-scatter of sharded task vectors (adamerge/sharded.py).""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -14,6 +16,24 @@ def dist_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def launch_rank_world(devices: object, num_nodes: object = 1) -> tuple[int, int] | None:
+    """(rank, world) this process will have in the DDP process group, known before the group starts: from
+    torchrun's RANK and WORLD_SIZE, else as Lightning's own launcher numbers its processes (the first has
+    no LOCAL_RANK; those it starts get LOCAL_RANK and NODE_RANK): NODE_RANK·devices + LOCAL_RANK. None when
+    the trainer's ``devices`` do not say how many processes a node runs (e.g. ``auto``)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    try:
+        per_node = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
+        nodes = int(num_nodes or 1)
+    except (TypeError, ValueError):
+        return None
+    if per_node < 1:
+        return None
+    return int(env.get("NODE_RANK", 0)) * per_node + int(env.get("LOCAL_RANK", 0)), per_node * nodes
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,8 @@ class MergedModel(nn.Module):
         missing = [n for n in self.names if n not in self._base_params]
         if missing:
             raise ValueError(f"task vector tensor '{missing[0]}' is not a parameter of the base model")
-        self.lookup_name = _lookup_table(base, self.names)
+        # a slice's every entry is merged each step: no row-sparse lookup table when sharded
+        self.lookup_name = None if isinstance(task_vectors, ShardedTaskVectors) else _lookup_table(base, self.names)
         factors = task_vectors.factors if task_vectors is not None else None
         self.factored_names = [n for n in self.names if factors is not None and n in factors]
         self.lora_step = lora_step  # how a training step runs the factorized weights (adamerge/lora_factors.py)

@@ -27,7 +27,8 @@ import torch
 
 from .combine import Combine
 from .distributed import all_gather_flat, reduce_scatter_flat
-from .task_vectors import StackedTensors, TaskVectors
+from .errors import PoolError
+from .task_vectors import StackedTensors, TaskVectors, read_stack, resolve_dtype, select_names
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,31 @@ class ShardedTaskVectors(StackedTensors):
             raise ValueError("sharded task vectors need dense task vectors (task_vectors.lora=dense)")
         tensors = {n: local_slice(t.flatten(1), rank, world) for n, t in tv.items()}
         out = cls(tensors, tv.task_names, {n: t.shape[1:] for n, t in tv.items()}, rank, world)
-        log.info("task vectors sharded over %d processes: rank %d holds %d of %d bytes (%d padding entries per task)",
-                 world, rank, out.nbytes(), tv.nbytes(), out.padding())
+        out.log_held(tv.nbytes())
         return out
+
+    @classmethod
+    def from_pool(cls, pool, rank: int, world: int, include: list[str] | None = None,
+                  exclude: list[str] | None = None, dtype: str | torch.dtype = "float32",
+                  keep_unchanged: bool = False) -> ShardedTaskVectors:
+        """This process's slice of every task vector read straight from the experts, one expert's tensor at a
+        time: no process ever holds a whole stack (``TaskVectors.from_pool``'s selection of tensors)."""
+        dt = resolve_dtype(dtype)
+        tensors, shapes, full = {}, {}, 0
+        for n in select_names(pool.shared_names(), include, exclude):
+            part = read_stack(pool, n, dt, keep_unchanged, lambda tau: local_slice(tau.reshape(1, -1), rank, world)[0])
+            if part is not None:
+                tensors[n], shapes[n] = part, pool.base_tensor(n).shape
+                full += part.shape[0] * shapes[n].numel() * part.element_size()
+        if not tensors:
+            raise PoolError("no expert differs from the base in any selected tensor: nothing to merge")
+        out = cls(tensors, pool.task_names, shapes, rank, world)
+        out.log_held(full)
+        return out
+
+    def log_held(self, full_bytes: int) -> None:
+        log.info("task vectors sharded over %d processes: rank %d holds %d of %d bytes (%d padding entries per task)",
+                 self.world, self.rank, self.nbytes(), full_bytes, self.padding())
 
     def map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> ShardedTaskVectors:
         return ShardedTaskVectors({n: fn(n, t) for n, t in self.tensors.items()}, self.task_names, self.shapes,

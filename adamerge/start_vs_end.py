@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 
 from .data import StepBatches
@@ -71,6 +72,25 @@ def calibration_objective(method: Any, batches: list[dict[str, dict[str, torch.T
     total = sum(float(method.task_loss(t, x, params)) for b in batches for t, x in b.items())
     method.train(was)
     return total / len(batches)
+
+
+class StartObjective(pl.Callback):
+    """The starting state's calibration objective, taken when fitting starts: after the process group is up
+    (sharded task vectors merge with a collective) and on the training device; a resumed run's checkpoint
+    is already loaded then, so the starting state is put in for the measurement and taken out again."""
+
+    def __init__(self, start: dict[str, torch.Tensor], batches: list[dict[str, dict[str, torch.Tensor]]]):
+        self.start, self.batches, self.value = start, batches, float("nan")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        current = snapshot(pl_module)
+        pl_module.load_state_dict(self.start)
+        device = pl_module.device
+        try:
+            self.value = calibration_objective(pl_module, [{t: {k: v.to(device) for k, v in x.items()}
+                                                            for t, x in b.items()} for b in self.batches])
+        finally:
+            pl_module.load_state_dict(current)
 
 
 def choose(method: Any, start: dict[str, torch.Tensor], start_loss: float,

@@ -68,6 +68,27 @@ class StackedTensors:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def read_stack(pool: ModelPool, name: str, dtype: torch.dtype, keep_unchanged: bool = False,
+               part: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
+    """``[K, *shape]``: every expert's τ of tensor ``name`` (``part``: the part of each τ to keep, e.g. one
+    process's flat slice), or None when no expert changes it (unless ``keep_unchanged``).
+
+    Filled row by row in the storage dtype: no fp32 stack beside it. The stack is allocated at the first
+    expert that changes the tensor (earlier rows are zero): a tensor no expert changes (e.g. outside every
+    LoRA target) never costs K copies, even for a moment — it is left out, which also spares its gradient
+    (the embedding's is the largest) in every training step."""
+    stacked = None
+    for k, t in enumerate(pool.task_names):
+        tau = pool.task_vector(t, name)
+        if stacked is None and not (keep_unchanged or tau.any()):
+            continue
+        kept = part(tau) if part is not None else tau
+        if stacked is None:
+            stacked = torch.zeros((len(pool.task_names), *kept.shape), dtype=dtype)
+        stacked[k].copy_(kept)
+    return stacked
+
+
 class TaskVectors(StackedTensors):
     """Ordered mapping ``name -> Tensor[K, *shape]`` plus the task order.
 
@@ -118,17 +139,7 @@ class TaskVectors(StackedTensors):
         for n in names:
             if factors is not None and n in factors:
                 continue
-            # filled row by row in the storage dtype: no fp32 stack beside it. The stack is allocated at
-            # the first expert that changes the tensor (earlier rows are zero): a tensor no expert changes
-            # (e.g. outside every LoRA target) never costs K copies, even for a moment — it is left out,
-            # which also spares its gradient (the embedding's is the largest) in every training step
-            stacked = None
-            for k, t in enumerate(pool.task_names):
-                tau = pool.task_vector(t, n)
-                if stacked is None and (keep_unchanged or tau.any()):
-                    stacked = torch.zeros((len(pool.task_names), *tau.shape), dtype=dt)
-                if stacked is not None:
-                    stacked[k].copy_(tau)
+            stacked = read_stack(pool, n, dt, keep_unchanged)
             if stacked is None:
                 continue
             if pin_memory and torch.cuda.is_available():

@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..lora_factors import check_lora_mode
 from ..merged_model import MergedModel
 from ..pool import ModelPool
+from ..sharded import ShardedTaskVectors
 from ..task_vectors import TaskVectors
 from ..transforms import active_transforms, apply_transforms
 from .method_config import MethodConfig
@@ -59,8 +60,13 @@ class MergeAlgorithm(nn.Module):
     Config: type[MethodConfig] = MethodConfig  # the keys this method reads, with their defaults
     lines_on_update = False  # True: LiNeS scales the merged update, not the task vectors
 
-    def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
+    def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None,
+                 shard_slice: tuple[int, int] | None = None):
+        """``shard_slice`` (``task_vectors.shard=true``): the (rank, world) of this process's DDP group, known
+        before it starts (``distributed.launch_rank_world``): the task vectors are then read as this process's
+        slices only. Without it they are read whole and sliced when training starts (``MergeMethod.setup``)."""
         super().__init__()
+        self.shard_slice = shard_slice
         tv_cfg = dict(task_vectors or {})
         self.cfg = self.parse_config(method)
         self.method_cfg = self.cfg.as_dict()
@@ -86,6 +92,11 @@ class MergeAlgorithm(nn.Module):
 
     def build_task_vectors(self, pool: ModelPool, tv_cfg: dict) -> tuple[TaskVectors, dict | None]:
         """(task vectors after the config's transforms, offset of the ``start_from`` merge or None)."""
+        if self.shard_slice is not None and not active_transforms(self.cfg) and self.cfg.start_from is None:
+            return ShardedTaskVectors.from_pool(
+                pool, *self.shard_slice, include=tv_cfg.get("include") or None,
+                exclude=tv_cfg.get("exclude") or None, dtype=tv_cfg.get("dtype", "float32"),
+                keep_unchanged=bool(tv_cfg.get("keep_unchanged", False))), None
         tv = TaskVectors.from_pool(
             pool, include=tv_cfg.get("include") or None, exclude=tv_cfg.get("exclude") or None,
             dtype=tv_cfg.get("dtype", "float32"), pin_memory=bool(tv_cfg.get("pin_memory", False)),

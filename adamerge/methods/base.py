@@ -40,17 +40,26 @@ class MergeMethod(MergeAlgorithm, pl.LightningModule):
     trainable = True
     Config: type[MethodConfig] = LearnedConfig
 
-    def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
-        super().__init__(pool, method, task_vectors)
+    def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None,
+                 shard_slice: tuple[int, int] | None = None):
+        super().__init__(pool, method, task_vectors, shard_slice)
         self.save_hyperparameters({"method": self.method_cfg, "task_vectors": self.tv_cfg})
 
     def setup(self, stage: str) -> None:
         """Lightning hook, after the process group starts and before the model moves to its device:
-        ``task_vectors.shard=true`` keeps only this process's slice of every task vector."""
-        if self.shard and not self.merged.sharded:
-            self.merged.shard(*dist_rank_world())
+        ``task_vectors.shard=true`` keeps only this process's slice of every task vector (or checks that the
+        slices read at start-up are this process's)."""
+        if not self.shard:
+            return
+        rank, world = dist_rank_world()
+        tv = self.merged.task_vectors
+        if not self.merged.sharded:
+            self.merged.shard(rank, world)
+        elif (tv.rank, tv.world) != (rank, world):
+            raise RuntimeError(f"task_vectors.shard=true: the task vectors were read for process {tv.rank} of "
+                               f"{tv.world} (from the launch environment: RANK/WORLD_SIZE, or LOCAL_RANK/NODE_RANK) but "
+                               f"the process group says {rank} of {world}; set RANK and WORLD_SIZE for each process")
 
-    # -- what subclasses choose ---------------------------------------------------------------
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
         m = self.cfg
         return Coefficients(tv.K, len(tv), granularity=m.granularity, init=m.init,
