@@ -103,7 +103,7 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
     import pytorch_lightning as pl
 
     from adamerge.checkpointing import check_fresh_run
-    from adamerge.config import ConfigError, check_config, check_writable_dir
+    from adamerge.config import ConfigError, check_config, check_no_missing, check_writable_dir
     from adamerge.export import check_export_target, remove_stale_temporaries
     from adamerge.loggers import logger_names
     from adamerge.methods import CheckpointError, get_method
@@ -116,6 +116,7 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
                 raise ConfigError(f"config key 'method.{key}': no method config {path.name} in configs/method")
             with open_dict(cfg):  # inside the tree, so its ${data...} interpolations resolve
                 cfg.method[key] = OmegaConf.load(path)
+    check_no_missing(cfg, hydra_choices())  # a ``???`` key, named before an interpolation trips over it
     c = OmegaConf.to_container(cfg, resolve=True)
     check_config(c)
     cls = get_method(c["method"].get("name"))
@@ -140,6 +141,13 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
                           f"got {c['trainer'].get('max_steps')}")
     pl.seed_everything(c["seed"], workers=True, verbose=False)
     return c, trains
+
+
+def hydra_choices() -> dict:
+    """The config group options of this run (``{"pool": "minilm_lora", ...}``); empty without Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
 
 def build_pool_and_method(c: dict, trains: bool):

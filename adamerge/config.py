@@ -37,6 +37,41 @@ def check_number(c: dict, key: str, lo: float | None = None, strict_lo: bool = F
         raise ConfigError(f"config key '{key}' must be {'>' if strict_lo else '>='} {lo}, got {v!r}")
 
 
+def missing_keys(node, prefix: str = "") -> list[str]:
+    """The dotted keys of an OmegaConf tree whose value is ``???`` (mandatory, not given), without
+    resolving interpolations (one that points at such a key would raise instead of naming it)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        keys = list(node.keys())
+    elif isinstance(node, ListConfig):
+        keys = list(range(len(node)))
+    else:
+        return []
+    out = []
+    for key in keys:
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if OmegaConf.is_missing(node, key):
+            out.append(full)
+        elif not OmegaConf.is_interpolation(node, key):
+            out += missing_keys(node[key], full)
+    return out
+
+
+def check_no_missing(cfg, choices: dict | None = None) -> None:
+    """A ConfigError naming the first ``???`` key of the composed config (e.g. a pool's ``data_dir``) and how
+    to give it, before the config is resolved. ``choices``: Hydra's group choices, to name the yaml."""
+    missing = missing_keys(cfg)
+    if not missing:
+        return
+    key = missing[0]
+    group = key.split(".", 1)[0]
+    where = f"the {group}={choices[group]} config" if group in (choices or {}) else "the config"
+    more = f" ({len(missing) - 1} more: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+    raise ConfigError(f"config key '{key}' is not set ('???' in {where}); give it on the command line: "
+                      f"{key}=<value>{more}")
+
+
 def check_writable_dir(d: str | Path, key: str) -> None:
     """Create directory ``d`` and write (and remove) a probe file there, so that a directory that cannot
     be written is named before any work, not at the first checkpoint or the export."""

@@ -156,10 +156,11 @@ def model_card(pool, report: dict, method_cfg: dict | None, eval_md: str | None)
     table = report.get("coefficients")
     coefs = None if table is None else torch.tensor(table, dtype=torch.float64).reshape(-1, len(report["tasks"]))
     name = (method_cfg or {}).get("id") or report["method"]
-    lines = [f"# Merged model: {name}", "", f"Base model: `{pool.base_path}`", "",
+    lines = [f"# Merged model: {name}", "", f"Base model: `{pool.sources.get('pool.base', pool.base_path)}`", "",
              "| task | expert | coefficient mean | min | max |", "|---|---|---|---|---|"]
     for k, task in enumerate(report["tasks"]):  # the combined models: the pool's experts, or FW's candidates
-        source = f"`{pool.tasks[task].expert}`" if task in pool.tasks else "candidate"
+        expert = pool.sources.get(f"pool.tasks.{task}.expert", pool.tasks[task].expert) if task in pool.tasks else None
+        source = f"`{expert}`" if expert else "candidate"
         if coefs is None:  # closed form: W = W0 + D
             lines.append(f"| {task} | {source} | – | – | – |")
             continue

@@ -70,6 +70,9 @@ class ModelPool:
         self.optional_names: set[str] = set()  # shared tensors an expert may lack (then the base's)
         self.ignored_prefixes: tuple[str, ...] = ()  # expert tensors outside the pool's model (not merged)
         self.family = get_family(model_class)
+        # {pool key: how the config named the model there}, for models resolved elsewhere (adamerge/hub.py):
+        # {"pool.tasks.sst2.expert": "hf://org/name (commit ...)"}
+        self.sources: dict[str, str] = {}
         self.base_model: nn.Module = self.family.build_base(self)
         self.base_model.eval().requires_grad_(False)
         self._params = dict(self.base_model.named_parameters())

@@ -5,15 +5,20 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .errors import PoolError, refuse_unknown_keys
+from . import hub
+from .errors import DataError, PoolError, refuse_unknown_keys
 from .families import get_family
 from .pool import ModelPool, TaskSpec
 
-POOL_KEYS = ["base", "tasks", "model_class", "head_prefixes", "check_finite"]
+# data_dir: only for the pool yaml's own interpolations (``${pool.data_dir}/<task>/test.jsonl``)
+POOL_KEYS = ["base", "tasks", "model_class", "head_prefixes", "check_finite", "data_dir"]
 
 
 def pool_from_config(cfg: dict) -> ModelPool:
-    """Build a ModelPool from a plain dict (the ``pool`` config group, recipe already resolved)."""
+    """Build a ModelPool from a plain dict (the ``pool`` config group, recipe already resolved).
+
+    ``hf://`` references (``base``, a task's ``expert``) are resolved to local directories (adamerge/hub.py)
+    once every key is checked and before anything loads."""
     for key in ("base", "tasks"):
         if key not in cfg or cfg[key] in (None, "", {}):
             raise PoolError(f"pool config: key '{key}' is required")
@@ -35,11 +40,30 @@ def pool_from_config(cfg: dict) -> ModelPool:
             classes=family.check_classes(name, t.get("classes")),
             templates=family.check_templates(name, t.get("templates")),
         )
-    return ModelPool(
-        cfg["base"], tasks, model_class=model_class,
+    expert_keys = {n: f"pool.tasks.{n}.expert" for n in tasks}
+    refs = hub.resolve({"pool.base": cfg["base"], **{expert_keys[n]: t.expert for n, t in tasks.items()}},
+                       before_download=lambda: check_data_paths(tasks))
+    for n, t in tasks.items():
+        if expert_keys[n] in refs:
+            t.expert = refs[expert_keys[n]].path
+    pool = ModelPool(
+        refs["pool.base"].path if "pool.base" in refs else cfg["base"], tasks, model_class=model_class,
         head_prefixes=list(cfg.get("head_prefixes", ["classifier."])),
         check_finite=cfg.get("check_finite", True),
     )
+    pool.sources = {key: hub.describe(r) for key, r in refs.items()}
+    return pool
+
+
+def check_data_paths(tasks: dict[str, TaskSpec]) -> None:
+    """Each task's data paths exist (a DataError naming the key otherwise): run before hub models are
+    downloaded; the files themselves are read by ``adamerge.data.check_data`` once the pool has loaded."""
+    for name, spec in tasks.items():
+        for key in ("calibration", "test", "validation"):
+            path = getattr(spec, key)
+            if path and not Path(path).exists():
+                raise DataError(f"task '{name}': {key} path {path} does not exist; fix the path under pool "
+                                f"tasks.{name}.{key} (checked before the pool's hub models are downloaded)")
 
 
 def load_recipe(path: str | Path):
