@@ -123,6 +123,13 @@ class LoraFactors:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for f in self.factors.values() for t in (f.a, f.b, f.owner, f.scale))
 
+    def via_adapters(self, lora_step: str, tokens: int | None) -> list[str]:
+        """The weights a step over ``tokens`` input rows runs as adapters (``hooks``) under ``lora_step``; the
+        others are merged from their factors (``delta``) once per step."""
+        if lora_step == "merge":
+            return []
+        return [n for n, f in self.factors.items() if lora_step == "adapters" or not f.merge_is_cheaper(tokens)]
+
     def delta(self, name: str, c: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Σ_k c_k s_k B_k A_k of one weight, dense fp32 on ``device`` (evaluation, export), differentiable in ``c``."""
         f = self.factors[name]

@@ -252,12 +252,8 @@ class MergedModel(nn.Module):
     def via_adapters(self, tokens: int | None) -> list[str]:
         """The factorized LoRA weights a training step over ``tokens`` input rows runs as the multi-adapter
         forward (``low_rank``); the others it merges from their factors (``merged_params``)."""
-        if self.lora_step == "merge" or not self.factored_names:
-            return []
-        if self.lora_step == "adapters":
-            return list(self.factored_names)
-        factors = self.task_vectors.factors.factors
-        return [n for n in self.factored_names if not factors[n].merge_is_cheaper(tokens)]
+        factors = self.task_vectors.factors if self.task_vectors is not None else None
+        return factors.via_adapters(self.lora_step, tokens) if factors is not None else []
 
     def factor_coefficients(self, names: list[str]) -> torch.Tensor | None:
         """``[F, K]``: the coefficients of the factorized LoRA weights ``names``, differentiable; None without."""
