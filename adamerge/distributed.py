@@ -20,12 +20,15 @@ def dist_rank_world() -> tuple[int, int]:
 
 def launch_rank_world(devices: object, num_nodes: object = 1) -> tuple[int, int] | None:
     """(rank, world) this process will have in the DDP process group, known before the group starts: from
-    torchrun's RANK and WORLD_SIZE, else as Lightning's own launcher numbers its processes (the first has
+    torchrun's RANK and WORLD_SIZE, SLURM's task id and count under srun, else as Lightning's own launcher
+    numbers its processes (the first has
     no LOCAL_RANK; those it starts get LOCAL_RANK and NODE_RANK): NODE_RANK·devices + LOCAL_RANK. None when
     the trainer's ``devices`` do not say how many processes a node runs (e.g. ``auto``)."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:  # srun: one task per process
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
     try:
         per_node = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
         nodes = int(num_nodes or 1)
