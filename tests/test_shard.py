@@ -152,3 +152,21 @@ def test_shard_must_be_a_bool(odd_pool, tmp_path, capsys):
     code = run_inprocess([f"out_dir={tmp_path / 'run'}", "task_vectors.shard=maybe"], odd_pool)
     assert code == 2 and "config key 'task_vectors.shard' must be true or false" in capsys.readouterr().err
     assert not (tmp_path / "run" / "export").exists()
+
+
+@pytest.mark.parametrize("env, devices, nodes, expected", [
+    ({}, 2, 1, (0, 2)),                                          # Lightning's first process
+    ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, 2, 1, (1, 2)),       # the process it starts
+    ({"LOCAL_RANK": "3", "NODE_RANK": "1"}, 4, 2, (7, 8)),       # second node
+    ({"RANK": "5", "WORLD_SIZE": "6", "LOCAL_RANK": "1"}, 2, 3, (5, 6)),  # torchrun
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}, 2, 2, (3, 4)),  # srun
+    ({}, "auto", 1, None),                                       # unknown: read whole, slice at setup
+])
+def test_launch_rank_world(monkeypatch, env, devices, nodes, expected):
+    from adamerge.distributed import launch_rank_world
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert launch_rank_world(devices, nodes) == expected
