@@ -87,6 +87,7 @@ def run(conf: Path, out: Path, extra: list[str], steps: int) -> dict:
         raise SystemExit(f"train.py failed ({proc.returncode}): {' '.join(cmd)}\n{output[-3000:]}")
     logs = "\n".join(f.read_text() for f in sorted(out.glob("*.log")))
     full = [int(b) for b in re.findall(r"task vectors: \d+ experts, \d+ tensors, (\d+) bytes", logs)]
+    full += [int(b) for b in re.findall(r"rank \d+ holds \d+ of (\d+) bytes", logs)]
     held = [int(b) for b in re.findall(r"rank \d+ holds (\d+) of \d+ bytes", logs)]
     per_step = [float(s) for s in re.findall(r"s/step ([\d.]+)", logs)]
     # the training processes: the largest peaks (a launcher shell, if any, stays small)

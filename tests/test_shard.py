@@ -120,6 +120,8 @@ def test_each_process_holds_half_the_task_vectors(odd_pool, sharded5):
         assert nbytes <= 1.05 * full / 2 + tv.K * 4 * len(tv)  # at most one padded entry per tensor and task
         assert nbytes >= full / 2
     assert held[0][2] == 0 and held[1][2] > 0  # the odd tensors are padded on the last rank only
+    # each process read its slices from the expert files: no process built the whole task vectors first
+    assert not any("task vectors: 2 experts" in f.read_text() for f in logs)
 
 
 def test_sharded_resume_is_exact(conf, sharded5, tmp_path):
