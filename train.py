@@ -257,7 +257,7 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
     if start_state is not None and c["evaluate"]["start_row"]:
         rows[method.start_label()] = accuracies(merged_at(method, start_state))
     label = c["method"]["id"] + (" (exported: the start)" if (selection or {}).get("exported") == "start" else "")
-    rows[label] = accuracies({n: v.detach() for n, v in method.eval().merged.merged_params().items()})
+    rows[label] = accuracies({n: v.detach() for n, v in method.eval().merged_params().items()})
     summary = summarize(rows)
     save_report(summary, out_dir)
     table = markdown(summary)

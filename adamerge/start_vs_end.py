@@ -35,7 +35,7 @@ def merged_at(method: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     method.load_state_dict(state)
     try:
         with torch.no_grad():
-            return {n: v.detach() for n, v in method.eval().merged.merged_params().items()}
+            return {n: v.detach() for n, v in method.eval().merged_params().items()}
     finally:
         method.load_state_dict(current)
 
@@ -68,7 +68,7 @@ def calibration_objective(method: Any, batches: list[dict[str, dict[str, torch.T
         return float("nan")
     was = method.training
     method.eval()
-    params = method.merged.merged_params()
+    params = method.merged_params()
     total = sum(float(method.task_loss(t, x, params)) for b in batches for t, x in b.items())
     method.train(was)
     return total / len(batches)

@@ -191,7 +191,6 @@ class MergeAlgorithm(nn.Module):
     def build_mask(self, tv: TaskVectors) -> ConcreteMask | None:
         return None
 
-
     def merged_params(self) -> dict[str, torch.Tensor]:
         """The merged weights (name -> tensor) of every merged tensor."""
         return self.merged.merged_params()
