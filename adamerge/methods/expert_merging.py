@@ -193,7 +193,8 @@ class ExpertMerging(MergeMethod):
         return self.reg_weight * r
 
     def _log(self, key: str, value: torch.Tensor) -> None:
-        if self._trainer is not None and self.trainer.training:
+        # training steps only (not the start/end objective measured around them, with the module in eval mode)
+        if self.training and self._trainer is not None and self.trainer.training:
             self.log(key, value.detach(), on_step=True)
 
     # -- optimizer -----------------------------------------------------------------------------
