@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import helpers
 from helpers import logged_losses as losses
 from helpers import run_train
 
@@ -57,16 +58,17 @@ def test_resume_continues_exactly(tiny_conf_dir, tmp_path):
     assert not torch.allclose(coefs(full), torch.full_like(coefs(full), 0.3))
 
 
-def test_resume_refuses_checkpoint_of_another_method_or_pool(tiny_conf_dir, tmp_path):
+def test_resume_refuses_checkpoint_of_another_method_or_pool(tiny_conf_dir, tiny_pool_cfg, tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny_conf_dir, run, "method=adamerging_layerwise", "trainer.max_steps=2", "evaluate.enabled=false")
-    p = train(tiny_conf_dir, run, "method=adamerging_taskwise", "trainer.max_steps=4", "resume=last",
-              "export.overwrite=true", check=False)
-    assert p.returncode == 2
-    assert "made by method 'adamerging_layerwise', this run is 'adamerging_taskwise'" in p.stderr
-    p = train(tiny_conf_dir, run, "method=adamerging_layerwise", "trainer.max_steps=4", "resume=last",
-              "export.overwrite=true", "task_vectors.exclude=[embeddings]", check=False)
-    assert p.returncode == 2 and "different pool" in p.stderr and "merged_tensors" in p.stderr
+    # the refusals come before any work: train.py's cli in this process, on the same pool
+    args = [f"out_dir={run}", "data.batch_size=8", "trainer.max_steps=4", "resume=last", "export.overwrite=true"]
+    assert helpers.run_inprocess(["method=adamerging_taskwise", *args], tiny_pool_cfg) == 2
+    assert "made by method 'adamerging_layerwise', this run is 'adamerging_taskwise'" in capsys.readouterr().err
+    assert helpers.run_inprocess(["method=adamerging_layerwise", *args, "task_vectors.exclude=[embeddings]"],
+                                 tiny_pool_cfg) == 2
+    err = capsys.readouterr().err
+    assert "different pool" in err and "merged_tensors" in err
 
 
 def test_ddp_two_processes_equals_one(tiny_conf_dir, tmp_path):

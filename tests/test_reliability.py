@@ -312,7 +312,7 @@ def test_killed_run_resumes_to_the_same_result(conf, uninterrupted12, tmp_path, 
     torch.testing.assert_close(_coefs(run), _coefs(uninterrupted12), atol=1e-6, rtol=0)
 
 
-def test_truncated_newest_checkpoint_falls_back_to_previous(conf, tmp_path):
+def test_truncated_newest_checkpoint_falls_back_to_previous(conf, tmp_path, tiny_pool_cfg, capsys):
     run = tmp_path / "run"
     train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=4", "checkpoint.every_n_steps=2")
     last = run / "checkpoints" / "last.ckpt"
@@ -323,14 +323,15 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(conf, tmp_path):
     assert "last.ckpt is unreadable or truncated" in p.stderr + p.stdout
     bad = run / "checkpoints" / "bad.ckpt"
     bad.write_bytes(last.read_bytes()[:200])
-    p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=8", f"resume={bad}",
-              "export.overwrite=true", check=False)
-    assert_clear_error(p, r"bad.ckpt: checkpoint is unreadable or truncated")
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)
-    p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=8", f"resume={foreign}",
-              "export.overwrite=true", check=False)
-    assert_clear_error(p, r"not an adamerge checkpoint")
+    # refused before any work: train.py's cli in this process (the same pool as conf's)
+    args = ["method=adamerging_layerwise", f"out_dir={run}", "data.batch_size=8", "evaluate.enabled=false",
+            "trainer.max_steps=8", "export.overwrite=true"]
+    for ckpt, words in ((bad, "bad.ckpt: checkpoint is unreadable or truncated"), (foreign, "not an adamerge checkpoint")):
+        assert helpers.run_inprocess([*args, f"resume={ckpt}"], tiny_pool_cfg) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 def test_nonfinite_loss_stops_or_skips(conf, tmp_path, tiny_pool_cfg):
