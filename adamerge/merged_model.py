@@ -4,8 +4,8 @@
 so only the coefficients (and mask) are trainable and the base module is never copied. The sum is
 the custom autograd kernel of adamerge/combine.py. The training step merges into buffers kept across steps, and the input embedding table only on the
 rows its batches look up (``merged_params(reuse_buffers=True, rows=...)``). LoRA experts' weights kept
-factorized (``task_vectors.factors``, adamerge/lora_factors.py) are not merged there: the training
-step runs them as the multi-adapter forward (``low_rank``); evaluation and export write them out.
+factorized (``task_vectors.factors``, adamerge/lora_factors.py) are merged there from their factors or
+run as the multi-adapter forward (``low_rank``), per ``lora_step``; evaluation and export write them out.
 With ``task_vectors.shard=true`` (DDP) the task vectors become this process's slices (``shard``,
 adamerge/sharded.py): the step merges its slices and all-gathers them (``sharded_params``).
 """
@@ -22,21 +22,9 @@ from torch.func import functional_call
 from .coefficients import Coefficients
 from .combine import Combine, combine
 from .concrete_mask import ConcreteMask
+from .lookup_table import looked_up_rows, lookup_table, sparse_grad
 from .sharded import ShardedTaskVectors
 from .task_vectors import TaskVectors
-
-
-def _lookup_table(base: nn.Module, names: list[str]) -> str | None:
-    """Name of the base's input embedding weight if it is merged and used only as a lookup table."""
-    try:
-        emb = base.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if not isinstance(emb, nn.Embedding):
-        return None
-    owners = [n for n, p in base.named_parameters(remove_duplicate=False) if p is emb.weight]
-    # tied to an output layer (lm_head = embed_tokens): every row is used, every step
-    return owners[0] if len(owners) == 1 and owners[0] in names else None
 
 
 class MergedModel(nn.Module):
@@ -89,7 +77,7 @@ class MergedModel(nn.Module):
         if missing:
             raise ValueError(f"task vector tensor '{missing[0]}' is not a parameter of the base model")
         # a slice's every entry is merged each step: no row-sparse lookup table when sharded
-        self.lookup_name = None if isinstance(task_vectors, ShardedTaskVectors) else _lookup_table(base, self.names)
+        self.lookup_name = None if isinstance(task_vectors, ShardedTaskVectors) else lookup_table(base, self.names)
         factors = task_vectors.factors if task_vectors is not None else None
         self.factored_names = [n for n in self.names if factors is not None and n in factors]
         self.lora_step = lora_step  # how a training step runs the factorized weights (adamerge/lora_factors.py)
@@ -269,27 +257,15 @@ class MergedModel(nn.Module):
             return contextlib.nullcontext()
         return self.task_vectors.factors.hooks(self.base, dict(zip(names, coefs.unbind(0))))
 
-    @contextlib.contextmanager
     def sparse_lookup_grad(self, rows: torch.Tensor | None):
-        """While active, the lookup table's ∂L/∂W is sparse (its looked-up rows), not a dense [V, d]
-        tensor of zeros — for a 128 k-token vocabulary that is gigabytes a step. A no-op without the
-        ``rows`` the table was merged on (``merged_params``): then every row is in play."""
-        emb = self.base.get_input_embeddings() if self.lookup_name and rows is not None else None
-        if emb is None:
-            yield
-            return
-        was, emb.sparse = emb.sparse, True
-        try:
-            yield
-        finally:
-            emb.sparse = was
+        """While active, the lookup table's ∂L/∂W is sparse (adamerge/lookup_table.py); a no-op without ``rows``."""
+        return sparse_grad(self.base if self.lookup_name and rows is not None else None)
 
     def lookup_rows(self, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
         """The token ids these batches look up in the merged input embedding table (None: all rows)."""
-        if self.lookup_name is None or not inputs or any("input_ids" not in x for x in inputs):
+        if self.lookup_name is None:
             return None
-        ids = torch.cat([x["input_ids"].flatten() for x in inputs])
-        return torch.unique(ids).to(self._base_params[self.lookup_name].device)
+        return looked_up_rows(inputs, self._base_params[self.lookup_name].device)
 
     def forward(self, task: str | None = None, params: dict[str, torch.Tensor] | None = None, **inputs):
         """Run the base module with merged weights (``params``, default: merge now) and ``task``'s head."""
