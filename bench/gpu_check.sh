@@ -11,5 +11,5 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python bench/speed.py --device cuda --dtype bfloat16 --ks 4 16 --repeats 20 --impls floor adamerge \
     --threads 4 --write "$out"
 python bench/speed.py --device cuda --lora 8 --ks 4 16 64 --repeats 20 \
-    --impls floor adamerge adamerge-factorized --threads 4 --write "$out"
+    --impls floor adamerge adamerge-factorized adamerge-adapters --threads 4 --write "$out"
 cat "$out"
