@@ -79,11 +79,11 @@ class ModelFamily:
         return read_jsonl(path, task, need_labels=need_labels,
                           num_labels=pool.num_labels(task) if need_labels else None, key=split)
 
-    def check_data(self, pool):
+    def check_data(self, pool) -> Any:
         """Family checks before the data files are read; returns the tokenizer answers are checked with (or None)."""
         return None
 
-    def tokenizer(self, pool):
+    def tokenizer(self, pool) -> Any:
         """The tokenizer of the base's text inputs (None: the family's inputs are not text)."""
         return load_tokenizer(pool.base_path)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -230,7 +231,7 @@ class CLIPZeroShot(ModelFamily):
                    tokenizer=None) -> tuple[list, list]:
         return read_images(pool, task, split, path, need_labels)
 
-    def tokenizer(self, pool):
+    def tokenizer(self, pool) -> Any:
         return None  # images, not text
 
     def encode(self, pool, items: list, tokenizer, max_length: int) -> dict[str, torch.Tensor]:

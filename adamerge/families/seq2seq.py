@@ -23,6 +23,7 @@ for T5 and are dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.func import functional_call
@@ -158,7 +159,7 @@ class Seq2SeqLM(TextAnswers):
     name = "seq2seq_lm"
     auto_class = "AutoModelForSeq2SeqLM"
 
-    def check_data(self, pool):
+    def check_data(self, pool) -> Any:
         from ..data import load_tokenizer
 
         tokenizer = load_tokenizer(pool.base_path)

@@ -66,7 +66,8 @@ class MergeMethod(MergeAlgorithm, pl.LightningModule):
                             clamp=tuple(m.clamp) if m.clamp else None, transform=m.transform)
 
     # -- model outputs ------------------------------------------------------------------------
-    def task_logits(self, task: str, inputs: dict[str, torch.Tensor], params: dict | None = None):
+    def task_logits(self, task: str, inputs: dict[str, torch.Tensor],
+                    params: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits, mask) the objectives see, as the pool's family defines them: per-example logits,
         next-token logits with padding masked (causal LMs), the first decoder step's (seq2seq LMs)."""
         out = self.merged(task=task, params=params, **self.family.model_inputs(self.merged.base, inputs))
