@@ -12,7 +12,9 @@ The result is ``selection.json`` in the export and a few lines on the terminal.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -29,15 +31,21 @@ def snapshot(method: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in method.state_dict().items()}
 
 
-def merged_at(method: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The merged weights the method would export in ``state``; the method's own state is left as it was."""
+@contextlib.contextmanager
+def in_state(method: torch.nn.Module, state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``method`` holds ``state`` inside the block; its own state is put back afterwards."""
     current = snapshot(method)
     method.load_state_dict(state)
     try:
-        with torch.no_grad():
-            return {n: v.detach() for n, v in method.eval().merged_params().items()}
+        yield
     finally:
         method.load_state_dict(current)
+
+
+def merged_at(method: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The merged weights the method would export in ``state``; the method's own state is left as it was."""
+    with in_state(method, state), torch.no_grad():
+        return {n: v.detach() for n, v in method.eval().merged_params().items()}
 
 
 def gather_merges(method: Any, states: list[dict[str, torch.Tensor]], keep: bool) -> None:
@@ -83,14 +91,10 @@ class StartObjective(pl.Callback):
         self.start, self.batches, self.value = start, batches, float("nan")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        current = snapshot(pl_module)
-        pl_module.load_state_dict(self.start)
         device = pl_module.device
-        try:
+        with in_state(pl_module, self.start):
             self.value = calibration_objective(pl_module, [{t: {k: v.to(device) for k, v in x.items()}
                                                             for t, x in b.items()} for b in self.batches])
-        finally:
-            pl_module.load_state_dict(current)
 
 
 def choose(method: Any, start: dict[str, torch.Tensor], start_loss: float,
