@@ -44,6 +44,17 @@ def build_model(auto_class: str, path: str | Path, **kwargs) -> nn.Module:
         raise PoolError(f"base model {path}: cannot be loaded with {cls.__name__}.from_pretrained ({e})") from e
 
 
+def check_names(key: str, names: object, what: str) -> list[str]:
+    """``names`` (a task's ``classes``: label words or class names) as a list of two or more distinct
+    non-empty strings (ignoring surrounding spaces), or a PoolError naming ``key``."""
+    if (not isinstance(names, (list, tuple)) or len(names) < 2
+            or not all(isinstance(c, str) and c.strip() for c in names)):
+        raise PoolError(f"{key} must be a list of two or more {what} (non-empty strings), got {names!r}")
+    if len({c.strip() for c in names}) != len(names):
+        raise PoolError(f"{key}: {what} must differ (ignoring surrounding spaces), got {list(names)!r}")
+    return list(names)
+
+
 class ModelFamily:
     name = "auto"
     auto_class = "AutoModel"  # the transformers class of the base and of the exported model

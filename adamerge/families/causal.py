@@ -26,8 +26,8 @@ import torch
 from torch.func import functional_call
 
 from ..data import labelled_splits, read_jsonl
-from ..errors import DataError, PoolError
-from .base import ModelFamily, register_family
+from ..errors import DataError
+from .base import ModelFamily, check_names, register_family
 
 
 @dataclass
@@ -187,15 +187,7 @@ class TextAnswers(ModelFamily):
 
     def check_classes(self, task: str, classes) -> list[str] | None:
         """Label words: two or more distinct non-empty strings, or None (exact match)."""
-        if classes is None:
-            return None
-        key = f"pool.tasks.{task}.classes"
-        if (not isinstance(classes, (list, tuple)) or len(classes) < 2
-                or not all(isinstance(c, str) and c.strip() for c in classes)):
-            raise PoolError(f"{key} must be a list of two or more label words (non-empty strings), got {classes!r}")
-        if len({c.strip() for c in classes}) != len(classes):
-            raise PoolError(f"{key}: label words must differ (ignoring surrounding spaces), got {list(classes)!r}")
-        return list(classes)
+        return None if classes is None else check_names(f"pool.tasks.{task}.classes", classes, "label words")
 
     def read_split(self, pool, task: str, split: str, path: str, need_labels: bool,
                    tokenizer=None) -> tuple[list, list]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PoolError
-from .base import ModelFamily, register_family
+from .base import ModelFamily, check_names, register_family
 from .clip_images import load_image_test_sets, pixel_values, read_images
 
 HEAD = "classifier.weight"  # the per-task zero-shot head in ZeroShotCLIP
@@ -45,12 +45,7 @@ def check_class_names(task: str, classes) -> list[str]:
     if classes is None or (isinstance(classes, (list, tuple)) and not classes):
         raise PoolError(f"{key} is required for a clip_zero_shot task: the class names its zero-shot head is "
                         "built from, in label order (e.g. classes: [cat, dog])")
-    if (not isinstance(classes, (list, tuple)) or len(classes) < 2
-            or not all(isinstance(c, str) and c.strip() for c in classes)):
-        raise PoolError(f"{key} must be a list of two or more class names (non-empty strings), got {classes!r}")
-    if len({c.strip() for c in classes}) != len(classes):
-        raise PoolError(f"{key}: class names must differ, got {list(classes)!r}")
-    return list(classes)
+    return check_names(key, classes, "class names")
 
 
 def check_templates(task: str, templates) -> list[str] | None:
