@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .lora_factors import check_lora_mode, check_lora_step
+from .lora_factors import LORA_CHOICES, check_lora_key
 from .task_vectors import DTYPES
 
 
@@ -125,12 +125,9 @@ def check_config(c: dict) -> None:
     dtype = _get(c, "task_vectors.dtype")
     if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise ConfigError(f"config key 'task_vectors.dtype' must be one of {sorted(DTYPES)}, got {dtype!r}")
-    lora = _get(c, "task_vectors.lora")
-    if lora is not None:
-        check_lora_mode(lora)
-    lora_step = _get(c, "task_vectors.lora_step")
-    if lora_step is not None:
-        check_lora_step(lora_step)
+    for key in LORA_CHOICES:
+        if _get(c, f"task_vectors.{key}") is not None:
+            check_lora_key(key, _get(c, f"task_vectors.{key}"))
     check_shard(c)
     for key in ("task_vectors.include", "task_vectors.exclude"):
         v = _get(c, key)

@@ -26,20 +26,18 @@ from torch import nn
 from .errors import ConfigError
 from .pool import ModelPool
 
-LORA_MODES = ("auto", "dense", "factorized")  # task_vectors.lora
-LORA_STEPS = ("auto", "adapters", "merge")  # task_vectors.lora_step: how a training step runs factorized weights
+LORA_CHOICES = {
+    "lora": ("auto", "dense", "factorized"),  # task_vectors.lora: whether LoRA experts stay factorized
+    "lora_step": ("auto", "adapters", "merge"),  # task_vectors.lora_step: how a training step runs them
+}
 
 
-def check_lora_mode(mode: object) -> None:
-    """``task_vectors.lora`` must be one of ``LORA_MODES``: a one-line ConfigError otherwise."""
-    if mode not in LORA_MODES:
-        raise ConfigError(f"config key 'task_vectors.lora' must be one of {', '.join(LORA_MODES)}, got {mode!r}")
-
-
-def check_lora_step(mode: object) -> None:
-    """``task_vectors.lora_step`` must be one of ``LORA_STEPS``: a one-line ConfigError otherwise."""
-    if mode not in LORA_STEPS:
-        raise ConfigError(f"config key 'task_vectors.lora_step' must be one of {', '.join(LORA_STEPS)}, got {mode!r}")
+def check_lora_key(key: str, value: object) -> None:
+    """``task_vectors.<key>`` (``lora`` or ``lora_step``) must be one of its ``LORA_CHOICES``: a one-line
+    ConfigError otherwise."""
+    choices = LORA_CHOICES[key]
+    if value not in choices:
+        raise ConfigError(f"config key 'task_vectors.{key}' must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass

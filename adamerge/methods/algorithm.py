@@ -18,7 +18,7 @@ from torch import nn
 from ..coefficients import Coefficients
 from ..concrete_mask import ConcreteMask
 from ..errors import ConfigError
-from ..lora_factors import check_lora_mode
+from ..lora_factors import check_lora_key
 from ..merged_model import MergedModel
 from ..pool import ModelPool
 from ..sharded import ShardedTaskVectors
@@ -154,7 +154,7 @@ class MergeAlgorithm(nn.Module):
         """``task_vectors.lora``: whether LoRA experts' task vectors stay factorized — the one place this is
         decided. ``auto``: when the pool has LoRA experts and this method can; ``factorized`` where it
         cannot: dense, with one log line saying why."""
-        check_lora_mode(mode)
+        check_lora_key("lora", mode)
         if mode == "dense" or self.shard or not any(e.is_lora for e in pool.experts.values()):
             return False
         why = self.dense_reason(self.cfg)
