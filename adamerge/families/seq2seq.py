@@ -160,9 +160,7 @@ class Seq2SeqLM(TextAnswers):
     auto_class = "AutoModelForSeq2SeqLM"
 
     def check_data(self, pool) -> Any:
-        from ..data import load_tokenizer
-
-        tokenizer = load_tokenizer(pool.base_path)
+        tokenizer = self.tokenizer(pool)  # the tokenizer training and evaluation use
         check_pool(pool, tokenizer)
         return tokenizer  # targets are checked to have tokens
 
