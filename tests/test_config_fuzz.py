@@ -26,6 +26,8 @@ KEYS = st.sampled_from([
        overrides=st.dictionaries(KEYS, VALUES, min_size=1, max_size=3))
 @example(method="adamerging_layerwise", overrides={"task_vectors.dtype": "[]"})  # found in CI: a TypeError
 @example(method="adamerging_layerwise", overrides={"method.init": "[]"})  # found in CI: a RuntimeError
+@example(method="adamerging_layerwise", overrides={"checkpoint.every_n_steps": "null"})  # found in CI: a TypeError
+@example(method="adamerging_layerwise", overrides={"data.max_length": "null", "seed": "null"})  # the same
 def test_overrides_run_or_fail_clearly(tiny_pool_cfg, tmp_path_factory, method, overrides):
     from hydra.errors import HydraException
 
