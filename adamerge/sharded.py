@@ -27,8 +27,14 @@ import torch
 
 from .combine import Combine
 from .distributed import all_gather_flat, reduce_scatter_flat
-from .errors import PoolError
-from .task_vectors import StackedTensors, TaskVectors, read_stack, resolve_dtype, select_names
+from .task_vectors import (
+    StackedTensors,
+    TaskVectors,
+    check_something_to_merge,
+    read_stack,
+    resolve_dtype,
+    select_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +86,7 @@ class ShardedTaskVectors(StackedTensors):
             if part is not None:
                 tensors[n], shapes[n] = part, pool.base_tensor(n).shape
                 full += part.shape[0] * shapes[n].numel() * part.element_size()
-        if not tensors:
-            raise PoolError("no expert differs from the base in any selected tensor: nothing to merge")
+        check_something_to_merge(bool(tensors))
         out = cls(tensors, pool.task_names, shapes, rank, world)
         out.log_held(full)
         return out

@@ -89,6 +89,12 @@ def read_stack(pool: ModelPool, name: str, dtype: torch.dtype, keep_unchanged: b
     return stacked
 
 
+def check_something_to_merge(found: bool) -> None:
+    """One refusal for a selection in which no expert changes anything (dense, factorized or sharded)."""
+    if not found:
+        raise PoolError("no expert differs from the base in any selected tensor: nothing to merge")
+
+
 class TaskVectors(StackedTensors):
     """Ordered mapping ``name -> Tensor[K, *shape]`` plus the task order.
 
@@ -145,8 +151,8 @@ class TaskVectors(StackedTensors):
             if pin_memory and torch.cuda.is_available():
                 stacked = stacked.pin_memory()
             tensors[n] = stacked.to(device)
-        if names and not tensors and not factors:
-            raise PoolError("no expert differs from the base in any selected tensor: nothing to merge")
+        if names:
+            check_something_to_merge(bool(tensors or factors))
         order = [n for n in names if n in tensors or (factors is not None and n in factors)]
         return cls(tensors, pool.task_names, factors, order)
 

@@ -298,3 +298,19 @@ def test_factorized_step_allocates_no_dense_weight_per_expert(tmp_path):
     # merged from the factors once per step: the merged weight and its gradient, as many whatever K
     merged = {k: weight_shaped_allocations(p, "factorized", "merge") for k, p in ((2, few), (16, many))}
     assert 0 < merged[2] == merged[16]
+
+
+@pytest.mark.parametrize("how", ["dense", "factorized", "sharded"])
+def test_a_selection_no_expert_changes_is_refused_as_nothing_to_merge(bert, how):
+    """The adapters target query and value only: selecting the key weights leaves nothing to merge, said
+    the same way by every way of reading task vectors."""
+    from adamerge.errors import PoolError
+    from adamerge.sharded import ShardedTaskVectors
+    from adamerge.task_vectors import TaskVectors
+
+    include = ["attention.self.key"]
+    with pytest.raises(PoolError, match="no expert differs from the base in any selected tensor: nothing to merge"):
+        if how == "sharded":
+            ShardedTaskVectors.from_pool(bert, rank=0, world=2, include=include)
+        else:
+            TaskVectors.from_pool(bert, include=include, factorize=how == "factorized")
