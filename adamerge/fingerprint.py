@@ -1,7 +1,9 @@
 """What a checkpoint was made from: the pool's fingerprint, checked when a run resumes.
 
 Every tensor of the base and of every expert's files (a LoRA expert: its A/B factors and scaling) by
-name, shape, dtype, a strided sample and an exact checksum; the task order and each task's head shapes.
+name, shape, dtype, a strided sample and an exact checksum; the task order and each task's heads (shapes,
+and values: a head built rather than read from a file, e.g. CLIP's zero-shot head from its templates,
+is in no expert's digest).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def pool_fingerprint(pool) -> dict:
         "base": digest((n, pool.base_tensor(n)) for n in pool.shared_names()),
         "tasks": pool.task_names, "experts": experts,
         "heads": {t: {n: list(v.shape) for n, v in pool.head(t).items()} for t in pool.task_names},
+        "head_values": {t: digest(sorted(pool.head(t).items())) for t in pool.task_names},
         "n_shared": len(pool.shared_names()),
     }
 

@@ -5,6 +5,7 @@ AdaMerging and task arithmetic end to end through train.py (table, export loadab
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -137,6 +138,18 @@ def test_zero_shot_heads_equal_a_hand_computation(clip_cfg):
         torch.testing.assert_close(head.norm(dim=-1), torch.full((len(classes),), scale))
         torch.testing.assert_close(head, hand_head(clip, tok, classes, TEMPLATES[task] or DEFAULT_TEMPLATES))
     assert pool.num_labels("color") == 2 and pool.tasks["shape"].label_names == ["square", "circle"]
+
+
+def test_other_templates_make_another_fingerprint(clip_cfg):
+    """A zero-shot head is built, not read from an expert's files: a checkpoint learned under one set of
+    templates must not resume under another."""
+    task = next(iter(TASKS))
+    cfg = copy.deepcopy(clip_cfg)
+    cfg["tasks"][task]["templates"] = ["a blurry picture of a {}."]
+    same, other = pool_from_config(clip_cfg).fingerprint(), pool_from_config(cfg).fingerprint()
+    assert same == pool_from_config(clip_cfg).fingerprint()
+    assert same["head_values"][task] != other["head_values"][task]
+    assert {k: v for k, v in same.items() if k != "head_values"} == {k: v for k, v in other.items() if k != "head_values"}
 
 
 def test_expert_formats_align_to_the_vision_tower(clip_cfg, tmp_path):
