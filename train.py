@@ -243,7 +243,7 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
 
     if not c["evaluate"]["enabled"] or not pool.family.evaluated:
         return None
-    tokenizer = pool.family.tokenizer(pool)
+    tokenizer = pool.tokenizer()
     tests = load_test_sets(pool, tokenizer, c["data"]["max_length"], c["evaluate"]["max_examples"],
                            max_new_tokens=c["evaluate"]["max_new_tokens"])
     if not tests:

@@ -225,7 +225,7 @@ class CalibrationDataModule(pl.LightningDataModule):
                   size: int | None = None, tokenizer=None) -> CalibrationDataModule:
         cal = {name: read_split(pool, name, "calibration")[0] for name in pool.tasks}
         family = pool.family
-        tok = tokenizer or family.tokenizer(pool)
+        tok = tokenizer or pool.tokenizer()
         return cls(cal, tok, batch_size=batch_size, max_length=max_length, seed=seed, size=size,
                    encoder=lambda items: family.encode(pool, items, tok, max_length))
 

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,6 +80,7 @@ class ModelPool:
         prefix = getattr(self.base_model, "base_model_prefix", "") or ""
         self._prefix = prefix + "." if prefix else ""
         self._fingerprint: dict | None = None
+        self._tokenizer: Any = None
         self.experts: dict[str, Expert] = {}
         for t in self.tasks.values():
             self.experts[t.name] = load_expert(t.name, t.expert)
@@ -282,6 +284,12 @@ class ModelPool:
         fixed = self.fixed_heads.get(task, {})
         for n in self._params:
             yield n, fixed[n] if n in fixed else self.expert_tensor(task, n)
+
+    def tokenizer(self) -> Any:
+        """The base's tokenizer as the family loads it (None for image inputs), loaded once per pool."""
+        if self._tokenizer is None:
+            self._tokenizer = self.family.load_tokenizer(self)
+        return self._tokenizer
 
     def fingerprint(self) -> dict:
         """What a checkpoint's coefficients were learned on (adamerge/fingerprint.py), computed once per pool."""

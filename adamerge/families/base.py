@@ -94,8 +94,9 @@ class ModelFamily:
         """Family checks before the data files are read; returns the tokenizer answers are checked with (or None)."""
         return None
 
-    def tokenizer(self, pool) -> Any:
-        """The tokenizer of the base's text inputs (None: the family's inputs are not text)."""
+    def load_tokenizer(self, pool) -> Any:
+        """The tokenizer of the base's text inputs (None: the family's inputs are not text); ``ModelPool.tokenizer``
+        keeps the one every reader of the pool shares."""
         return load_tokenizer(pool.base_path)
 
     def encode(self, pool, items: list, tokenizer, max_length: int) -> dict[str, torch.Tensor]:

@@ -202,7 +202,7 @@ class CausalLM(TextAnswers):
     name = "causal_lm"
     auto_class = "AutoModelForCausalLM"
 
-    def tokenizer(self, pool) -> Any:
+    def load_tokenizer(self, pool) -> Any:
         from ..data import load_tokenizer
 
         return load_tokenizer(pool.base_path, causal=True)

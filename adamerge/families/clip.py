@@ -226,7 +226,7 @@ class CLIPZeroShot(ModelFamily):
                    tokenizer=None) -> tuple[list, list]:
         return read_images(pool, task, split, path, need_labels)
 
-    def tokenizer(self, pool) -> Any:
+    def load_tokenizer(self, pool) -> Any:
         return None  # images, not text
 
     def encode(self, pool, items: list, tokenizer, max_length: int) -> dict[str, torch.Tensor]:

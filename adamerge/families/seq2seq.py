@@ -160,7 +160,7 @@ class Seq2SeqLM(TextAnswers):
     auto_class = "AutoModelForSeq2SeqLM"
 
     def check_data(self, pool) -> Any:
-        tokenizer = self.tokenizer(pool)  # the tokenizer training and evaluation use
+        tokenizer = pool.tokenizer()  # the tokenizer training and evaluation use
         check_pool(pool, tokenizer)
         return tokenizer  # targets are checked to have tokens
 

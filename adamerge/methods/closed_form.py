@@ -51,7 +51,6 @@ class DeltaMerge(MergeAlgorithm):
     lines_on_update = True
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
-        self._tokenizer = None
         super().__init__(pool, method, task_vectors)
 
     def build_merged(self, pool: ModelPool, tv_cfg: dict) -> MergedModel:
@@ -91,9 +90,7 @@ class DeltaMerge(MergeAlgorithm):
         texts = read_split(self.pool, task, "calibration", needed_by=self.method_id)[0][:n][rank::world]
         if not texts:
             return []
-        if self._tokenizer is None:
-            self._tokenizer = self.family.tokenizer(self.pool)
-        return batches(self.family.encode(self.pool, texts, self._tokenizer, max_length), bs, self.merged.device)
+        return batches(self.family.encode(self.pool, texts, self.pool.tokenizer(), max_length), bs, self.merged.device)
 
     def forward_kwargs(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The statistics' forward, as the learned objectives' (seq2seq LMs: the first decoder step)."""

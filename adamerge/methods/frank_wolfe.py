@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..candidates import CandidatePool, candidate_paths
 from ..coefficients import Coefficients
-from ..data import StepBatches, batches, encode, load_tokenizer, read_split
+from ..data import StepBatches, batches, encode, read_split
 from ..errors import CheckpointError
 from ..merged_model import MergedModel
 from ..pool import ModelPool
@@ -95,7 +95,7 @@ class FrankWolfeMerging(MergeMethod):
         self.step_size, self.merge_scale, self.inner_steps = m.step_size, m.merge_scale, m.inner_steps
         self.history: list[dict[str, Any]] = []
         self._stream: StepBatches | None = None  # soft inner steps: batches of their own (use_data)
-        self._tokenizer, self._max_length = None, m.max_length
+        self._max_length = m.max_length
         self._labelled: dict[str, list[tuple[dict, torch.Tensor]]] = {}
 
     def build_merged(self, pool: ModelPool, tv_cfg: dict) -> MergedModel:
@@ -115,9 +115,9 @@ class FrankWolfeMerging(MergeMethod):
 
     # -- objective ------------------------------------------------------------------------------
     def use_data(self, dm) -> None:
-        """Take the tokenizer, max_length and a batch stream (for soft inner steps) from a CalibrationDataModule."""
+        """Take max_length and a batch stream (for soft inner steps) from a CalibrationDataModule."""
         self._stream = StepBatches(dm.encoded, dm.batch_size, dm.seed + 1)  # its own stream, not the FW batches
-        self._tokenizer, self._max_length = dm.tokenizer, dm.max_length
+        self._max_length = dm.max_length
 
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:
@@ -133,9 +133,7 @@ class FrankWolfeMerging(MergeMethod):
             texts, labels = read_split(self.pool, task, m.labelled_split, need_labels=True,
                                        needed_by="method.objective=cross_entropy")
             n = m.labelled_size
-            if self._tokenizer is None:
-                self._tokenizer = load_tokenizer(self.pool.base_path)
-            enc, y = encode(self._tokenizer, texts[:n], self._max_length), torch.tensor(labels[:n])
+            enc, y = encode(self.pool.tokenizer(), texts[:n], self._max_length), torch.tensor(labels[:n])
             bs = m.labelled_batch_size
             self._labelled[task] = list(zip(batches(enc, bs), y.split(bs)))
         return self._labelled[task]
