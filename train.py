@@ -156,9 +156,12 @@ def build_pool_and_method(c: dict, trains: bool):
     from adamerge.data import check_data
     from adamerge.methods import get_method
     from adamerge.pool_config import pool_from_config, resolve_recipe
+    from adamerge.start_vs_end import check_monitor
 
     pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     check_data(pool)  # a bad line or label is named now, not after training
+    if trains:
+        check_monitor(pool, c["checkpoint"].get("monitor"))
     stats_rank = 0 if trains else _launch_statistics_ranks(c["trainer"])
     extra = {}
     if c["task_vectors"].get("shard"):  # each process reads only its slices of the task vectors
@@ -184,7 +187,14 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     from adamerge.evaluate import load_test_sets
     from adamerge.loggers import build_loggers
     from adamerge.progress import ProgressLog, StepProgressBar
-    from adamerge.start_vs_end import StartObjective, choose, gather_merges, monitor_batches, snapshot
+    from adamerge.start_vs_end import (
+        StartObjective,
+        ValidationMonitor,
+        choose,
+        gather_merges,
+        monitor_batches,
+        snapshot,
+    )
 
     ckpt_dir = out_dir / "checkpoints"
     dm = CalibrationDataModule.from_pool(pool, batch_size=c["data"]["batch_size"], max_length=c["data"]["max_length"],
@@ -193,10 +203,19 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     monitor = monitor_batches(dm.encoded, dm.batch_size, c["seed"], int(c["evaluate"]["monitor_batches"]))
     start_objective = StartObjective(start_state, monitor)
     interrupt = SaveOnInterrupt(ckpt_dir / "last.ckpt")
+    every_n, watched = int(c["checkpoint"]["every_n_steps"]), c["checkpoint"].get("monitor")
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                                 every_n_train_steps=int(c["checkpoint"]["every_n_steps"]), save_top_k=-1,
+                                 every_n_train_steps=every_n, save_top_k=-1,
                                  save_last=False),
                  interrupt, ProgressLog(c["progress"]["every_n_steps"], c["progress"]["every_s"]), start_objective]
+    validation = (load_test_sets(pool, dm.tokenizer, c["data"]["max_length"], split="validation",
+                                 max_new_tokens=c["evaluate"]["max_new_tokens"])
+                  if pool.family.evaluated else {})
+    if watched:  # the best merge by validation, kept by Lightning's ModelCheckpoint in its own folder
+        val_monitor = ValidationMonitor(validation, every_n, c["evaluate"]["batch_size"])
+        best = ModelCheckpoint(dirpath=ckpt_dir / "best", filename="step{step:06d}", auto_insert_metric_name=False,
+                               monitor=watched, mode="max", save_top_k=1, every_n_train_steps=every_n)
+        callbacks += [val_monitor, best]
     bar = c["trainer"].get("enable_progress_bar")
     bar = sys.stdout.isatty() if bar is None else bool(bar)  # redrawn lines only make sense on a terminal
     if bar:
@@ -216,16 +235,20 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     finally:
         _fitting = False
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    best_ckpt = trainer.strategy.load_checkpoint(best.best_model_path) if watched and best.best_model_path else None
+    best_state = best_ckpt["state_dict"] if best_ckpt else None
     if method.merged.sharded:  # every process takes part in gathering the merges rank 0 evaluates and exports
-        gather_merges(method, [start_state, snapshot(method)], keep=trainer.global_rank == 0)
+        states = [start_state, snapshot(method)] + ([best_state] if best_state is not None else [])
+        gather_merges(method, states, keep=trainer.global_rank == 0)
     if trainer.global_rank != 0:
         return None
     method.cpu()
-    validation = (load_test_sets(pool, dm.tokenizer, c["data"]["max_length"], split="validation",
-                                 max_new_tokens=c["evaluate"]["max_new_tokens"])
-                  if pool.family.evaluated else {})
-    return start_state, choose(method, start_state, start_objective.value, monitor, validation,
-                               c["evaluate"]["batch_size"])
+    selection = choose(method, start_state, start_objective.value, monitor, validation, c["evaluate"]["batch_size"],
+                       best=best_state, metric=watched or "val_acc", expert=val_monitor.expert if watched else None)
+    if best_ckpt:
+        selection["best_checkpoint"] = {"path": best.best_model_path, "step": best_ckpt["global_step"],
+                                        watched: float(best.best_model_score)}
+    return start_state, selection
 
 
 def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -> dict | None:
@@ -239,7 +262,7 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
         save_report,
         summarize,
     )
-    from adamerge.start_vs_end import merged_at
+    from adamerge.start_vs_end import exported_note, merged_at
 
     if not c["evaluate"]["enabled"] or not pool.family.evaluated:
         return None
@@ -256,7 +279,7 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
     rows = reference_rows(pool, tests, bs) if c["evaluate"]["reference_rows"] else {}
     if start_state is not None and c["evaluate"]["start_row"]:
         rows[method.start_label()] = accuracies(merged_at(method, start_state))
-    label = c["method"]["id"] + (" (exported: the start)" if (selection or {}).get("exported") == "start" else "")
+    label = c["method"]["id"] + exported_note(selection)
     rows[label] = accuracies({n: v.detach() for n, v in method.eval().merged_params().items()})
     summary = summarize(rows)
     save_report(summary, out_dir)

@@ -10,6 +10,8 @@ from .errors import ConfigError
 from .lora_factors import LORA_CHOICES, check_lora_key
 from .task_vectors import DTYPES
 
+MONITORS = ("val_acc", "val_norm")  # checkpoint.monitor: adamerge/start_vs_end.py
+
 
 def _get(c: dict, key: str) -> Any:
     cur: Any = c
@@ -116,6 +118,9 @@ def check_config(c: dict) -> None:
     check_number(c, "data.calibration_size", 1, integer=True)
     check_number(c, "seed", 0, integer=True, optional=False)
     check_number(c, "checkpoint.every_n_steps", 1, integer=True, optional=False)
+    monitor = _get(c, "checkpoint.monitor")
+    if monitor is not None and monitor not in MONITORS:
+        raise ConfigError(f"config key 'checkpoint.monitor' must be null or one of {list(MONITORS)}, got {monitor!r}")
     check_number(c, "progress.every_n_steps", 1, integer=True, optional=False)
     check_number(c, "progress.every_s", 0, optional=False)
     check_number(c, "evaluate.batch_size", 1, integer=True, optional=False)

@@ -53,17 +53,19 @@ def evaluate_params(base: torch.nn.Module, params_for_task: Callable[[str], dict
     return res
 
 
+def expert_row(pool, test_sets: TestSets, batch_size: int = 64, base: torch.nn.Module | None = None) -> dict[str, float]:
+    """Each expert on its own task (the ceiling), run on ``base`` (default: the pool's) where it lives."""
+    base = base if base is not None else pool.base_model
+    device = next(base.parameters()).device
+    return evaluate_params(base, lambda t: {n: v.to(device) for n, v in pool.iter_expert_state(t)},
+                           test_sets, batch_size)
+
+
 def reference_rows(pool, test_sets: TestSets, batch_size: int = 64) -> dict[str, dict[str, float]]:
     """The pretrained backbone with the experts' heads (LMs: none), and each expert on its own
     task (the ceiling)."""
     pre = evaluate_params(pool.base_model, lambda t: pool.head(t), test_sets, batch_size)
-    device = next(pool.base_model.parameters()).device
-    exp = evaluate_params(
-        pool.base_model,
-        lambda t: {n: v.to(device) for n, v in pool.iter_expert_state(t)},
-        test_sets, batch_size,
-    )
-    return {"pretrained": pre, "expert": exp}
+    return {"pretrained": pre, "expert": expert_row(pool, test_sets, batch_size)}
 
 
 def summarize(rows: dict[str, dict[str, float]], ceiling: str = "expert") -> dict:

@@ -5,7 +5,11 @@ Before training, the starting state (coefficients/masks) is kept; after training
 - always: the method's own objective (without regularizer) on fixed calibration batches that training
   does not step through in that order (``monitor_batches`` of another seed), start and end;
 - when a task has a labelled ``validation:`` file: mean validation accuracy of the start and the end
-  merge; the better one is exported (ties go to the end) and the choice is written down.
+  merge; the better one is exported (ties go to the end) and the choice is written down;
+- with ``checkpoint.monitor`` (``val_acc`` | ``val_norm``): the merge is also evaluated on the validation
+  files every ``checkpoint.every_n_steps`` steps (``ValidationMonitor``), Lightning's ModelCheckpoint
+  keeps the best under ``checkpoints/best/``, and that checkpoint is a third candidate, compared by the
+  monitored metric.
 
 The result is ``selection.json`` in the export and a few lines on the terminal.
 """
@@ -21,7 +25,8 @@ import pytorch_lightning as pl
 import torch
 
 from .data import StepBatches
-from .evaluate import TestSets, evaluate_params
+from .errors import ConfigError
+from .evaluate import TestSets, evaluate_params, expert_row
 
 log = logging.getLogger(__name__)
 
@@ -97,33 +102,101 @@ class StartObjective(pl.Callback):
                                                             for t, x in b.items()} for b in self.batches])
 
 
+def validation_scores(per_task: dict[str, float], expert: dict[str, float] | None) -> dict[str, float]:
+    """``val_acc``: mean validation accuracy over tasks; ``val_norm`` (with the experts' accuracies): the mean
+    of each task's accuracy over its expert's."""
+    out = {"val_acc": sum(per_task.values()) / len(per_task)}
+    if expert:
+        out["val_norm"] = sum(a / max(expert[t], 1e-12) for t, a in per_task.items()) / len(per_task)
+    return out
+
+
+def check_monitor(pool: Any, monitor: str | None) -> None:
+    """``checkpoint.monitor`` needs a labelled validation file for every task of an evaluated family."""
+    if monitor is None:
+        return
+    if not pool.family.evaluated:
+        raise ConfigError(f"checkpoint.monitor={monitor}: model_class {pool.family.name} has no accuracy to monitor")
+    missing = [t for t, spec in pool.tasks.items() if not spec.validation]
+    if missing:
+        raise ConfigError(f"checkpoint.monitor={monitor} needs a labelled validation file for every task: add "
+                          f"pool.tasks.{missing[0]}.validation (missing for {', '.join(missing)})")
+
+
+class ValidationMonitor(pl.Callback):
+    """Every ``every_n`` steps, the validation accuracy of the current merge (the one an export would hold),
+    as ``val_acc`` and ``val_norm``: written to the loggers at that step, and handed to the ModelCheckpoint
+    that keeps the best. Every process
+    evaluates the same merge (sharded task vectors gather it together), so every process logs the same value."""
+
+    def __init__(self, validation: TestSets, every_n: int, batch_size: int):
+        self.validation, self.every_n, self.batch_size = validation, every_n, batch_size
+        self.expert: dict[str, float] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.expert = expert_row(pl_module.pool, self.validation, self.batch_size, base=pl_module.merged.base)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if trainer.global_step % self.every_n:
+            return
+        pl_module.eval()
+        with torch.no_grad():
+            merged = {n: v.detach() for n, v in pl_module.merged_params().items()}
+        pl_module.train()
+        base = pl_module.merged.base
+        device = next(base.parameters()).device
+        per_task = evaluate_params(base, lambda t: {**merged, **{n: v.to(device) for n, v in pl_module.pool.head(t).items()}},
+                                   self.validation, self.batch_size)
+        scores = validation_scores(per_task, self.expert)
+        # for the ModelCheckpoint only: Lightning would write a callback's value into every later log row
+        pl_module.log_dict(scores, on_step=True, on_epoch=False, logger=False)
+        for logger in trainer.loggers:  # one row at this step (rank zero), named like the checkpoints
+            logger.log_metrics(scores, step=trainer.global_step)
+        if trainer.is_global_zero:
+            log.info("validation at step %d: %s", trainer.global_step,
+                     ", ".join(f"{k} {100 * v:.2f}" for k, v in scores.items()))
+
+
 def choose(method: Any, start: dict[str, torch.Tensor], start_loss: float,
            batches: list[dict[str, dict[str, torch.Tensor]]], validation: TestSets | None,
-           batch_size: int) -> dict[str, Any]:
-    """Compare start and end; leave the method in the state to export; return what was compared."""
+           batch_size: int, best: dict[str, torch.Tensor] | None = None, metric: str = "val_acc",
+           expert: dict[str, float] | None = None) -> dict[str, Any]:
+    """Compare start, the monitored best checkpoint (``best``, if any) and end on the validation files by
+    ``metric`` (ties go to the later: end over best over start); leave the method in the state to export;
+    return what was compared."""
     end_loss = calibration_objective(method, batches)
     out: dict[str, Any] = {"calibration_objective": {"start": start_loss, "end": end_loss}, "exported": "end"}
     log.info("calibration objective: start %.4f, end %.4f", start_loss, end_loss)
     if validation:
         base = method.pool.base_model
         heads = method.pool.head
+        states = {"start": start, **({"best": best} if best is not None else {}), "end": snapshot(method)}
         accs = {}
-        for which, state in (("start", start), ("end", snapshot(method))):
+        for which, state in states.items():
             params = merged_at(method, state)
             rows = evaluate_params(base, lambda t, p=params: {**p, **heads(t)}, validation, batch_size)
-            accs[which] = {"per_task": rows, "avg": sum(rows.values()) / len(rows)}
+            scores = validation_scores(rows, expert)
+            accs[which] = {"per_task": rows, "avg": scores["val_acc"], **scores}
         out["validation"] = accs
-        if accs["start"]["avg"] > accs["end"]["avg"]:
-            method.load_state_dict(start)
-            out["exported"] = "start"
-            out["why"] = (f"validation accuracy of the start {100 * accs['start']['avg']:.2f} > end "
-                          f"{100 * accs['end']['avg']:.2f}: the starting merge is exported")
-        else:
-            out["why"] = (f"validation accuracy of the end {100 * accs['end']['avg']:.2f} >= start "
-                          f"{100 * accs['start']['avg']:.2f}")
+        winner = max(reversed(list(states)), key=lambda w: accs[w][metric])  # max keeps the first of equals
+        method.load_state_dict(states[winner])
+        out["exported"] = winner
+        others = ", ".join(f"{w} {100 * accs[w][metric]:.2f}" for w in states if w != winner)
+        out["why"] = f"validation {metric} of the {winner} {100 * accs[winner][metric]:.2f} >= {others}"
         log.info("%s", out["why"])
     elif end_loss > start_loss:
         out["why"] = ("the calibration objective rose during training and no task has a validation file "
                       "to choose by: the end is exported")
         log.warning("%s", out["why"])
     return out
+
+
+def exported_note(selection: dict[str, Any] | None) -> str:
+    """What the table says after the method's name when the export is not the end of training."""
+    which = (selection or {}).get("exported")
+    if which == "start":
+        return " (exported: the start)"
+    if which == "best":
+        return f" (exported: best checkpoint, step {selection['best_checkpoint']['step']})"
+    return ""

@@ -191,15 +191,20 @@ def run_inprocess(overrides: list[str], pool: dict | None = None) -> int:
     return train.cli(compose(overrides, pool))
 
 
-def logged_losses(run: Path) -> list[float]:
-    """The ``loss`` column of every CSV log of a run (a resumed run adds a version)."""
+def logged(run: Path, column: str = "loss") -> list[tuple[int, float]]:
+    """``(step, value)`` of a column of every CSV log of a run (a resumed run adds a version)."""
     import csv
 
     out = []
     for f in sorted((run / "logs").glob("*/metrics.csv")):
         with f.open() as fh:
-            out += [float(r["loss"]) for r in csv.DictReader(fh) if r.get("loss")]
+            out += [(int(r["step"]), float(r[column])) for r in csv.DictReader(fh) if r.get(column)]
     return out
+
+
+def logged_losses(run: Path) -> list[float]:
+    """The ``loss`` column of every CSV log of a run."""
+    return [v for _, v in logged(run)]
 
 
 def step_gradient_matches_dense(method, batch: dict) -> torch.Tensor:

@@ -4,7 +4,9 @@ task has a validation file; the better merge is exported."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 
 import helpers
@@ -64,6 +66,18 @@ def test_the_better_of_start_and_end_is_kept(pool):
     assert out["exported"] == "end"
     torch.testing.assert_close(m.merged.coefficients.raw, end["merged.coefficients.raw"])
 
+    # a monitored best checkpoint whose predictions are the labels: it is kept, by val_norm too
+    best = {k: v.clone() for k, v in end.items()}
+    best["merged.coefficients.raw"] = torch.full_like(end["merged.coefficients.raw"], 0.6)
+    val = _labelled_by(m, pool, best, tests)
+    if min(v["val_acc"] for k, v in choose(m, start, start_loss, batches, val, 8)["validation"].items()) == 1.0:
+        pytest.skip("start, end and the best checkpoint predict alike on this pool")
+    m.load_state_dict(end)
+    out = choose(m, start, start_loss, batches, val, batch_size=8, best=best, metric="val_norm",
+                 expert={t: 1.0 for t in val})
+    assert out["exported"] == "best" and out["validation"]["best"]["val_norm"] == 1.0
+    torch.testing.assert_close(m.merged.coefficients.raw, best["merged.coefficients.raw"])
+
 
 def test_train_py_reports_start_and_end(tmp_path, tiny_pool_cfg):
     pool_cfg = json.loads(json.dumps(tiny_pool_cfg))
@@ -81,3 +95,61 @@ def test_train_py_reports_start_and_end(tmp_path, tiny_pool_cfg):
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert "start: task_arithmetic λ=0.3" in rows  # the start row beside the learned one
     assert "calibration objective: start" in proc.stdout + proc.stderr
+
+
+def _pool_with_validation(tmp_path, tiny_pool_cfg) -> Path:
+    """The tiny pool with validation files: each task's test texts labelled by its own expert's predictions
+    (each expert is right by construction, so val_norm is a merge's agreement with the experts)."""
+    from adamerge.data import read_jsonl
+    from adamerge.pool_config import pool_from_config
+
+    pool_cfg = json.loads(json.dumps(tiny_pool_cfg))
+    pool = pool_from_config(pool_cfg)
+    tok = load_tokenizer(pool.base_path)
+    for task, t in pool_cfg["tasks"].items():
+        texts = read_jsonl(t["test"], task)[0]
+        with torch.no_grad():
+            logits = torch.func.functional_call(pool.base_model, dict(pool.iter_expert_state(task)), args=(),
+                                                kwargs=tok(texts, padding=True, return_tensors="pt")).logits
+        t["validation"] = helpers.write_jsonl(tmp_path / f"{task}_val.jsonl", list(zip(texts, logits.argmax(-1).tolist())))
+    conf = tmp_path / "conf"
+    helpers.write_pool_config(conf, "tiny_val", pool_cfg)
+    return conf
+
+
+def test_monitor_keeps_the_best_checkpoint_and_exports_the_best_of_three(tmp_path, tiny_pool_cfg):
+    """checkpoint.monitor=val_norm: the merge is evaluated on the validation files every 2 steps, Lightning keeps
+    the best of those in checkpoints/best/, and the export is whichever of start, that checkpoint and the end
+    scores highest — its coefficients are the exported ones."""
+    conf = _pool_with_validation(tmp_path, tiny_pool_cfg)
+    out = tmp_path / "run"
+    helpers.run_train(["--config-dir", str(conf), "pool=tiny_val", "method=adamerging_layerwise", "method.lr=0.3",
+                       "trainer.max_steps=7", "checkpoint.every_n_steps=2", "checkpoint.monitor=val_norm",
+                       "data.batch_size=4", "data.max_length=16", "trainer.log_every_n_steps=1",
+                       "trainer.enable_progress_bar=false", f"out_dir={out}"])
+    sel = json.loads((out / "export" / "selection.json").read_text())
+    watched = dict(helpers.logged(out, "val_norm"))
+    assert sorted(watched) == [2, 4, 6]  # a row each, at the step count its checkpoint is named by
+    best = sel["best_checkpoint"]
+    kept = list((out / "checkpoints" / "best").glob("*.ckpt"))
+    assert [Path(best["path"])] == kept and best["val_norm"] == max(watched.values())
+    assert best["step"] == max(sorted(watched), key=lambda s: (watched[s], -s))  # the first of equals
+    assert kept[0].name == f"step{best['step']:06d}.ckpt"
+    assert set(sel["validation"]) == {"start", "best", "end"}
+    scores = {w: sel["validation"][w]["val_norm"] for w in sel["validation"]}
+    assert scores["best"] == pytest.approx(best["val_norm"], abs=1e-6)  # the same merge, evaluated again
+    assert scores[sel["exported"]] == max(scores.values())
+    exported = json.loads((out / "export" / "coefficients.json").read_text())["coefficients"]
+    chosen = (torch.load(best["path"], weights_only=False)["state_dict"] if sel["exported"] == "best" else
+              torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+              if sel["exported"] == "end" else None)
+    if chosen is not None:
+        key = "merged.coefficients.raw"
+        torch.testing.assert_close(torch.tensor(exported), chosen[key].clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_monitor_without_validation_files_is_one_line_before_training(tmp_path, tiny_pool_cfg, capsys):
+    out = tmp_path / "run"
+    code = helpers.run_inprocess(["checkpoint.monitor=val_acc", f"out_dir={out}"], pool=tiny_pool_cfg)
+    helpers.assert_refused_in_one_line(code, capsys, r"checkpoint.monitor=val_acc needs a labelled validation file "
+                                       r"for every task: add pool.tasks.task0.validation", out)
