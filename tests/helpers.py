@@ -191,6 +191,13 @@ def run_inprocess(overrides: list[str], pool: dict | None = None) -> int:
     return train.cli(compose(overrides, pool))
 
 
+def train_here(pool: dict, out: Path, *overrides: str) -> None:
+    """train.py's ``cli`` in this process on ``pool`` into ``out`` (no interpreter start-up, no DDP, no
+    signals): for runs whose behaviour, not their process, is under test. Fails the test on a non-zero exit."""
+    code = run_inprocess([f"out_dir={out}", *overrides], pool)
+    assert code == 0, f"train.py exited with {code}"
+
+
 def logged(run: Path, column: str = "loss") -> list[tuple[int, float]]:
     """``(step, value)`` of a column of every CSV log of a run (a resumed run adds a version)."""
     import csv

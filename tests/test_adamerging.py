@@ -18,15 +18,20 @@ def coefs(run: Path) -> torch.Tensor:
 
 
 
-def train(conf, out, *extra, **kw):
+def train(where, out, *extra, **kw):
+    """``where``: a pool config (train.py's cli in this process) or a config dir holding pool/tiny.yaml (a
+    ``python train.py`` subprocess, e.g. for DDP)."""
     # a larger lr than the authors' 1e-3 so a few steps on a tiny model move the coefficients visibly
     lr = ["method.lr=0.05"] if any("method=adamerging" in a for a in extra) else []
-    return run_train(["--config-dir", str(conf), "pool=tiny", f"out_dir={out}", "data.batch_size=8",
-                      "trainer.log_every_n_steps=1", *lr, *extra], **kw)
+    args = ["data.batch_size=8", "trainer.log_every_n_steps=1", *lr, *extra]
+    if isinstance(where, dict):
+        return helpers.train_here(where, out, *args)
+    return run_train(["--config-dir", str(where), "pool=tiny", f"out_dir={out}", *args], **kw)
 
 
-def test_layerwise_entropy_goes_down_and_coefficients_move(tiny_conf_dir, tmp_path):
-    proc = train(tiny_conf_dir, tmp_path / "run", "method=adamerging_layerwise", "trainer.max_steps=15")
+def test_layerwise_entropy_goes_down_and_coefficients_move(tiny_pool_cfg, tmp_path, capsys):
+    train(tiny_pool_cfg, tmp_path / "run", "method=adamerging_layerwise", "trainer.max_steps=15")
+    printed = capsys.readouterr().out
     ls = losses(tmp_path / "run")
     assert len(ls) == 15
     assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3  # entropy decreases
@@ -34,33 +39,33 @@ def test_layerwise_entropy_goes_down_and_coefficients_move(tiny_conf_dir, tmp_pa
     assert c.shape[1] == 2 and c.shape[0] > 30  # [L, K] layer-wise
     assert (c - 0.3).abs().max() > 0.1  # moved from the init
     assert ((c >= 0) & (c <= 1)).all()  # clamped
-    assert "adamerging_layerwise" in proc.stdout and "| expert |" in proc.stdout  # the table is printed
+    assert "adamerging_layerwise" in printed and "| expert |" in printed  # the table is printed
     assert (tmp_path / "run" / "export" / "coefficients.png").exists()
 
 
-def test_taskwise_pp_uses_trimmed_vectors(tiny_conf_dir, tmp_path):
-    train(tiny_conf_dir, tmp_path / "run", "method=adamerging_taskwise_pp", "trainer.max_steps=3")
+def test_taskwise_pp_uses_trimmed_vectors(tiny_pool_cfg, tmp_path):
+    train(tiny_pool_cfg, tmp_path / "run", "method=adamerging_taskwise_pp", "trainer.max_steps=3")
     rep = json.loads((tmp_path / "run" / "export" / "coefficients.json").read_text())
     assert rep["granularity"] == "task" and rep["num_trainable"] == 2
     c = torch.tensor(rep["coefficients"])
     assert torch.allclose(c, c[0].expand_as(c))  # one coefficient per task for every tensor
 
 
-def test_resume_continues_exactly(tiny_conf_dir, tmp_path):
+def test_resume_continues_exactly(tiny_pool_cfg, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     args = ["method=adamerging_layerwise", "checkpoint.every_n_steps=4"]
-    train(tiny_conf_dir, full, *args, "trainer.max_steps=10")
-    train(tiny_conf_dir, part, *args, "trainer.max_steps=6", "evaluate.enabled=false")
+    train(tiny_pool_cfg, full, *args, "trainer.max_steps=10")
+    train(tiny_pool_cfg, part, *args, "trainer.max_steps=6", "evaluate.enabled=false")
     assert (part / "checkpoints" / "step000004.ckpt").exists()
-    train(tiny_conf_dir, part, *args, "trainer.max_steps=10", "resume=last", "export.overwrite=true",
+    train(tiny_pool_cfg, part, *args, "trainer.max_steps=10", "resume=last", "export.overwrite=true",
           "evaluate.enabled=false")
     torch.testing.assert_close(coefs(part), coefs(full), atol=1e-6, rtol=0)
     assert not torch.allclose(coefs(full), torch.full_like(coefs(full), 0.3))
 
 
-def test_resume_refuses_checkpoint_of_another_method_or_pool(tiny_conf_dir, tiny_pool_cfg, tmp_path, capsys):
+def test_resume_refuses_checkpoint_of_another_method_or_pool(tiny_pool_cfg, tmp_path, capsys):
     run = tmp_path / "run"
-    train(tiny_conf_dir, run, "method=adamerging_layerwise", "trainer.max_steps=2", "evaluate.enabled=false")
+    train(tiny_pool_cfg, run, "method=adamerging_layerwise", "trainer.max_steps=2", "evaluate.enabled=false")
     # the refusals come before any work: train.py's cli in this process, on the same pool
     args = [f"out_dir={run}", "data.batch_size=8", "trainer.max_steps=4", "resume=last", "export.overwrite=true"]
     assert helpers.run_inprocess(["method=adamerging_taskwise", *args], tiny_pool_cfg) == 2
@@ -71,15 +76,15 @@ def test_resume_refuses_checkpoint_of_another_method_or_pool(tiny_conf_dir, tiny
     assert "different pool" in err and "merged_tensors" in err
 
 
-def test_ddp_two_processes_equals_one(tiny_conf_dir, tmp_path):
+def test_ddp_two_processes_equals_one(tiny_conf_dir, tiny_pool_cfg, tmp_path):
     args = ["method=adamerging_layerwise", "trainer.max_steps=4", "evaluate.enabled=false", "trainer.accelerator=cpu"]
-    train(tiny_conf_dir, tmp_path / "one", *args)
+    train(tiny_pool_cfg, tmp_path / "one", *args)
     train(tiny_conf_dir, tmp_path / "two", *args, "trainer=ddp", "trainer.devices=2", timeout=600)
     torch.testing.assert_close(coefs(tmp_path / "two"), coefs(tmp_path / "one"), atol=1e-5, rtol=1e-4)
 
 
-def test_bf16_mixed_runs_and_stays_finite(tiny_conf_dir, tmp_path):
-    train(tiny_conf_dir, tmp_path / "run", "method=adamerging_layerwise", "trainer.max_steps=4",
+def test_bf16_mixed_runs_and_stays_finite(tiny_pool_cfg, tmp_path):
+    train(tiny_pool_cfg, tmp_path / "run", "method=adamerging_layerwise", "trainer.max_steps=4",
           "trainer.precision=bf16-mixed", "evaluate.enabled=false")
     c = coefs(tmp_path / "run")
     assert torch.isfinite(c).all() and (c - 0.3).abs().max() > 0
@@ -87,12 +92,12 @@ def test_bf16_mixed_runs_and_stays_finite(tiny_conf_dir, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["adamerging_layerwise", "ties_merging"])
-def test_export_reproduces_evaluation_accuracy(tiny_conf_dir, tiny_pool_cfg, tmp_path, method):
+def test_export_reproduces_evaluation_accuracy(tiny_pool_cfg, tmp_path, method):
     from adamerge.data import encode, load_tokenizer, read_jsonl
     from adamerge.export import load_task_model
 
     run = tmp_path / "run"
-    train(tiny_conf_dir, run, f"method={method}", "trainer.max_steps=3")
+    train(tiny_pool_cfg, run, f"method={method}", "trainer.max_steps=3")
     report = json.loads((run / "export" / "eval.json").read_text())
     tok = load_tokenizer(run / "export" / "model")
     for task, spec in tiny_pool_cfg["tasks"].items():

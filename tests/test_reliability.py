@@ -313,15 +313,16 @@ def test_killed_run_resumes_to_the_same_result(conf, uninterrupted12, tmp_path, 
     torch.testing.assert_close(_coefs(run), _coefs(uninterrupted12), atol=1e-6, rtol=0)
 
 
-def test_truncated_newest_checkpoint_falls_back_to_previous(conf, tmp_path, tiny_pool_cfg, capsys):
+def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_pool_cfg, capsys, caplog):
     run = tmp_path / "run"
-    train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=4", "checkpoint.every_n_steps=2")
+    common = ["method=adamerging_layerwise", "data.batch_size=8", "evaluate.enabled=false", "checkpoint.every_n_steps=2"]
+    helpers.train_here(tiny_pool_cfg, run, *common, "trainer.max_steps=4")
     last = run / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:200])
     os.utime(last)  # newest
-    p = train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=6", "resume=last",
-              "checkpoint.every_n_steps=2", "export.overwrite=true")
-    assert "last.ckpt is unreadable or truncated" in p.stderr + p.stdout
+    with caplog.at_level(logging.WARNING, logger="adamerge"):
+        helpers.train_here(tiny_pool_cfg, run, *common, "trainer.max_steps=6", "resume=last", "export.overwrite=true")
+    assert "last.ckpt is unreadable or truncated" in caplog.text + capsys.readouterr().err
     bad = run / "checkpoints" / "bad.ckpt"
     bad.write_bytes(last.read_bytes()[:200])
     foreign = tmp_path / "foreign.ckpt"

@@ -4,6 +4,7 @@ task has a validation file; the better merge is exported."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -79,25 +80,23 @@ def test_the_better_of_start_and_end_is_kept(pool):
     torch.testing.assert_close(m.merged.coefficients.raw, best["merged.coefficients.raw"])
 
 
-def test_train_py_reports_start_and_end(tmp_path, tiny_pool_cfg):
+def test_train_py_reports_start_and_end(tmp_path, tiny_pool_cfg, capsys, caplog):
     pool_cfg = json.loads(json.dumps(tiny_pool_cfg))
     for t in pool_cfg["tasks"].values():
         t["validation"] = t["test"]
-    conf = tmp_path / "conf"
-    helpers.write_pool_config(conf, "tiny_val", pool_cfg)
     out = tmp_path / "run"
-    proc = helpers.run_train(["--config-dir", str(conf), "pool=tiny_val", "method=adamerging_layerwise",
-                              "trainer.max_steps=3", "data.batch_size=4", "data.max_length=16",
-                              "trainer.enable_progress_bar=false", f"out_dir={out}"])
+    with caplog.at_level(logging.INFO, logger="adamerge"):
+        helpers.train_here(pool_cfg, out, "method=adamerging_layerwise", "trainer.max_steps=3", "data.batch_size=4",
+                           "data.max_length=16", "trainer.enable_progress_bar=false")
     sel = json.loads((out / "export" / "selection.json").read_text())
     assert set(sel["calibration_objective"]) == {"start", "end"} and sel["exported"] in ("start", "end")
     assert set(sel["validation"]) == {"start", "end"}
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert "start: task_arithmetic λ=0.3" in rows  # the start row beside the learned one
-    assert "calibration objective: start" in proc.stdout + proc.stderr
+    assert "calibration objective: start" in caplog.text + capsys.readouterr().err
 
 
-def _pool_with_validation(tmp_path, tiny_pool_cfg) -> Path:
+def _pool_with_validation(tmp_path, tiny_pool_cfg) -> dict:
     """The tiny pool with validation files: each task's test texts labelled by its own expert's predictions
     (each expert is right by construction, so val_norm is a merge's agreement with the experts)."""
     from adamerge.data import read_jsonl
@@ -112,21 +111,19 @@ def _pool_with_validation(tmp_path, tiny_pool_cfg) -> Path:
             logits = torch.func.functional_call(pool.base_model, dict(pool.iter_expert_state(task)), args=(),
                                                 kwargs=tok(texts, padding=True, return_tensors="pt")).logits
         t["validation"] = helpers.write_jsonl(tmp_path / f"{task}_val.jsonl", list(zip(texts, logits.argmax(-1).tolist())))
-    conf = tmp_path / "conf"
-    helpers.write_pool_config(conf, "tiny_val", pool_cfg)
-    return conf
+    return pool_cfg
 
 
 def test_monitor_keeps_the_best_checkpoint_and_exports_the_best_of_three(tmp_path, tiny_pool_cfg):
     """checkpoint.monitor=val_norm: the merge is evaluated on the validation files every 2 steps, Lightning keeps
     the best of those in checkpoints/best/, and the export is whichever of start, that checkpoint and the end
     scores highest — its coefficients are the exported ones."""
-    conf = _pool_with_validation(tmp_path, tiny_pool_cfg)
     out = tmp_path / "run"
-    helpers.run_train(["--config-dir", str(conf), "pool=tiny_val", "method=adamerging_layerwise", "method.lr=0.3",
-                       "trainer.max_steps=7", "checkpoint.every_n_steps=2", "checkpoint.monitor=val_norm",
-                       "data.batch_size=4", "data.max_length=16", "trainer.log_every_n_steps=1",
-                       "trainer.enable_progress_bar=false", f"out_dir={out}"])
+    assert helpers.run_inprocess(["method=adamerging_layerwise", "method.lr=0.3", "trainer.max_steps=7",
+                                  "checkpoint.every_n_steps=2", "checkpoint.monitor=val_norm", "data.batch_size=4",
+                                  "data.max_length=16", "trainer.log_every_n_steps=1", "evaluate.reference_rows=false",
+                                  "trainer.enable_progress_bar=false", f"out_dir={out}"],
+                                 _pool_with_validation(tmp_path, tiny_pool_cfg)) == 0
     sel = json.loads((out / "export" / "selection.json").read_text())
     watched = dict(helpers.logged(out, "val_norm"))
     assert sorted(watched) == [2, 4, 6]  # a row each, at the step count its checkpoint is named by
