@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -15,9 +16,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+import helpers
 from adamerge.methods.frank_wolfe import FrankWolfeMerging
 from adamerge.methods.frank_wolfe_state import lmo
-from helpers import ROOT, run_train, tiny_config
+from helpers import ROOT, tiny_config
 
 
 def method_cfg(name: str, **over) -> dict:
@@ -214,12 +216,12 @@ def read_metrics(run: Path) -> list[dict]:
     return rows
 
 
-def train(conf, out, *extra, **kw):
-    return run_train(["--config-dir", str(conf), "pool=tiny", f"out_dir={out}", "data.batch_size=8",
-                      "trainer.log_every_n_steps=1", "evaluate.reference_rows=false", *extra], **kw)
+def train(pool_cfg: dict, out, *extra) -> None:
+    helpers.train_here(pool_cfg, out, "data.batch_size=8", "trainer.log_every_n_steps=1", "evaluate.reference_rows=false",
+                       *extra)
 
 
-def test_soft_end_to_end_resumes_between_iterations(tiny_conf_dir, tiny_pool_cfg, pool, tmp_path):
+def test_soft_end_to_end_resumes_between_iterations(tiny_pool_cfg, pool, tmp_path, capsys, caplog):
     from adamerge.data import CalibrationDataModule
 
     cdir = tmp_path / "cands"
@@ -230,11 +232,14 @@ def test_soft_end_to_end_resumes_between_iterations(tiny_conf_dir, tiny_pool_cfg
     args = ["method=fw_merging_soft", f"method.candidates=[{','.join(cands)}]", f"method.candidates_dir={cdir}",
             "method.inner_steps=2", "method.inner_lr=0.05", "checkpoint.every_n_steps=1"]
     run = tmp_path / "run"
-    train(tiny_conf_dir, run, *args, "trainer.max_steps=2", "evaluate.enabled=false")
+    train(tiny_pool_cfg, run, *args, "trainer.max_steps=2", "evaluate.enabled=false")
     assert (run / "checkpoints" / "step000001.ckpt").exists()
-    proc = train(tiny_conf_dir, run, *args, "trainer.max_steps=3", "resume=last", "export.overwrite=true")
-    assert "| fw_merging_soft |" in proc.stdout
-    assert "candidate 'zz_other_arch' skipped" in proc.stdout + proc.stderr
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="adamerge"):
+        train(tiny_pool_cfg, run, *args, "trainer.max_steps=3", "resume=last", "export.overwrite=true")
+    printed = capsys.readouterr()
+    assert "| fw_merging_soft |" in printed.out
+    assert "candidate 'zz_other_arch' skipped" in printed.out + printed.err + caplog.text
 
     # the same three iterations in one go, in this process
     ref = FrankWolfeMerging(pool, method_cfg("fw_merging_soft", **over))
@@ -261,9 +266,9 @@ def test_soft_end_to_end_resumes_between_iterations(tiny_conf_dir, tiny_pool_cfg
     assert all(r["fw/coef_mean"] and r["fw/selected/task0"] and r["fw/gap"] for r in rows)
 
 
-def test_hard_layerwise_ties_through_train(tiny_conf_dir, tmp_path):
+def test_hard_layerwise_ties_through_train(tiny_pool_cfg, tmp_path):
     run = tmp_path / "run"
-    train(tiny_conf_dir, run, "method=fw_merging_hard", "method.granularity=layer", "method.merge_fn=ties",
+    train(tiny_pool_cfg, run, "method=fw_merging_hard", "method.granularity=layer", "method.merge_fn=ties",
           "method.step_size=1.0", "trainer.max_steps=2", "evaluate.enabled=false")
     rep = json.loads((run / "export" / "coefficients.json").read_text())
     fw = rep["frank_wolfe"]

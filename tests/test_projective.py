@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import helpers
 from adamerge.config import ConfigError
 from adamerge.methods.projective import (
     DeltaProblem,
@@ -23,7 +24,7 @@ from adamerge.methods.projective import (
 from adamerge.methods.static import StaticMerge
 from adamerge.pool_config import pool_from_config
 from adamerge.task_vectors import TaskVectors
-from helpers import make_pool, run_train
+from helpers import make_pool
 
 QUERY0 = "bert.encoder.layer.0.attention.self.query.weight"
 
@@ -107,14 +108,13 @@ def test_identical_experts_give_task_arithmetic_with_eta_coefficients(tmp_path):
                                atol=0, rtol=0)
 
 
-def train(conf: Path, out: Path, *extra: str):
-    return run_train(["--config-dir", str(conf), "pool=tiny", f"out_dir={out}", "data.batch_size=8",
-                      "trainer.log_every_n_steps=1", "evaluate.reference_rows=false", "method.delta_steps=5",
-                      *extra])
+def train(pool_cfg: dict, out: Path, *extra: str) -> None:
+    helpers.train_here(pool_cfg, out, "data.batch_size=8", "trainer.log_every_n_steps=1", "evaluate.reference_rows=false",
+                       "method.delta_steps=5", *extra)
 
 
-def test_train_py_task_arithmetic_is_data_free_and_keeps_other_tensors(tiny_conf_dir, tiny_pool_cfg, tmp_path):
-    proc = train(tiny_conf_dir, tmp_path / "run", "method=projective_task_arithmetic")
+def test_train_py_task_arithmetic_is_data_free_and_keeps_other_tensors(tiny_pool_cfg, tmp_path, capsys):
+    train(tiny_pool_cfg, tmp_path / "run", "method=projective_task_arithmetic")
     export = tmp_path / "run" / "export"
     rep = json.loads((export / "coefficients.json").read_text())
     assert rep["num_trainable"] == 0 and not (tmp_path / "run" / "checkpoints").exists()
@@ -131,11 +131,11 @@ def test_train_py_task_arithmetic_is_data_free_and_keeps_other_tensors(tiny_conf
     emb = "bert.embeddings.word_embeddings.weight"
     torch.testing.assert_close(merged[emb], base[emb], atol=0, rtol=0)  # not a DOGE tensor: pretrained
     assert not torch.equal(merged[QUERY0], base[QUERY0])
-    assert "projective_task_arithmetic" in proc.stdout
+    assert "projective_task_arithmetic" in capsys.readouterr().out
 
 
-def test_train_py_adamerging_on_modified_vectors(tiny_conf_dir, tmp_path):
-    train(tiny_conf_dir, tmp_path / "run", "method=projective_adamerging", "trainer.max_steps=3", "method.lr=0.05",
+def test_train_py_adamerging_on_modified_vectors(tiny_pool_cfg, tmp_path):
+    train(tiny_pool_cfg, tmp_path / "run", "method=projective_adamerging", "trainer.max_steps=3", "method.lr=0.05",
           "evaluate.enabled=false")
     rep = json.loads((tmp_path / "run" / "export" / "coefficients.json").read_text())
     c = torch.tensor(rep["coefficients"])
