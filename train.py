@@ -358,6 +358,8 @@ def quiet_third_party(verbose: bool) -> None:
     # Frank-Wolfe and Concrete AdaMerging step manually; their checkpoints hold the state after the step,
     # which is exactly what resuming needs, and Lightning warns about that for every such module
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # a run into a checkpoint folder is refused unless it resumes, and a resumed run's folder has checkpoints
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
 
 
 def cli(cfg: DictConfig) -> int:
