@@ -189,6 +189,9 @@ def choose(method: Any, start: dict[str, torch.Tensor], start_loss: float,
         out["why"] = ("the calibration objective rose during training and no task has a validation file "
                       "to choose by: the end is exported")
         log.warning("%s", out["why"])
+    else:  # a lower objective need not be a better merge (entropy can reward confidence): say so
+        out["why"] = ("no task has a validation file to choose by: the end is exported (its calibration "
+                      "objective is not above the start's; add pool.tasks.<task>.validation to choose by accuracy)")
     return out
 
 

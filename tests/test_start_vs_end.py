@@ -79,6 +79,11 @@ def test_the_better_of_start_and_end_is_kept(pool):
     assert out["exported"] == "best" and out["validation"]["best"]["val_norm"] == 1.0
     torch.testing.assert_close(m.merged.coefficients.raw, best["merged.coefficients.raw"])
 
+    # without validation files the end is exported, and the record says why, whichever way the objective went
+    for claimed_start in (float("inf"), float("-inf")):
+        out = choose(m, start, claimed_start, batches, None, batch_size=8)
+        assert out["exported"] == "end" and "no task has a validation file" in out["why"]
+
 
 def test_train_py_reports_start_and_end(tmp_path, tiny_pool_cfg, capsys, caplog):
     pool_cfg = json.loads(json.dumps(tiny_pool_cfg))
