@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import hub
 from .expert_files import load_expert
 from .pool import ModelPool, PoolError
 
@@ -33,15 +34,17 @@ def _name(path: Path, taken: set[str]) -> str:
 def candidate_paths(candidates: list | dict | None = None, candidates_dir: str | Path | None = None) -> dict[str, Path]:
     """Named candidate paths from an explicit list (or ``{name: path}``) and/or a directory.
 
-    In a directory, every sub-directory and every ``.safetensors`` file is a candidate (sorted by name);
-    other files are ignored.
+    A listed candidate may be a hub reference ``hf://<org>/<name>[@<revision>]`` (adamerge/hub.py, as in pool
+    configs; named after the repo). In a directory, every sub-directory and every ``.safetensors`` file is a
+    candidate (sorted by name); other files are ignored.
     """
+    listed = ({f"method.candidates.{k}": (str(k), v) for k, v in candidates.items()} if isinstance(candidates, dict)
+              else {f"method.candidates[{i}]": (None, v) for i, v in enumerate(candidates or [])})
+    refs = hub.resolve({key: v for key, (_, v) in listed.items()})
     out: dict[str, Path] = {}
-    if isinstance(candidates, dict):
-        out.update({str(k): Path(v) for k, v in candidates.items()})
-    else:
-        for p in candidates or []:
-            out[_name(Path(p), set(out))] = Path(p)
+    for key, (name, v) in listed.items():
+        path = Path(refs[key].path) if key in refs else Path(v)
+        out[name or _name(Path(refs[key].repo_id) if key in refs else path, set(out))] = path
     if candidates_dir:
         d = Path(candidates_dir)
         if not d.is_dir():

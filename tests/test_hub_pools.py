@@ -229,3 +229,15 @@ def test_a_malformed_reference_names_its_key(value, why):
     with pytest.raises(PoolError, match=rf"^pool.tasks.t.expert: '{re.escape(value)}' is not a hub model reference "
                                         rf"\({why}.*write hf://<org>/<name> or hf://<org>/<name>@<revision>"):
         hub.resolve({"pool.base": "/a/dir", "pool.tasks.t.expert": value})
+
+
+def test_frank_wolfe_candidates_may_be_hub_references(hub_on):
+    """method.candidates takes hf:// references as the pool does: resolved from the cache when the hub is out of
+    reach, named after the repo; one that cannot be found is named by its key."""
+    from adamerge.candidates import candidate_paths
+
+    snap = cached_repo(hub_on, f"{ORG}/cand")
+    assert candidate_paths([f"hf://{ORG}/cand", "/local/cand"]) == {"cand": snap, "cand_2": Path("/local/cand")}
+    assert candidate_paths({"mine": f"hf://{ORG}/cand"}) == {"mine": snap}
+    with pytest.raises(PoolError, match=rf"^method.candidates\[1\]: hub model hf://{ORG}/absent cannot be downloaded"):
+        candidate_paths(["/local/a", f"hf://{ORG}/absent"])
