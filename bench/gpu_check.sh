@@ -12,4 +12,7 @@ python bench/speed.py --device cuda --dtype bfloat16 --ks 4 16 --repeats 20 --im
     --threads 4 --write "$out"
 python bench/speed.py --device cuda --lora 8 --ks 4 16 64 --repeats 20 \
     --impls floor adamerge adamerge-factorized adamerge-adapters --threads 4 --write "$out"
+# the merge's cost does not grow with a step's tokens, the floor's does: K = 64 at 4x the tokens
+python bench/speed.py --device cuda --lora 8 --ks 64 --batch 64 --repeats 20 \
+    --impls floor adamerge-factorized --threads 4 --write "$out"
 cat "$out"
