@@ -208,11 +208,13 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
                                  every_n_train_steps=every_n, save_top_k=-1,
                                  save_last=False),
                  interrupt, ProgressLog(c["progress"]["every_n_steps"], c["progress"]["every_s"]), start_objective]
-    validation = (load_test_sets(pool, dm.tokenizer, c["data"]["max_length"], split="validation",
-                                 max_new_tokens=c["evaluate"]["max_new_tokens"])
-                  if pool.family.evaluated else {})
+
+    def validation_sets() -> dict:
+        return (load_test_sets(pool, dm.tokenizer, c["data"]["max_length"], split="validation",
+                               max_new_tokens=c["evaluate"]["max_new_tokens"]) if pool.family.evaluated else {})
+
     if watched:  # the best merge by validation, kept by Lightning's ModelCheckpoint in its own folder
-        val_monitor = ValidationMonitor(validation, every_n, c["evaluate"]["batch_size"])
+        val_monitor = ValidationMonitor(validation_sets(), every_n, c["evaluate"]["batch_size"])
         best = ModelCheckpoint(dirpath=ckpt_dir / "best", filename="step{step:06d}", auto_insert_metric_name=False,
                                monitor=watched, mode="max", save_top_k=1, every_n_train_steps=every_n)
         callbacks += [val_monitor, best]
@@ -243,6 +245,7 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     if trainer.global_rank != 0:
         return None
     method.cpu()
+    validation = val_monitor.validation if watched else validation_sets()  # unwatched: read by rank 0 only
     selection = choose(method, start_state, start_objective.value, monitor, validation, c["evaluate"]["batch_size"],
                        best=best_state, metric=watched or "val_acc", expert=val_monitor.expert if watched else None)
     if best_ckpt:
@@ -255,14 +258,14 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
     """Per-task test accuracy of the reference rows, the start (learned methods) and the merge; the
     table is printed and saved (eval.json). None when there is nothing to evaluate."""
     from adamerge.evaluate import (
-        evaluate_params,
         load_test_sets,
         markdown,
+        merge_accuracies,
         reference_rows,
         save_report,
         summarize,
     )
-    from adamerge.start_vs_end import exported_note, merged_at
+    from adamerge.start_vs_end import exported_note, merged_at, merged_now
 
     if not c["evaluate"]["enabled"] or not pool.family.evaluated:
         return None
@@ -273,14 +276,14 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
         return None
     bs = c["evaluate"]["batch_size"]
 
-    def accuracies(merged: dict) -> dict[str, float]:  # the merged backbone with each task's head (LMs: none)
-        return evaluate_params(pool.base_model, lambda t: {**merged, **pool.head(t)}, tests, bs)
+    def accuracies(merged: dict) -> dict[str, float]:
+        return merge_accuracies(pool, merged, tests, bs)
 
     rows = reference_rows(pool, tests, bs) if c["evaluate"]["reference_rows"] else {}
     if start_state is not None and c["evaluate"]["start_row"]:
         rows[method.start_label()] = accuracies(merged_at(method, start_state))
     label = c["method"]["id"] + exported_note(selection)
-    rows[label] = accuracies({n: v.detach() for n, v in method.eval().merged_params().items()})
+    rows[label] = accuracies(merged_now(method))
     summary = summarize(rows)
     save_report(summary, out_dir)
     table = markdown(summary)

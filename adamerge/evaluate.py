@@ -53,6 +53,16 @@ def evaluate_params(base: torch.nn.Module, params_for_task: Callable[[str], dict
     return res
 
 
+def merge_accuracies(pool, merged: dict[str, torch.Tensor], test_sets: TestSets, batch_size: int = 64,
+                     base: torch.nn.Module | None = None) -> dict[str, float]:
+    """Accuracy per task of the merged weights with that task's own head (LMs: none), run on ``base``
+    (default: the pool's) where it lives."""
+    base = base if base is not None else pool.base_model
+    device = next(base.parameters()).device
+    return evaluate_params(base, lambda t: {**merged, **{n: v.to(device) for n, v in pool.head(t).items()}},
+                           test_sets, batch_size)
+
+
 def expert_row(pool, test_sets: TestSets, batch_size: int = 64, base: torch.nn.Module | None = None) -> dict[str, float]:
     """Each expert on its own task (the ceiling), run on ``base`` (default: the pool's) where it lives."""
     base = base if base is not None else pool.base_model

@@ -26,7 +26,7 @@ import torch
 
 from .data import StepBatches
 from .errors import ConfigError
-from .evaluate import TestSets, evaluate_params, expert_row
+from .evaluate import TestSets, expert_row, merge_accuracies
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,20 @@ def in_state(method: torch.nn.Module, state: dict[str, torch.Tensor]) -> Iterato
         method.load_state_dict(current)
 
 
+def merged_now(method: Any) -> dict[str, torch.Tensor]:
+    """The merged weights the method would export in its current state (eval mode: a Concrete mask's final
+    sample); its training mode is left as it was."""
+    was = method.training
+    with torch.no_grad():
+        merged = {n: v.detach() for n, v in method.eval().merged_params().items()}
+    method.train(was)
+    return merged
+
+
 def merged_at(method: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The merged weights the method would export in ``state``; the method's own state is left as it was."""
-    with in_state(method, state), torch.no_grad():
-        return {n: v.detach() for n, v in method.eval().merged_params().items()}
+    with in_state(method, state):
+        return merged_now(method)
 
 
 def gather_merges(method: Any, states: list[dict[str, torch.Tensor]], keep: bool) -> None:
@@ -140,14 +150,8 @@ class ValidationMonitor(pl.Callback):
                            batch_idx: int) -> None:
         if trainer.global_step % self.every_n:
             return
-        pl_module.eval()
-        with torch.no_grad():
-            merged = {n: v.detach() for n, v in pl_module.merged_params().items()}
-        pl_module.train()
-        base = pl_module.merged.base
-        device = next(base.parameters()).device
-        per_task = evaluate_params(base, lambda t: {**merged, **{n: v.to(device) for n, v in pl_module.pool.head(t).items()}},
-                                   self.validation, self.batch_size)
+        per_task = merge_accuracies(pl_module.pool, merged_now(pl_module), self.validation, self.batch_size,
+                                    base=pl_module.merged.base)
         scores = validation_scores(per_task, self.expert)
         # for the ModelCheckpoint only: Lightning would write a callback's value into every later log row
         pl_module.log_dict(scores, on_step=True, on_epoch=False, logger=False)
@@ -169,13 +173,10 @@ def choose(method: Any, start: dict[str, torch.Tensor], start_loss: float,
     out: dict[str, Any] = {"calibration_objective": {"start": start_loss, "end": end_loss}, "exported": "end"}
     log.info("calibration objective: start %.4f, end %.4f", start_loss, end_loss)
     if validation:
-        base = method.pool.base_model
-        heads = method.pool.head
         states = {"start": start, **({"best": best} if best is not None else {}), "end": snapshot(method)}
         accs = {}
         for which, state in states.items():
-            params = merged_at(method, state)
-            rows = evaluate_params(base, lambda t, p=params: {**p, **heads(t)}, validation, batch_size)
+            rows = merge_accuracies(method.pool, merged_at(method, state), validation, batch_size)
             scores = validation_scores(rows, expert)
             accs[which] = {"per_task": rows, "avg": scores["val_acc"], **scores}
         out["validation"] = accs
