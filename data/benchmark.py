@@ -484,9 +484,14 @@ def build(cfg: dict) -> dict:
     data/cache), seed (0), steps (120), max_length (64), lora_dir (default: the form's
     COMMITTED_DIRS entry: prebuilt LoRA adapters used when their cache key matches) and
     export_lora (False: when True, LoRA experts are built into lora_dir, without
-    tokenizer, instead of the cache).
+    tokenizer, instead of the cache), calibrate_on ("calibration": the held-out unlabeled split;
+    "test": the test split's texts, labels unused — the AdaMerging/Concrete papers' test-time protocol,
+    where the merge adapts on the very inputs it is evaluated on).
     """
     form = cfg.get("form", "full")
+    calibrate_on = cfg.get("calibrate_on", "calibration")
+    if calibrate_on not in ("calibration", "test"):
+        raise ValueError(f"pool.calibrate_on must be 'calibration' or 'test', got {calibrate_on!r}")
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; valid forms: {', '.join(FORMS)}")
     tasks = list(cfg.get("tasks") or TASKS)
@@ -532,7 +537,7 @@ def build(cfg: dict) -> dict:
                 _build_expert(task, form, expert, key, True, seed=seed, steps=steps, max_length=max_length)
         spec["tasks"][task] = {
             "expert": str(expert),
-            "calibration": str(files["calibration"]),
+            "calibration": str(files[calibrate_on]),
             "test": str(files["test"]),
             "num_labels": len(label_names),
             "label_names": label_names,

@@ -51,3 +51,16 @@ def test_fit_probe_changes_only_the_head(tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"classifier.weight", "classifier.bias"}
     assert acc > 0.6  # three topics of distinct words: far above chance (1/3) on the encoder's features
+
+
+def test_calibrate_on_test_hands_the_test_texts_as_calibration(tmp_path):
+    """``calibrate_on: test`` is the papers' test-time protocol: the merge adapts on the texts it is scored on."""
+    import pytest
+
+    cfg = {"form": "frozen_head_lora", "tasks": ["chatterbot_topic"], "cache_dir": str(tmp_path)}
+    held_out = bm.build(cfg)["tasks"]["chatterbot_topic"]
+    test_time = bm.build({**cfg, "calibrate_on": "test"})["tasks"]["chatterbot_topic"]
+    assert held_out["calibration"] != held_out["test"]
+    assert test_time["calibration"] == test_time["test"] == held_out["test"]
+    with pytest.raises(ValueError, match="calibrate_on"):
+        bm.build({**cfg, "calibrate_on": "train"})
