@@ -178,7 +178,7 @@ def choose(method: Any, start: dict[str, torch.Tensor], start_loss: float,
         for which, state in states.items():
             rows = merge_accuracies(method.pool, merged_at(method, state), validation, batch_size)
             scores = validation_scores(rows, expert)
-            accs[which] = {"per_task": rows, "avg": scores["val_acc"], **scores}
+            accs[which] = {"per_task": rows, **scores}
         out["validation"] = accs
         winner = max(reversed(list(states)), key=lambda w: accs[w][metric])  # max keeps the first of equals
         method.load_state_dict(states[winner])

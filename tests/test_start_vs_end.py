@@ -57,7 +57,7 @@ def test_the_better_of_start_and_end_is_kept(pool):
     assert end_accuracy(end) < 1.0  # precondition: the end predicts differently somewhere
 
     out = choose(m, start, start_loss, batches, val, batch_size=8)
-    assert out["exported"] == "start" and out["validation"]["start"]["avg"] == 1.0
+    assert out["exported"] == "start" and out["validation"]["start"]["val_acc"] == 1.0
     assert out["calibration_objective"]["start"] == start_loss
     torch.testing.assert_close(m.merged.coefficients.raw, start["merged.coefficients.raw"])
 
