@@ -10,6 +10,7 @@ LiNeS report it), not the ratio of averages.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,14 @@ def load_test_sets(pool, tokenizer, max_length: int = 64, max_examples: int | No
     family reads it; tasks without one are left out. Classifier inputs are cut to ``max_length``; LM
     prompts are not (``max_new_tokens`` caps exact-match generation)."""
     return pool.family.load_test_sets(pool, tokenizer, max_length, max_examples, split, max_new_tokens)
+
+
+
+def shard_examples(test_set: Any, fields: tuple[str, ...], rank: int, world: int) -> Any:
+    """A copy of a dataclass test set with examples rank, rank + world, … of its per-example ``fields``
+    (lists or tensors; ``None`` stays ``None``); the other fields are shared."""
+    return dataclasses.replace(test_set, **{f: None if getattr(test_set, f) is None else getattr(test_set, f)[rank::world]
+                                            for f in fields})
 
 
 @torch.no_grad()

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
 from .data import StepBatches
+from .distributed import all_reduce_sum, dist_rank_world
 from .errors import ConfigError
 from .evaluate import TestSets, expert_row, merge_accuracies
 
@@ -136,22 +137,39 @@ def check_monitor(pool: Any, monitor: str | None) -> None:
 class ValidationMonitor(pl.Callback):
     """Every ``every_n`` steps, the validation accuracy of the current merge (the one an export would hold),
     as ``val_acc`` and ``val_norm``: written to the loggers at that step, and handed to the ModelCheckpoint
-    that keeps the best. Every process
-    evaluates the same merge (sharded task vectors gather it together), so every process logs the same value."""
+    that keeps the best. Under DDP each process scores its share of every validation file (examples rank,
+    rank + N, …) with the same merge and the counts are summed, so every process logs the same value."""
 
     def __init__(self, validation: TestSets, every_n: int, batch_size: int):
         self.validation, self.every_n, self.batch_size = validation, every_n, batch_size
         self.expert: dict[str, float] = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.expert = expert_row(pl_module.pool, self.validation, self.batch_size, base=pl_module.merged.base)
+        rank, world = dist_rank_world()
+        if world > 1:
+            self.validation = {t: ts.shard(rank, world) for t, ts in self.validation.items()}
+        log.info("validation monitor: rank %d scores %s", rank,
+                 ", ".join(f"{t} {len(ts)}" for t, ts in self.validation.items()))
+        self.expert = self._pooled(pl_module, lambda sets: expert_row(pl_module.pool, sets, self.batch_size,
+                                                                      base=pl_module.merged.base))
+
+    def _pooled(self, pl_module: pl.LightningModule, score: Callable[[TestSets], dict[str, float]]) -> dict[str, float]:
+        """Per-task accuracy over every process's share: ``score`` on this process's (non-empty) sets, then
+        the correct counts and sizes summed over processes."""
+        mine = {t: ts for t, ts in self.validation.items() if len(ts)}
+        accs = score(mine) if mine else {}
+        counts = torch.tensor([[accs.get(t, 0.0) * len(ts), len(ts)] for t, ts in self.validation.items()],
+                              dtype=torch.float64, device=pl_module.device)
+        counts = all_reduce_sum(counts)
+        return {t: float(c / n) for t, (c, n) in zip(self.validation, counts.tolist())}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         if trainer.global_step % self.every_n:
             return
-        per_task = merge_accuracies(pl_module.pool, merged_now(pl_module), self.validation, self.batch_size,
-                                    base=pl_module.merged.base)
+        merged = merged_now(pl_module)  # every process: sharded task vectors gather the merge together
+        per_task = self._pooled(pl_module, lambda sets: merge_accuracies(pl_module.pool, merged, sets, self.batch_size,
+                                                                         base=pl_module.merged.base))
         scores = validation_scores(per_task, self.expert)
         # for the ModelCheckpoint only: Lightning would write a callback's value into every later log row
         pl_module.log_dict(scores, on_step=True, on_epoch=False, logger=False)

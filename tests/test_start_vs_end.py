@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,54 @@ def test_monitor_without_validation_files_is_one_line_before_training(tmp_path, 
     code = helpers.run_inprocess(["checkpoint.monitor=val_acc", f"out_dir={out}"], pool=tiny_pool_cfg)
     helpers.assert_refused_in_one_line(code, capsys, r"checkpoint.monitor=val_acc needs a labelled validation file "
                                        r"for every task: add pool.tasks.task0.validation", out)
+
+
+def test_ddp_processes_each_score_their_share_of_the_validation_files(tmp_path, tiny_pool_cfg):
+    """Under DDP the monitor splits every validation file between the processes (23 examples: 12 + 11) and
+    sums the counts: what it logs for the last step is what rank 0 gets scoring the whole files after training."""
+    pool = _pool_with_validation(tmp_path, tiny_pool_cfg)
+    for t in pool["tasks"].values():  # an odd count, so the two shares differ in size
+        lines = Path(t["validation"]).read_text().splitlines()[:23]
+        Path(t["validation"]).write_text("\n".join(lines) + "\n")
+    helpers.write_pool_config(tmp_path / "conf", "val", pool)
+    out = tmp_path / "run"
+    helpers.run_train(["--config-dir", str(tmp_path / "conf"), "pool=val", "method=adamerging_layerwise",
+                       "method.lr=0.3", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                       "trainer.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.monitor=val_norm",
+                       "data.batch_size=4", "data.max_length=16", "trainer.log_every_n_steps=1",
+                       "evaluate.reference_rows=false", f"out_dir={out}"], timeout=600)
+    shares = {}
+    for f in out.glob("*.log"):  # rank 0 logs to train.log, rank 1 to train_ddp_process_1.log
+        for m in re.finditer(r"validation monitor: rank (\d) scores (.*)", f.read_text()):
+            shares[int(m[1])] = sorted(int(n) for n in re.findall(r" (\d+)(?:,|$)", m[2]))
+    assert shares == {0: [12, 12], 1: [11, 11]}
+    end = json.loads((out / "export" / "selection.json").read_text())["validation"]["end"]
+    for column in ("val_acc", "val_norm"):
+        assert dict(helpers.logged(out, column))[4] == pytest.approx(end[column], abs=1e-6)
+
+
+def test_every_familys_test_set_splits_into_disjoint_shares():
+    """``shard(rank, world)`` of each family's test set: per-example fields split rank, rank + world, …;
+    shared fields (label words, tokenizer, pool) kept."""
+    from adamerge.families.causal import LMTestSet
+    from adamerge.families.clip_images import ImageTestSet
+    from adamerge.families.seq2seq import Seq2SeqTestSet
+
+    n, words = 5, [[7], [8]]
+    sets = [ClassifierTestSet({"input_ids": torch.arange(n)[:, None]}, torch.arange(n), 3),
+            LMTestSet([[i] for i in range(n)], list("abcde"), "tok", words, list(range(n)), list(range(n))),
+            Seq2SeqTestSet([[i] for i in range(n)], list("abcde"), 0, words, list(range(n))),
+            ImageTestSet([f"{i}.png" for i in range(n)], torch.arange(n), "pool")]
+    for whole in sets:
+        shares = [whole.shard(r, 2) for r in range(2)]
+        assert [len(s) for s in shares] == [3, 2] and type(shares[0]) is type(whole)
+        for r, s in enumerate(shares):
+            if isinstance(s, ClassifierTestSet):
+                assert s.labels.tolist() == s.encoded["input_ids"][:, 0].tolist() == list(range(r, n, 2))
+            elif isinstance(s, ImageTestSet):
+                assert s.labels.tolist() == list(range(r, n, 2)) and s.paths[0] == f"{r}.png" and s.pool == "pool"
+            else:
+                assert s.answers == [p[0] for p in s.prompts] == list(range(r, n, 2)) and s.classes == words
+                assert s.targets == list("abcde"[r::2])
+                if isinstance(s, LMTestSet):
+                    assert s.max_new == list(range(r, n, 2)) and s.tokenizer == "tok"

@@ -27,6 +27,7 @@ from torch.func import functional_call
 
 from ..data import labelled_splits, read_jsonl
 from ..errors import DataError
+from ..evaluate import shard_examples
 from .base import ModelFamily, check_names, register_family
 
 
@@ -43,6 +44,10 @@ class LMTestSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def shard(self, rank: int, world: int) -> LMTestSet:
+        """Examples rank, rank + world, … (one DDP process's share)."""
+        return shard_examples(self, ("prompts", "targets", "answers", "max_new"), rank, world)
 
     def accuracy(self, base: torch.nn.Module, params: dict[str, torch.Tensor], batch_size: int = 64) -> float:
         return lm_accuracy(base, params, self, batch_size)

@@ -25,6 +25,14 @@ class ClassifierTestSet(NamedTuple):
     labels: torch.Tensor
     num_classes: int
 
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def shard(self, rank: int, world: int) -> ClassifierTestSet:
+        """Examples rank, rank + world, … (one DDP process's share)."""
+        return ClassifierTestSet({k: v[rank::world] for k, v in self.encoded.items()}, self.labels[rank::world],
+                                 self.num_classes)
+
     def accuracy(self, base: nn.Module, params: dict[str, torch.Tensor], batch_size: int = 64) -> float:
         device = next(base.parameters()).device
         return accuracy(lambda b: functional_call(base, params, args=(), kwargs=b).logits,

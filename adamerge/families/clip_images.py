@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 from ..data import jsonl_rows, labelled_splits
 from ..errors import DataError
+from ..evaluate import shard_examples
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -96,6 +97,13 @@ class ImageTestSet:
     paths: list[str]
     labels: torch.Tensor
     pool: object  # its base module's image processor reads them
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def shard(self, rank: int, world: int) -> ImageTestSet:
+        """Examples rank, rank + world, … (one DDP process's share)."""
+        return shard_examples(self, ("paths", "labels"), rank, world)
 
     def accuracy(self, base: nn.Module, params: dict[str, torch.Tensor], batch_size: int = 64) -> float:
         return image_accuracy(base, params, self, batch_size)

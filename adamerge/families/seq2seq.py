@@ -29,6 +29,7 @@ import torch
 from torch.func import functional_call
 
 from ..errors import PoolError
+from ..evaluate import shard_examples
 from .base import register_family
 from .causal import TextAnswers, load_lm_test_sets, pad_id, right_padded, word_ids
 
@@ -86,6 +87,10 @@ class Seq2SeqTestSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def shard(self, rank: int, world: int) -> Seq2SeqTestSet:
+        """Examples rank, rank + world, … (one DDP process's share)."""
+        return shard_examples(self, ("prompts", "targets", "answers"), rank, world)
 
     def accuracy(self, base: torch.nn.Module, params: dict[str, torch.Tensor], batch_size: int = 64) -> float:
         return seq2seq_accuracy(base, params, self, batch_size)
