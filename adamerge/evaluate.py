@@ -32,12 +32,11 @@ def load_test_sets(pool, tokenizer, max_length: int = 64, max_examples: int | No
     return pool.family.load_test_sets(pool, tokenizer, max_length, max_examples, split, max_new_tokens)
 
 
-
 def shard_examples(test_set: Any, fields: tuple[str, ...], rank: int, world: int) -> Any:
     """A copy of a dataclass test set with examples rank, rank + world, … of its per-example ``fields``
     (lists or tensors; ``None`` stays ``None``); the other fields are shared."""
-    return dataclasses.replace(test_set, **{f: None if getattr(test_set, f) is None else getattr(test_set, f)[rank::world]
-                                            for f in fields})
+    values = {f: getattr(test_set, f) for f in fields}
+    return dataclasses.replace(test_set, **{f: v if v is None else v[rank::world] for f, v in values.items()})
 
 
 @torch.no_grad()
