@@ -10,6 +10,17 @@ import re
 import torch
 from torch import nn
 
+STRUCTURES = ("element", "row", "column")
+
+
+def logit_shape(shape: torch.Size, structure: str) -> tuple[int, ...]:
+    """The mask logits' shape for a merged tensor of ``shape``: itself, or one of its two dimensions
+    kept and the other 1 (broadcast) for a matrix under a ``row`` / ``column`` mask."""
+    shape = tuple(shape)
+    if len(shape) != 2 or structure == "element":
+        return shape
+    return (shape[0], 1) if structure == "row" else (1, shape[1])
+
 
 class ConcreteMask(nn.Module):
     """One binary-Concrete mask per merged tensor, shared by every task vector.
@@ -26,10 +37,15 @@ class ConcreteMask(nn.Module):
 
     ``masked`` (one flag per merged tensor, default all): tensors flagged False get no logits and
     mask ``None`` (i.e. 1: merged with λ alone), e.g. an embedding table of which a batch uses few rows.
+
+    ``structure``: ``element`` (the paper's: one logit per weight) | ``row`` | ``column``: one logit per
+    output row / input column of each matrix (vectors keep one per entry), broadcast over the other
+    dimension — a mask that keeps a low-rank (LoRA) update low-rank, which an elementwise one does not.
     """
 
     def __init__(self, shapes: list[torch.Size], temperature: float = 0.5, init_logit: float = 0.0,
-                 eval_mode: str = "continuous", seed: int = 0, masked: list[bool] | None = None):
+                 eval_mode: str = "continuous", seed: int = 0, masked: list[bool] | None = None,
+                 structure: str = "element"):
         super().__init__()
         self.masked = [True] * len(shapes) if masked is None else [bool(b) for b in masked]
         if len(self.masked) != len(shapes):
@@ -38,7 +54,9 @@ class ConcreteMask(nn.Module):
             raise ValueError(f"mask temperature must be > 0, got {temperature}")
         if eval_mode not in ("continuous", "hard"):
             raise ValueError(f"mask eval_mode must be 'continuous' or 'hard', got '{eval_mode}'")
-        self.logits = nn.ParameterList([nn.Parameter(torch.full(tuple(s), float(init_logit)))
+        if structure not in STRUCTURES:
+            raise ValueError(f"mask structure must be one of {', '.join(STRUCTURES)}, got '{structure}'")
+        self.logits = nn.ParameterList([nn.Parameter(torch.full(logit_shape(s, structure), float(init_logit)))
                                         for s, k in zip(shapes, self.masked) if k])
         self.temperature, self.eval_mode = temperature, eval_mode
         self.generator = torch.Generator().manual_seed(int(seed))  # training samples' seeds (checkpointed)

@@ -254,3 +254,19 @@ def test_mask_exclude_leaves_tensors_unmasked_and_rejects_bad_values(tiny_pool_c
                  "method.mask_exclude=[no_such_tensor]", check=False)
     assert proc.returncode != 0 and "method.mask_exclude" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_row_and_column_masks_keep_a_low_rank_update_low_rank():
+    """``structure: row | column``: one logit per output row / input column, broadcast over the other
+    dimension, so diag(m) ΔW (or ΔW diag(m)) keeps ΔW's rank; an elementwise mask makes it full-rank."""
+    delta = torch.randn(6, 1) @ torch.randn(1, 5)  # rank 1
+    for structure, logit_shape in (("row", (6, 1)), ("column", (1, 5)), ("element", (6, 5))):
+        m = ConcreteMask(SHAPES, temperature=0.5, seed=0, structure=structure)
+        assert tuple(m.logits[0].shape) == logit_shape and tuple(m.logits[1].shape) == (7,)  # vectors: per entry
+        sample = m.sample()[0]
+        assert sample.mean().item() == pytest.approx(1.0, abs=1e-5)
+        rank = torch.linalg.matrix_rank(sample * delta).item()
+        assert rank == (1 if structure != "element" else 5), structure
+        assert len(m.sparsity()) == 2
+    with pytest.raises(ValueError, match="structure"):
+        ConcreteMask(SHAPES, structure="block")

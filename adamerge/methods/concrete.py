@@ -40,6 +40,7 @@ class ConcreteMaskConfig(LearnedConfig):
     eval_mode: Literal["continuous", "hard"] = "continuous"
     mask_seed: int = 0
     mask_exclude: list[str] = field(default_factory=list)  # regexes of merged tensors without a mask (mask 1)
+    mask_structure: Literal["element", "row", "column"] = "element"  # one logit per weight | per row | per column
     scale: float = 0.3            # Concrete TA: the fixed task-wise λ
 
     def check(self, prefix: str) -> None:
@@ -63,12 +64,15 @@ class ConcreteAdaMergingConfig(ConcreteMaskConfig):
 def build_subspace_mask(tv: TaskVectors, cfg: ConcreteMaskConfig) -> ConcreteMask:
     return ConcreteMask([t.shape[1:] for _, t in tv.items()], temperature=cfg.temperature,
                         init_logit=cfg.init_logit, eval_mode=cfg.eval_mode, seed=cfg.mask_seed,
-                        masked=mask_flags(list(tv.names), cfg.mask_exclude))
+                        masked=mask_flags(list(tv.names), cfg.mask_exclude), structure=cfg.mask_structure)
 
 
 def _fingerprint_mask(method: MergeMethod) -> None:
-    """Which tensors carry mask logits is part of what a checkpoint's state means (method.mask_exclude)."""
+    """Which tensors carry mask logits, and their shape, are part of what a checkpoint's state means
+    (method.mask_exclude, method.mask_structure)."""
     m = method.merged.mask
+    if method.cfg.mask_structure != "element":
+        method.fingerprint["mask_structure"] = method.cfg.mask_structure
     if not all(m.masked):
         names = [n for n, k in zip(method.merged.names, m.masked) if k]
         method.fingerprint["masked_names"] = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
