@@ -42,9 +42,7 @@ def run_config(run: Path) -> dict:
 def correct_per_example(model_dir: Path, test_set, batch_size: int = 64) -> torch.Tensor:
     """One bool per test example: whether the exported model at ``model_dir`` predicts its label."""
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one bar per task and run says nothing here
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     preds = [model(**b).logits.argmax(-1) for b in batches(test_set.encoded, batch_size, "cpu")]
     return torch.cat(preds) == test_set.labels
@@ -76,6 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("run_b", type=Path)
     ap.add_argument("--resamples", type=int, default=10000)
     args = ap.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the base's load report (no head: each task has its own) is expected
+    hf_logging.disable_progress_bar()  # one bar per task and run says nothing here
 
     runs = [args.run_a, args.run_b]
     configs = [run_config(r) for r in runs]
