@@ -270,3 +270,29 @@ def test_row_and_column_masks_keep_a_low_rank_update_low_rank():
         assert len(m.sparsity()) == 2
     with pytest.raises(ValueError, match="structure"):
         ConcreteMask(SHAPES, structure="block")
+
+
+def test_row_mask_scales_whole_rows_of_the_merged_update_and_marks_checkpoints(tiny_pool_cfg):
+    pool = pool_from_config(tiny_pool_cfg)
+    tv_cfg = {"exclude": EXCLUDE}
+    ta = get_method("static")(pool, {"name": "static", "id": "task_arithmetic", "scale": 0.3}, tv_cfg).merged
+    base = ta.merged_state_dict()
+    cfg = {"name": "concrete_task_arithmetic", "id": "cta", "scale": 0.3}
+    row = get_method("concrete_task_arithmetic")(pool, {**cfg, "mask_structure": "row"}, tv_cfg)
+    plain = get_method("concrete_task_arithmetic")(pool, cfg, tv_cfg)
+    assert row.fingerprint.get("mask_structure") == "row" and "mask_structure" not in plain.fingerprint
+    shapes = [t.shape[1:] for _, t in row.merged.task_vectors.items()]
+    assert row.report()["num_trainable"] == sum(s[0] if len(s) == 2 else s.numel() for s in shapes)
+    merged = row.eval().merged.merged_params()
+    w0 = dict(row.merged._base_params)
+    factors = []
+    for n, s in zip(row.merged.names, shapes):
+        if len(s) != 2:
+            continue
+        ta_delta, masked_delta = base[n] - w0[n], merged[n] - w0[n]
+        keep = ta_delta.abs() > 1e-6
+        ratio = torch.where(keep, masked_delta / torch.where(keep, ta_delta, 1.0), torch.nan)
+        per_row = ratio.nanmean(1, keepdim=True)  # one factor per output row ...
+        assert torch.allclose(torch.where(keep, ratio, per_row), per_row.expand_as(ratio), atol=1e-3), n
+        factors.append(per_row[~per_row.isnan()])
+    assert torch.cat(factors).std() > 0.1  # ... that differs between rows
