@@ -17,18 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
+from common import ROOT
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from adamerge.data import batches  # noqa: E402
-from adamerge.evaluate import load_test_sets  # noqa: E402
-from adamerge.pool_config import pool_from_config, resolve_recipe  # noqa: E402
+from adamerge.data import batches
+from adamerge.evaluate import load_test_sets
+from adamerge.pool_config import pool_from_config, resolve_recipe
 
 
 def run_config(run: Path) -> dict:
@@ -62,7 +59,7 @@ def paired_bootstrap(correct_a: dict, correct_b: dict, expert: dict, resamples: 
     g = torch.Generator().manual_seed(seed)
     diff = torch.zeros(resamples, dtype=torch.float64)
     for task, a in correct_a.items():
-        d = (a.double() - correct_b[task].double())
+        d = a.double() - correct_b[task].double()
         idx = torch.randint(0, len(d), (resamples, len(d)), generator=g)
         diff += d[idx].mean(1) / expert[task]
     return 100 * diff / len(correct_a)
@@ -88,15 +85,17 @@ def main(argv: list[str] | None = None) -> None:
     tests = load_test_sets(pool, pool.tokenizer(), c["data"]["max_length"])
     evals = [json.loads((r / "eval.json").read_text()) for r in runs]
     expert = evals[0]["rows"]["expert"]
-    correct = []
+    correct, acc = [], []
     for run, ev in zip(runs, evals):
         merged_row = list(ev["rows"].values())[-1]  # the merge is the table's last row
         per_task = {t: correct_per_example(run / "export" / "tasks" / t, ts) for t, ts in tests.items()}
-        for t, ok in per_task.items():
-            if abs(ok.float().mean().item() - merged_row[t]) > 1e-6:
-                raise SystemExit(f"{run}: task '{t}' re-measured {ok.float().mean():.4f} from the export, "
+        run_acc = {t: ok.float().mean().item() for t, ok in per_task.items()}
+        for t, a in run_acc.items():
+            if abs(a - merged_row[t]) > 1e-6:
+                raise SystemExit(f"{run}: task '{t}' re-measured {a:.4f} from the export, "
                                  f"eval.json says {merged_row[t]:.4f}")
         correct.append(per_task)
+        acc.append(run_acc)
 
     print(f"A = {runs[0]}\nB = {runs[1]}\n")
     print("| task | n | A | B | A right, B wrong | A wrong, B right | McNemar p |")
@@ -104,9 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     for t in tests:
         a, b = correct[0][t], correct[1][t]
         a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
-        print(f"| {t} | {len(a)} | {100 * a.float().mean():.1f} | {100 * b.float().mean():.1f} | {a_only} | {b_only} "
+        print(f"| {t} | {len(a)} | {100 * acc[0][t]:.1f} | {100 * acc[1][t]:.1f} | {a_only} | {b_only} "
               f"| {mcnemar_p(a_only, b_only):.3f} |")
-    norm = [100 * sum(c[t].float().mean().item() / expert[t] for t in tests) / len(tests) for c in correct]
+    norm = [100 * sum(run_acc[t] / expert[t] for t in tests) / len(tests) for run_acc in acc]
     diffs = paired_bootstrap(correct[0], correct[1], expert, args.resamples)
     lo, hi = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     print(f"\nnormalized accuracy: A {norm[0]:.2f}, B {norm[1]:.2f}; A − B = {norm[0] - norm[1]:+.2f} "

@@ -13,6 +13,7 @@ import pytest
 from helpers import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # bench scripts import bench/common.py, as when run from there
 spec = importlib.util.spec_from_file_location("bench_paired", ROOT / "bench" / "paired.py")
 paired = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = paired
