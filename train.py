@@ -156,12 +156,14 @@ def build_pool_and_method(c: dict, trains: bool):
     from adamerge.data import check_data
     from adamerge.methods import get_method
     from adamerge.pool_config import pool_from_config, resolve_recipe
-    from adamerge.start_vs_end import check_monitor
+    from adamerge.start_vs_end import resolve_monitor
 
     pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     check_data(pool)  # a bad line or label is named now, not after training
-    if trains:
-        check_monitor(pool, c["checkpoint"].get("monitor"))
+    if trains:  # checkpoint.monitor=auto becomes what this pool and method allow
+        cls = get_method(c["method"]["name"])
+        c["checkpoint"]["monitor"] = resolve_monitor(pool, c["checkpoint"].get("monitor"),
+                                                     c["data"].get("holdout_fraction") or 0.0, cls.selectable)
     stats_rank = 0 if trains else _launch_statistics_ranks(c["trainer"])
     extra = {}
     if c["task_vectors"].get("shard"):  # each process reads only its slices of the task vectors
@@ -188,17 +190,21 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     from adamerge.loggers import build_loggers
     from adamerge.progress import ProgressLog, StepProgressBar
     from adamerge.start_vs_end import (
+        HoldoutMonitor,
         StartObjective,
         ValidationMonitor,
         choose,
         gather_merges,
+        holdout_batches,
         monitor_batches,
         snapshot,
     )
 
     ckpt_dir = out_dir / "checkpoints"
     dm = CalibrationDataModule.from_pool(pool, batch_size=c["data"]["batch_size"], max_length=c["data"]["max_length"],
-                                         seed=c["seed"], size=c["data"]["calibration_size"])
+                                         seed=c["seed"], size=c["data"]["calibration_size"],
+                                         holdout_fraction=c["data"].get("holdout_fraction") or 0.0)
+    holdout = holdout_batches(dm.holdout, c["evaluate"]["batch_size"])
     start_state = snapshot(method)  # the starting merge, kept to compare with the end
     monitor = monitor_batches(dm.encoded, dm.batch_size, c["seed"], int(c["evaluate"]["monitor_batches"]))
     start_objective = StartObjective(start_state, monitor)
@@ -213,10 +219,13 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
         return (load_test_sets(pool, dm.tokenizer, c["data"]["max_length"], split="validation",
                                max_new_tokens=c["evaluate"]["max_new_tokens"]) if pool.family.evaluated else {})
 
-    if watched:  # the best merge by validation, kept by Lightning's ModelCheckpoint in its own folder
-        val_monitor = ValidationMonitor(validation_sets(), every_n, c["evaluate"]["batch_size"])
+    by_holdout = watched == "holdout_objective"
+    if watched:  # the best merge by validation or held-out objective, kept by a ModelCheckpoint in its own folder
+        val_monitor = (HoldoutMonitor(holdout, every_n) if by_holdout
+                       else ValidationMonitor(validation_sets(), every_n, c["evaluate"]["batch_size"]))
         best = ModelCheckpoint(dirpath=ckpt_dir / "best", filename="step{step:06d}", auto_insert_metric_name=False,
-                               monitor=watched, mode="max", save_top_k=1, every_n_train_steps=every_n)
+                               monitor=watched, mode="min" if by_holdout else "max", save_top_k=1,
+                               every_n_train_steps=every_n)
         callbacks += [val_monitor, best]
     bar = c["trainer"].get("enable_progress_bar")
     bar = sys.stdout.isatty() if bar is None else bool(bar)  # redrawn lines only make sense on a terminal
@@ -245,9 +254,11 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     if trainer.global_rank != 0:
         return None
     method.cpu()
-    validation = val_monitor.validation if watched else validation_sets()  # unwatched: read by rank 0 only
+    # validation files are read by rank 0 only when the monitor did not read them
+    validation = val_monitor.validation if watched and not by_holdout else validation_sets()
     selection = choose(method, start_state, start_objective.value, monitor, validation, c["evaluate"]["batch_size"],
-                       best=best_state, metric=watched or "val_acc", expert=val_monitor.expert if watched else None)
+                       best=best_state, metric=watched or "val_acc",
+                       expert=val_monitor.expert if watched and not by_holdout else None, holdout=holdout)
     if best_ckpt:
         selection["best_checkpoint"] = {"path": best.best_model_path, "step": best_ckpt["global_step"],
                                         watched: float(best.best_model_score)}

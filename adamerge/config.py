@@ -10,7 +10,7 @@ from .errors import ConfigError
 from .lora_factors import LORA_CHOICES, check_lora_key
 from .task_vectors import DTYPES
 
-MONITORS = ("val_acc", "val_norm")  # checkpoint.monitor: adamerge/start_vs_end.py
+MONITORS = ("auto", "val_acc", "val_norm", "holdout_objective")  # checkpoint.monitor: adamerge/start_vs_end.py
 
 
 def _get(c: dict, key: str) -> Any:
@@ -116,6 +116,10 @@ def check_config(c: dict) -> None:
     check_number(c, "data.batch_size", 1, integer=True, optional=False)
     check_number(c, "data.max_length", 2, integer=True, optional=False)
     check_number(c, "data.calibration_size", 1, integer=True)
+    check_number(c, "data.holdout_fraction", 0)
+    if (_get(c, "data.holdout_fraction") or 0) >= 1:
+        raise ConfigError(f"config key 'data.holdout_fraction' must be < 1 (a share of each task's calibration "
+                          f"texts), got {_get(c, 'data.holdout_fraction')!r}")
     check_number(c, "seed", 0, integer=True, optional=False)
     check_number(c, "checkpoint.every_n_steps", 1, integer=True, optional=False)
     monitor = _get(c, "checkpoint.monitor")

@@ -200,11 +200,26 @@ class StepBatches(IterableDataset):
             step += 1
 
 
+def split_holdout(items: list, fraction: float, seed: int, task_idx: int) -> tuple[list, list]:
+    """(training, held-out) items: a seeded ``fraction`` of them held out (at least one when there are two
+    or more, never all), the rest kept in their order. The draw depends on (seed, task), not on the other
+    tasks, so one task's held-out texts do not change when another task's file does."""
+    n = len(items)
+    k = min(n - 1, max(1, round(fraction * n))) if fraction > 0 and n > 1 else 0
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + task_idx * 7_919 + 104_729)
+    held = set(torch.randperm(n, generator=g)[:k].tolist())
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
 class CalibrationDataModule(pl.LightningDataModule):
-    """Unlabeled calibration texts of every task, tokenized once, served one global step at a time."""
+    """Unlabeled calibration texts of every task, tokenized once, served one global step at a time.
+
+    ``holdout_fraction`` > 0 keeps a seeded share of every task's texts (after ``size``) out of training:
+    ``holdout`` holds them, encoded, for the label-free held-out objective (adamerge/start_vs_end.py)."""
 
     def __init__(self, calibration: dict[str, list[str]], tokenizer, batch_size: int = 16,
-                 max_length: int = 64, seed: int = 0, size: int | None = None, encoder=None):
+                 max_length: int = 64, seed: int = 0, size: int | None = None, encoder=None,
+                 holdout_fraction: float = 0.0):
         super().__init__()
         if not calibration:
             raise DataError("no calibration data: the pool has no task with a calibration file")
@@ -215,19 +230,26 @@ class CalibrationDataModule(pl.LightningDataModule):
         for task, texts in calibration.items():
             if not texts:
                 raise DataError(f"task '{task}' has no calibration examples")
-        self.texts = {t: (v[:size] if size else v) for t, v in calibration.items()}
+        if not 0 <= holdout_fraction < 1:
+            raise DataError(f"data.holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        split = {t: split_holdout(v[:size] if size else v, holdout_fraction, seed, i)
+                 for i, (t, v) in enumerate(calibration.items())}
+        self.texts = {t: train for t, (train, _) in split.items()}
         self.tokenizer, self.batch_size, self.max_length, self.seed = tokenizer, batch_size, max_length, seed
         # ``encoder``: a task's calibration items (texts; image paths) to model inputs (default: the tokenizer)
-        self.encoded = {t: encoder(v) if encoder else encode(tokenizer, v, max_length) for t, v in self.texts.items()}
+        self.encoder = encoder or (lambda items: encode(tokenizer, items, max_length))
+        self.encoded = {t: self.encoder(v) for t, v in self.texts.items()}
+        self.holdout = {t: self.encoder(held) for t, (_, held) in split.items() if held}
 
     @classmethod
     def from_pool(cls, pool, batch_size: int = 16, max_length: int = 64, seed: int = 0,
-                  size: int | None = None, tokenizer=None) -> CalibrationDataModule:
+                  size: int | None = None, tokenizer=None, holdout_fraction: float = 0.0) -> CalibrationDataModule:
         cal = {name: read_split(pool, name, "calibration")[0] for name in pool.tasks}
         family = pool.family
         tok = tokenizer or pool.tokenizer()
         return cls(cal, tok, batch_size=batch_size, max_length=max_length, seed=seed, size=size,
-                   encoder=lambda items: family.encode(pool, items, tok, max_length))
+                   encoder=lambda items: family.encode(pool, items, tok, max_length),
+                   holdout_fraction=holdout_fraction)
 
     def _world(self) -> tuple[int, int, int]:
         trainer = self.trainer

@@ -9,7 +9,11 @@ Before training, the starting state (coefficients/masks) is kept; after training
 - with ``checkpoint.monitor`` (``val_acc`` | ``val_norm``): the merge is also evaluated on the validation
   files every ``checkpoint.every_n_steps`` steps (``ValidationMonitor``), Lightning's ModelCheckpoint
   keeps the best under ``checkpoints/best/``, and that checkpoint is a third candidate, compared by the
-  monitored metric.
+  monitored metric;
+- with ``checkpoint.monitor=holdout_objective`` (``auto``'s choice when some task has no validation file
+  and ``data.holdout_fraction`` > 0): no labels at all. The method's own objective on the calibration texts
+  held out of training (``HoldoutMonitor``), every ``checkpoint.every_n_steps`` steps; the lowest is kept
+  and start, best and end are compared by it.
 
 The result is ``selection.json`` in the export and a few lines on the terminal.
 """
@@ -24,7 +28,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from .data import StepBatches
+from .data import StepBatches, batches
 from .distributed import all_reduce_sum, dist_rank_world
 from .errors import ConfigError
 from .evaluate import TestSets, expert_row, merge_accuracies
@@ -98,6 +102,61 @@ def calibration_objective(method: Any, batches: list[dict[str, dict[str, torch.T
     return total / len(batches)
 
 
+HoldoutBatches = dict[str, list[dict[str, torch.Tensor]]]  # task -> its held-out texts in batches
+
+
+def holdout_batches(holdout: dict[str, dict[str, torch.Tensor]], batch_size: int) -> HoldoutBatches:
+    """Every held-out example of every task (``CalibrationDataModule.holdout``), in batches of ``batch_size``."""
+    return {t: batches(enc, batch_size) for t, enc in holdout.items()}
+
+
+@torch.no_grad()
+def holdout_objective(method: Any, holdout: HoldoutBatches) -> float:
+    """The training objective without regularizer on the held-out texts: per task, the mean over its held-out
+    examples (each batch's loss weighted by its rows), summed over tasks as training sums them."""
+    was = method.training
+    method.eval()
+    params = method.merged_params()
+    device = method.device
+    total = 0.0
+    for task, task_batches in holdout.items():
+        rows = [next(iter(b.values())).shape[0] for b in task_batches]
+        losses = [float(method.task_loss(task, {k: v.to(device) for k, v in b.items()}, params))
+                  for b in task_batches]
+        total += sum(loss * r for loss, r in zip(losses, rows)) / sum(rows)
+    method.train(was)
+    return total
+
+
+class HoldoutMonitor(pl.Callback):
+    """Every ``every_n`` steps (and at the start), the held-out objective of the current merge as
+    ``holdout_objective``: written to the loggers and handed to the ModelCheckpoint that keeps the lowest.
+    Every process computes it on all held-out texts (sharded task vectors merge with a collective)."""
+
+    def __init__(self, holdout: HoldoutBatches, every_n: int):
+        self.holdout, self.every_n = holdout, every_n
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        value = holdout_objective(pl_module, self.holdout)
+        for logger in trainer.loggers:  # one row at this step (rank zero), named like the checkpoints
+            logger.log_metrics({"holdout_objective": value}, step=trainer.global_step)
+        if trainer.is_global_zero:
+            log.info("held-out objective at step %d: %.5f", trainer.global_step, value)
+        return value
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self._record(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if trainer.global_step % self.every_n:
+            return
+        value = self._record(trainer, pl_module)
+        # for the ModelCheckpoint only: Lightning would write a callback's value into every later log row
+        pl_module.log("holdout_objective", value, on_step=True, on_epoch=False, logger=False)
+
+
 class StartObjective(pl.Callback):
     """The starting state's calibration objective, taken when fitting starts: after the process group is up
     (sharded task vectors merge with a collective) and on the training device; a resumed run's checkpoint
@@ -122,9 +181,30 @@ def validation_scores(per_task: dict[str, float], expert: dict[str, float] | Non
     return out
 
 
-def check_monitor(pool: Any, monitor: str | None) -> None:
-    """``checkpoint.monitor`` needs a labelled validation file for every task of an evaluated family."""
+def resolve_monitor(pool: Any, monitor: str | None, holdout_fraction: float, selectable: bool) -> str | None:
+    """``checkpoint.monitor=auto``: none when every task has a validation file (start and end are then compared
+    by validation accuracy), else ``holdout_objective`` when texts are held out and the method's state is its
+    merge (a start, best and end to compare); any other value as given, checked."""
+    if monitor == "auto":
+        if all(spec.validation for spec in pool.tasks.values()) or not holdout_fraction or not selectable:
+            return None
+        return "holdout_objective"
+    check_monitor(pool, monitor, holdout_fraction, selectable)
+    return monitor
+
+
+def check_monitor(pool: Any, monitor: str | None, holdout_fraction: float = 0.0, selectable: bool = True) -> None:
+    """``checkpoint.monitor``: validation metrics need a labelled validation file for every task of an evaluated
+    family; ``holdout_objective`` held-out texts and a method whose state is its merge."""
     if monitor is None:
+        return
+    if monitor == "holdout_objective":
+        if not selectable:
+            raise ConfigError("checkpoint.monitor=holdout_objective: this method's merge is not its state dict "
+                              "(nothing to compare); use checkpoint.monitor=null")
+        if not holdout_fraction:
+            raise ConfigError("checkpoint.monitor=holdout_objective needs held-out calibration texts: set "
+                              "data.holdout_fraction > 0 (e.g. 0.2)")
         return
     if not pool.family.evaluated:
         raise ConfigError(f"checkpoint.monitor={monitor}: model_class {pool.family.name} has no accuracy to monitor")
@@ -183,26 +263,41 @@ class ValidationMonitor(pl.Callback):
 def choose(method: Any, start: dict[str, torch.Tensor], start_loss: float,
            batches: list[dict[str, dict[str, torch.Tensor]]], validation: TestSets | None,
            batch_size: int, best: dict[str, torch.Tensor] | None = None, metric: str = "val_acc",
-           expert: dict[str, float] | None = None) -> dict[str, Any]:
-    """Compare start, the monitored best checkpoint (``best``, if any) and end on the validation files by
-    ``metric`` (ties go to the later: end over best over start); leave the method in the state to export;
-    return what was compared."""
+           expert: dict[str, float] | None = None, holdout: HoldoutBatches | None = None) -> dict[str, Any]:
+    """Compare start, the monitored best checkpoint (``best``, if any) and end — on the validation files when
+    there are any, by ``metric``, or by the held-out objective when ``metric`` is ``holdout_objective``
+    (ties go to the later: end over best over start); leave the method in the state to export; return what
+    was compared."""
     end_loss = calibration_objective(method, batches)
     out: dict[str, Any] = {"calibration_objective": {"start": start_loss, "end": end_loss}, "exported": "end"}
     log.info("calibration objective: start %.4f, end %.4f", start_loss, end_loss)
+    states = {"start": start, **({"best": best} if best is not None else {}), "end": snapshot(method)}
+    scores: dict[str, float] = {}
+    if holdout:
+        for which, state in states.items():
+            with in_state(method, state):
+                scores[which] = -holdout_objective(method, holdout)  # higher is better, as accuracies
+        out["holdout_objective"] = {w: -v for w, v in scores.items()}
+        log.info("held-out objective: %s", ", ".join(f"{w} {-v:.5f}" for w, v in scores.items()))
     if validation:
-        states = {"start": start, **({"best": best} if best is not None else {}), "end": snapshot(method)}
         accs = {}
         for which, state in states.items():
             rows = merge_accuracies(method.pool, merged_at(method, state), validation, batch_size)
-            scores = validation_scores(rows, expert)
-            accs[which] = {"per_task": rows, **scores}
+            accs[which] = {"per_task": rows, **validation_scores(rows, expert)}
         out["validation"] = accs
-        winner = max(reversed(list(states)), key=lambda w: accs[w][metric])  # max keeps the first of equals
+        if metric != "holdout_objective":
+            scores = {w: accs[w][metric] for w in states}
+    if metric == "holdout_objective" and holdout or validation and metric != "holdout_objective":
+        winner = max(reversed(list(states)), key=lambda w: scores[w])  # max keeps the first of equals
         method.load_state_dict(states[winner])
         out["exported"] = winner
-        others = ", ".join(f"{w} {100 * accs[w][metric]:.2f}" for w in states if w != winner)
-        out["why"] = f"validation {metric} of the {winner} {100 * accs[winner][metric]:.2f} >= {others}"
+        if metric == "holdout_objective":
+            others = ", ".join(f"{w} {-scores[w]:.5f}" for w in states if w != winner)
+            out["why"] = (f"held-out objective (lower is better; no labels) of the {winner} {-scores[winner]:.5f}"
+                          f" <= {others}")
+        else:
+            others = ", ".join(f"{w} {100 * scores[w]:.2f}" for w in states if w != winner)
+            out["why"] = f"validation {metric} of the {winner} {100 * scores[winner]:.2f} >= {others}"
         log.info("%s", out["why"])
     elif end_loss > start_loss:
         out["why"] = ("the calibration objective rose during training and no task has a validation file "

@@ -16,11 +16,27 @@ from adamerge.data import load_tokenizer
 from adamerge.evaluate import accuracy, load_test_sets
 from adamerge.families.classifier import ClassifierTestSet
 from adamerge.methods import get_method
-from adamerge.start_vs_end import calibration_objective, choose, merged_at, monitor_batches, snapshot
+from adamerge.start_vs_end import (
+    calibration_objective,
+    choose,
+    holdout_objective,
+    merged_at,
+    monitor_batches,
+    snapshot,
+)
 
 
 def _method(pool):
     return get_method("adamerging")(pool, {"name": "adamerging", "id": "am", "granularity": "layer", "init": 0.3})
+
+
+def _in(method, state):
+    """``method`` loaded with ``state`` (a copy of it: the method's own state is not touched)."""
+    import copy
+
+    other = copy.deepcopy(method)
+    other.load_state_dict(state)
+    return other
 
 
 def _labelled_by(method, pool, state, sets):
@@ -79,6 +95,20 @@ def test_the_better_of_start_and_end_is_kept(pool):
                  expert={t: 1.0 for t in val})
     assert out["exported"] == "best" and out["validation"]["best"]["val_norm"] == 1.0
     torch.testing.assert_close(m.merged.coefficients.raw, best["merged.coefficients.raw"])
+
+    # by the held-out objective (no labels): the lowest of start, best and end is exported, whichever it is
+    holdout = {t: [enc] for t, (enc, _, _) in tests.items()}
+    for states in ((start, end), (end, start)):
+        m.load_state_dict(states[1])
+        out = choose(m, states[0], start_loss, batches, val, batch_size=8, best=best, metric="holdout_objective",
+                     holdout=holdout)
+        objective = {w: holdout_objective(m_, holdout) for w, m_ in
+                     (("start", _in(m, states[0])), ("best", _in(m, best)), ("end", _in(m, states[1])))}
+        assert out["holdout_objective"] == pytest.approx(objective, rel=1e-6)
+        assert out["exported"] == min(objective, key=objective.get) and "validation" in out
+        torch.testing.assert_close(m.merged.coefficients.raw,
+                                   {"start": states[0], "best": best, "end": states[1]}[out["exported"]]
+                                   ["merged.coefficients.raw"])
 
     # without validation files the end is exported, and the record says why, whichever way the objective went
     for claimed_start in (float("inf"), float("-inf")):
@@ -207,3 +237,52 @@ def test_every_familys_test_set_splits_into_disjoint_shares():
                 assert s.targets == list("abcde"[r::2])
                 if isinstance(s, LMTestSet):
                     assert s.max_new == list(range(r, n, 2)) and s.tokenizer == "tok"
+
+
+def test_holdout_split_is_seeded_per_task_and_never_takes_everything():
+    from adamerge.data import split_holdout
+
+    items = list(range(50))
+    train, held = split_holdout(items, 0.2, seed=0, task_idx=0)
+    assert len(held) == 10 and sorted(train + held) == items and not set(train) & set(held)
+    assert train == sorted(train)  # the training texts keep their order
+    assert split_holdout(items, 0.2, seed=0, task_idx=0) == (train, held)  # reproducible
+    assert split_holdout(items, 0.2, seed=0, task_idx=1)[1] != held  # each task draws its own
+    assert split_holdout(items, 0.2, seed=1, task_idx=0)[1] != held
+    assert split_holdout([7, 8], 0.2, 0, 0)[1] in ([7], [8])  # at least one held out ...
+    assert split_holdout([7, 8], 0.9, 0, 0)[0] in ([7], [8])  # ... and at least one trained on
+    assert split_holdout([7], 0.5, 0, 0) == ([7], []) and split_holdout(items, 0.0, 0, 0) == (items, [])
+
+
+def test_without_validation_files_the_held_out_objective_picks_the_export(tmp_path, tiny_pool_cfg):
+    """The default checkpoint.monitor=auto on a pool without validation files: a fifth of every task's
+    calibration texts is held out, the method's objective there is logged every 2 steps (and at step 0), the
+    lowest is kept in checkpoints/best/, and start, best and end are compared by it — the exported
+    coefficients are the winner's."""
+    out = tmp_path / "run"
+    helpers.train_here(tiny_pool_cfg, out, "method=adamerging_layerwise", "method.lr=3.0", "trainer.max_steps=6",
+                       "checkpoint.every_n_steps=2", "data.batch_size=4", "data.max_length=16",
+                       "evaluate.reference_rows=false", "trainer.enable_progress_bar=false")
+    sel = json.loads((out / "export" / "selection.json").read_text())
+    held = dict(helpers.logged(out, "holdout_objective"))
+    assert sorted(held) == [0, 2, 4, 6]
+    best = sel["best_checkpoint"]
+    assert best["holdout_objective"] == pytest.approx(min(held[s] for s in (2, 4, 6)), rel=1e-6)
+    assert set(sel["holdout_objective"]) == {"start", "best", "end"}
+    assert sel["holdout_objective"]["start"] == pytest.approx(held[0], rel=1e-5)
+    assert sel["holdout_objective"]["end"] == pytest.approx(held[6], rel=1e-5)
+    scores = sel["holdout_objective"]
+    assert scores[sel["exported"]] == min(scores.values()) and "held-out objective" in sel["why"]
+    exported = torch.tensor(json.loads((out / "export" / "coefficients.json").read_text())["coefficients"])
+    state = {"start": None, "best": best["path"], "end": str(out / "checkpoints" / "last.ckpt")}[sel["exported"]]
+    want = (torch.load(state, weights_only=False)["state_dict"]["merged.coefficients.raw"].clamp(0, 1)
+            if state else torch.full_like(exported, 0.3))
+    torch.testing.assert_close(exported, want, atol=1e-6, rtol=0)
+
+
+def test_holdout_monitor_without_held_out_texts_is_one_line_before_training(tmp_path, tiny_pool_cfg, capsys):
+    out = tmp_path / "run"
+    code = helpers.run_inprocess(["checkpoint.monitor=holdout_objective", "data.holdout_fraction=0",
+                                  f"out_dir={out}"], pool=tiny_pool_cfg)
+    helpers.assert_refused_in_one_line(code, capsys, r"checkpoint.monitor=holdout_objective needs held-out "
+                                       r"calibration texts: set data.holdout_fraction > 0", out)

@@ -38,6 +38,9 @@ class MergeMethod(MergeAlgorithm, pl.LightningModule):
     """A merge that trains: only coefficients (and masks) are parameters; ``self.merged`` is built once."""
 
     trainable = True
+    # the state dict (coefficients, masks) is the whole merge, so start, best checkpoint and end can be
+    # compared by loading it (checkpoint.monitor, adamerge/start_vs_end.py)
+    selectable = True
     Config: type[MethodConfig] = LearnedConfig
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None,

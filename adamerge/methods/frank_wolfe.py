@@ -82,6 +82,7 @@ class FrankWolfeConfig(MethodConfig):
 class FrankWolfeMerging(MergeMethod):
     name = "fw_merging"
     trainable = True
+    selectable = False  # θ_t lives in FrankWolfeState, not in the state dict
     Config = FrankWolfeConfig
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
