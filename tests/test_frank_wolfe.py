@@ -247,7 +247,8 @@ def test_soft_end_to_end_resumes_between_iterations(tiny_pool_cfg, pool, tmp_pat
 
     # the same three iterations in one go, in this process
     ref = FrankWolfeMerging(pool, method_cfg("fw_merging_soft", **over))
-    dm = CalibrationDataModule.from_pool(pool, batch_size=8, max_length=64, seed=0)
+    dm = CalibrationDataModule.from_pool(pool, batch_size=8, max_length=64, seed=0,
+                                         holdout_fraction=0.2)  # train.py's default data.holdout_fraction
     ref.use_data(dm)
     stream = dm.train_dataloader().dataset
     for t in range(3):

@@ -35,7 +35,10 @@ def train(conf: Path, out: Path, *extra: str, method: str = "adamerging_layerwis
     # steps are rounding noise (~1e-6 apart between any two summation orders, unsharded DDP included)
     return run_train(["--config-dir", str(conf), "pool=odd", f"out_dir={out}", f"method={method}", *lr,
                       "data.batch_size=8", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
-                      "evaluate.reference_rows=false", "task_vectors.exclude=[attention.self.key.bias]", *extra], **kw)
+                      "evaluate.reference_rows=false", "task_vectors.exclude=[attention.self.key.bias]",
+                      # every calibration text trained on, the end exported: runs with different checkpoint
+                      # intervals compare their training, not a held-out choice among their checkpoints
+                      "data.holdout_fraction=0", *extra], **kw)
 
 
 SHARDED = ("trainer=ddp", "trainer.devices=2", "task_vectors.shard=true")

@@ -209,6 +209,9 @@ class LearnedConfig(MethodConfig):
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: one decay over the run to eta_min_ratio·lr
     eta_min_ratio: float = 0.1
     nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss stops the run, or skips the step
+    # passes over the calibration data instead of fixed steps: the run takes ceil(passes · n / batch_size)
+    # steps, n the most training texts of any task, at most ``steps`` (null: ``steps``)
+    passes: float | None = None
     # entropy objectives: minus w × entropy of each batch's mean prediction (information maximisation)
     diversity: float = 0.0
     # read by configs/trainer/default.yaml
@@ -221,6 +224,8 @@ class LearnedConfig(MethodConfig):
         check_range(self.weight_decay, f"{prefix}.weight_decay", 0)
         check_range(self.eta_min_ratio, f"{prefix}.eta_min_ratio", 0, 1)
         check_range(self.accumulate_grad_batches, f"{prefix}.accumulate_grad_batches", 1)
+        if self.passes is not None:
+            check_range(self.passes, f"{prefix}.passes", 0, strict_lo=True)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"config key '{prefix}.betas' must be two numbers in [0, 1), got {self.betas!r}")
         inits = self.init if isinstance(self.init, list) else [self.init]
