@@ -62,12 +62,14 @@ def run(cfg: DictConfig) -> dict:
     # any check, so a refused rerun would overwrite the old run's); taken now, before start_from is inlined
     run_config = run_config_files(cfg)
     c, trains = checked_config(cfg, out_dir)
-    rank = process_rank()
+    from adamerge.distributed import launch_is_rank_zero
+
+    rank_zero = launch_is_rank_zero()
     pool, method = build_pool_and_method(c, trains)
     if method is None:  # a statistics process of a closed-form DDP run: its part is done
         return {}
     ckpt_path = resolve_resume(c["resume"], out_dir / "checkpoints") if trains else None
-    if rank == 0:
+    if rank_zero:
         for name, text in run_config.items():  # the run is accepted: record its config
             atomic_write_text(out_dir / ".hydra" / name, text)
         log.info("%s", header(pool, method, c, out_dir, trains))
@@ -92,11 +94,6 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-def process_rank() -> int:
-    """This process's rank as the launcher set it (0 without DDP)."""
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-
-
 def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
     """The resolved config with ``method.start_from`` inlined and ``logger`` as the list of loggers, every
     key checked, and everything this run will write to shown writable — before the pool loads, so that
@@ -105,6 +102,7 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
 
     from adamerge.checkpointing import check_fresh_run
     from adamerge.config import ConfigError, check_config, check_no_missing, check_writable_dir
+    from adamerge.distributed import launch_is_rank_zero
     from adamerge.export import check_export_target, remove_stale_temporaries
     from adamerge.loggers import logger_names
     from adamerge.methods import CheckpointError, get_method
@@ -128,7 +126,7 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
     c["logger"] = logger_names(c.get("logger"))
     check_writable_dir(out_dir, "out_dir")
     export_dir = Path(c["export"]["dir"])
-    if process_rank() == 0:
+    if launch_is_rank_zero():
         remove_stale_temporaries(export_dir)
         check_export_target(export_dir, c["export"]["overwrite"])  # refuse before spending time training
         check_writable_dir(export_dir.parent, "export.dir")  # the export is written next to its target

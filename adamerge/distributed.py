@@ -39,6 +39,19 @@ def launch_rank_world(devices: object, num_nodes: object = 1) -> tuple[int, int]
     return int(env.get("NODE_RANK", 0)) * per_node + int(env.get("LOCAL_RANK", 0)), per_node * nodes
 
 
+def launch_is_rank_zero() -> bool:
+    """Whether this process will be the global rank 0 of its run (the one that does start-up work: checking
+    and cleaning the export target, writing the run's config), known before any process group starts:
+    torchrun's RANK, SLURM's task id under srun, else Lightning's launcher, whose rank 0 is the first
+    process (LOCAL_RANK 0) of node 0 — on a second node LOCAL_RANK is 0 too, so NODE_RANK decides."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]) == 0
+    if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]) == 0
+    return int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))) == 0 and int(env.get("LOCAL_RANK", 0)) == 0
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a statistic over processes (each process saw its own slice of the calibration data)."""
     import torch.distributed as dist

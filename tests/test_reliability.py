@@ -453,6 +453,41 @@ def test_stale_export_temporaries_are_removed(tiny_pool_cfg, tmp_path, caplog):
     assert lines == ["removed 1 temporary directory left by an interrupted export: .export.tmp-abc123"], lines
 
 
+def test_the_first_process_of_a_second_node_does_no_rank_zero_start_up_work(tiny_pool_cfg, tmp_path, monkeypatch):
+    """On a 2-node run each node's first process has LOCAL_RANK 0; only node 0's is rank 0. The other must
+    neither clean the export target's temporaries (rank 0's export may be writing them) nor write .hydra/."""
+    run = tmp_path / "run"
+    stale = run / ".export.tmp-abc123"
+    stale.mkdir(parents=True)
+    for key in ("RANK", "SLURM_PROCID", "SLURM_NTASKS", "GROUP_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("NODE_RANK", "1")
+    assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic") == 0
+    assert stale.exists() and not (run / ".hydra").exists()
+    monkeypatch.setenv("NODE_RANK", "0")  # node 0's first process: rank 0
+    assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", "export.overwrite=true") == 0
+    assert not stale.exists() and (run / ".hydra" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("env, zero", [
+    ({}, True),                                                   # one process, or Lightning's first
+    ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, False),               # a process Lightning starts
+    ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),               # the first process of the second node
+    ({"RANK": "0", "LOCAL_RANK": "0"}, True),                     # torchrun
+    ({"RANK": "4", "LOCAL_RANK": "0"}, False),                    # torchrun, second node
+    ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "LOCAL_RANK": "0"}, False),  # srun
+])
+def test_launch_is_rank_zero(monkeypatch, env, zero):
+    from adamerge.distributed import launch_is_rank_zero
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert launch_is_rank_zero() is zero
+
+
 def test_export_killed_between_renames_keeps_the_previous_export(tmp_path):
     """Killed after the old export was moved aside and before the new one took its place: put it back."""
     from adamerge.export import remove_stale_temporaries
