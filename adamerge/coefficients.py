@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 GRANULARITIES = ("task", "layer", "chunk")
 
 
@@ -41,20 +43,20 @@ class Coefficients(nn.Module):
     ):
         super().__init__()
         if granularity not in GRANULARITIES:
-            raise ValueError(f"coefficients.granularity must be one of {GRANULARITIES}, got '{granularity}'")
+            raise ConfigError(f"coefficients.granularity must be one of {GRANULARITIES}, got '{granularity}'")
         if transform not in ("clamp", "sigmoid"):
-            raise ValueError(f"coefficients.transform must be 'clamp' or 'sigmoid', got '{transform}'")
+            raise ConfigError(f"coefficients.transform must be 'clamp' or 'sigmoid', got '{transform}'")
         if clamp is not None:
             lo, hi = float(clamp[0]), float(clamp[1])
             if not lo < hi:
-                raise ValueError(f"coefficients.clamp bounds reversed or empty: [{lo}, {hi}]")
+                raise ConfigError(f"coefficients.clamp bounds reversed or empty: [{lo}, {hi}]")
             clamp = (lo, hi)
         self.K, self.L = num_tasks, num_tensors
         self.granularity, self.clamp, self.transform = granularity, clamp, transform
         init_t = torch.as_tensor(init, dtype=torch.float32).expand(num_tasks).clone()
         if transform == "sigmoid":
             if not ((init_t > 0) & (init_t < 1)).all():
-                raise ValueError(f"sigmoid coefficients need init in (0, 1), got {init}")
+                raise ConfigError(f"sigmoid coefficients need init in (0, 1), got {init}")
             init_t = torch.logit(init_t)
         self.chunk_sizes: list[int] = []
         self.chunk_counts: list[int] = []

@@ -10,6 +10,8 @@ import re
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 STRUCTURES = ("element", "row", "column")
 
 
@@ -51,11 +53,11 @@ class ConcreteMask(nn.Module):
         if len(self.masked) != len(shapes):
             raise ValueError(f"mask: {len(self.masked)} flags for {len(shapes)} tensors")
         if temperature <= 0:
-            raise ValueError(f"mask temperature must be > 0, got {temperature}")
+            raise ConfigError(f"mask temperature must be > 0, got {temperature}")
         if eval_mode not in ("continuous", "hard"):
-            raise ValueError(f"mask eval_mode must be 'continuous' or 'hard', got '{eval_mode}'")
+            raise ConfigError(f"mask eval_mode must be 'continuous' or 'hard', got '{eval_mode}'")
         if structure not in STRUCTURES:
-            raise ValueError(f"mask structure must be one of {', '.join(STRUCTURES)}, got '{structure}'")
+            raise ConfigError(f"mask structure must be one of {', '.join(STRUCTURES)}, got '{structure}'")
         self.logits = nn.ParameterList([nn.Parameter(torch.full(logit_shape(s, structure), float(init_logit)))
                                         for s, k in zip(shapes, self.masked) if k])
         self.temperature, self.eval_mode = temperature, eval_mode
@@ -122,15 +124,15 @@ def mask_flags(names: list[str], exclude) -> list[bool]:
     if exclude is None:
         exclude = []
     if not (isinstance(exclude, (list, tuple)) and all(isinstance(p, str) and p for p in exclude)):
-        raise ValueError(f"method.mask_exclude must be a list of regexes of merged tensor names, got {exclude!r}")
+        raise ConfigError(f"method.mask_exclude must be a list of regexes of merged tensor names, got {exclude!r}")
     for p in exclude:
         try:
             rx = re.compile(p)
         except re.error as e:
-            raise ValueError(f"method.mask_exclude: invalid regex {p!r} ({e})") from None
+            raise ConfigError(f"method.mask_exclude: invalid regex {p!r} ({e})") from None
         if not any(rx.search(n) for n in names):
-            raise ValueError(f"method.mask_exclude: {p!r} matches no merged tensor (e.g. {names[0]!r})")
+            raise ConfigError(f"method.mask_exclude: {p!r} matches no merged tensor (e.g. {names[0]!r})")
     flags = [not any(re.search(p, n) for p in exclude) for n in names]
     if not any(flags):
-        raise ValueError(f"method.mask_exclude {list(exclude)!r} excludes every merged tensor: nothing left to mask")
+        raise ConfigError(f"method.mask_exclude {list(exclude)!r} excludes every merged tensor: nothing left to mask")
     return flags

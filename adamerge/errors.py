@@ -9,7 +9,16 @@ from collections.abc import Iterable
 
 from omegaconf.errors import OmegaConfBaseException
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError,
+
+class AdamergeError(Exception):
+    """The base of the errors a user fixes (a config key, a data file, a model, a checkpoint, the export
+    target): printed as one line. Anything else — a plain ValueError included — is a bug and shows its
+    traceback."""
+
+
+# besides adamerge's own: missing or unreadable files the user named, Hydra/OmegaConf config errors, and a
+# loss that became non-finite (the learning rate, or method.nonfinite=skip)
+USER_ERRORS: tuple[type[BaseException], ...] = (AdamergeError, FileNotFoundError, PermissionError,
                                                 FloatingPointError, OmegaConfBaseException)
 
 
@@ -17,23 +26,23 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, P
 USER_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
-class ConfigError(ValueError):
+class ConfigError(AdamergeError, ValueError):
     """A config value of the wrong type or out of range, or an unknown key; names the key."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AdamergeError, ValueError):
     """A checkpoint that cannot be resumed here: foreign, from another pool/method, or corrupt."""
 
 
-class DataError(ValueError):
+class DataError(AdamergeError, ValueError):
     """A problem with calibration or test data: names the task and file at fault."""
 
 
-class ExportError(ValueError):
+class ExportError(AdamergeError, ValueError):
     """The export target cannot be written (exists and not overwritable, not writable, ...)."""
 
 
-class PoolError(ValueError):
+class PoolError(AdamergeError, ValueError):
     """A problem with the models of a pool: always names the expert/file and tensor at fault."""
 
 
@@ -42,7 +51,7 @@ def is_user_error(e: BaseException) -> bool:
 
 
 def refuse_unknown_keys(keys: Iterable[str], valid: list[str], prefix: str, owner: str,
-                        error: type[ValueError] = ValueError) -> None:
+                        error: type[Exception] = ValueError) -> None:
     """``error`` naming the first key not in ``valid`` (and the nearest valid one) under ``prefix``."""
     for key in keys:
         if key not in valid:

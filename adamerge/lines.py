@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .errors import ConfigError
 from .task_vectors import TaskVectors
 
 LAYER_PATTERN = r"(?:^|\.)(\d+)\."  # first numbered module in a name: encoder.layer.3., model.layers.3.
@@ -37,15 +38,15 @@ def lines_config(value: Any) -> dict | None:
     if value is True:
         return dict(LINES_DEFAULTS)
     if not isinstance(value, dict):
-        raise ValueError(f"method.lines must be true/false or {{alpha, beta}}, got {value!r}")
+        raise ConfigError(f"method.lines must be true/false or {{alpha, beta}}, got {value!r}")
     unknown = sorted(set(value) - {"alpha", "beta", "pattern"})
     if unknown:
-        raise ValueError(f"method.lines: unknown key(s) {unknown}; expected alpha, beta, pattern")
+        raise ConfigError(f"method.lines: unknown key(s) {unknown}; expected alpha, beta, pattern")
     cfg = {**LINES_DEFAULTS, **value}
     if cfg["alpha"] != "auto" and not isinstance(cfg["alpha"], (int, float)):
-        raise ValueError(f"method.lines.alpha must be a number or 'auto', got {cfg['alpha']!r}")
+        raise ConfigError(f"method.lines.alpha must be a number or 'auto', got {cfg['alpha']!r}")
     if isinstance(cfg["beta"], bool) or not isinstance(cfg["beta"], (int, float)):
-        raise ValueError(f"method.lines.beta must be a number, got {cfg['beta']!r}")
+        raise ConfigError(f"method.lines.beta must be a number, got {cfg['beta']!r}")
     return cfg
 
 

@@ -22,6 +22,7 @@ from torch.func import functional_call
 from .coefficients import Coefficients
 from .combine import Combine, combine
 from .concrete_mask import ConcreteMask
+from .errors import ConfigError
 from .lookup_table import looked_up_rows, lookup_table, sparse_grad
 from .sharded import ShardedTaskVectors
 from .task_vectors import TaskVectors
@@ -211,7 +212,7 @@ class MergedModel(nn.Module):
         """Keep only this process's slice of every task vector. The row-sparse lookup table is off: a
         slice's every entry is merged each step."""
         if self.mask is not None or self.coefficients.chunk_sizes or self.task_vectors.factors is not None:
-            raise ValueError("sharded task vectors need task-/layer-wise coefficients, no mask and dense task vectors")
+            raise ConfigError("sharded task vectors need task-/layer-wise coefficients, no mask and dense task vectors")
         object.__setattr__(self, "task_vectors", ShardedTaskVectors.from_full(self.task_vectors, rank, world))
         self.lookup_name, self._out, self._dirty = None, {}, {}
 

@@ -27,6 +27,7 @@ import torch
 
 from .combine import Combine
 from .distributed import all_gather_flat, reduce_scatter_flat
+from .errors import ConfigError
 from .task_vectors import (
     StackedTensors,
     TaskVectors,
@@ -67,7 +68,7 @@ class ShardedTaskVectors(StackedTensors):
     def from_full(cls, tv: TaskVectors, rank: int, world: int) -> ShardedTaskVectors:
         """Keep this process's slice of each of ``tv``'s stacks (the full stacks can then be freed)."""
         if tv.factors is not None:
-            raise ValueError("sharded task vectors need dense task vectors (task_vectors.lora=dense)")
+            raise ConfigError("sharded task vectors need dense task vectors (task_vectors.lora=dense)")
         tensors = {n: local_slice(t.flatten(1), rank, world) for n, t in tv.items()}
         out = cls(tensors, tv.task_names, {n: t.shape[1:] for n, t in tv.items()}, rank, world)
         out.log_held(tv.nbytes())

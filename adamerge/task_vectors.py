@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .errors import ConfigError
 from .lora_factors import LoraFactors
 from .pool import ModelPool, PoolError
 
@@ -22,7 +23,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"task_vectors.dtype: unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
+        raise ConfigError(f"task_vectors.dtype: unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -181,7 +182,7 @@ class TaskVectors(StackedTensors):
     def topk_thresholds(self, density: float, what: str = "ties density") -> torch.Tensor:
         """``[K]``: per task, the |τ| of its ``density``-th largest entry over the whole model."""
         if not 0 < density <= 1:
-            raise ValueError(f"{what} must be in (0, 1], got {density}")
+            raise ConfigError(f"{what} must be in (0, 1], got {density}")
         thresholds = []
         for k in range(self.K):
             flat = torch.cat([t[k].abs().flatten().float() for t in self.tensors.values()])
@@ -216,7 +217,7 @@ class TaskVectors(StackedTensors):
     def dare(self, p: float = 0.5, seed: int = 0, rescale: bool = True) -> TaskVectors:
         """Drop each entry with probability ``p`` (seeded), rescale survivors by 1/(1-p)."""
         if not 0 <= p < 1:
-            raise ValueError(f"dare drop probability must be in [0, 1), got {p}")
+            raise ConfigError(f"dare drop probability must be in [0, 1), got {p}")
         g = torch.Generator().manual_seed(int(seed))
 
         def drop(n, t):

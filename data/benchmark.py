@@ -53,6 +53,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from adamerge.errors import PoolError
 from adamerge.export import atomic_write_text  # importing adamerge sets HF_HUB_OFFLINE
 
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -258,7 +259,7 @@ _LOADERS = {
 
 def _check_task(name: str) -> None:
     if name not in _LOADERS:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(_LOADERS)}")
+        raise PoolError(f"unknown task {name!r}; valid tasks: {', '.join(_LOADERS)}")
 
 
 def load_task(name: str) -> tuple[list[str], list[int], list[str]]:
@@ -408,7 +409,7 @@ def train_expert(
     )
 
     if form not in FORMS:
-        raise ValueError(f"unknown form {form!r}; valid forms: {', '.join(FORMS)}")
+        raise PoolError(f"unknown form {form!r}; valid forms: {', '.join(FORMS)}")
     _check_task(name)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 1 per lane when two builds share 2 cores
     out = Path(out_dir)
@@ -565,9 +566,9 @@ def build(cfg: dict) -> dict:
     form = cfg.get("form", "full")
     calibrate_on = cfg.get("calibrate_on", "calibration")
     if calibrate_on not in ("calibration", "test"):
-        raise ValueError(f"pool.calibrate_on must be 'calibration' or 'test', got {calibrate_on!r}")
+        raise PoolError(f"pool.calibrate_on must be 'calibration' or 'test', got {calibrate_on!r}")
     if form not in FORMS:
-        raise ValueError(f"unknown form {form!r}; valid forms: {', '.join(FORMS)}")
+        raise PoolError(f"unknown form {form!r}; valid forms: {', '.join(FORMS)}")
     tasks = list(cfg.get("tasks") or TASKS)
     for t in tasks:
         _check_task(t)
@@ -579,7 +580,7 @@ def build(cfg: dict) -> dict:
     export_lora = bool(cfg.get("export_lora", False)) and form in COMMITTED_DIRS
     calibration_size = cfg.get("calibration_size")
     if calibration_size is not None and (not isinstance(calibration_size, int) or calibration_size < 1):
-        raise ValueError(f"pool.calibration_size must be a positive integer or null, got {calibration_size!r}")
+        raise PoolError(f"pool.calibration_size must be a positive integer or null, got {calibration_size!r}")
 
     key = cache_key(form, steps, seed, max_length)
     root = cache_dir / f"{form}-{key[:12]}"

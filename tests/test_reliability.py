@@ -453,6 +453,23 @@ def test_stale_export_temporaries_are_removed(tiny_pool_cfg, tmp_path, caplog):
     assert lines == ["removed 1 temporary directory left by an interrupted export: .export.tmp-abc123"], lines
 
 
+def test_a_bug_raising_value_error_shows_its_traceback(tiny_pool_cfg, tmp_path, monkeypatch, capsys):
+    """A user's mistake is one of adamerge's error classes (one line); a plain ValueError from inside the library
+    is a bug: it is raised with its traceback, not printed as if the user could fix it."""
+    from adamerge.methods import static
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(static.StaticMerge, "__init__", broken)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic")
+    assert "error: an internal invariant broke" not in capsys.readouterr().err
+    monkeypatch.undo()
+    code = inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", "task_vectors.dtype=float8")
+    assert code == 2 and "task_vectors.dtype" in capsys.readouterr().err  # the user's: one line
+
+
 def test_the_first_process_of_a_second_node_does_no_rank_zero_start_up_work(tiny_pool_cfg, tmp_path, monkeypatch):
     """On a 2-node run each node's first process has LOCAL_RANK 0; only node 0's is rank 0. The other must
     neither clean the export target's temporaries (rank 0's export may be writing them) nor write .hydra/."""

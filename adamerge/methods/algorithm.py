@@ -39,8 +39,8 @@ def start_from_merge(pool: ModelPool, start_cfg: dict, tv_cfg: dict | None,
     """
     cls = get_method(start_cfg["name"])
     if cls.trains(cls.parse_config(start_cfg, "method.start_from")):
-        raise ValueError(f"method.start_from: '{start_cfg.get('id', start_cfg['name'])}' is a learned method; "
-                         "a starting point must be data-free or closed-form")
+        raise ConfigError(f"method.start_from: '{start_cfg.get('id', start_cfg['name'])}' is a learned method; "
+                          "a starting point must be data-free or closed-form")
     start = cls(pool, start_cfg, tv_cfg)
     merged = start.merged.merged_params()
     offset = {n: (merged[n].detach() - pool.base_tensor(n)).float() for n in tv.names}

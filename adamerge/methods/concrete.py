@@ -26,6 +26,7 @@ from ..coefficients import Coefficients
 from ..concrete_mask import ConcreteMask, mask_flags
 from ..data import trim
 from ..distributed import all_reduce_mean
+from ..errors import ConfigError
 from ..task_vectors import TaskVectors
 from .base import MergeMethod
 from .method_config import LearnedConfig, check_range
@@ -125,8 +126,8 @@ def split_halves(batch: dict[str, dict[str, torch.Tensor]]):
     for task, inputs in batch.items():
         n = next(iter(inputs.values())).shape[0]
         if n < 2:
-            raise ValueError(f"concrete AdaMerging splits each task's batch in two halves but task '{task}' has "
-                             f"{n} example(s) per process; raise data.batch_size")
+            raise ConfigError(f"concrete AdaMerging splits each task's batch in two halves but task '{task}' has "
+                              f"{n} example(s) per process; raise data.batch_size")
         h = n // 2
         first[task] = trim({k: v[:h] for k, v in inputs.items()})
         second[task] = trim({k: v[h:] for k, v in inputs.items()})
@@ -194,8 +195,8 @@ class ConcreteAdaMerging(MergeMethod):
 
     def on_fit_start(self) -> None:
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError("concrete AdaMerging computes its gradients itself and does not support a gradient "
-                             "scaler (precision=16-mixed); use 32-true or bf16-mixed")
+            raise ConfigError("concrete AdaMerging computes its gradients itself and does not support a gradient "
+                              "scaler (precision=16-mixed); use 32-true or bf16-mixed")
         if (self.trainer.max_steps or 0) <= self.mask_steps:
             self.print(f"note: trainer.max_steps={self.trainer.max_steps} <= method.mask_steps={self.mask_steps}: "
                        "no AdaMerging phase; λ stays at its init")

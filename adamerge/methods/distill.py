@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from ..coefficients import Coefficients
+from ..errors import ConfigError
 from ..task_vectors import TaskVectors
 from .expert_merging import ExpertMerging, ExpertMergingConfig
 from .registry import register
@@ -54,7 +55,7 @@ class DistillMerging(ExpertMerging):
     def initial_values(self, K: int) -> torch.Tensor:
         t = torch.as_tensor(self.cfg.init, dtype=torch.float32).flatten()
         if t.numel() not in (1, K):
-            raise ValueError(f"method.init: {t.numel()} values for {K} tasks")
+            raise ConfigError(f"method.init: {t.numel()} values for {K} tasks")
         return t.expand(K).clone()
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:

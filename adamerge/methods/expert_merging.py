@@ -98,7 +98,7 @@ class ExpertMerging(MergeMethod):
         weights = dict(m.loss_weights)
         unknown = sorted(set(weights) - set(pool.task_names))
         if unknown:
-            raise ValueError(f"method.loss_weights names unknown task(s) {unknown}; tasks: {pool.task_names}")
+            raise ConfigError(f"method.loss_weights names unknown task(s) {unknown}; tasks: {pool.task_names}")
         self.loss_weights = {t: float(weights.get(t, 1.0)) for t in pool.task_names}
         self.register_buffer("alpha_init", self.initial_values(len(pool.task_names)), persistent=False)
         # expert values of shared tensors that are not merged (task_vectors.exclude): the teacher is
@@ -151,8 +151,8 @@ class ExpertMerging(MergeMethod):
         hs = out.hidden_states
         for i in self.hidden_layers:
             if not -len(hs) <= i < len(hs):
-                raise ValueError(f"method.hidden_layers: layer {i} is out of range; the model returns "
-                                 f"{len(hs)} hidden states (embeddings + {len(hs) - 1} layers)")
+                raise ConfigError(f"method.hidden_layers: layer {i} is out of range; the model returns "
+                                  f"{len(hs)} hidden states (embeddings + {len(hs) - 1} layers)")
         mask = inputs.get("attention_mask")
         picked = [hs[i] for i in self.hidden_layers]
         if mask is not None and all(h.dim() == 3 and h.shape[:2] == mask.shape for h in picked):
@@ -217,7 +217,7 @@ def initial_alphas(init: float | Sequence[float], K: int) -> torch.Tensor:
     if t.numel() == 1:
         t = t.expand(K).clone()
     if t.numel() != K:
-        raise ValueError(f"method.init: {t.numel()} values for {K} tasks")
+        raise ConfigError(f"method.init: {t.numel()} values for {K} tasks")
     if not ((t > 0) & (t < 1)).all():
-        raise ValueError(f"method.init must lie in (0, 1) (σ(w) is initialised there), got {t.tolist()}")
+        raise ConfigError(f"method.init must lie in (0, 1) (σ(w) is initialised there), got {t.tolist()}")
     return t

@@ -62,9 +62,9 @@ def allocate_chunks(importance: Sequence[float] | torch.Tensor, budget: int, kap
     if not torch.isfinite(imp).all() or (imp < 0).any():
         raise ValueError("chunk allocation: importances must be finite and non-negative")
     if kappa <= 0:
-        raise ValueError(f"method.kappa must be > 0, got {kappa}")
+        raise ConfigError(f"method.kappa must be > 0, got {kappa}")
     if budget < L:
-        raise ValueError(f"method.budget={budget} chunks cannot give each of the {L} merged tensors one chunk")
+        raise ConfigError(f"method.budget={budget} chunks cannot give each of the {L} merged tensors one chunk")
     w = imp.pow(kappa)
     if w.sum() <= 0:
         w = torch.ones_like(w)
@@ -89,22 +89,22 @@ def read_first_pass(path: str | Path, task_names: list[str], tensor_names: list[
     if p.is_dir():
         p = p / "coefficients.json"
     if not p.exists():
-        raise FileNotFoundError(f"method.first_pass: {p} does not exist (give the export/coefficients.json "
-                                "of an expert_merging run on this pool)")
+        raise ConfigError(f"method.first_pass: {p} does not exist (give the export/coefficients.json "
+                          "of an expert_merging run on this pool)")
     try:
         rep = json.loads(p.read_text())
         tasks, tensors, table = rep["tasks"], rep["tensors"], rep["coefficients"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"method.first_pass: {p} is not a coefficients.json ({e})") from e
+        raise ConfigError(f"method.first_pass: {p} is not a coefficients.json ({e})") from e
     if list(tasks) != list(task_names):
-        raise ValueError(f"method.first_pass: {p} was made for tasks {tasks}, this pool has {task_names}")
+        raise ConfigError(f"method.first_pass: {p} was made for tasks {tasks}, this pool has {task_names}")
     if list(tensors) != list(tensor_names):
         diff = sorted(set(tensors) ^ set(tensor_names))[:3]
-        raise ValueError(f"method.first_pass: {p} merged other tensors than this run (e.g. {diff}); use the same "
-                         "task_vectors.include/exclude")
+        raise ConfigError(f"method.first_pass: {p} merged other tensors than this run (e.g. {diff}); use the same "
+                          "task_vectors.include/exclude")
     t = torch.tensor(table, dtype=torch.float64)
     if t.shape != (len(tensor_names), len(task_names)):
-        raise ValueError(f"method.first_pass: {p} has a coefficient table of shape {tuple(t.shape)}")
+        raise ConfigError(f"method.first_pass: {p} has a coefficient table of shape {tuple(t.shape)}")
     return t
 
 

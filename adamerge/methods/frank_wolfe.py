@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..candidates import CandidatePool, candidate_paths
 from ..coefficients import Coefficients
 from ..data import StepBatches, batches, encode, read_split
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..merged_model import MergedModel
 from ..pool import ModelPool
 from ..task_vectors import select_names
@@ -88,7 +88,7 @@ class FrankWolfeMerging(MergeMethod):
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
         m = self.parse_config(method)
         if m.objective == "cross_entropy" and pool.model_class != "sequence_classification":
-            raise ValueError("method.objective=cross_entropy needs a sequence_classification pool")
+            raise ConfigError("method.objective=cross_entropy needs a sequence_classification pool")
         super().__init__(pool, method, task_vectors)
         self.automatic_optimization = False
         self.variant, self.granularity, self.objective = m.variant, m.granularity, m.objective
@@ -106,7 +106,7 @@ class FrankWolfeMerging(MergeMethod):
         self.candidates = CandidatePool(pool, paths or None, check_finite=m.check_finite)
         self.names = select_names(pool.shared_names(), tv_cfg.get("include") or None, tv_cfg.get("exclude") or None)
         if not self.names:
-            raise ValueError("no tensors selected for merging (check task_vectors.include/exclude)")
+            raise ConfigError("no tensors selected for merging (check task_vectors.include/exclude)")
         start = m.start or ("task_arithmetic" if m.variant == "hard" else "pretrained")
         initial = m.init_vertex if m.init_vertex is not None else m.variant == "hard"
         self.state = FrankWolfeState(pool, self.candidates, self.names, start, m.start_scale, initial,
@@ -122,7 +122,7 @@ class FrankWolfeMerging(MergeMethod):
 
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:
-            raise ValueError("fw_merging runs in one process (it has no trainable parameters for DDP to sync)")
+            raise ConfigError("fw_merging runs in one process (it has no trainable parameters for DDP to sync)")
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "encoded"):
             self.use_data(dm)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..task_vectors import TaskVectors
 from .closed_form import DeltaConfig, DeltaMerge
 from .method_config import check_range
@@ -38,9 +39,9 @@ def _per_task_flat(tensors: dict[str, torch.Tensor], k: int) -> torch.Tensor:
 def pcb_direction(tv: TaskVectors, pcb_ratio: float = 0.1, clamp_ratio: float = 1e-4) -> dict[str, torch.Tensor]:
     """The PCB merged task vector (before λ), tensor by tensor."""
     if not 0 < pcb_ratio <= 1:
-        raise ValueError(f"method.pcb_ratio (fraction kept per task) must be in (0, 1], got {pcb_ratio}")
+        raise ConfigError(f"method.pcb_ratio (fraction kept per task) must be in (0, 1], got {pcb_ratio}")
     if not 0 <= clamp_ratio < 0.5:
-        raise ValueError(f"method.clamp_ratio must be in [0, 0.5), got {clamp_ratio}")
+        raise ConfigError(f"method.clamp_ratio must be in [0, 0.5), got {clamp_ratio}")
     K = tv.K
     taus = {n: t.float() for n, t in tv.items()}
     d = sum(t[0].numel() for t in taus.values())

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 
 from ..coefficients import Coefficients
+from ..errors import ConfigError
 from ..pool import ModelPool, PoolError
 from ..task_vectors import TaskVectors, select_names
 from .base import MergeMethod
@@ -157,13 +158,13 @@ def doge_transform(tv: TaskVectors, eta: float = 0.07, subspace: float | None = 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     subspace = float(subspace) if subspace else float(tv.K)  # null: K directions, as FusionBench's DOGE-AM
     if subspace <= 0:
-        raise ValueError(f"method.subspace must be > 0, got {subspace}")
+        raise ConfigError(f"method.subspace must be > 0, got {subspace}")
     start = time.perf_counter()
     lam_all = layer_lambdas(tv, eta)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (n, t) in enumerate(tv.items()):
         if t.dim() != 3:
-            raise ValueError(f"DOGE modifies 2-D weights only; '{n}' has shape {tuple(t.shape[1:])}")
+            raise ConfigError(f"DOGE modifies 2-D weights only; '{n}' has shape {tuple(t.shape[1:])}")
         groups.setdefault(tuple(t.shape[1:]), []).append(i)
     batches = []
     for idx in groups.values():
