@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import adamerge  # noqa: F401  (sets HF_HUB_OFFLINE before anything loads transformers)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the CLI never reaches a hub unless HF_HUB_OFFLINE=0 is exported
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("adamerge")

@@ -1,7 +1,6 @@
 """adamerge: learn how to merge fine-tuned models (AdaMerging and friends) with Lightning."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub at run time
+# The hub is switched off by the command-line programs (train.py, bench/, data/benchmark.py), not by importing
+# the package: a notebook that imports adamerge keeps its hub access for everything else.
 
 __version__ = "0.1.0"

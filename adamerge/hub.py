@@ -1,7 +1,7 @@
 """Hub model references in pool configs: ``hf://<org>/<name>`` or ``hf://<org>/<name>@<revision>`` as a
 pool's ``base:`` or a task's ``expert:``, turned into local directories before the pool loads.
 
-With the hub off (``HF_HUB_OFFLINE``, on unless the user exports ``HF_HUB_OFFLINE=0``: adamerge/__init__.py)
+With the hub off (``HF_HUB_OFFLINE``, on unless the user exports ``HF_HUB_OFFLINE=0``: train.py)
 a reference is only looked up in the local Hugging Face cache (``snapshot_download(local_files_only=True)``).
 With the hub on, every reference is first asked of the hub (does the repo, and its revision, exist?) and
 only then downloaded (``snapshot_download``), so a wrong name in the last expert is reported before the

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's adamerge, installed or not
 
-import adamerge  # noqa: E402,F401  (sets HF_HUB_OFFLINE before anything loads transformers)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as train.py: before anything loads huggingface_hub
 
 
 def load_pool(name: str, **overrides):

@@ -54,8 +54,9 @@ from pathlib import Path
 from typing import Any
 
 from adamerge.errors import PoolError
-from adamerge.export import atomic_write_text  # importing adamerge sets HF_HUB_OFFLINE
+from adamerge.export import atomic_write_text
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the base model is read from its wheel, never a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 log = logging.getLogger("adamerge.benchmark")

@@ -453,6 +453,16 @@ def test_stale_export_temporaries_are_removed(tiny_pool_cfg, tmp_path, caplog):
     assert lines == ["removed 1 temporary directory left by an interrupted export: .export.tmp-abc123"], lines
 
 
+def test_importing_the_package_leaves_the_hub_alone_and_the_cli_switches_it_off():
+    """A notebook that imports adamerge keeps its hub access; train.py (the CLI) is offline unless told."""
+    code = ("import os, sys; import adamerge, adamerge.methods, adamerge.pool_config; "
+            "assert 'HF_HUB_OFFLINE' not in os.environ, 'import switched the hub off'; "
+            f"sys.path.insert(0, {str(helpers.ROOT)!r}); import train; print(os.environ['HF_HUB_OFFLINE'])")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr[-2000:]
+
+
 def test_a_bug_raising_value_error_shows_its_traceback(tiny_pool_cfg, tmp_path, monkeypatch, capsys):
     """A user's mistake is one of adamerge's error classes (one line); a plain ValueError from inside the library
     is a bug: it is raised with its traceback, not printed as if the user could fix it."""
