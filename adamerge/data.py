@@ -47,13 +47,20 @@ def read_jsonl(path: str | Path, task: str, need_labels: bool = False, num_label
                                   tokenizer))
     if not texts:
         raise DataError(f"{where} has no examples (empty calibration/test data); give at least one line")
+    if not any(t.strip() for t in texts):
+        raise DataError(f"{where}: every 'text' is empty ({len(texts)} lines); nothing to calibrate or test on")
     return texts, labels
 
 
 def jsonl_rows(path: Path, where: str) -> Iterator[tuple[int, Any]]:
     """(line number, parsed JSON) of every non-blank line; a DataError naming ``where`` and the line otherwise."""
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where} line {i} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from . import hub
@@ -12,6 +13,8 @@ from .pool import ModelPool, TaskSpec
 
 # data_dir: only for the pool yaml's own interpolations (``${pool.data_dir}/<task>/test.jsonl``)
 POOL_KEYS = ["base", "tasks", "model_class", "head_prefixes", "check_finite", "data_dir"]
+
+log = logging.getLogger(__name__)
 
 
 def pool_from_config(cfg: dict) -> ModelPool:
@@ -46,6 +49,7 @@ def pool_from_config(cfg: dict) -> ModelPool:
     for n, t in tasks.items():
         if expert_keys[n] in refs:
             t.expert = refs[expert_keys[n]].path
+    warn_shared_experts(tasks)
     pool = ModelPool(
         refs["pool.base"].path if "pool.base" in refs else cfg["base"], tasks, model_class=model_class,
         head_prefixes=list(cfg.get("head_prefixes", ["classifier."])),
@@ -53,6 +57,18 @@ def pool_from_config(cfg: dict) -> ModelPool:
     )
     pool.sources = {key: hub.describe(r) for key, r in refs.items()}
     return pool
+
+
+def warn_shared_experts(tasks: dict[str, TaskSpec]) -> None:
+    """One warning per expert directory given for more than one task: allowed (one model may serve several
+    tasks), but it is usually a copy-paste slip, and the merge then counts that expert twice."""
+    by_path: dict[str, list[str]] = {}
+    for name, spec in tasks.items():
+        by_path.setdefault(str(Path(spec.expert).resolve()), []).append(name)
+    for path, names in by_path.items():
+        if len(names) > 1:
+            log.warning("tasks %s all use the expert %s: it is merged once per task (check pool.tasks.<task>.expert)",
+                        " and ".join(f"'{n}'" for n in names), path)
 
 
 def check_data_paths(tasks: dict[str, TaskSpec]) -> None:

@@ -115,6 +115,27 @@ def _bad_line(key: str, line: int, text: str, task: str = "task0"):
     return edit
 
 
+def _bad_bytes(key: str, line: int, raw: bytes, task: str = "task0"):
+    """Edit: the task's ``key`` file copied with its ``line``-th line replaced by the bytes ``raw``."""
+    def edit(cfg, tmp):
+        rows = Path(cfg["tasks"][task][key]).read_bytes().splitlines()
+        rows[line - 1] = raw
+        dst = tmp / f"bad_{key}.jsonl"
+        dst.write_bytes(b"\n".join(rows) + b"\n")
+        cfg["tasks"][task][key] = str(dst)
+    return edit
+
+
+def _all_texts(key: str, text: str, task: str = "task0"):
+    """Edit: the task's ``key`` file with every text replaced by ``text``."""
+    def edit(cfg, tmp):
+        rows = [json.loads(r) for r in Path(cfg["tasks"][task][key]).read_text().splitlines() if r.strip()]
+        dst = tmp / "empty_texts.jsonl"
+        dst.write_text("".join(json.dumps({**r, "text": text}) + "\n" for r in rows))
+        cfg["tasks"][task][key] = str(dst)
+    return edit
+
+
 def _with_validation(edit):
     """Give task0 a validation file (a copy of its test file), then apply ``edit``."""
     def both(cfg, tmp):
@@ -138,6 +159,11 @@ BAD_DATA = {  # task0 has 2 labels
                                       r"object with a string 'text' field"),
     "calibration line not json": (_bad_line("calibration", 2, "goal match"),
                                   r"task 'task0': calibration file .*bad_calibration.jsonl line 2 is not valid JSON"),
+    "calibration line not utf-8": (_bad_bytes("calibration", 3, b'{"text": "caf\xe9 \xff"}'),
+                                   r"task 'task0': calibration file .*bad_calibration.jsonl line 3 is not valid UTF-8 "
+                                   r"\(byte 0xe9 at column 14\); save the file as UTF-8"),
+    "calibration texts all empty": (_all_texts("calibration", ""),
+                                    r"task 'task0': calibration file .*empty_texts.jsonl: every 'text' is empty"),
 }
 
 
@@ -513,6 +539,21 @@ def test_launch_is_rank_zero(monkeypatch, env, zero):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert launch_is_rank_zero() is zero
+
+
+def test_one_expert_given_for_two_tasks_is_a_warning_naming_both(tiny_pool_cfg, tmp_path, caplog):
+    cfg = json.loads(json.dumps(tiny_pool_cfg))
+    cfg["tasks"]["task1"]["expert"] = cfg["tasks"]["task0"]["expert"] + "/"  # the same directory, spelt otherwise
+    cfg["tasks"]["task1"]["num_labels"] = cfg["tasks"]["task0"].get("num_labels")
+    from adamerge.pool_config import pool_from_config
+
+    with caplog.at_level(logging.WARNING, logger="adamerge"):
+        pool_from_config(cfg)
+    assert re.search(r"tasks 'task0' and 'task1' all use the expert .*task0: it is merged once per task", caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adamerge"):
+        pool_from_config(tiny_pool_cfg)
+    assert "all use the expert" not in caplog.text
 
 
 def test_export_killed_between_renames_keeps_the_previous_export(tmp_path):
