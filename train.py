@@ -54,17 +54,26 @@ def run(cfg: DictConfig) -> dict:
     """One run as named steps: check everything → pool and method → fit → evaluate → export."""
     from hydra.core.hydra_config import HydraConfig
 
+    from adamerge.config import check_writable_dir
+    from adamerge.distributed import launch_is_rank_zero
+    from adamerge.lock import out_dir_lock
+
+    out_dir = Path(HydraConfig.get().run.dir) if HydraConfig.initialized() else Path(cfg.out_dir)
+    if not launch_is_rank_zero():  # the run's rank 0 holds the lock for all its processes
+        return run_locked(cfg, out_dir, rank_zero=False)
+    check_writable_dir(out_dir, "out_dir")
+    with out_dir_lock(out_dir):  # a second run into this out_dir is refused before it writes anything
+        return run_locked(cfg, out_dir, rank_zero=True)
+
+
+def run_locked(cfg: DictConfig, out_dir: Path, rank_zero: bool) -> dict:
     from adamerge.checkpointing import resolve_resume
     from adamerge.export import atomic_write_text
 
-    out_dir = Path(HydraConfig.get().run.dir) if HydraConfig.initialized() else Path(cfg.out_dir)
     # written once the run passed its checks (hydra.output_subdir is null: Hydra would write them before
     # any check, so a refused rerun would overwrite the old run's); taken now, before start_from is inlined
     run_config = run_config_files(cfg)
     c, trains = checked_config(cfg, out_dir)
-    from adamerge.distributed import launch_is_rank_zero
-
-    rank_zero = launch_is_rank_zero()
     pool, method = build_pool_and_method(c, trains)
     if method is None:  # a statistics process of a closed-form DDP run: its part is done
         return {}

@@ -738,3 +738,26 @@ def test_sigterm_outside_training_is_143_with_one_line(tiny_pool_cfg, tmp_path, 
     assert code == 143
     assert capsys.readouterr().err.strip().splitlines() == ["interrupted (SIGTERM)"]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_run_into_a_locked_out_dir_is_refused_and_a_dead_holder_s_lock_is_taken_over(
+        tiny_pool_cfg, tmp_path, capsys):
+    """A live run holds out_dir/.adamerge.lock (pid, host): a second run into it stops before writing anything,
+    naming the holder. A lock whose process is gone (a crashed run) is taken over, and released at the end."""
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / ".adamerge.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        assert inprocess(tmp_path, tiny_pool_cfg, "method=adamerging_layerwise", "trainer.max_steps=2") == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another run (process {holder.pid} on host {socket.gethostname()})" in err
+        assert sorted(p.name for p in run.iterdir()) == [".adamerge.lock"]  # nothing written, the lock kept
+    finally:
+        holder.kill()
+        holder.wait()
+    assert inprocess(tmp_path, tiny_pool_cfg, "method=adamerging_layerwise", "trainer.max_steps=2") == 0
+    assert (run / "export" / "coefficients.json").exists() and not lock.exists()
