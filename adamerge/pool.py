@@ -5,12 +5,15 @@ Experts are read lazily, tensor by tensor, from
   (b) a single ``.safetensors`` file holding a state dict, or
   (c) a PEFT LoRA adapter directory (task vector = scaling * B @ A on its target modules).
 Every expert is validated against the base (names, shapes, dtypes, finite values) and each problem
-is reported with the expert and tensor at fault.
+is reported with the expert and tensor at fault. An expert saved in another floating-point dtype than the
+base (fp16 or bf16 fine-tunes of an fp32 base, or the reverse) is read in the base's dtype, its task vector
+computed in float32; the log says once per expert what was cast.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +27,8 @@ from .errors import PoolError
 from .expert_files import Expert, load_expert, lora_scaling, strip_prefixes
 from .families import get_family
 from .fingerprint import pool_fingerprint
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,8 +89,12 @@ class ModelPool:
         self.experts: dict[str, Expert] = {}
         for t in self.tasks.values():
             self.experts[t.name] = load_expert(t.name, t.expert)
+        self.cast_dtypes: dict[str, dict[str, str]] = {}  # expert -> {stored dtype: base dtype} read across
         for e in self.experts.values():
             self.align_and_validate(e, check_finite)
+        for name, casts in self.cast_dtypes.items():
+            log.info("expert '%s' (%s): tensors stored as %s are read as the base's %s", name,
+                     self.experts[name].path, ", ".join(casts), ", ".join(sorted(set(casts.values()))))
         self.family.check_pool(self)
 
     # -- names -----------------------------------------------------------------------------
@@ -184,7 +193,10 @@ class ModelPool:
                 extra = f" — vocabulary size differs: expert {t.shape[0]} vs base {ref.shape[0]}"
             raise PoolError(f"{where}: shape {tuple(t.shape)} does not match the base's {tuple(ref.shape)}{extra}")
         if t.dtype != ref.dtype:
-            raise PoolError(f"{where}: dtype {t.dtype} does not match the base's {ref.dtype}")
+            if not (t.is_floating_point() and ref.is_floating_point()):
+                raise PoolError(f"{where}: dtype {t.dtype} does not match the base's {ref.dtype}")
+            self.cast_dtypes.setdefault(e.name, {})[str(t.dtype).removeprefix("torch.")] = \
+                str(ref.dtype).removeprefix("torch.")
         if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
             raise PoolError(f"{where}: contains NaN or Inf values")
 
@@ -229,7 +241,7 @@ class ModelPool:
             raise PoolError(f"expert '{task}' ({e.path}): missing tensor '{name}'")
         if self._is_lora_module(e, name):
             return self.base_tensor(name) + self._lora_delta(e, name).to(self._params[name].dtype)
-        return e.source.get(e.file_names[name])
+        return e.source.get(e.file_names[name]).to(self._params[name].dtype)  # another dtype: the base's
 
     def lora_factors(self, task: str, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(A [r, in], B [out, r], scaling s) in fp32 with τ = s·B@A when ``task``'s expert is a LoRA adapter on
@@ -270,6 +282,11 @@ class ModelPool:
         e = self.experts[task]
         if name in e.file_names and self._is_lora_module(e, name):
             return self._lora_delta(e, name).to(self._params[name].dtype)
+        if name in e.file_names:
+            stored, base = e.source.get(e.file_names[name]), self.base_tensor(name)
+            if stored.dtype != base.dtype:  # in float32, then the base's dtype (bf16 − bf16 would round twice)
+                return (stored.float() - base.float()).to(base.dtype)
+            return stored - base
         return self.expert_tensor(task, name) - self.base_tensor(name)
 
     def head(self, task: str) -> dict[str, torch.Tensor]:

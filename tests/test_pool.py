@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -142,7 +143,6 @@ CASES = {
     "shape": (_set(W, lambda t: t[:, :-1].contiguous()), rf"expert 'task1'.*tensor '{W}': shape \(32, 31\) does not match"),
     "vocab": (_set("bert.embeddings.word_embeddings.weight", lambda t: torch.cat([t, t[:5]])),
               r"word_embeddings.weight.*vocabulary size differs: expert 30527 vs base 30522"),
-    "dtype": (_set(W, lambda t: t.half()), rf"'{W}': dtype torch.float16 does not match the base's torch.float32"),
     "nan": (_set(W, _nan), rf"'{W}': contains NaN or Inf"),
     "truncated": (_truncate, r"task1_copy/model.safetensors: unreadable or truncated safetensors"),
     "not_a_model": (lambda d: (d / "model.safetensors").unlink(), r"expert 'task1'.*not a model directory"),
@@ -154,6 +154,30 @@ def test_bad_expert_gives_clear_error(tiny_pool_cfg, tmp_path, case):
     edit, pattern = CASES[case]
     with pytest.raises(PoolError, match=pattern):
         pool_from_config(_bad(tiny_pool_cfg, tmp_path, edit))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_an_expert_saved_in_half_precision_is_read_in_the_base_dtype(tiny_pool_cfg, tmp_path, caplog, dtype):
+    """Fine-tunes are often saved in fp16/bf16 beside an fp32 base: the expert is read in the base's dtype, its
+    task vector is (stored value in float32) − base, and the log says once what was cast."""
+    half = _bad(tiny_pool_cfg, tmp_path, lambda d: edit_weights(
+        d, lambda sd: sd.update({n: v.to(dtype) for n, v in sd.items() if v.is_floating_point()})))
+    with caplog.at_level(logging.INFO, logger="adamerge"):
+        pool = pool_from_config(half)
+    name = str(dtype).removeprefix("torch.")
+    lines = [r.getMessage() for r in caplog.records if "are read as the base's" in r.getMessage()]
+    assert len(lines) == 1 and "expert 'task1'" in lines[0] and f"stored as {name}" in lines[0]
+    stored = load_file(str(Path(half["tasks"]["task1"]["expert"]) / "model.safetensors"))[W]
+    tau = pool.task_vector("task1", W)
+    assert tau.dtype == torch.float32
+    torch.testing.assert_close(tau, stored.float() - pool.base_tensor(W), rtol=0, atol=0)
+    assert pool.expert_tensor("task1", W).dtype == torch.float32 and pool.head("task1")["classifier.weight"].dtype \
+        == torch.float32
+    assert "task0" not in pool.cast_dtypes  # the fp32 expert: nothing cast
+    out = tmp_path / "run"  # through train.py: the merge is exported in the base's dtype
+    assert helpers.run_inprocess([f"out_dir={out}", "method=task_arithmetic", "evaluate.enabled=false"], half) == 0
+    merged = load_file(str(out / "export" / "model" / "model.safetensors"))
+    assert {v.dtype for v in merged.values() if v.is_floating_point()} == {torch.float32}
 
 
 def test_missing_paths_and_foreign_lora(tiny_pool_cfg, tmp_path):
