@@ -30,6 +30,12 @@ from .fingerprint import pool_fingerprint
 
 log = logging.getLogger(__name__)
 
+# Fine-tuning moves a weight matrix a little: cos(expert, base) stays near 1 (MiniLM's experts here: above
+# 0.99). A model trained from another initialisation, or re-parametrised so that it cannot be merged
+# (MergeLock: random invertible maps on the attention's QK and VO branches, function unchanged), has
+# cos near 0 on those matrices. Below this, an expert is not a fine-tune of this base.
+FINE_TUNE_MIN_COSINE = 0.1
+
 
 # ----------------------------------------------------------------------------------------------
 # The pool
@@ -63,6 +69,7 @@ class ModelPool:
         model_class: str = "sequence_classification",
         head_prefixes: list[str] | tuple[str, ...] = ("classifier.",),
         check_finite: bool = True,
+        check_fine_tuned: bool | str = True,
     ):
         if not tasks:
             raise PoolError("the pool has no tasks/experts")
@@ -90,8 +97,13 @@ class ModelPool:
         for t in self.tasks.values():
             self.experts[t.name] = load_expert(t.name, t.expert)
         self.cast_dtypes: dict[str, dict[str, str]] = {}  # expert -> {stored dtype: base dtype} read across
+        if check_fine_tuned not in (True, False, "warn"):
+            raise PoolError(f"pool config key 'check_fine_tuned' must be true, false or warn, got {check_fine_tuned!r}")
+        self._cosines: dict[str, list[tuple[float, str]]] = {}  # expert -> (cos(expert, base), tensor) of matrices
         for e in self.experts.values():
             self.align_and_validate(e, check_finite)
+            if check_fine_tuned:
+                self.check_fine_tuned(e, warn_only=check_fine_tuned == "warn")
         for name, casts in self.cast_dtypes.items():
             log.info("expert '%s' (%s): tensors stored as %s are read as the base's %s", name,
                      self.experts[name].path, ", ".join(casts), ", ".join(sorted(set(casts.values()))))
@@ -199,6 +211,24 @@ class ModelPool:
                 str(ref.dtype).removeprefix("torch.")
         if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
             raise PoolError(f"{where}: contains NaN or Inf values")
+        if compare_shape and t.dim() == 2 and t.is_floating_point() and ref.detach().norm() > 0:
+            cos = torch.nn.functional.cosine_similarity(t.flatten().float(), ref.detach().flatten().float(), dim=0)
+            self._cosines.setdefault(e.name, []).append((float(cos), canon))
+
+    def check_fine_tuned(self, e: Expert, warn_only: bool = False) -> None:
+        """A PoolError (a warning with ``warn_only``) when some weight matrix of ``e`` points elsewhere than the
+        base's (cos < FINE_TUNE_MIN_COSINE): not a fine-tune of this base, so a merge with it is broken."""
+        worst = sorted(c for c in self._cosines.get(e.name, []) if c[0] < FINE_TUNE_MIN_COSINE)
+        if not worst:
+            return
+        names = ", ".join(f"'{n}' (cos {c:.2f})" for c, n in worst[:3])
+        msg = (f"expert '{e.name}' ({e.path}) is not a fine-tune of the base {self.base_path}: {len(worst)} weight "
+               f"matrices point elsewhere than the base's (cosine < {FINE_TUNE_MIN_COSINE}; fine-tuning keeps it near "
+               f"1), e.g. {names} — trained from another initialisation, or re-parametrised (e.g. MergeLock); pool "
+               "key check_fine_tuned: warn merges it anyway")
+        if not warn_only:
+            raise PoolError(msg)
+        log.warning("%s", msg)
 
     def _validate_lora(self, e: Expert, check_finite: bool) -> None:
         for fname in e.source.keys():

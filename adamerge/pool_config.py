@@ -12,7 +12,7 @@ from .families import get_family
 from .pool import ModelPool, TaskSpec
 
 # data_dir: only for the pool yaml's own interpolations (``${pool.data_dir}/<task>/test.jsonl``)
-POOL_KEYS = ["base", "tasks", "model_class", "head_prefixes", "check_finite", "data_dir"]
+POOL_KEYS = ["base", "tasks", "model_class", "head_prefixes", "check_finite", "check_fine_tuned", "data_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ def pool_from_config(cfg: dict) -> ModelPool:
         refs["pool.base"].path if "pool.base" in refs else cfg["base"], tasks, model_class=model_class,
         head_prefixes=list(cfg.get("head_prefixes", ["classifier."])),
         check_finite=cfg.get("check_finite", True),
+        check_fine_tuned=cfg.get("check_fine_tuned", True),
     )
     pool.sources = {key: hub.describe(r) for key, r in refs.items()}
     return pool

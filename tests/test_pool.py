@@ -245,3 +245,53 @@ def test_unknown_pool_or_task_key_names_the_nearest(tiny_pool_cfg):
         pool_from_config(cfg)
     with pytest.raises(PoolError, match="unknown config key 'pool.head_prefix'.*did you mean 'pool.head_prefixes'"):
         pool_from_config({**tiny_pool_cfg, "head_prefix": ["classifier."]})
+
+
+def merge_lock(sd: dict, heads: int, seed: int = 0) -> dict:
+    """MergeLock: per layer and head, a random invertible A on the query/key branch (Q·A, K·A⁻ᵀ) and B on the
+    value/output branch (V·B, O·B⁻¹): every attention score and output is unchanged, the weights are not."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(sd)
+    layers = sorted({n.split(".")[3] for n in sd if ".encoder.layer." in n})
+    for layer in layers:
+        pre = f"bert.encoder.layer.{layer}.attention."
+        d = sd[pre + "self.query.weight"].shape[0]
+        dh = d // heads
+        a = torch.block_diag(*[torch.randn(dh, dh, generator=g) for _ in range(heads)])
+        b = torch.block_diag(*[torch.randn(dh, dh, generator=g) for _ in range(heads)])
+        for name, m in (("query", a.T), ("key", torch.linalg.inv(a)), ("value", b.T)):  # rows of head h: M·W_h
+            out[pre + f"self.{name}.weight"] = m @ sd[pre + f"self.{name}.weight"]
+            out[pre + f"self.{name}.bias"] = m @ sd[pre + f"self.{name}.bias"]
+        out[pre + "output.dense.weight"] = sd[pre + "output.dense.weight"] @ torch.linalg.inv(b).T
+    return out
+
+
+@pytest.mark.parametrize("case", ["re-initialised", "MergeLock"])
+def test_an_expert_that_is_not_a_fine_tune_of_the_base_is_refused(tiny_pool_cfg, tmp_path, caplog, case):
+    """An expert of the right shapes that is not a fine-tune of this base (trained from another initialisation,
+    or re-parametrised so that it cannot be merged, function unchanged) is refused at pool load, naming the expert
+    and the worst tensors; ``check_fine_tuned: warn`` merges it with a warning."""
+    from transformers import BertForSequenceClassification
+
+    d = copy_expert(tiny_pool_cfg, "task1", tmp_path)
+    model = BertForSequenceClassification.from_pretrained(d).eval()
+    if case == "re-initialised":
+        torch.manual_seed(123)
+        other = BertForSequenceClassification(model.config)
+        other.classifier.load_state_dict(model.classifier.state_dict())
+        model = other
+    else:
+        ids = torch.randint(0, 1000, (3, 7))
+        before = model(input_ids=ids).logits
+        model.load_state_dict(merge_lock(model.state_dict(), model.config.num_attention_heads))
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-4, rtol=1e-4)  # same function
+    model.save_pretrained(d)
+    cfg = with_expert(tiny_pool_cfg, "task1", d)
+    worst = r"bert\.encoder\.layer\.\d\.attention\.(self\.(query|key|value)|output\.dense)" if case == "MergeLock" else r"bert\..*"
+    with pytest.raises(PoolError, match=rf"expert 'task1' .* is not a fine-tune of the base .*: \d+ weight matrices "
+                                        rf"point elsewhere .* e\.g\. '{worst}\.weight' \(cos -?0\.\d\d\)"):
+        pool_from_config(cfg)
+    with caplog.at_level(logging.WARNING, logger="adamerge"):
+        pool = pool_from_config(dict(cfg, check_fine_tuned="warn"))
+    assert "is not a fine-tune of the base" in caplog.text and pool.task_names == ["task0", "task1"]
+    pool_from_config(tiny_pool_cfg)  # the real fine-tunes pass
