@@ -233,7 +233,9 @@ class ModelPool:
     def _validate_lora(self, e: Expert, check_finite: bool) -> None:
         for fname in e.source.keys():
             inner = strip_prefixes(fname, ("base_model.model.",))
-            m = re.fullmatch(r"(.*)\.lora_([AB])(?:\.[^.]+)?\.weight", inner)
+            # Linear / Conv1D: lora_A.weight, lora_B.weight; Embedding: lora_embedding_A, lora_embedding_B
+            m = (re.fullmatch(r"(.*)\.lora_([AB])(?:\.[^.]+)?\.weight", inner)
+                 or re.fullmatch(r"(.*)\.lora_embedding_([AB])(?:\.[^.]+)?", inner))
             if m:
                 canon = self._canonical(m.group(1) + ".weight")
                 if canon is None:
@@ -282,17 +284,24 @@ class ModelPool:
         module = e.file_names[name]
         keys = e.source.keys()
 
+        pre = f"base_model.model.{module}.lora_"
+        embedding = any(k.startswith(pre + "embedding_") for k in keys)
+
         def find(ab: str) -> torch.Tensor:
-            pre = f"base_model.model.{module}.lora_{ab}"
-            for k in (pre + ".weight", pre + ".default.weight"):
+            keyed = [f"{pre}embedding_{ab}", f"{pre}embedding_{ab}.default"] if embedding else \
+                [f"{pre}{ab}.weight", f"{pre}{ab}.default.weight"]
+            for k in keyed:
                 if k in keys:
                     return e.source.get(k).float()
-            raise PoolError(f"expert '{e.name}' ({e.path}): lora_{ab} for '{module}' is missing")
+            raise PoolError(f"expert '{e.name}' ({e.path}): lora_{'embedding_' if embedding else ''}{ab} for "
+                            f"'{module}' is missing")
 
         a, b = find("A"), find("B")
         _, scale = lora_scaling(e.lora, module)
-        if e.lora.get("fan_in_fan_out"):
-            a, b = b.T, a.T  # (B@A)ᵀ = Aᵀ@Bᵀ
+        # an Embedding's delta is (B@A)ᵀ (A [r, vocab], B [dim, r]: peft's Embedding), as is a Conv1D's
+        # (fan_in_fan_out); (B@A)ᵀ = Aᵀ@Bᵀ, so the factors swap and transpose
+        if embedding or e.lora.get("fan_in_fan_out"):
+            a, b = b.T, a.T
         ref = self._params[name]
         shape = (b.shape[0], a.shape[1]) if a.dim() == b.dim() == 2 and b.shape[1] == a.shape[0] \
             else f"B{tuple(b.shape)} @ A{tuple(a.shape)}"

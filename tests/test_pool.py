@@ -295,3 +295,33 @@ def test_an_expert_that_is_not_a_fine_tune_of_the_base_is_refused(tiny_pool_cfg,
         pool = pool_from_config(dict(cfg, check_fine_tuned="warn"))
     assert "is not a fine-tune of the base" in caplog.text and pool.task_names == ["task0", "task1"]
     pool_from_config(tiny_pool_cfg)  # the real fine-tunes pass
+
+
+def test_embedding_lora_task_vector_equals_peft_merge_and_unload(tiny_pool_cfg, tmp_path):
+    """A PEFT adapter on word_embeddings (lora_embedding_A [r, vocab], lora_embedding_B [dim, r]) beside a Linear
+    one: its task vector is (B @ A)ᵀ·scaling, equal to peft's merge_and_unload tensor by tensor."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    base_dir = tiny_pool_cfg["base"]
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(base_dir)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["word_embeddings", "query"], modules_to_save=["classifier"],
+                      init_lora_weights=False)  # random A and B: a non-zero delta
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():  # peft's random init moves the embeddings far more than fine-tuning does: scale down
+        for n, p in peft_model.named_parameters():
+            if "lora_embedding_B" in n:
+                p.mul_(0.01)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads(json.dumps(tiny_pool_cfg))
+    cfg["tasks"] = {"t": {"expert": str(tmp_path / "adapter"), "num_labels": 2}}
+    pool = pool_from_config(cfg)
+    merged = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base_dir),
+                                       tmp_path / "adapter").merge_and_unload().state_dict()
+    emb = "bert.embeddings.word_embeddings.weight"
+    for n in (emb, "bert.encoder.layer.0.attention.self.query.weight"):
+        expect = merged[n] - pool.base_tensor(n)
+        assert expect.abs().sum() > 0
+        torch.testing.assert_close(pool.task_vector("t", n), expect, atol=1e-6, rtol=1e-5)
+    assert pool.lora_factors("t", emb)[1].shape == (30522, 4)  # B' = Aᵀ: the delta keeps its rank in this layout
