@@ -168,3 +168,21 @@ def test_diversity_term_penalizes_collapse_onto_one_class(pool):
     inputs = {"input_ids": torch.randint(1000, 2000, (6, 8), generator=g), "attention_mask": torch.ones(6, 8, dtype=torch.long)}
     logits, _ = plain.task_logits(task, inputs)
     torch.testing.assert_close(im.task_loss(task, inputs), plain.task_loss(task, inputs) - 0.5 * marginal_entropy(logits))
+
+
+def test_the_learned_base_has_no_objective_of_its_own(pool):
+    """MergeMethod carries no method's objective: a learned method mixes one in (EntropyObjective) or defines
+    task_loss itself (Expert Merging); one that does neither fails at its first loss, naming what to do."""
+    from adamerge.methods import get_method
+    from adamerge.methods.base import MergeMethod
+    from adamerge.methods.objectives import EntropyObjective
+
+    class NoObjective(MergeMethod):
+        name = "no_objective_test"
+
+    m = NoObjective(pool, {"name": "no_objective_test", "granularity": "task", "init": 0.3})
+    with pytest.raises(NotImplementedError, match="chooses no objective"):
+        m.task_loss("task0", {})
+    entropy_methods = {get_method(n) for n in ("adamerging", "concrete_adamerging", "projective", "fw_merging")}
+    assert all(issubclass(c, EntropyObjective) for c in entropy_methods)
+    assert not issubclass(get_method("expert_merging"), EntropyObjective)

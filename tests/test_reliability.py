@@ -192,6 +192,12 @@ BAD_CONFIGS = {
     "zero batch": (["method=adamerging_layerwise", "data.batch_size=0"], r"'data.batch_size' must be >= 1"),
     "bad dtype": (["method=task_arithmetic", "task_vectors.dtype=int8"], r"'task_vectors.dtype' must be one of"),
     "unknown trainer key": (["method=adamerging_layerwise", "+trainer.foo=1"], r"config group 'trainer'.*foo"),
+    # a key is declared only by the methods that read it: the entropy objective's diversity, the calibration
+    # keys of the closed forms that gather statistics
+    "entropy key on a distillation method": (["method=expert_merging", "+method.diversity=1"],
+                                             r"unknown config key 'method.diversity' for this method"),
+    "calibration key on a data-free closed form": (["method=pcb_merging", "+method.num_examples=8"],
+                                                   r"unknown config key 'method.num_examples' for this method"),
 }
 
 

@@ -3,20 +3,22 @@
 Minimise the summed mean prediction entropy of every task's own head on unlabeled calibration
 batches over task-wise ``[K]`` or layer-wise ``[L, K]`` coefficients (init 0.3, optional clamp to
 [0, 1], Adam lr 1e-3). AdaMerging++ is the same on TIES-trimmed, sign-elected task vectors
-(``ties:`` in the method config). The loss and the per-task backward live in ``MergeMethod``.
+(``ties:`` in the method config). The loss is ``EntropyObjective`` (adamerge/methods/objectives.py), the
+per-task backward ``MergeMethod``'s.
 """
 
 from __future__ import annotations
 
 from .base import MergeMethod
-from .method_config import LearnedConfig, MethodConfig
+from .method_config import EntropyConfig, MethodConfig
+from .objectives import EntropyObjective
 from .registry import register
 
 
 @register
-class AdaMerging(MergeMethod):
+class AdaMerging(EntropyObjective, MergeMethod):
     name = "adamerging"
-    Config = LearnedConfig
+    Config = EntropyConfig
 
     @classmethod
     def supports_factorized(cls, cfg: MethodConfig) -> bool:

@@ -1,6 +1,7 @@
 """The base of the merge methods that train: the Lightning lifecycle over a MergeAlgorithm.
 
-A subclass chooses how coefficients are parametrized and the loss; the training step merges once,
+A subclass chooses how coefficients are parametrized and its objective (``task_loss``: a mixin of
+adamerge/methods/objectives.py, or its own); the training step merges once,
 runs every task's forward/backward and hands ∂L/∂W to the merge. Devices, loops, precision, DDP and
 checkpoint files belong to the Lightning Trainer.
 """
@@ -18,7 +19,6 @@ from ..coefficients import Coefficients
 from ..combine import InjectGrad
 from ..distributed import dist_rank_world
 from ..merged_model import MergedModel
-from ..objectives import entropy, marginal_entropy
 from ..pool import ModelPool
 from ..task_vectors import TaskVectors
 from .algorithm import MergeAlgorithm
@@ -77,16 +77,10 @@ class MergeMethod(MergeAlgorithm, pl.LightningModule):
         return self.family.logits(out, inputs)
 
     def task_loss(self, task: str, inputs: dict[str, torch.Tensor], params: dict | None = None) -> torch.Tensor:
-        """Default objective: mean prediction entropy of the task's own head (AdaMerging).
-
-        ``method.diversity`` = w > 0 subtracts w × the entropy of the batch's mean prediction
-        (information maximisation, as in SHOT): confident predictions that do not all fall in one
-        class. 0 (default) is the authors' objective.
-        """
-        logits, mask = self.task_logits(task, inputs, params)
-        loss = entropy(logits, mask)
-        w = self.cfg.diversity
-        return loss - w * marginal_entropy(logits, mask) if w else loss
+        """One task's objective on one micro-batch (without regularizer): the method's choice — an objective
+        mixed in from adamerge/methods/objectives.py (EntropyObjective) or its own (Expert Merging)."""
+        raise NotImplementedError(f"{type(self).__name__} chooses no objective: mix in one of "
+                                  "adamerge/methods/objectives.py or define task_loss")
 
     def step_loss(self, batch: dict[str, dict[str, torch.Tensor]],
                   merged: MergedModel | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,9 +30,14 @@ from .method_config import MethodConfig, check_range
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class DeltaConfig(MethodConfig):
-    """Keys of the closed-form merges; the calibration keys matter only to the data-dependent ones."""
+    """Keys of every closed-form merge."""
     scale: float = 1.0            # the merged update is scaled by this (LiNeS replaces it when on)
-    device: str | None = None     # where statistics are computed (null: cpu)
+    device: str | None = None     # where the merged update is computed (null: cpu)
+
+
+@dataclass
+class StatisticsConfig(DeltaConfig):
+    """Keys of the closed-form merges that read calibration statistics (RegMean's Grams, Fisher's diagonals)."""
     num_examples: int = 256       # calibration examples per task
     batch_size: int = 16
     max_length: int = 64
@@ -81,7 +86,19 @@ class DeltaMerge(MergeAlgorithm):
         """The unscaled merged update D (name -> merged − base) for every tensor of ``tv``."""
         raise NotImplementedError
 
-    # -- helpers for the data-dependent merges ----------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        return {"method": self.method_id, "tasks": self.pool.task_names, "tensors": self.merged.names,
+                "granularity": None, "coefficients": None, "num_trainable": 0,
+                "note": "closed-form merge: W = W0 + D, no per-task coefficients"
+                        + (f"; LiNeS {self.lines}" if self.lines else "")}
+
+
+class StatisticsMerge(DeltaMerge):
+    """A closed-form merge computed from calibration statistics of the experts (RegMean, Fisher)."""
+
+    name = "statistics_merge"
+    Config = StatisticsConfig
+
     def calibration_batches(self, task: str) -> list[dict[str, torch.Tensor]]:
         """This process's slice of ``num_examples`` calibration texts of ``task``, tokenized, in batches."""
         m = self.cfg
@@ -95,9 +112,3 @@ class DeltaMerge(MergeAlgorithm):
     def forward_kwargs(self, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The statistics' forward, as the learned objectives' (seq2seq LMs: the first decoder step)."""
         return self.family.model_inputs(self.merged.base, inputs)
-
-    def report(self) -> dict[str, Any]:
-        return {"method": self.method_id, "tasks": self.pool.task_names, "tensors": self.merged.names,
-                "granularity": None, "coefficients": None, "num_trainable": 0,
-                "note": "closed-form merge: W = W0 + D, no per-task coefficients"
-                        + (f"; LiNeS {self.lines}" if self.lines else "")}

@@ -29,12 +29,13 @@ from ..distributed import all_reduce_mean
 from ..errors import ConfigError
 from ..task_vectors import TaskVectors
 from .base import MergeMethod
-from .method_config import LearnedConfig, check_range
+from .method_config import EntropyConfig, check_range
+from .objectives import EntropyObjective
 from .registry import register
 
 
 @dataclass
-class ConcreteMaskConfig(LearnedConfig):
+class ConcreteMaskConfig(EntropyConfig):
     """The binary-Concrete mask's keys (``lr`` is the mask logits' Adam lr)."""
     temperature: float = 0.5      # RelaxedBernoulli temperature while training
     init_logit: float = 0.0       # 0: keep probability 0.5
@@ -91,7 +92,7 @@ def _mask_report(method: MergeMethod, rep: dict[str, Any]) -> dict[str, Any]:
 
 
 @register
-class ConcreteTaskArithmetic(MergeMethod):
+class ConcreteTaskArithmetic(EntropyObjective, MergeMethod):
     """θ = θ0 + λ Σ_k m̂ ⊙ τ_k with λ fixed (``scale``, task-wise); only the mask logits train.
 
     The loss is the base's summed per-task entropy; the optimizer (Adam, ``lr``) sees only the mask
@@ -135,7 +136,7 @@ def split_halves(batch: dict[str, dict[str, torch.Tensor]]):
 
 
 @register
-class ConcreteAdaMerging(MergeMethod):
+class ConcreteAdaMerging(EntropyObjective, MergeMethod):
     """Concrete AdaMerging: first-order bi-level mask learning, then AdaMerging under the fixed mask.
 
     Phase 1 (``global_step < mask_steps``), per step:

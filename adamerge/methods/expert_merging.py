@@ -68,9 +68,6 @@ class ExpertMergingConfig(LearnedConfig):
         if refused:
             raise ConfigError(f"config key '{prefix}.{refused[0]}': not supported by {self.label} — the experts are "
                               "the teachers, so their task vectors must stay unprocessed")
-        if self.diversity:
-            raise ConfigError(f"config key '{prefix}.diversity' is an entropy-objective key; {self.label} distils "
-                              "the experts (leave it 0)")
         check_range(self.temperature, f"{prefix}.temperature", 0, strict_lo=True)
         check_range(self.reg_weight, f"{prefix}.reg_weight", 0)
         check_range(self.hidden_weight, f"{prefix}.hidden_weight", 0)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..distributed import all_reduce_sum, dist_rank_world
 from ..task_vectors import TaskVectors
-from .closed_form import DeltaConfig, DeltaMerge
+from .closed_form import StatisticsConfig, StatisticsMerge
 from .method_config import check_range
 from .registry import register
 
@@ -42,7 +42,7 @@ def fisher_combine_step(num: dict, den: dict, fisher: dict[str, torch.Tensor], t
 
 
 @dataclass
-class FisherConfig(DeltaConfig):
+class FisherConfig(StatisticsConfig):
     normalize: bool = True        # divide each expert's Fisher by its norm before combining
     floor: float = 1e-6           # added to every Fisher entry (no division by zero)
     seed: int = 0                 # label sampling from each expert's own prediction
@@ -53,7 +53,7 @@ class FisherConfig(DeltaConfig):
 
 
 @register
-class FisherMerging(DeltaMerge):
+class FisherMerging(StatisticsMerge):
     """Diagonal-Fisher weighted average of the experts (backbone only)."""
 
     name = "fisher_merging"

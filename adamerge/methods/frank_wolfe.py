@@ -35,6 +35,7 @@ from ..task_vectors import select_names
 from .base import MergeMethod
 from .frank_wolfe_state import FrankWolfeState, Grads, lmo
 from .method_config import MethodConfig, check_range
+from .objectives import EntropyObjective
 from .registry import register
 
 log = logging.getLogger("adamerge")
@@ -79,7 +80,7 @@ class FrankWolfeConfig(MethodConfig):
 
 
 @register
-class FrankWolfeMerging(MergeMethod):
+class FrankWolfeMerging(EntropyObjective, MergeMethod):
     name = "fw_merging"
     trainable = True
     selectable = False  # θ_t lives in FrankWolfeState, not in the state dict

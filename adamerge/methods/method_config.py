@@ -212,8 +212,6 @@ class LearnedConfig(MethodConfig):
     # passes over the calibration data instead of fixed steps: the run takes ceil(passes · n / batch_size)
     # steps, n the most training texts of any task, at most ``steps`` (null: ``steps``)
     passes: float | None = None
-    # entropy objectives: minus w × entropy of each batch's mean prediction (information maximisation)
-    diversity: float = 0.0
     # read by configs/trainer/default.yaml
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
@@ -242,3 +240,15 @@ class LearnedConfig(MethodConfig):
                 # clamped there, the coefficient gets no gradient and never moves
                 raise ConfigError(f"config key '{prefix}.init' = {self.init!r} lies outside '{prefix}.clamp' "
                                   f"{self.clamp!r}: nothing would train; choose an init within the bounds")
+
+
+
+@dataclass
+class EntropyConfig(LearnedConfig):
+    """Learned by the entropy objective (adamerge/methods/objectives.py: AdaMerging, Concrete, DOGE-AM)."""
+    # minus w × entropy of each batch's mean prediction (information maximisation; 0: the authors')
+    diversity: float = 0.0
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        check_range(self.diversity, f"{prefix}.diversity", 0)

@@ -33,7 +33,8 @@ from ..errors import ConfigError
 from ..pool import ModelPool, PoolError
 from ..task_vectors import TaskVectors, select_names
 from .base import MergeMethod
-from .method_config import LearnedConfig, check_range
+from .method_config import EntropyConfig, check_range
+from .objectives import EntropyObjective
 from .registry import register
 
 log = logging.getLogger("adamerge")
@@ -197,7 +198,7 @@ def doge_transform(tv: TaskVectors, eta: float = 0.07, subspace: float | None = 
 
 
 @dataclass
-class ProjectiveConfig(LearnedConfig):
+class ProjectiveConfig(EntropyConfig):
     """DOGE's keys; with ``coefficients: learned`` also AdaMerging's (granularity, init, clamp, lr)."""
     coefficients: Literal["eta", "learned"] = "eta"
     eta: float = 0.07                   # λ_i = η/‖τ_i‖ (eta) and the scale inside the Δ objective
@@ -220,7 +221,7 @@ class ProjectiveConfig(LearnedConfig):
 
 
 @register
-class ProjectiveMerge(MergeMethod):
+class ProjectiveMerge(EntropyObjective, MergeMethod):
     """DOGE-TA (``coefficients: eta``, data-free) or DOGE-AM (``coefficients: learned``)."""
 
     name = "projective"

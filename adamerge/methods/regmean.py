@@ -38,7 +38,7 @@ from torch import nn
 from ..distributed import all_reduce_sum
 from ..lines import LAYER_PATTERN
 from ..task_vectors import TaskVectors
-from .closed_form import DeltaConfig, DeltaMerge
+from .closed_form import StatisticsConfig, StatisticsMerge
 from .method_config import check_range
 from .registry import register
 
@@ -94,7 +94,7 @@ def solve(sg: torch.Tensor, sgd: torch.Tensor, mean_d: torch.Tensor, ridge: floa
 
 
 @dataclass
-class RegMeanConfig(DeltaConfig):
+class RegMeanConfig(StatisticsConfig):
     alpha: float = 0.9                  # off-diagonal scale of the Gram matrices
     layers_per_pass: int | None = 1     # RegMean: blocks whose statistics one forward gathers (null: all)
     exclude_modules: list[str] = field(default_factory=list)  # regexes of linear modules averaged instead
@@ -106,7 +106,7 @@ class RegMeanConfig(DeltaConfig):
 
 
 @register
-class RegMean(DeltaMerge):
+class RegMean(StatisticsMerge):
     """W* = (Σ G̃_i)⁻¹ Σ G̃_i W_i per linear layer, with G_i from expert i's own activations."""
 
     name = "regmean"
