@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -32,15 +31,14 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 def rebuilt(run: Path):
     """The run's pool and method, built as train.py builds them (start_from inlined)."""
-    sys.path.insert(0, str(ROOT))
-    import train
+    from adamerge.run.program import build_pool_and_method
 
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     start = cfg.method.get("start_from")
     if isinstance(start, str):
         cfg.method.start_from = OmegaConf.load(ROOT / "configs" / "method" / f"{start}.yaml")
     c = OmegaConf.to_container(cfg, resolve=True)
-    return c, *train.build_pool_and_method(c, trains=True)
+    return c, *build_pool_and_method(c, trains=True)
 
 
 def track(run: Path) -> dict:

@@ -738,7 +738,9 @@ def test_sigterm_outside_training_is_143_with_one_line(tiny_pool_cfg, tmp_path, 
         time.sleep(5)  # the handler interrupts this
         raise AssertionError("SIGTERM was not handled")
 
-    monkeypatch.setattr(train, "run", terminated_while_exporting)
+    from adamerge.run import program
+
+    monkeypatch.setattr(program, "run", terminated_while_exporting)
     before = signal.getsignal(signal.SIGTERM)
     code = train.cli(helpers.compose([f"out_dir={tmp_path / 'run'}"], tiny_pool_cfg))
     assert code == 143
