@@ -206,7 +206,7 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
                 (tmp / "heads").mkdir(exist_ok=True)
                 save_file(head, str(tmp / "heads" / f"{task}.safetensors"))
             heads_meta[task] = {"num_labels": spec.num_labels, "label_names": spec.label_names,
-                                "tensors": sorted(head)}
+                                "tensors": sorted(head), "auto_class": pool.family.auto_class}
         (tmp / "heads.json").write_text(json.dumps(heads_meta, indent=2))
         (tmp / "coefficients.json").write_text(json.dumps(report, indent=2))
         if report.get("coefficients") is not None:  # closed-form merges have no coefficient table
@@ -229,8 +229,8 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
 
 def load_task_model(export_dir: str | Path, task: str):
     """The exported merged model with ``task``'s head, as a ``transformers`` model ready to serve."""
+    import transformers
     from safetensors.torch import load_file
-    from transformers import AutoModelForSequenceClassification
 
     d = Path(export_dir)
     meta = json.loads((d / "heads.json").read_text())
@@ -243,7 +243,9 @@ def load_task_model(export_dir: str | Path, task: str):
         names = m.get("label_names") or [f"LABEL_{i}" for i in range(m["num_labels"])]
         kwargs = {"num_labels": m["num_labels"], "id2label": dict(enumerate(names)),
                   "label2id": {v: i for i, v in enumerate(names)}}
-    model = AutoModelForSequenceClassification.from_pretrained(str(d / "model"), ignore_mismatched_sizes=True, **kwargs)
+    # the class the pool's family declares (heads.json; exports written before it say nothing: a classifier's)
+    auto_class = getattr(transformers, m.get("auto_class", "AutoModelForSequenceClassification"))
+    model = auto_class.from_pretrained(str(d / "model"), ignore_mismatched_sizes=True, **kwargs)
     head_file = d / "heads" / f"{task}.safetensors"
     if head_file.exists():
         missing = model.load_state_dict(load_file(str(head_file)), strict=False)

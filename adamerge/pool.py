@@ -188,7 +188,7 @@ class ModelPool:
     def num_labels(self, task: str) -> int | None:
         """The task's number of classes: its ``num_labels``, else its head's output size."""
         n = self.tasks[task].num_labels
-        if n is None and self.model_class == "sequence_classification":
+        if n is None and self.family.classifier_heads:
             n = self._head_outputs(task)
         return n
 

@@ -248,3 +248,16 @@ def test_bad_seq2seq_data_is_one_line_before_training(pool_dir, tmp_path, capsys
     out = tmp_path / "run"
     code = helpers.run_inprocess(["method=adamerging_layerwise", f"out_dir={out}", "trainer.max_steps=2"], cfg)
     helpers.assert_refused_in_one_line(code, capsys, pattern, out)
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["method=expert_merging", "method.hidden_layers=[1]"],
+     r"config key 'method.hidden_layers': in a seq2seq_lm pool only logits are aligned"),
+    (["method=fw_merging_soft", "method.objective=cross_entropy"],
+     r"method.objective=cross_entropy needs classifier heads; a seq2seq_lm pool has none"),
+])
+def test_what_a_family_lacks_is_refused_by_what_it_declares(pool_dir, tmp_path, capsys, overrides, pattern):
+    """Methods ask the pool's family (hidden_states, classifier_heads), not its model_class string."""
+    out = tmp_path / "run"
+    code = helpers.run_inprocess([*overrides, f"out_dir={out}", "trainer.max_steps=2"], pool_dir[1])
+    helpers.assert_refused_in_one_line(code, capsys, pattern, out)

@@ -60,6 +60,9 @@ class ModelFamily:
     auto_class = "AutoModel"  # the transformers class of the base and of the exported model
     evaluated = False         # tasks have a per-task accuracy (their test/validation files carry answers)
     task_models = False       # the export writes tasks/<task>/ (a from_pretrained model per task)
+    classifier_heads = False  # each task's head is a classifier: its output size is the task's class count,
+                              # and labelled examples can be scored by cross-entropy (FW-Merging's objective)
+    hidden_states = True      # the forward the objectives see returns hidden states to align (Expert Merging)
 
     # -- the pool ------------------------------------------------------------------------------
     def build_base(self, pool) -> nn.Module:

@@ -45,6 +45,7 @@ class SequenceClassification(ModelFamily):
     auto_class = "AutoModelForSequenceClassification"
     evaluated = True
     task_models = True  # the export writes tasks/<task>/: backbone + that task's head, from_pretrained as is
+    classifier_heads = True
 
     def build_base(self, pool) -> nn.Module:
         nl = [t.num_labels for t in pool.tasks.values() if t.num_labels]

@@ -163,6 +163,7 @@ def seq2seq_accuracy(base: torch.nn.Module, params: dict[str, torch.Tensor], ts:
 class Seq2SeqLM(TextAnswers):
     name = "seq2seq_lm"
     auto_class = "AutoModelForSeq2SeqLM"
+    hidden_states = False  # the objectives see the first decoder step's logits only
 
     def check_data(self, pool) -> Any:
         tokenizer = pool.tokenizer()  # the tokenizer training and evaluation use

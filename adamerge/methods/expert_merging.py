@@ -83,9 +83,9 @@ class ExpertMerging(MergeMethod):
     Config = ExpertMergingConfig
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
-        if pool.model_class == "seq2seq_lm" and self.parse_config(method).hidden_layers:  # before any τ is read
-            raise ConfigError("config key 'method.hidden_layers': in a seq2seq_lm pool only the first decoder "
-                              "step's logits are aligned; leave hidden_layers empty")
+        if not pool.family.hidden_states and self.parse_config(method).hidden_layers:  # before any τ is read
+            raise ConfigError(f"config key 'method.hidden_layers': in a {pool.family.name} pool only logits are "
+                              "aligned (no hidden states); leave hidden_layers empty")
         super().__init__(pool, method, task_vectors)
         m = self.cfg
         self.temperature = m.temperature

@@ -88,8 +88,9 @@ class FrankWolfeMerging(EntropyObjective, MergeMethod):
 
     def __init__(self, pool: ModelPool, method: dict, task_vectors: dict | None = None):
         m = self.parse_config(method)
-        if m.objective == "cross_entropy" and pool.model_class != "sequence_classification":
-            raise ConfigError("method.objective=cross_entropy needs a sequence_classification pool")
+        if m.objective == "cross_entropy" and not pool.family.classifier_heads:
+            raise ConfigError(f"method.objective=cross_entropy needs classifier heads; a {pool.family.name} pool has "
+                              "none (use objective=entropy)")
         super().__init__(pool, method, task_vectors)
         self.automatic_optimization = False
         self.variant, self.granularity, self.objective = m.variant, m.granularity, m.objective
