@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
-from .data import batches
+from .run.data import batches
 
 TestSets = dict[str, Any]  # task -> a family's test set (adamerge/families/), with .accuracy(base, params, batch_size)
 

@@ -193,7 +193,7 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
         model_dir = tmp / "model"
         pool.base_model.save_pretrained(model_dir, state_dict=merged_sd)  # clip_zero_shot: + image processor
         try:
-            from .data import load_tokenizer
+            from .run.data import load_tokenizer
 
             if pool.family.saves_tokenizer():  # not CLIP's: its export is the vision tower
                 load_tokenizer(pool.base_path).save_pretrained(model_dir)

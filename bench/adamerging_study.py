@@ -39,7 +39,10 @@ def main() -> None:
     args = ap.parse_args()
 
 
-    from adamerge.data import (
+    from adamerge.core.objectives import entropy
+    from adamerge.evaluate import evaluate_params, load_test_sets
+    from adamerge.methods import get_method
+    from adamerge.run.data import (
         CalibrationDataModule,
         StepBatches,
         load_tokenizer,
@@ -47,9 +50,6 @@ def main() -> None:
         step_indices,
         trim,
     )
-    from adamerge.evaluate import evaluate_params, load_test_sets
-    from adamerge.methods import get_method
-    from adamerge.objectives import entropy
 
     torch.manual_seed(args.seed)
     pool = load_pool(args.pool, head_prefixes=args.head_prefixes)

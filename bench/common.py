@@ -17,7 +17,7 @@ def load_pool(name: str, **overrides):
     replace top-level keys of the pool config (e.g. ``head_prefixes``)."""
     from omegaconf import OmegaConf
 
-    from adamerge.pool_config import pool_from_config, resolve_recipe
+    from adamerge.pool.config import pool_from_config, resolve_recipe
 
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "pool" / f"{name}.yaml"), resolve=True)
     cfg.update({k: v for k, v in overrides.items() if v is not None})

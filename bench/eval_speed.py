@@ -17,8 +17,8 @@ from common import load_pool
 
 def main() -> None:
 
-    from adamerge.data import load_tokenizer
     from adamerge.evaluate import evaluate_params, load_test_sets
+    from adamerge.run.data import load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pool", default="minilm_frozen_head_lora")

@@ -44,7 +44,7 @@ def _irrelevant(pool, j: int, src: str, steps: int = 60) -> Path:
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from adamerge.pool_config import load_recipe
+    from adamerge.pool.config import load_recipe
 
     d = WORK / "irrelevant" / f"{j:02d}_{src}"
     if (d / "model.safetensors").exists():
@@ -93,9 +93,9 @@ def make_candidates(pool, n_irrelevant: int) -> Path:
 
 def task_arithmetic_row(n_irrelevant: int, lam: float) -> dict:
     """One subprocess: TA over every candidate of the folder, evaluated on the benchmark's test sets."""
-    from adamerge.candidates import CandidatePool, candidate_paths
-    from adamerge.data import load_tokenizer
     from adamerge.evaluate import evaluate_params, load_test_sets
+    from adamerge.pool.candidates import CandidatePool, candidate_paths
+    from adamerge.run.data import load_tokenizer
 
     t0 = time.time()
     pool = load_pool("minilm_full")

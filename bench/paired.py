@@ -23,9 +23,9 @@ import torch
 from common import ROOT
 from omegaconf import OmegaConf
 
-from adamerge.data import batches
 from adamerge.evaluate import load_test_sets
-from adamerge.pool_config import pool_from_config, resolve_recipe
+from adamerge.pool.config import pool_from_config, resolve_recipe
+from adamerge.run.data import batches
 
 
 def run_config(run: Path) -> dict:

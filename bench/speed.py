@@ -205,7 +205,7 @@ def setup_adamerge(spec: dict, k: int, device: torch.device, inputs: dict, dtype
                    lora: str = "dense", lora_step: str = "auto"):
     """The project's real path: AdaMerging's step_loss (merge once, per-task backward, ⟨∂L/∂W, τ⟩)."""
     from adamerge.methods.adamerging import AdaMerging
-    from adamerge.pool_config import pool_from_config
+    from adamerge.pool.config import pool_from_config
 
     pool = pool_from_config(pool_config(spec, k))
     tv_cfg: dict = {"dtype": dtype, "lora": lora, "lora_step": lora_step}
@@ -299,7 +299,7 @@ def setup_fusionbench(spec: dict, k: int, device: torch.device, inputs: dict, fb
 def setup_floor(spec: dict, device: torch.device, inputs: dict):
     from transformers import AutoModelForSequenceClassification
 
-    from adamerge.objectives import entropy
+    from adamerge.core.objectives import entropy
 
     model = AutoModelForSequenceClassification.from_pretrained(spec["base"]).to(device).eval().requires_grad_(True)
 

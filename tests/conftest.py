@@ -32,6 +32,6 @@ def tiny_conf_dir(tmp_path_factory, tiny_pool_cfg):
 @pytest.fixture(scope="module")
 def pool(tiny_pool_cfg):
     """The tiny pool loaded once per test module."""
-    from adamerge.pool_config import pool_from_config
+    from adamerge.pool.config import pool_from_config
 
     return pool_from_config(tiny_pool_cfg)

@@ -93,8 +93,8 @@ def test_bf16_mixed_runs_and_stays_finite(tiny_pool_cfg, tmp_path):
 
 @pytest.mark.parametrize("method", ["adamerging_layerwise", "ties_merging"])
 def test_export_reproduces_evaluation_accuracy(tiny_pool_cfg, tmp_path, method):
-    from adamerge.data import encode, load_tokenizer, read_jsonl
     from adamerge.export import load_task_model
+    from adamerge.run.data import encode, load_tokenizer, read_jsonl
 
     run = tmp_path / "run"
     train(tiny_pool_cfg, run, f"method={method}", "trainer.max_steps=3")
@@ -114,7 +114,7 @@ def test_learned_method_starts_from_another_merge(tiny_pool_cfg, tmp_path, start
     """method.init=<merge>: W = W_start + Σ c_k (θ_k − θ_start), c = 0 at the start."""
     import helpers
     from adamerge.methods import get_method
-    from adamerge.pool_config import pool_from_config
+    from adamerge.pool.config import pool_from_config
 
     pool = pool_from_config(tiny_pool_cfg)
     start_cfg = helpers.compose([f"method={start}"]).method
@@ -148,8 +148,8 @@ def test_diversity_term_penalizes_collapse_onto_one_class(pool):
     """method.diversity subtracts the entropy of the batch's mean prediction (information maximisation)."""
     import math
 
+    from adamerge.core.objectives import entropy, marginal_entropy
     from adamerge.methods import get_method
-    from adamerge.objectives import entropy, marginal_entropy
 
     confident_one_class = torch.tensor([[5.0, 0.0, 0.0]] * 4)
     confident_spread = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [5.0, 0.0, 0.0]])

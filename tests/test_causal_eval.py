@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 import helpers
-from adamerge.data import load_tokenizer
 from adamerge.evaluate import evaluate_params, load_test_sets
 from adamerge.families import get_family
 from adamerge.families.causal import class_loglik, greedy_generate, lm_accuracy
-from adamerge.pool import PoolError
-from adamerge.pool_config import pool_from_config
+from adamerge.pool.config import pool_from_config
+from adamerge.pool.model_pool import PoolError
+from adamerge.run.data import load_tokenizer
 
 TOPICS = ["sports", "tech", "food"]
 

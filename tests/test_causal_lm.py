@@ -9,8 +9,8 @@ import torch
 from torch.func import functional_call
 
 import helpers
-from adamerge.pool import PoolError
-from adamerge.pool_config import pool_from_config
+from adamerge.pool.config import pool_from_config
+from adamerge.pool.model_pool import PoolError
 from helpers import make_llama_pool
 
 

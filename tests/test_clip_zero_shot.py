@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import helpers
 from adamerge.families.clip import DEFAULT_TEMPLATES, HEAD
-from adamerge.pool import PoolError
-from adamerge.pool_config import pool_from_config
+from adamerge.pool.config import pool_from_config
+from adamerge.pool.model_pool import PoolError
 
 SIZE = 32
 TASKS = {"color": ["red", "blue"], "shape": ["square", "circle"]}
@@ -158,7 +158,7 @@ def test_expert_formats_align_to_the_vision_tower(clip_cfg, tmp_path):
     from safetensors.torch import load_file
     from transformers import CLIPModel, CLIPVisionModel
 
-    from adamerge.task_vectors import TaskVectors
+    from adamerge.core.task_vectors import TaskVectors
 
     g = torch.Generator().manual_seed(5)
     full = CLIPModel.from_pretrained(clip_cfg["base"])

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 from torch.func import functional_call
 
 import helpers
-from adamerge.coefficients import Coefficients
-from adamerge.combine import combine
+from adamerge.core.coefficients import Coefficients
+from adamerge.core.combine import combine
+from adamerge.core.merged_model import MergedModel
+from adamerge.core.task_vectors import TaskVectors
 from adamerge.export import export_merged, load_task_model
-from adamerge.merged_model import MergedModel
 from adamerge.methods import get_method
-from adamerge.pool_config import pool_from_config
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.config import pool_from_config
 
 
 def expert_sd(pool_cfg, task):
@@ -303,7 +303,7 @@ def test_interrupted_export_leaves_previous_export_intact(tiny_pool_cfg, tmp_pat
 
 def test_blockwise_combine_for_bf16_task_vectors(monkeypatch):
     """τ stored in bf16 is converted a block of columns at a time: same value and gradient."""
-    import adamerge.combine as kernel
+    import adamerge.core.combine as kernel
 
     monkeypatch.setattr(kernel, "_BLOCK_ELEMS", 21)  # blocks of 7 columns for K = 3: several, the last partial
     torch.manual_seed(0)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import helpers
-from adamerge.data import CalibrationDataModule
 from adamerge.methods import get_method
+from adamerge.run.data import CalibrationDataModule
 
 TA = {"name": "static", "id": "task_arithmetic", "scale": 0.3}
 

@@ -7,10 +7,10 @@ import json
 import torch
 
 import helpers
-from adamerge.data import load_tokenizer, read_jsonl
 from adamerge.methods import get_method
 from adamerge.methods.fisher import fisher_combine_step
-from adamerge.pool_config import pool_from_config
+from adamerge.pool.config import pool_from_config
+from adamerge.run.data import load_tokenizer, read_jsonl
 
 N_EX, MAX_LEN = 4, 16
 

@@ -105,7 +105,7 @@ def test_lmo_picks_the_smallest_true_linear_term(pool, tiny_pool_cfg, tmp_path):
 def test_cross_entropy_objective_reads_calibration_labels(pool, tiny_pool_cfg):
     from torch.func import functional_call
 
-    from adamerge.data import encode, load_tokenizer, read_jsonl
+    from adamerge.run.data import encode, load_tokenizer, read_jsonl
 
     m = FrankWolfeMerging(pool, method_cfg("fw_merging_soft", objective="cross_entropy", labelled_size=10,
                                            labelled_batch_size=4))
@@ -167,9 +167,9 @@ RSS_SCRIPT = textwrap.dedent("""
     import gc, json, resource, sys
     import torch
     torch.set_num_threads(1)
-    from adamerge.data import CalibrationDataModule
+    from adamerge.run.data import CalibrationDataModule
     from adamerge.methods.frank_wolfe import FrankWolfeMerging
-    from adamerge.pool_config import pool_from_config
+    from adamerge.pool.config import pool_from_config
     pool_cfg, cands = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     pool = pool_from_config(pool_cfg)
     batch = CalibrationDataModule.from_pool(pool, batch_size=4, max_length=16).train_dataloader().dataset.batch(0)
@@ -226,7 +226,7 @@ def train(pool_cfg: dict, out, *extra) -> None:
 
 
 def test_soft_end_to_end_resumes_between_iterations(tiny_pool_cfg, pool, tmp_path, capsys, caplog):
-    from adamerge.data import CalibrationDataModule
+    from adamerge.run.data import CalibrationDataModule
 
     cdir = tmp_path / "cands"
     write_candidates(tiny_pool_cfg, cdir, 2, noise=0.05)

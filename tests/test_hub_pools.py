@@ -113,7 +113,7 @@ def test_hub_pool_offline_with_an_empty_cache_is_one_line_before_any_work(runs, 
 def test_hub_pool_configs_compose_with_fusionbench_tasks_and_classes(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from adamerge.pool_config import pool_from_config
+    from adamerge.pool.config import pool_from_config
 
     clip = OmegaConf.to_container(helpers.compose(["pool=clip_vit_b32_ta8", "pool.data_dir=/data"]), resolve=True)
     pool = clip["pool"]
@@ -181,7 +181,7 @@ def test_every_reference_and_data_path_is_checked_before_any_download(hub_on, tm
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from adamerge.pool_config import pool_from_config
+    from adamerge.pool.config import pool_from_config
 
     def model_info(self, repo_id, revision=None, timeout=None):
         if repo_id.endswith("typo"):
@@ -234,7 +234,7 @@ def test_a_malformed_reference_names_its_key(value, why):
 def test_frank_wolfe_candidates_may_be_hub_references(hub_on):
     """method.candidates takes hf:// references as the pool does: resolved from the cache when the hub is out of
     reach, named after the repo; one that cannot be found is named by its key."""
-    from adamerge.candidates import candidate_paths
+    from adamerge.pool.candidates import candidate_paths
 
     snap = cached_repo(hub_on, f"{ORG}/cand")
     assert candidate_paths([f"hf://{ORG}/cand", "/local/cand"]) == {"cand": snap, "cand_2": Path("/local/cand")}

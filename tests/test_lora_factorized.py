@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import helpers
 from adamerge.errors import ConfigError
 from adamerge.methods import get_method
-from adamerge.pool_config import pool_from_config
+from adamerge.pool.config import pool_from_config
 
 
 # -- pools --------------------------------------------------------------------------------------
@@ -304,9 +304,9 @@ def test_factorized_step_allocates_no_dense_weight_per_expert(tmp_path):
 def test_a_selection_no_expert_changes_is_refused_as_nothing_to_merge(bert, how):
     """The adapters target query and value only: selecting the key weights leaves nothing to merge, said
     the same way by every way of reading task vectors."""
+    from adamerge.core.sharded import ShardedTaskVectors
+    from adamerge.core.task_vectors import TaskVectors
     from adamerge.errors import PoolError
-    from adamerge.sharded import ShardedTaskVectors
-    from adamerge.task_vectors import TaskVectors
 
     include = ["attention.self.key"]
     with pytest.raises(PoolError, match="no expert differs from the base in any selected tensor: nothing to merge"):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import helpers
-from adamerge.config import ConfigError
 from adamerge.methods import METHODS, get_method
+from adamerge.run.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_IDS = sorted(p.stem for p in (ROOT / "configs" / "method").glob("*.yaml"))

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import helpers
-from adamerge.lines import apply_lines, layer_index, lines_config, lines_scales, lines_task_vectors
+from adamerge.core.lines import apply_lines, layer_index, lines_config, lines_scales, lines_task_vectors
+from adamerge.core.task_vectors import TaskVectors
 from adamerge.methods import get_method
 from adamerge.methods.pcb import pcb_direction
 from adamerge.methods.tsv import tsv_direction, tsv_matrix
-from adamerge.pool_config import pool_from_config
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.config import pool_from_config
 
 
 def small_tv(K: int = 3, seed: int = 0) -> TaskVectors:
@@ -133,7 +133,7 @@ def test_end_to_end_through_train(tiny_pool_cfg, tmp_path, method, extra):
 def test_lines_applies_on_top_of_any_merge(tiny_pool_cfg):
     """method.lines on task arithmetic scales each layer's task vectors by α + β·(l−1)/(L−1)."""
     from adamerge.methods import get_method
-    from adamerge.pool_config import pool_from_config
+    from adamerge.pool.config import pool_from_config
 
     pool = pool_from_config(tiny_pool_cfg)
     ta = get_method("static")(pool, {"name": "static", "scale": 0.3}, {})

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import helpers
-from adamerge.pool import PoolError
-from adamerge.pool_config import pool_from_config
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.task_vectors import TaskVectors
+from adamerge.pool.config import pool_from_config
+from adamerge.pool.model_pool import PoolError
 
 
 def with_expert(pool_cfg: dict, task: str, path) -> dict:
@@ -213,7 +213,7 @@ def test_task_labels_must_match_the_head(tiny_pool_cfg, tmp_path):
 
 def test_recipe_pool_config_chooses_the_head_tensors(tiny_pool_cfg, tmp_path):
     """``head_prefixes`` in a recipe pool config overrides the recipe's: those tensors stay per task."""
-    from adamerge.pool_config import resolve_recipe
+    from adamerge.pool.config import resolve_recipe
 
     recipe = tmp_path / "recipe.py"
     (tmp_path / "spec.json").write_text(json.dumps(tiny_pool_cfg))
@@ -229,7 +229,7 @@ def test_recipe_pool_config_chooses_the_head_tensors(tiny_pool_cfg, tmp_path):
 
 
 def test_missing_recipe_file_is_named(tmp_path):
-    from adamerge.pool_config import resolve_recipe
+    from adamerge.pool.config import resolve_recipe
 
     with pytest.raises(PoolError, match=r"pool recipe .*nope\.py does not exist"):
         resolve_recipe({"recipe": "data/nope.py"}, tmp_path)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import helpers
-from adamerge.config import ConfigError
+from adamerge.core.task_vectors import TaskVectors
 from adamerge.methods.projective import (
     DeltaProblem,
     ProjectiveMerge,
@@ -22,8 +22,8 @@ from adamerge.methods.projective import (
     shared_subspace,
 )
 from adamerge.methods.static import StaticMerge
-from adamerge.pool_config import pool_from_config
-from adamerge.task_vectors import TaskVectors
+from adamerge.pool.config import pool_from_config
+from adamerge.run.config import ConfigError
 from helpers import make_pool
 
 QUERY0 = "bert.encoder.layer.0.attention.self.query.weight"

@@ -487,7 +487,7 @@ def test_stale_export_temporaries_are_removed(tiny_pool_cfg, tmp_path, caplog):
 
 def test_importing_the_package_leaves_the_hub_alone_and_the_cli_switches_it_off():
     """A notebook that imports adamerge keeps its hub access; train.py (the CLI) is offline unless told."""
-    code = ("import os, sys; import adamerge, adamerge.methods, adamerge.pool_config; "
+    code = ("import os, sys; import adamerge, adamerge.methods, adamerge.pool.config; "
             "assert 'HF_HUB_OFFLINE' not in os.environ, 'import switched the hub off'; "
             f"sys.path.insert(0, {str(helpers.ROOT)!r}); import train; print(os.environ['HF_HUB_OFFLINE'])")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
@@ -538,7 +538,7 @@ def test_the_first_process_of_a_second_node_does_no_rank_zero_start_up_work(tiny
     ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "LOCAL_RANK": "0"}, False),  # srun
 ])
 def test_launch_is_rank_zero(monkeypatch, env, zero):
-    from adamerge.distributed import launch_is_rank_zero
+    from adamerge.run.distributed import launch_is_rank_zero
 
     for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(key, raising=False)
@@ -551,7 +551,7 @@ def test_one_expert_given_for_two_tasks_is_a_warning_naming_both(tiny_pool_cfg, 
     cfg = json.loads(json.dumps(tiny_pool_cfg))
     cfg["tasks"]["task1"]["expert"] = cfg["tasks"]["task0"]["expert"] + "/"  # the same directory, spelt otherwise
     cfg["tasks"]["task1"]["num_labels"] = cfg["tasks"]["task0"].get("num_labels")
-    from adamerge.pool_config import pool_from_config
+    from adamerge.pool.config import pool_from_config
 
     with caplog.at_level(logging.WARNING, logger="adamerge"):
         pool_from_config(cfg)
@@ -635,7 +635,7 @@ def test_progress_lines_every_n_steps_and_after_every_s_seconds(caplog, monkeypa
     import logging
     from types import SimpleNamespace
 
-    import adamerge.progress as progress
+    import adamerge.run.progress as progress
 
     clock = {"t": 0.0}
     monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
@@ -750,20 +750,20 @@ def test_sigterm_outside_training_is_143_with_one_line(tiny_pool_cfg, tmp_path, 
 
 def test_a_second_run_into_a_locked_out_dir_is_refused_and_a_dead_holder_s_lock_is_taken_over(
         tiny_pool_cfg, tmp_path, capsys):
-    """A live run holds out_dir/.adamerge.lock (pid, host): a second run into it stops before writing anything,
+    """A live run holds out_dir/.adamerge.run.lock (pid, host): a second run into it stops before writing anything,
     naming the holder. A lock whose process is gone (a crashed run) is taken over, and released at the end."""
     import socket
 
     run = tmp_path / "run"
     run.mkdir()
-    lock = run / ".adamerge.lock"
+    lock = run / ".adamerge.run.lock"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
         assert inprocess(tmp_path, tiny_pool_cfg, "method=adamerging_layerwise", "trainer.max_steps=2") == 2
         err = capsys.readouterr().err
         assert f"is in use by another run (process {holder.pid} on host {socket.gethostname()})" in err
-        assert sorted(p.name for p in run.iterdir()) == [".adamerge.lock"]  # nothing written, the lock kept
+        assert sorted(p.name for p in run.iterdir()) == [".adamerge.run.lock"]  # nothing written, the lock kept
     finally:
         holder.kill()
         holder.wait()

@@ -19,12 +19,12 @@ from safetensors.torch import load_file, save_file
 from torch.func import functional_call
 
 import helpers
-from adamerge.data import encode, load_tokenizer, trim
 from adamerge.errors import ConfigError
 from adamerge.evaluate import evaluate_params, load_test_sets
 from adamerge.families.seq2seq import class_loglik
 from adamerge.methods import get_method
-from adamerge.pool_config import pool_from_config
+from adamerge.pool.config import pool_from_config
+from adamerge.run.data import encode, load_tokenizer, trim
 
 TOPICS = ["sports", "tech", "food"]
 EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")

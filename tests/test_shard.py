@@ -57,7 +57,7 @@ def sharded5(conf, tmp_path_factory):
 
 
 def test_local_slices_cover_uneven_tensors():
-    from adamerge.sharded import local_slice
+    from adamerge.core.sharded import local_slice
 
     for numel in (1, 2, 5, 63, 64):
         for world in (1, 2, 3, 4):
@@ -70,9 +70,9 @@ def test_local_slices_cover_uneven_tensors():
 
 def test_sharded_step_in_one_process_equals_the_unsharded_step(odd_pool):
     """Without a process group the slice is the whole tensor: the same value and coefficient gradient."""
-    from adamerge.data import CalibrationDataModule, StepBatches
     from adamerge.methods import get_method
-    from adamerge.pool_config import pool_from_config
+    from adamerge.pool.config import pool_from_config
+    from adamerge.run.data import CalibrationDataModule, StepBatches
 
     pool = pool_from_config(odd_pool)
     cfg = {"name": "adamerging", "granularity": "layer", "init": 0.3}
@@ -106,8 +106,8 @@ def test_two_sharded_processes_equal_one_unsharded(conf, sharded5, tmp_path):
 
 
 def test_each_process_holds_half_the_task_vectors(odd_pool, sharded5):
-    from adamerge.pool_config import pool_from_config
-    from adamerge.task_vectors import TaskVectors
+    from adamerge.core.task_vectors import TaskVectors
+    from adamerge.pool.config import pool_from_config
 
     tv = TaskVectors.from_pool(pool_from_config(odd_pool), exclude=["attention.self.key.bias"])  # as train()
     full = tv.nbytes()  # K·P fp32
@@ -168,7 +168,7 @@ def test_shard_must_be_a_bool(odd_pool, tmp_path, capsys):
     ({}, "auto", 1, None),                                       # unknown: read whole, slice at setup
 ])
 def test_launch_rank_world(monkeypatch, env, devices, nodes, expected):
-    from adamerge.distributed import launch_rank_world
+    from adamerge.run.distributed import launch_rank_world
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(key, raising=False)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from adamerge.methods import get_method
-from adamerge.pool_config import pool_from_config
+from adamerge.pool.config import pool_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

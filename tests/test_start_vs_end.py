@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import helpers
-from adamerge.data import load_tokenizer
 from adamerge.evaluate import accuracy, load_test_sets
 from adamerge.families.classifier import ClassifierTestSet
 from adamerge.methods import get_method
-from adamerge.start_vs_end import (
+from adamerge.run.data import load_tokenizer
+from adamerge.run.start_vs_end import (
     calibration_objective,
     choose,
     holdout_objective,
@@ -135,8 +135,8 @@ def test_train_py_reports_start_and_end(tmp_path, tiny_pool_cfg, capsys, caplog)
 def _pool_with_validation(tmp_path, tiny_pool_cfg) -> dict:
     """The tiny pool with validation files: each task's test texts labelled by its own expert's predictions
     (each expert is right by construction, so val_norm is a merge's agreement with the experts)."""
-    from adamerge.data import read_jsonl
-    from adamerge.pool_config import pool_from_config
+    from adamerge.pool.config import pool_from_config
+    from adamerge.run.data import read_jsonl
 
     pool_cfg = json.loads(json.dumps(tiny_pool_cfg))
     pool = pool_from_config(pool_cfg)
@@ -240,7 +240,7 @@ def test_every_familys_test_set_splits_into_disjoint_shares():
 
 
 def test_holdout_split_is_seeded_per_task_and_never_takes_everything():
-    from adamerge.data import split_holdout
+    from adamerge.run.data import split_holdout
 
     items = list(range(50))
     train, held = split_holdout(items, 0.2, seed=0, task_idx=0)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import encode, load_tokenizer, read_jsonl
 from ..errors import PoolError
+from ..run.data import encode, load_tokenizer, read_jsonl
 
 FAMILIES: dict[str, ModelFamily] = {}
 

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from ..data import labelled_splits, read_jsonl
 from ..errors import DataError
 from ..evaluate import shard_examples
+from ..run.data import labelled_splits, read_jsonl
 from .base import ModelFamily, check_names, register_family
 
 
@@ -208,7 +208,7 @@ class CausalLM(TextAnswers):
     auto_class = "AutoModelForCausalLM"
 
     def load_tokenizer(self, pool) -> Any:
-        from ..data import load_tokenizer
+        from ..run.data import load_tokenizer
 
         return load_tokenizer(pool.base_path, causal=True)
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..data import encode, labelled_splits
 from ..evaluate import accuracy
+from ..run.data import encode, labelled_splits
 from .base import ModelFamily, build_model, register_family
 
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..data import jsonl_rows, labelled_splits
 from ..errors import DataError
 from ..evaluate import shard_examples
+from ..run.data import jsonl_rows, labelled_splits
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -15,15 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..coefficients import Coefficients
-from ..concrete_mask import ConcreteMask
+from ..core.coefficients import Coefficients
+from ..core.concrete_mask import ConcreteMask
+from ..core.lora_factors import check_lora_key
+from ..core.merged_model import MergedModel
+from ..core.sharded import ShardedTaskVectors
+from ..core.task_vectors import TaskVectors
+from ..core.transforms import active_transforms, apply_transforms
 from ..errors import ConfigError
-from ..lora_factors import check_lora_key
-from ..merged_model import MergedModel
-from ..pool import ModelPool
-from ..sharded import ShardedTaskVectors
-from ..task_vectors import TaskVectors
-from ..transforms import active_transforms, apply_transforms
+from ..pool.model_pool import ModelPool
 from .method_config import MethodConfig
 from .registry import get_method
 
@@ -123,7 +123,7 @@ class MergeAlgorithm(nn.Module):
     @classmethod
     def supports_factorized(cls, cfg: MethodConfig) -> bool:
         """Whether this method, so configured, only scales and sums whole task vectors, so LoRA experts may
-        stay factorized (adamerge/lora_factors.py). Methods that read τ's entries (masks, statistics,
+        stay factorized (adamerge/core/lora_factors.py). Methods that read τ's entries (masks, statistics,
         projections, teachers) keep the default: dense."""
         return False
 
@@ -140,7 +140,7 @@ class MergeAlgorithm(nn.Module):
     @classmethod
     def shard_refusal(cls, cfg: MethodConfig) -> str | None:
         """Why ``task_vectors.shard=true`` cannot apply to this method so configured (None: it can): it needs
-        task vectors combined linearly, without masks, by ``step_loss``'s merge (adamerge/sharded.py)."""
+        task vectors combined linearly, without masks, by ``step_loss``'s merge (adamerge/core/sharded.py)."""
         return f"method {cfg.label} is not supported (AdaMerging task-/layer-wise only)"
 
     @classmethod

@@ -14,13 +14,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from ..checkpointing import check_checkpoint_meta, checkpoint_meta
-from ..coefficients import Coefficients
-from ..combine import InjectGrad
-from ..distributed import dist_rank_world
-from ..merged_model import MergedModel
-from ..pool import ModelPool
-from ..task_vectors import TaskVectors
+from ..core.coefficients import Coefficients
+from ..core.combine import InjectGrad
+from ..core.merged_model import MergedModel
+from ..core.task_vectors import TaskVectors
+from ..pool.model_pool import ModelPool
+from ..run.checkpointing import check_checkpoint_meta, checkpoint_meta
+from ..run.distributed import dist_rank_world
 from .algorithm import MergeAlgorithm
 from .method_config import LearnedConfig, MethodConfig
 
@@ -39,7 +39,7 @@ class MergeMethod(MergeAlgorithm, pl.LightningModule):
 
     trainable = True
     # the state dict (coefficients, masks) is the whole merge, so start, best checkpoint and end can be
-    # compared by loading it (checkpoint.monitor, adamerge/start_vs_end.py)
+    # compared by loading it (checkpoint.monitor, adamerge/run/start_vs_end.py)
     selectable = True
     Config: type[MethodConfig] = LearnedConfig
 

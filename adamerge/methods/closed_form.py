@@ -2,7 +2,7 @@
 
 ``DeltaMerge`` is the shared base of RegMean(++), Fisher, PCB and TSV-M: a subclass returns the
 unscaled merged update D (name -> merged − base); the base applies ``scale`` — or LiNeS layer
-scaling instead of it (adamerge/lines.py: λ(l) = α + β·l/(L − 1) per block, which in multi-task
+scaling instead of it (adamerge/core/lines.py: λ(l) = α + β·l/(L − 1) per block, which in multi-task
 merging replaces the global scale) — and holds the result as the offset of a MergedModel without a
 learned part: W = W0 + D·s. ``coefficients.json`` then has no coefficient table.
 """
@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from ..coefficients import Coefficients
-from ..data import batches, read_split
-from ..distributed import dist_rank_world
-from ..lines import apply_lines, lines_config
-from ..merged_model import MergedModel
-from ..pool import ModelPool
-from ..task_vectors import TaskVectors
+from ..core.coefficients import Coefficients
+from ..core.lines import apply_lines, lines_config
+from ..core.merged_model import MergedModel
+from ..core.task_vectors import TaskVectors
+from ..pool.model_pool import ModelPool
+from ..run.data import batches, read_split
+from ..run.distributed import dist_rank_world
 from .algorithm import MergeAlgorithm
 from .method_config import MethodConfig, check_range
 

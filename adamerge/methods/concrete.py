@@ -22,12 +22,12 @@ from typing import Any, Literal
 
 import torch
 
-from ..coefficients import Coefficients
-from ..concrete_mask import ConcreteMask, mask_flags
-from ..data import trim
-from ..distributed import all_reduce_mean
+from ..core.coefficients import Coefficients
+from ..core.concrete_mask import ConcreteMask, mask_flags
+from ..core.task_vectors import TaskVectors
 from ..errors import ConfigError
-from ..task_vectors import TaskVectors
+from ..run.data import trim
+from ..run.distributed import all_reduce_mean
 from .base import MergeMethod
 from .method_config import EntropyConfig, check_range
 from .objectives import EntropyObjective

@@ -27,9 +27,9 @@ from typing import Literal
 
 import torch
 
-from ..coefficients import Coefficients
+from ..core.coefficients import Coefficients
+from ..core.task_vectors import TaskVectors
 from ..errors import ConfigError
-from ..task_vectors import TaskVectors
 from .expert_merging import ExpertMerging, ExpertMergingConfig
 from .registry import register
 

@@ -37,11 +37,11 @@ from typing import Any, Literal
 
 import torch
 
-from ..coefficients import Coefficients
-from ..objectives import distill_kl, hidden_mse, l1_to_init
-from ..pool import ModelPool
-from ..task_vectors import TaskVectors
-from ..transforms import active_transforms
+from ..core.coefficients import Coefficients
+from ..core.objectives import distill_kl, hidden_mse, l1_to_init
+from ..core.task_vectors import TaskVectors
+from ..core.transforms import active_transforms
+from ..pool.model_pool import ModelPool
 from .base import MergeMethod
 from .method_config import ConfigError, LearnedConfig, check_range
 from .registry import register

@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 import torch
 
-from ..coefficients import Coefficients
+from ..core.coefficients import Coefficients
+from ..core.task_vectors import TaskVectors
 from ..errors import CheckpointError
-from ..task_vectors import TaskVectors
 from .expert_merging import ExpertMerging, ExpertMergingConfig, initial_alphas
 from .method_config import ConfigError, check_range
 from .registry import register

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..distributed import all_reduce_sum, dist_rank_world
-from ..task_vectors import TaskVectors
+from ..core.task_vectors import TaskVectors
+from ..run.distributed import all_reduce_sum, dist_rank_world
 from .closed_form import StatisticsConfig, StatisticsMerge
 from .method_config import check_range
 from .registry import register

@@ -25,13 +25,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from ..candidates import CandidatePool, candidate_paths
-from ..coefficients import Coefficients
-from ..data import StepBatches, batches, encode, read_split
+from ..core.coefficients import Coefficients
+from ..core.merged_model import MergedModel
+from ..core.task_vectors import select_names
 from ..errors import CheckpointError, ConfigError
-from ..merged_model import MergedModel
-from ..pool import ModelPool
-from ..task_vectors import select_names
+from ..pool.candidates import CandidatePool, candidate_paths
+from ..pool.model_pool import ModelPool
+from ..run.data import StepBatches, batches, encode, read_split
 from .base import MergeMethod
 from .frank_wolfe_state import FrankWolfeState, Grads, lmo
 from .method_config import MethodConfig, check_range

@@ -14,11 +14,11 @@ from collections import Counter
 
 import torch
 
-from ..candidates import CandidatePool
-from ..coefficients import Coefficients
-from ..merged_model import MergedModel
-from ..pool import ModelPool
-from ..task_vectors import TaskVectors
+from ..core.coefficients import Coefficients
+from ..core.merged_model import MergedModel
+from ..core.task_vectors import TaskVectors
+from ..pool.candidates import CandidatePool
+from ..pool.model_pool import ModelPool
 
 Grads = dict[str, torch.Tensor]
 

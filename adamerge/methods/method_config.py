@@ -13,8 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..config import ConfigError
 from ..errors import refuse_unknown_keys
+from ..run.config import ConfigError
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -184,7 +184,7 @@ class MethodConfig(ConfigSection):
             raise ConfigError(f"config key '{prefix}.start_from' must name a method config (e.g. regmean_pp), "
                               f"got {self.start_from!r}")
         if self.lines not in (None, False):
-            from ..lines import lines_config
+            from ..core.lines import lines_config
 
             try:
                 lines_config(self.lines)

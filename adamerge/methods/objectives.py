@@ -4,14 +4,14 @@ MergeMethod owns the step (merge once, each task's forward and backward into ∂
 ``task_loss(task, inputs, params)`` for one task's micro-batch; a method picks that loss by mixing in one
 objective here, or defines its own (Expert Merging's distillation to each expert, beside its method in
 adamerge/methods/expert_merging.py). The loss functions themselves are pure functions in
-adamerge/objectives.py.
+adamerge/core/objectives.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..objectives import entropy, marginal_entropy
+from ..core.objectives import entropy, marginal_entropy
 
 
 class EntropyObjective:

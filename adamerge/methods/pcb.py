@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.task_vectors import TaskVectors
 from ..errors import ConfigError
-from ..task_vectors import TaskVectors
 from .closed_form import DeltaConfig, DeltaMerge
 from .method_config import check_range
 from .registry import register

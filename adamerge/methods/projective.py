@@ -28,10 +28,10 @@ from typing import Any, Literal
 
 import torch
 
-from ..coefficients import Coefficients
+from ..core.coefficients import Coefficients
+from ..core.task_vectors import TaskVectors, select_names
 from ..errors import ConfigError
-from ..pool import ModelPool, PoolError
-from ..task_vectors import TaskVectors, select_names
+from ..pool.model_pool import ModelPool, PoolError
 from .base import MergeMethod
 from .method_config import EntropyConfig, check_range
 from .objectives import EntropyObjective

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from ..config import ConfigError
+from ..run.config import ConfigError
 
 METHODS: dict[str, type] = {}
 T = TypeVar("T", bound=type)

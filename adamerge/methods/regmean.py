@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..distributed import all_reduce_sum
-from ..lines import LAYER_PATTERN
-from ..task_vectors import TaskVectors
+from ..core.lines import LAYER_PATTERN
+from ..core.task_vectors import TaskVectors
+from ..run.distributed import all_reduce_sum
 from .closed_form import StatisticsConfig, StatisticsMerge
 from .method_config import check_range
 from .registry import register

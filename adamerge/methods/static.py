@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..coefficients import Coefficients
-from ..task_vectors import TaskVectors
+from ..core.coefficients import Coefficients
+from ..core.task_vectors import TaskVectors
 from .algorithm import MergeAlgorithm
 from .method_config import MethodConfig
 from .registry import register
@@ -22,7 +22,7 @@ class StaticConfig(MethodConfig):
 
 @register
 class StaticMerge(MergeAlgorithm):
-    """θ = θ0 + λ Σ_k τ̃_k with τ̃ after the config's transforms (adamerge/transforms.py: DARE / TIES / consensus / LiNeS)."""
+    """θ = θ0 + λ Σ_k τ̃_k with τ̃ after the config's transforms (adamerge/core/transforms.py: DARE / TIES / consensus / LiNeS)."""
 
     name = "static"
     Config = StaticConfig

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..task_vectors import TaskVectors
+from ..core.task_vectors import TaskVectors
 from .closed_form import DeltaConfig, DeltaMerge
 from .registry import register
 

@@ -41,7 +41,7 @@ def quiet_third_party(verbose: bool) -> None:
 
 def cli(cfg: DictConfig) -> int:
     """Run, turning the user's errors into one line on stderr; returns the exit code."""
-    from ..checkpointing import Interrupted
+    from .checkpointing import Interrupted
 
     quiet_third_party(bool(cfg.get("verbose")))
 

@@ -27,19 +27,19 @@ def read_losses(log_dir: Path) -> list[tuple[int, float]]:
 
 def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     """Train with the Lightning Trainer (checkpoints, resume, interrupts, progress, loggers), then
-    compare the end with the start (adamerge/start_vs_end.py). Returns ``(start_state, selection)``,
+    compare the end with the start (adamerge/run/start_vs_end.py). Returns ``(start_state, selection)``,
     or None on a DDP rank other than 0."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from ..checkpointing import AtomicCheckpointIO, Interrupted, SaveOnInterrupt
-    from ..config import ConfigError
-    from ..data import CalibrationDataModule
     from ..evaluate import load_test_sets
-    from ..loggers import build_loggers
-    from ..progress import ProgressLog, StepProgressBar
-    from ..start_vs_end import (
+    from .checkpointing import AtomicCheckpointIO, Interrupted, SaveOnInterrupt
+    from .config import ConfigError
+    from .data import CalibrationDataModule
+    from .loggers import build_loggers
+    from .progress import ProgressLog, StepProgressBar
+    from .start_vs_end import (
         HoldoutMonitor,
         StartObjective,
         ValidationMonitor,

@@ -37,9 +37,9 @@ def run(cfg: DictConfig) -> dict:
     """One run as named steps: check everything → pool and method → fit → evaluate → export."""
     from hydra.core.hydra_config import HydraConfig
 
-    from ..config import check_writable_dir
-    from ..distributed import launch_is_rank_zero
-    from ..lock import out_dir_lock
+    from .config import check_writable_dir
+    from .distributed import launch_is_rank_zero
+    from .lock import out_dir_lock
 
     out_dir = Path(HydraConfig.get().run.dir) if HydraConfig.initialized() else Path(cfg.out_dir)
     if not launch_is_rank_zero():  # the run's rank 0 holds the lock for all its processes
@@ -50,8 +50,8 @@ def run(cfg: DictConfig) -> dict:
 
 
 def run_locked(cfg: DictConfig, out_dir: Path, rank_zero: bool) -> dict:
-    from ..checkpointing import resolve_resume
     from ..export import atomic_write_text
+    from .checkpointing import resolve_resume
 
     # written once the run passed its checks (hydra.output_subdir is null: Hydra would write them before
     # any check, so a refused rerun would overwrite the old run's); taken now, before start_from is inlined
@@ -92,12 +92,12 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
     nothing is spent on a doomed run. Also whether the configured method trains."""
     import pytorch_lightning as pl
 
-    from ..checkpointing import check_fresh_run
-    from ..config import ConfigError, check_config, check_no_missing, check_writable_dir
-    from ..distributed import launch_is_rank_zero
     from ..export import check_export_target, remove_stale_temporaries
-    from ..loggers import logger_names
     from ..methods import CheckpointError, get_method
+    from .checkpointing import check_fresh_run
+    from .config import ConfigError, check_config, check_no_missing, check_writable_dir
+    from .distributed import launch_is_rank_zero
+    from .loggers import logger_names
 
     for key in ("start_from", "init"):  # method.start_from=<method id>: start from that merge
         start = cfg.method.get(key)
@@ -144,10 +144,10 @@ def hydra_choices() -> dict:
 def build_pool_and_method(c: dict, trains: bool):
     """The pool (every data file checked) and the method built on it; ``(pool, None)`` on a statistics
     process of a closed-form DDP run, which has contributed its part once the method is built."""
-    from ..data import check_data
     from ..methods import get_method
-    from ..pool_config import pool_from_config, resolve_recipe
-    from ..start_vs_end import resolve_monitor
+    from ..pool.config import pool_from_config, resolve_recipe
+    from .data import check_data
+    from .start_vs_end import resolve_monitor
 
     pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     check_data(pool)  # a bad line or label is named now, not after training
@@ -158,7 +158,7 @@ def build_pool_and_method(c: dict, trains: bool):
     stats_rank = 0 if trains else _launch_statistics_ranks(c["trainer"])
     extra = {}
     if c["task_vectors"].get("shard"):  # each process reads only its slices of the task vectors
-        from ..distributed import launch_rank_world
+        from .distributed import launch_rank_world
 
         extra["shard_slice"] = launch_rank_world(c["trainer"].get("devices"), c["trainer"].get("num_nodes"))
     # closed form: every rank adds its statistics
@@ -177,7 +177,7 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
         save_report,
         summarize,
     )
-    from ..start_vs_end import exported_note, merged_at, merged_now
+    from .start_vs_end import exported_note, merged_at, merged_now
 
     if not c["evaluate"]["enabled"] or not pool.family.evaluated:
         return None

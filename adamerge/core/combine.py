@@ -3,7 +3,7 @@
 One stacked product per tensor (``c @ τ.view(K, -1)``) inside a custom autograd function that keeps
 a reference to τ (no copy, whatever its dtype or device) instead of letting autograd save a converted
 copy, so task vectors can live in bf16 or in host memory and move to the model's device one tensor
-at a time. ``MergedModel`` (adamerge/merged_model.py) is its only user. ``InjectGrad`` is the other end of
+at a time. ``MergedModel`` (adamerge/core/merged_model.py) is its only user. ``InjectGrad`` is the other end of
 the training step (``MergeMethod.step_loss``): it hands the per-task backward's ∂L/∂W to the merge.
 """
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .task_vectors import TaskVectors
 
 LAYER_PATTERN = r"(?:^|\.)(\d+)\."  # first numbered module in a name: encoder.layer.3., model.layers.3.

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PoolError
+from ..errors import PoolError
 
 PREFIX = "hf://"
 # weights of other frameworks, which a PyTorch pool never reads: not downloaded

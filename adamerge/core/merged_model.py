@@ -2,12 +2,12 @@
 
 ``W = W0 [+ D] + [mask ⊙] Σ_k c_k τ_k`` per merged tensor, evaluated with ``torch.func.functional_call``
 so only the coefficients (and mask) are trainable and the base module is never copied. The sum is
-the custom autograd kernel of adamerge/combine.py. The training step merges into buffers kept across steps, and the input embedding table only on the
+the custom autograd kernel of adamerge/core/combine.py. The training step merges into buffers kept across steps, and the input embedding table only on the
 rows its batches look up (``merged_params(reuse_buffers=True, rows=...)``). LoRA experts' weights kept
-factorized (``task_vectors.factors``, adamerge/lora_factors.py) are merged there from their factors or
+factorized (``task_vectors.factors``, adamerge/core/lora_factors.py) are merged there from their factors or
 run as the multi-adapter forward (``low_rank``), per ``lora_step``; evaluation and export write them out.
 With ``task_vectors.shard=true`` (DDP) the task vectors become this process's slices (``shard``,
-adamerge/sharded.py): the step merges its slices and all-gathers them (``sharded_params``).
+adamerge/core/sharded.py): the step merges its slices and all-gathers them (``sharded_params``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..errors import ConfigError
 from .coefficients import Coefficients
 from .combine import Combine, combine
 from .concrete_mask import ConcreteMask
-from .errors import ConfigError
 from .lookup_table import looked_up_rows, lookup_table, sparse_grad
 from .sharded import ShardedTaskVectors
 from .task_vectors import TaskVectors
@@ -81,7 +81,7 @@ class MergedModel(nn.Module):
         self.lookup_name = None if isinstance(task_vectors, ShardedTaskVectors) else lookup_table(base, self.names)
         factors = task_vectors.factors if task_vectors is not None else None
         self.factored_names = [n for n in self.names if factors is not None and n in factors]
-        self.lora_step = lora_step  # how a training step runs the factorized weights (adamerge/lora_factors.py)
+        self.lora_step = lora_step  # how a training step runs the factorized weights (adamerge/core/lora_factors.py)
         self._out: dict[str, torch.Tensor] = {}  # merged weights of the training step, reused across steps
         self._dirty: dict[str, torch.Tensor] = {}  # rows of a lookup table's buffer that hold a merged value
         self._kept: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # sharded: merges gathered after training
@@ -203,7 +203,7 @@ class MergedModel(nn.Module):
             out[n] = Combine.apply(coefs[i], self.task_vectors[n], w0.device, size, adds, buf.detach(), r)
         return out
 
-    # -- sharded task vectors (task_vectors.shard=true, adamerge/sharded.py) ----------------------
+    # -- sharded task vectors (task_vectors.shard=true, adamerge/core/sharded.py) ----------------------
     @property
     def sharded(self) -> bool:
         return isinstance(self.task_vectors, ShardedTaskVectors)
@@ -259,7 +259,7 @@ class MergedModel(nn.Module):
         return self.task_vectors.factors.hooks(self.base, dict(zip(names, coefs.unbind(0))))
 
     def sparse_lookup_grad(self, rows: torch.Tensor | None):
-        """While active, the lookup table's ∂L/∂W is sparse (adamerge/lookup_table.py); a no-op without ``rows``."""
+        """While active, the lookup table's ∂L/∂W is sparse (adamerge/core/lookup_table.py); a no-op without ``rows``."""
         return sparse_grad(self.base if self.lookup_name and rows is not None else None)
 
     def lookup_rows(self, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ import torch
 
 from . import hub
 from .expert_files import load_expert
-from .pool import ModelPool, PoolError
+from .model_pool import ModelPool, PoolError
 
 log = logging.getLogger("adamerge")
 
@@ -34,7 +34,7 @@ def _name(path: Path, taken: set[str]) -> str:
 def candidate_paths(candidates: list | dict | None = None, candidates_dir: str | Path | None = None) -> dict[str, Path]:
     """Named candidate paths from an explicit list (or ``{name: path}``) and/or a directory.
 
-    A listed candidate may be a hub reference ``hf://<org>/<name>[@<revision>]`` (adamerge/hub.py, as in pool
+    A listed candidate may be a hub reference ``hf://<org>/<name>[@<revision>]`` (adamerge/pool/hub.py, as in pool
     configs; named after the repo). In a directory, every sub-directory and every ``.safetensors`` file is a
     candidate (sorted by name); other files are ignored.
     """

@@ -16,11 +16,11 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".adamerge.lock"
+LOCK_NAME = ".adamerge.run.lock"
 
 
 def _alive(pid: int) -> bool:

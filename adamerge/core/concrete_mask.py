@@ -10,7 +10,7 @@ import re
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 STRUCTURES = ("element", "row", "column")
 

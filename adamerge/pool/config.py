@@ -6,10 +6,10 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from ..errors import DataError, PoolError, refuse_unknown_keys
+from ..families import get_family
 from . import hub
-from .errors import DataError, PoolError, refuse_unknown_keys
-from .families import get_family
-from .pool import ModelPool, TaskSpec
+from .model_pool import ModelPool, TaskSpec
 
 # data_dir: only for the pool yaml's own interpolations (``${pool.data_dir}/<task>/test.jsonl``)
 POOL_KEYS = ["base", "tasks", "model_class", "head_prefixes", "check_finite", "check_fine_tuned", "data_dir"]
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def pool_from_config(cfg: dict) -> ModelPool:
     """Build a ModelPool from a plain dict (the ``pool`` config group, recipe already resolved).
 
-    ``hf://`` references (``base``, a task's ``expert``) are resolved to local directories (adamerge/hub.py)
+    ``hf://`` references (``base``, a task's ``expert``) are resolved to local directories (adamerge/pool/hub.py)
     once every key is checked and before anything loads."""
     for key in ("base", "tasks"):
         if key not in cfg or cfg[key] in (None, "", {}):
@@ -74,7 +74,7 @@ def warn_shared_experts(tasks: dict[str, TaskSpec]) -> None:
 
 def check_data_paths(tasks: dict[str, TaskSpec]) -> None:
     """Each task's data paths exist (a DataError naming the key otherwise): run before hub models are
-    downloaded; the files themselves are read by ``adamerge.data.check_data`` once the pool has loaded."""
+    downloaded; the files themselves are read by ``adamerge.run.data.check_data`` once the pool has loaded."""
     for name, spec in tasks.items():
         for key in ("calibration", "test", "validation"):
             path = getattr(spec, key)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
-from .pool import ModelPool
+from ..errors import ConfigError
+from ..pool.model_pool import ModelPool
 
 LORA_CHOICES = {
     "lora": ("auto", "dense", "factorized"),  # task_vectors.lora: whether LoRA experts stay factorized

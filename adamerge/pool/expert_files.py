@@ -1,6 +1,6 @@
 """Model files read lazily, tensor by tensor: a Hugging Face ``save_pretrained`` directory (safetensors
 or .bin, sharded with an index), a single ``.safetensors`` state dict, or a PEFT LoRA adapter directory.
-ModelPool (adamerge/pool.py) aligns and validates what these return against the base.
+ModelPool (adamerge/pool/model_pool.py) aligns and validates what these return against the base.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import PoolError
+from ..errors import PoolError
 
 # the adapter_config.json keys that decide a LoRA delta's scale (part of the pool fingerprint)
 LORA_SCALING_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out")

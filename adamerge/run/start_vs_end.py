@@ -28,10 +28,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from ..errors import ConfigError
+from ..evaluate import TestSets, expert_row, merge_accuracies
 from .data import StepBatches, batches
 from .distributed import all_reduce_sum, dist_rank_world
-from .errors import ConfigError
-from .evaluate import TestSets, expert_row, merge_accuracies
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def merged_at(method: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def gather_merges(method: Any, states: list[dict[str, torch.Tensor]], keep: bool) -> None:
-    """Sharded task vectors (adamerge/sharded.py), on every process after training: all-gather the merges at
+    """Sharded task vectors (adamerge/core/sharded.py), on every process after training: all-gather the merges at
     ``states`` (start, end) one tensor at a time; ``keep`` (rank 0) holds them for evaluation and export,
     the only merges asked for once the other processes have left."""
     current = snapshot(method)

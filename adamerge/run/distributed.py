@@ -1,6 +1,6 @@
 """torch.distributed helpers for the work a Trainer does not reduce itself: closed-form statistics
 (each process sees its slice of the calibration data), Concrete AdaMerging's hand-taken gradients, and
-the all-gather / reduce-scatter of sharded task vectors (adamerge/sharded.py)."""
+the all-gather / reduce-scatter of sharded task vectors (adamerge/core/sharded.py)."""
 
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..pool.model_pool import ModelPool, PoolError
 from .lora_factors import LoraFactors
-from .pool import ModelPool, PoolError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -41,7 +41,7 @@ def select_names(names: Iterable[str], include: list[str] | None, exclude: list[
 
 class StackedTensors:
     """What ``MergedModel`` reads of task vectors: named stacks ``[K, ...]`` (``tensors``) over ``task_names``.
-    ``TaskVectors`` holds whole stacks; ``ShardedTaskVectors`` (adamerge/sharded.py) one slice of each."""
+    ``TaskVectors`` holds whole stacks; ``ShardedTaskVectors`` (adamerge/core/sharded.py) one slice of each."""
 
     tensors: dict[str, torch.Tensor]
     task_names: list[str]
@@ -103,7 +103,7 @@ class TaskVectors(StackedTensors):
     elsewhere; ``MergedModel`` moves them one tensor at a time.
 
     ``factors`` (``task_vectors.lora: factorized``): LoRA experts' weights kept as their factors
-    (adamerge/lora_factors.py), not in ``tensors``; ``names`` lists both kinds in the pool's order.
+    (adamerge/core/lora_factors.py), not in ``tensors``; ``names`` lists both kinds in the pool's order.
     The transforms below read τ's entries: they apply to dense task vectors only.
     """
 

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 GRANULARITIES = ("task", "layer", "chunk")
 

@@ -25,9 +25,9 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import ConfigError
+from ..run.distributed import all_gather_flat, reduce_scatter_flat
 from .combine import Combine
-from .distributed import all_gather_flat, reduce_scatter_flat
-from .errors import ConfigError
 from .task_vectors import (
     StackedTensors,
     TaskVectors,

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PoolError
+from ..errors import PoolError
+from ..families import get_family
 from .expert_files import Expert, load_expert, lora_scaling, strip_prefixes
-from .families import get_family
 from .fingerprint import pool_fingerprint
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class ModelPool:
         self.optional_names: set[str] = set()  # shared tensors an expert may lack (then the base's)
         self.ignored_prefixes: tuple[str, ...] = ()  # expert tensors outside the pool's model (not merged)
         self.family = get_family(model_class)
-        # {pool key: how the config named the model there}, for models resolved elsewhere (adamerge/hub.py):
+        # {pool key: how the config named the model there}, for models resolved elsewhere (adamerge/pool/hub.py):
         # {"pool.tasks.sst2.expert": "hf://org/name (commit ...)"}
         self.sources: dict[str, str] = {}
         self.base_model: nn.Module = self.family.build_base(self)
@@ -348,7 +348,7 @@ class ModelPool:
         return self._tokenizer
 
     def fingerprint(self) -> dict:
-        """What a checkpoint's coefficients were learned on (adamerge/fingerprint.py), computed once per pool."""
+        """What a checkpoint's coefficients were learned on (adamerge/pool/fingerprint.py), computed once per pool."""
         if self._fingerprint is None:
             self._fingerprint = pool_fingerprint(self)
         return copy.deepcopy(self._fingerprint)  # callers add their own keys

@@ -6,11 +6,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .lora_factors import LORA_CHOICES, check_lora_key
-from .task_vectors import DTYPES
+from ..core.lora_factors import LORA_CHOICES, check_lora_key
+from ..core.task_vectors import DTYPES
+from ..errors import ConfigError
 
-MONITORS = ("auto", "val_acc", "val_norm", "holdout_objective")  # checkpoint.monitor: adamerge/start_vs_end.py
+MONITORS = ("auto", "val_acc", "val_norm", "holdout_objective")  # checkpoint.monitor: adamerge/run/start_vs_end.py
 
 
 def _get(c: dict, key: str) -> Any:
