@@ -13,8 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..errors import refuse_unknown_keys
-from ..run.config import ConfigError
+from ..errors import ConfigError, refuse_unknown_keys
 
 
 def _fits(value: Any, hint: Any) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from ..run.config import ConfigError
+from ..errors import ConfigError
 
 METHODS: dict[str, type] = {}
 T = TypeVar("T", bound=type)

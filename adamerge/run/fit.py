@@ -33,9 +33,9 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    from ..errors import ConfigError
     from ..evaluate import load_test_sets
     from .checkpointing import AtomicCheckpointIO, Interrupted, SaveOnInterrupt
-    from .config import ConfigError
     from .data import CalibrationDataModule
     from .loggers import build_loggers
     from .progress import ProgressLog, StepProgressBar

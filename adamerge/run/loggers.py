@@ -14,8 +14,7 @@ from pathlib import Path
 
 from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
-from ..errors import refuse_unknown_keys
-from .config import ConfigError
+from ..errors import ConfigError, refuse_unknown_keys
 
 # logger name -> the packages that provide it (any one)
 PACKAGES: dict[str, tuple[str, ...]] = {"csv": (), "tensorboard": ("tensorboard", "tensorboardX"),

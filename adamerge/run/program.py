@@ -92,10 +92,11 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
     nothing is spent on a doomed run. Also whether the configured method trains."""
     import pytorch_lightning as pl
 
+    from ..errors import ConfigError
     from ..export import check_export_target, remove_stale_temporaries
     from ..methods import CheckpointError, get_method
     from .checkpointing import check_fresh_run
-    from .config import ConfigError, check_config, check_no_missing, check_writable_dir
+    from .config import check_config, check_no_missing, check_writable_dir
     from .distributed import launch_is_rank_zero
     from .loggers import logger_names
 
