@@ -192,6 +192,16 @@ BAD_CONFIGS = {
     "zero batch": (["method=adamerging_layerwise", "data.batch_size=0"], r"'data.batch_size' must be >= 1"),
     "bad dtype": (["method=task_arithmetic", "task_vectors.dtype=int8"], r"'task_vectors.dtype' must be one of"),
     "unknown trainer key": (["method=adamerging_layerwise", "+trainer.foo=1"], r"config group 'trainer'.*foo"),
+    # every group has one typed schema: an unknown key anywhere is refused, naming the nearest valid one
+    "unknown data key": (["method=adamerging_layerwise", "+data.batchsize=8"],
+                         r"unknown config key 'data.batchsize'.*did you mean 'data.batch_size'"),
+    "unknown evaluate key": (["method=task_arithmetic", "+evaluate.max_example=5"],
+                             r"unknown config key 'evaluate.max_example'.*did you mean 'evaluate.max_examples'"),
+    "bad monitor": (["method=adamerging_layerwise", "checkpoint.monitor=accuracy"],
+                    r"config key 'checkpoint.monitor' must be one of 'auto', 'val_acc', 'val_norm', "
+                    r"'holdout_objective' or null, got 'accuracy'"),
+    "string export flag": (["method=task_arithmetic", "export.overwrite=maybe"],
+                           r"config key 'export.overwrite' must be true or false, got 'maybe'"),
     # a key is declared only by the methods that read it: the entropy objective's diversity, the calibration
     # keys of the closed forms that gather statistics
     "entropy key on a distillation method": (["method=expert_merging", "+method.diversity=1"],

@@ -76,6 +76,10 @@ class ConfigSection:
         hints = typing.get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls)]
         refuse_unknown_keys(values, names, prefix, cls.owner(), ConfigError)
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING and f.name not in values]
+        if required:
+            raise ConfigError(f"config key '{prefix}.{required[0]}' is required")
         kwargs = {}
         for key, value in values.items():
             where = f"{prefix}.{key}"

@@ -1,16 +1,18 @@
-"""Checks on the composed config: every bad value is reported with its key, before any work starts."""
+"""Checks on the composed config: every bad value is reported with its key, before any work starts.
+
+Every group has one typed schema (the dataclass parser the method configs use: unknown keys refused with the
+nearest valid one, types and ranges checked); the values themselves are written once, in configs/."""
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ..core.lora_factors import LORA_CHOICES, check_lora_key
 from ..core.task_vectors import DTYPES
 from ..errors import ConfigError
-
-MONITORS = ("auto", "val_acc", "val_norm", "holdout_objective")  # checkpoint.monitor: adamerge/run/start_vs_end.py
+from ..methods.method_config import ConfigSection, check_range
 
 
 def _get(c: dict, key: str) -> Any:
@@ -104,45 +106,111 @@ def check_shard(c: dict) -> None:
         raise ConfigError("task_vectors.shard=true shards dense task vectors: task_vectors.lora=factorized refused")
 
 
+@dataclass
+class DataConfig(ConfigSection):
+    """``data``: the calibration batches (values in configs/data/default.yaml)."""
+    batch_size: int
+    max_length: int
+    calibration_size: int | None
+    holdout_fraction: float
+
+    def check(self, prefix: str) -> None:
+        check_range(self.batch_size, f"{prefix}.batch_size", 1)
+        check_range(self.max_length, f"{prefix}.max_length", 2)
+        check_range(self.calibration_size, f"{prefix}.calibration_size", 1)
+        check_range(self.holdout_fraction, f"{prefix}.holdout_fraction", 0)
+        if self.holdout_fraction >= 1:
+            raise ConfigError(f"config key '{prefix}.holdout_fraction' must be < 1 (a share of each task's "
+                              f"calibration texts), got {self.holdout_fraction!r}")
+
+
+@dataclass
+class TaskVectorsConfig(ConfigSection):
+    """``task_vectors``: which tensors are merged and how the task vectors are held (configs/config.yaml)."""
+    include: list[str]
+    exclude: list[str]
+    dtype: str
+    device: str | None
+    keep_unchanged: bool
+    lora: Literal["auto", "dense", "factorized"]
+    lora_step: Literal["auto", "adapters", "merge"]
+    shard: bool
+
+    def check(self, prefix: str) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"config key '{prefix}.dtype' must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class CheckpointConfig(ConfigSection):
+    """``checkpoint``: how often, and which merge is kept as the best (adamerge/run/start_vs_end.py)."""
+    every_n_steps: int
+    monitor: Literal["auto", "val_acc", "val_norm", "holdout_objective"] | None
+
+    def check(self, prefix: str) -> None:
+        check_range(self.every_n_steps, f"{prefix}.every_n_steps", 1)
+
+
+@dataclass
+class ProgressConfig(ConfigSection):
+    """``progress``: the progress lines of learned methods (terminal and train.log)."""
+    every_n_steps: int
+    every_s: float
+
+    def check(self, prefix: str) -> None:
+        check_range(self.every_n_steps, f"{prefix}.every_n_steps", 1)
+        check_range(self.every_s, f"{prefix}.every_s", 0)
+
+
+@dataclass
+class EvaluateConfig(ConfigSection):
+    """``evaluate``: the evaluation table (adamerge/evaluate.py)."""
+    enabled: bool
+    reference_rows: bool
+    start_row: bool
+    monitor_batches: int
+    batch_size: int
+    max_examples: int | None
+    max_new_tokens: int
+
+    def check(self, prefix: str) -> None:
+        check_range(self.batch_size, f"{prefix}.batch_size", 1)
+        check_range(self.monitor_batches, f"{prefix}.monitor_batches", 0)
+        check_range(self.max_examples, f"{prefix}.max_examples", 1)
+        check_range(self.max_new_tokens, f"{prefix}.max_new_tokens", 1)
+
+
+@dataclass
+class ExportConfig(ConfigSection):
+    """``export``: where and what the export writes (adamerge/export.py)."""
+    dir: str
+    overwrite: bool
+    task_models: bool
+
+
+# every config group but method (its method's own dataclass), pool (adamerge/pool/config.py) and trainer (the
+# Lightning Trainer's keyword arguments, checked by the Trainer)
+GROUPS: dict[str, type[ConfigSection]] = {"data": DataConfig, "task_vectors": TaskVectorsConfig,
+                                          "checkpoint": CheckpointConfig, "progress": ProgressConfig,
+                                          "evaluate": EvaluateConfig, "export": ExportConfig}
+
+
 def check_config(c: dict) -> None:
-    """Raise ConfigError naming the first bad key of a resolved config (a plain dict).
+    """Raise ConfigError naming the first bad key of a resolved config (a plain dict): every group's keys typed
+    and known (an unknown key is refused with the nearest valid one), values in range.
 
     The ``method`` block is checked by its method's typed config (adamerge/methods/method_config.py)."""
     if not c.get("pool"):  # ~pool (or pool=null, which train.py turns into ~pool)
         raise ConfigError("no pool chosen (pool=<name>; see configs/pool/)")
     if not (c.get("method") or {}).get("name"):
         raise ConfigError("config key 'method.name' is required (choose a method with method=<name>)")
-    # keys whose null means "all"/"from the method" are optional; the others are read as numbers
-    check_number(c, "data.batch_size", 1, integer=True, optional=False)
-    check_number(c, "data.max_length", 2, integer=True, optional=False)
-    check_number(c, "data.calibration_size", 1, integer=True)
-    check_number(c, "data.holdout_fraction", 0)
-    if (_get(c, "data.holdout_fraction") or 0) >= 1:
-        raise ConfigError(f"config key 'data.holdout_fraction' must be < 1 (a share of each task's calibration "
-                          f"texts), got {_get(c, 'data.holdout_fraction')!r}")
+    for group, schema in GROUPS.items():
+        if not isinstance(c.get(group), dict):
+            raise ConfigError(f"config group '{group}' is missing or not a mapping")
+        schema.parse(c[group], prefix=group)
     check_number(c, "seed", 0, integer=True, optional=False)
-    check_number(c, "checkpoint.every_n_steps", 1, integer=True, optional=False)
-    monitor = _get(c, "checkpoint.monitor")
-    if monitor is not None and monitor not in MONITORS:
-        raise ConfigError(f"config key 'checkpoint.monitor' must be null or one of {list(MONITORS)}, got {monitor!r}")
-    check_number(c, "progress.every_n_steps", 1, integer=True, optional=False)
-    check_number(c, "progress.every_s", 0, optional=False)
-    check_number(c, "evaluate.batch_size", 1, integer=True, optional=False)
-    check_number(c, "evaluate.monitor_batches", 0, integer=True, optional=False)
-    check_number(c, "evaluate.max_examples", 1, integer=True)
-    check_number(c, "evaluate.max_new_tokens", 1, integer=True, optional=False)
     check_number(c, "trainer.max_steps", -1, integer=True)
-    dtype = _get(c, "task_vectors.dtype")
-    if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
-        raise ConfigError(f"config key 'task_vectors.dtype' must be one of {sorted(DTYPES)}, got {dtype!r}")
-    for key in LORA_CHOICES:
-        if _get(c, f"task_vectors.{key}") is not None:
-            check_lora_key(key, _get(c, f"task_vectors.{key}"))
     check_shard(c)
-    for key in ("task_vectors.include", "task_vectors.exclude"):
-        v = _get(c, key)
-        if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-            raise ConfigError(f"config key '{key}' must be a list of regexes, got {v!r}")
     for key in ("resume", "out_dir"):
         v = _get(c, key)
         if v is not None and not isinstance(v, str):
