@@ -6,7 +6,8 @@ RUNS_DIR holds one folder per ``bench/quality.py --out`` (e.g. ``bench_lora_100`
 texts per task), each with a folder per method (``train.py`` out_dirs). Per learned run the table gives its
 start (the row ``start: …``: task arithmetic for AdaMerging, RegMean++ for distill merging), the exported
 merge and which of start / best checkpoint / end was exported (``selection.json``), the difference to the
-start, the share of the task-arithmetic gap closed where the start is task arithmetic, and the held-out
+start, the share of the gap between task arithmetic (λ 0.3, an AdaMerging run's start row in the same
+folder) and the experts that the merge closes, and the held-out
 objective's rank correlation with test accuracy when ``bench/holdout_tracking.py`` was run on it. Closed-form
 runs (RegMean++) are rows of their own. ``--plot``: normalized accuracy against calibration size, one line per
 (pool, method), the start dashed.
@@ -21,12 +22,26 @@ from pathlib import Path
 
 
 def rows_of(group: Path) -> list[dict]:
-    """One dict per method run of a quality.py output folder."""
-    out = []
+    """One dict per method run of a quality.py output folder (normalized by the expert row of the run that
+    evaluated the reference rows, as quality.py does)."""
     m = re.fullmatch(r"(.*)_(\d+)", group.name)
     pool, size = (m.group(1), int(m.group(2))) if m else (group.name, None)
-    for run in sorted(p for p in group.iterdir() if (p / "eval.json").exists()):
-        rows = json.loads((run / "eval.json").read_text())["rows"]
+    runs = {run: json.loads((run / "eval.json").read_text())
+            for run in sorted(p for p in group.iterdir() if (p / "eval.json").exists())}
+    expert = next((e["rows"]["expert"] for e in runs.values() if "expert" in e["rows"]), None)
+
+    def norm(row: dict) -> float | None:
+        if "norm" in row:
+            return row["norm"]
+        tasks = [t for t in row if t not in ("avg", "norm")]
+        return sum(row[t] / expert[t] for t in tasks) / len(tasks) if expert else None
+
+    # task arithmetic's normalized accuracy: the start row of an AdaMerging run of this group, if any
+    ta = next((norm(r) for e in runs.values() for n, r in e["rows"].items()
+               if n.startswith("start: task_arithmetic")), None)
+    out = []
+    for run, ev in runs.items():
+        rows = ev["rows"]
         own = next((n for n in rows if n.startswith(run.name)), None)
         if own is None:
             continue
@@ -35,9 +50,9 @@ def rows_of(group: Path) -> list[dict]:
         sel = json.loads(sel_path.read_text()) if sel_path.exists() else {}
         track_path = run / "holdout_tracking.json"
         track = json.loads(track_path.read_text()) if track_path.exists() else {}
-        out.append({"pool": pool, "size": size, "method": run.name, "norm": rows[own]["norm"],
-                    "start": start, "start_norm": rows[start]["norm"] if start else None,
-                    "exported": sel.get("exported"), "spearman": track.get("spearman"),
+        out.append({"pool": pool, "size": size, "method": run.name, "norm": norm(rows[own]),
+                    "start": start, "start_norm": norm(rows[start]) if start else None,
+                    "exported": sel.get("exported"), "spearman": track.get("spearman"), "ta": ta,
                     "best_by_test": (track.get("best_by_test") or {}).get("test_norm")})
     return out
 
@@ -48,11 +63,13 @@ def pct(x: float | None) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| pool | texts/task | method | start | start norm | exported norm | exported | Δ vs start | "
-             "gap closed (TA start) | ρ held-out vs test | best checkpoint by test |", "|---" * 11 + "|"]
+             "gap to the experts closed vs task arithmetic | ρ held-out vs test | best checkpoint by test |",
+             "|---" * 11 + "|"]
     for r in rows:
         start, s0, norm = (r["start"] or "–").removeprefix("start: "), r["start_norm"], r["norm"]
         delta = "–" if s0 is None else f"{100 * (norm - s0):+.2f}"
-        gap = f"{100 * (norm - s0) / (1 - s0):.0f}%" if start.startswith("task_arithmetic") and s0 < 1 else "–"
+        ta = r["ta"]
+        gap = f"{100 * (norm - ta) / (1 - ta):.0f}%" if ta is not None and ta < 1 else "–"
         rho = "–" if r["spearman"] is None else f"{r['spearman']:.2f}"
         lines.append(f"| {r['pool']} | {r['size'] or 'all'} | {r['method']} | {start} | {pct(s0)} | {pct(norm)} | "
                      f"{r['exported'] or '–'} | {delta} | {gap} | {rho} | {pct(r['best_by_test'])} |")
