@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 import helpers
-from adamerge import hub
 from adamerge.errors import DataError, PoolError
+from adamerge.pool import hub
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 ORG = "adamerge-test"

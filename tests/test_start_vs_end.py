@@ -286,3 +286,14 @@ def test_holdout_monitor_without_held_out_texts_is_one_line_before_training(tmp_
                                   f"out_dir={out}"], pool=tiny_pool_cfg)
     helpers.assert_refused_in_one_line(code, capsys, r"checkpoint.monitor=holdout_objective needs held-out "
                                        r"calibration texts: set data.holdout_fraction > 0", out)
+
+
+def test_each_purpose_has_its_own_batch_stream():
+    """Training, the start-vs-end comparison and FW-Merging's inner steps never step through the same batches."""
+    from adamerge.run.data import STREAM_SEEDS, stream
+
+    enc = {"t": {"input_ids": torch.arange(64).view(64, 1), "attention_mask": torch.ones(64, 1, dtype=torch.long)}}
+    first = {p: stream(enc, 8, seed=0, purpose=p).batch(0)["t"]["input_ids"].flatten().tolist() for p in STREAM_SEEDS}
+    assert len({tuple(v) for v in first.values()}) == len(STREAM_SEEDS), first
+    again = stream(enc, 8, seed=0, purpose="train").batch(0)["t"]["input_ids"].flatten().tolist()
+    assert again == first["train"]  # a pure function of (seed, purpose, step)

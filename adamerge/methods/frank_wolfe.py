@@ -31,7 +31,7 @@ from ..core.task_vectors import select_names
 from ..errors import CheckpointError, ConfigError
 from ..pool.candidates import CandidatePool, candidate_paths
 from ..pool.model_pool import ModelPool
-from ..run.data import StepBatches, batches, encode, read_split
+from ..run.data import StepBatches, batches, encode, read_split, stream
 from .base import MergeMethod
 from .frank_wolfe_state import FrankWolfeState, Grads, lmo
 from .method_config import MethodConfig, check_range
@@ -119,7 +119,7 @@ class FrankWolfeMerging(EntropyObjective, MergeMethod):
     # -- objective ------------------------------------------------------------------------------
     def use_data(self, dm) -> None:
         """Take max_length and a batch stream (for soft inner steps) from a CalibrationDataModule."""
-        self._stream = StepBatches(dm.encoded, dm.batch_size, dm.seed + 1)  # its own stream, not the FW batches
+        self._stream = stream(dm.encoded, dm.batch_size, dm.seed, "fw_inner")  # not the FW steps' nor the monitor's
         self._max_length = dm.max_length
 
     def setup(self, stage: str) -> None:

@@ -184,6 +184,18 @@ def step_indices(n: int, batch_size: int, step: int, seed: int, task_idx: int) -
     return torch.tensor(out)
 
 
+# The seeded batch streams of a run, one per purpose, so that no two purposes step through the same batches:
+# training's, the fixed batches on which start and end are compared (adamerge/run/start_vs_end.py), and
+# FW-Merging's inner AdaMerging steps.
+STREAM_SEEDS = {"train": 0, "monitor": 1, "fw_inner": 2}
+
+
+def stream(encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, seed: int, purpose: str,
+           **kwargs) -> StepBatches:
+    """The run's batch stream for ``purpose`` (one of STREAM_SEEDS)."""
+    return StepBatches(encoded, batch_size, seed + STREAM_SEEDS[purpose], **kwargs)
+
+
 class StepBatches(IterableDataset):
     """Infinite stream: item s is {task: inputs} for micro-step s, this rank's slice only."""
 
@@ -273,5 +285,5 @@ class CalibrationDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world, start = self._world()
-        ds = StepBatches(self.encoded, self.batch_size, self.seed, start=start, rank=rank, world=world)
+        ds = stream(self.encoded, self.batch_size, self.seed, "train", start=start, rank=rank, world=world)
         return DataLoader(ds, batch_size=None, num_workers=0)

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ConfigError
 from ..evaluate import TestSets, expert_row, merge_accuracies
-from .data import StepBatches, batches
+from .data import batches, stream
 from .distributed import all_reduce_sum, dist_rank_world
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def gather_merges(method: Any, states: list[dict[str, torch.Tensor]], keep: bool
 def monitor_batches(encoded: dict[str, dict[str, torch.Tensor]], batch_size: int, seed: int,
                     n: int) -> list[dict[str, dict[str, torch.Tensor]]]:
     """``n`` fixed calibration batches of every task (another seed than training's order)."""
-    ds = StepBatches(encoded, batch_size, seed + 1)
+    ds = stream(encoded, batch_size, seed, "monitor")
     return [ds.batch(i) for i in range(n)]
 
 
