@@ -29,6 +29,16 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(spearmanr(x, y).statistic) if len(x) > 2 else float("nan")
 
 
+def expert_row(run: Path) -> dict[str, float]:
+    """Each expert's test accuracy: from the run's eval.json, or from a sibling run's (bench/quality.py evaluates
+    the reference rows once per output folder, in its first method's run)."""
+    for ev in [run / "eval.json", *sorted(run.parent.glob("*/eval.json"))]:
+        rows = json.loads(ev.read_text())["rows"] if ev.exists() else {}
+        if "expert" in rows:
+            return rows["expert"]
+    raise SystemExit(f"{run}: no expert row in its eval.json nor in a sibling run's")
+
+
 def rebuilt(run: Path):
     """The run's pool and method, built as train.py builds them (start_from inlined)."""
     from adamerge.run.program import build_pool_and_method
@@ -53,7 +63,7 @@ def track(run: Path) -> dict:
         with f.open() as fh:
             held.update({int(r["step"]): float(r["holdout_objective"]) for r in csv.DictReader(fh)
                          if r.get("holdout_objective")})
-    expert = json.loads((run / "eval.json").read_text())["rows"]["expert"]
+    expert = expert_row(run)
     tests = load_test_sets(pool, pool.tokenizer(), c["data"]["max_length"])
     states = {0: None} | {int(p.stem[4:]): p for p in sorted((run / "checkpoints").glob("step*.ckpt"))}
     points = []
