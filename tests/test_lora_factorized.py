@@ -221,14 +221,14 @@ def test_bad_lora_value_is_a_one_line_config_error(bert_cfg, bert, tmp_path, cap
                                  bert_cfg)
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err == "error: config key 'task_vectors.lora' must be one of auto, dense, factorized, got 'sparse'"
+    assert err == "error: config key 'task_vectors.lora' must be one of 'auto', 'dense', 'factorized', got 'sparse'"
     with pytest.raises(ConfigError, match="task_vectors.lora"):
         get_method("static")(bert, {"name": "static"}, {"lora": True})
     code = helpers.run_inprocess(["method=task_arithmetic", "task_vectors.lora_step=fast", f"out_dir={tmp_path}"],
                                  bert_cfg)
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err == "error: config key 'task_vectors.lora_step' must be one of auto, adapters, merge, got 'fast'"
+    assert err == "error: config key 'task_vectors.lora_step' must be one of 'auto', 'adapters', 'merge', got 'fast'"
 
 
 # -- memory: no dense weight per expert ---------------------------------------------------------------

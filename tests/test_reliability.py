@@ -635,7 +635,7 @@ def test_progress_lines_in_the_log_file(conf, tmp_path):
     run = tmp_path / "run"
     train(conf, run, "method=adamerging_layerwise", "trainer.max_steps=12", "progress.every_n_steps=5",
           "progress.every_s=1000")
-    lines = re.findall(r"step (\d+)/12  loss \d+\.\d+  s/step \d+\.\d+  ETA \d+s  "
+    lines = re.findall(r"step (\d+)/12  loss -?\d+\.\d+  s/step \d+\.\d+  ETA \d+s  "
                        r"coef mean/min/max -?\d\.\d+/-?\d\.\d+/-?\d\.\d+$", (run / "train.log").read_text(), re.M)
     assert lines == ["5", "10", "12"], (run / "train.log").read_text()
 

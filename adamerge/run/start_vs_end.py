@@ -222,26 +222,27 @@ class ValidationMonitor(pl.Callback):
 
     def __init__(self, validation: TestSets, every_n: int, batch_size: int):
         self.validation, self.every_n, self.batch_size = validation, every_n, batch_size
+        self.share = validation  # this process's share of every file (all of it without DDP)
         self.expert: dict[str, float] = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rank, world = dist_rank_world()
-        if world > 1:
-            self.validation = {t: ts.shard(rank, world) for t, ts in self.validation.items()}
+        if world > 1:  # the whole files stay in self.validation: start vs end is scored on them after training
+            self.share = {t: ts.shard(rank, world) for t, ts in self.validation.items()}
         log.info("validation monitor: rank %d scores %s", rank,
-                 ", ".join(f"{t} {len(ts)}" for t, ts in self.validation.items()))
+                 ", ".join(f"{t} {len(ts)}" for t, ts in self.share.items()))
         self.expert = self._pooled(pl_module, lambda sets: expert_row(pl_module.pool, sets, self.batch_size,
                                                                       base=pl_module.merged.base))
 
     def _pooled(self, pl_module: pl.LightningModule, score: Callable[[TestSets], dict[str, float]]) -> dict[str, float]:
         """Per-task accuracy over every process's share: ``score`` on this process's (non-empty) sets, then
         the correct counts and sizes summed over processes."""
-        mine = {t: ts for t, ts in self.validation.items() if len(ts)}
+        mine = {t: ts for t, ts in self.share.items() if len(ts)}
         accs = score(mine) if mine else {}
-        counts = torch.tensor([[accs.get(t, 0.0) * len(ts), len(ts)] for t, ts in self.validation.items()],
+        counts = torch.tensor([[accs.get(t, 0.0) * len(ts), len(ts)] for t, ts in self.share.items()],
                               dtype=torch.float64, device=pl_module.device)
         counts = all_reduce_sum(counts)
-        return {t: float(c / n) for t, (c, n) in zip(self.validation, counts.tolist())}
+        return {t: float(c / n) for t, (c, n) in zip(self.share, counts.tolist())}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
