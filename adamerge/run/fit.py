@@ -53,7 +53,7 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     ckpt_dir = out_dir / "checkpoints"
     dm = CalibrationDataModule.from_pool(pool, batch_size=c["data"]["batch_size"], max_length=c["data"]["max_length"],
                                          seed=c["seed"], size=c["data"]["calibration_size"],
-                                         holdout_fraction=c["data"].get("holdout_fraction") or 0.0)
+                                         holdout_fraction=c["data"]["holdout_fraction"])
     holdout = holdout_batches(dm.holdout, c["evaluate"]["batch_size"])
     if getattr(method.cfg, "passes", None):  # steps from the data: passes over the largest task's training texts, at most steps
         n = max(next(iter(enc.values())).shape[0] for enc in dm.encoded.values())

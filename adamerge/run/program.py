@@ -155,7 +155,7 @@ def build_pool_and_method(c: dict, trains: bool):
     if trains:  # checkpoint.monitor=auto becomes what this pool and method allow
         cls = get_method(c["method"]["name"])
         c["checkpoint"]["monitor"] = resolve_monitor(pool, c["checkpoint"].get("monitor"),
-                                                     c["data"].get("holdout_fraction") or 0.0, cls.selectable)
+                                                     c["data"]["holdout_fraction"], cls.selectable)
     stats_rank = 0 if trains else _launch_statistics_ranks(c["trainer"])
     extra = {}
     if c["task_vectors"].get("shard"):  # each process reads only its slices of the task vectors
