@@ -355,6 +355,30 @@ def test_killed_run_resumes_to_the_same_result(conf, uninterrupted12, tmp_path, 
     torch.testing.assert_close(_coefs(run), _coefs(uninterrupted12), atol=1e-6, rtol=0)
 
 
+def test_every_checkpoint_names_a_best_checkpoint_that_still_exists(tmp_path, tiny_pool_cfg):
+    """A kill can land between any two checkpoint writes, and the run then resumes from whichever checkpoint
+    is newest. So each checkpoint's record of the best (held-out objective) checkpoint must name a file that
+    is still there — and resuming from a middle checkpoint exports the uninterrupted run's merge."""
+    run = tmp_path / "run"
+    common = ["method=adamerging_layerwise", "method.lr=0.5", "data.batch_size=4", "data.max_length=16",
+              "evaluate.enabled=false", "checkpoint.every_n_steps=2", "trainer.max_steps=8"]
+    helpers.train_here(tiny_pool_cfg, run, *common)
+    held = dict(helpers.logged(run, "holdout_objective"))
+    assert len({round(held[s], 6) for s in (2, 4, 6, 8)}) > 1  # the best moved during the run
+    saved = sorted((run / "checkpoints").glob("step*.ckpt"))
+    assert [p.name for p in saved] == [f"step{s:06d}.ckpt" for s in (2, 4, 6, 8)]
+    for ckpt in saved:
+        recorded = [v["best_model_path"] for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items()
+                    if k.startswith("ModelCheckpoint")]
+        assert recorded and all(Path(r).is_file() for r in recorded), (ckpt.name, recorded)
+    exported, coefs = json.loads((run / "export" / "selection.json").read_text())["exported"], _coefs(run)
+    for later in ("step000006.ckpt", "step000008.ckpt", "last.ckpt"):
+        (run / "checkpoints" / later).unlink()  # as if killed just after step 4's checkpoint
+    helpers.train_here(tiny_pool_cfg, run, *common, "resume=last", "export.overwrite=true")
+    assert json.loads((run / "export" / "selection.json").read_text())["exported"] == exported
+    torch.testing.assert_close(_coefs(run), coefs, atol=1e-6, rtol=0)
+
+
 def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_pool_cfg, capsys, caplog):
     run = tmp_path / "run"
     common = ["method=adamerging_layerwise", "data.batch_size=8", "evaluate.enabled=false", "checkpoint.every_n_steps=2"]

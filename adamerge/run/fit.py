@@ -64,23 +64,24 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     start_objective = StartObjective(start_state, monitor)
     interrupt = SaveOnInterrupt(ckpt_dir / "last.ckpt")
     every_n, watched = int(c["checkpoint"]["every_n_steps"]), c["checkpoint"].get("monitor")
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                                 every_n_train_steps=every_n, save_top_k=-1,
-                                 save_last=False),
-                 interrupt, ProgressLog(c["progress"]["every_n_steps"], c["progress"]["every_s"]), start_objective]
+    by_holdout = watched == "holdout_objective"
+    # Every checkpoint is kept (none is ever deleted), so the best path recorded in any checkpoint still
+    # exists after a kill at any moment; a separate top-1 "best" folder would delete the file an older
+    # checkpoint's record names.
+    checkpoints = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+                                  every_n_train_steps=every_n, save_top_k=-1, save_last=False,
+                                  monitor=watched or None, mode="min" if by_holdout else "max")
+    callbacks = [interrupt, ProgressLog(c["progress"]["every_n_steps"], c["progress"]["every_s"]), start_objective]
 
     def validation_sets() -> dict:
         return (load_test_sets(pool, dm.tokenizer, c["data"]["max_length"], split="validation",
                                max_new_tokens=c["evaluate"]["max_new_tokens"]) if pool.family.evaluated else {})
 
-    by_holdout = watched == "holdout_objective"
-    if watched:  # the best merge by validation or held-out objective, kept by a ModelCheckpoint in its own folder
+    if watched:  # the merge scored on the validation files or the held-out texts every every_n steps
         val_monitor = (HoldoutMonitor(holdout, every_n) if by_holdout
                        else ValidationMonitor(validation_sets(), every_n, c["evaluate"]["batch_size"]))
-        best = ModelCheckpoint(dirpath=ckpt_dir / "best", filename="step{step:06d}", auto_insert_metric_name=False,
-                               monitor=watched, mode="min" if by_holdout else "max", save_top_k=1,
-                               every_n_train_steps=every_n)
-        callbacks += [val_monitor, best]
+        callbacks.append(val_monitor)
+    callbacks.append(checkpoints)  # after the monitor: it reads the value the monitor logged at this step
     bar = c["trainer"].get("enable_progress_bar")
     bar = sys.stdout.isatty() if bar is None else bool(bar)  # redrawn lines only make sense on a terminal
     if bar:
@@ -99,7 +100,8 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     finally:
         FITTING["now"] = False
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
-    best_ckpt = trainer.strategy.load_checkpoint(best.best_model_path) if watched and best.best_model_path else None
+    best_path = checkpoints.best_model_path if watched else ""
+    best_ckpt = trainer.strategy.load_checkpoint(best_path) if best_path else None
     best_state = best_ckpt["state_dict"] if best_ckpt else None
     if method.merged.sharded:  # every process takes part in gathering the merges rank 0 evaluates and exports
         states = [start_state, snapshot(method)] + ([best_state] if best_state is not None else [])
@@ -113,6 +115,6 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
                        best=best_state, metric=watched or "val_acc",
                        expert=val_monitor.expert if watched and not by_holdout else None, holdout=holdout)
     if best_ckpt:
-        selection["best_checkpoint"] = {"path": best.best_model_path, "step": best_ckpt["global_step"],
-                                        watched: float(best.best_model_score)}
+        selection["best_checkpoint"] = {"path": best_path, "step": best_ckpt["global_step"],
+                                        watched: float(checkpoints.best_model_score)}
     return start_state, selection

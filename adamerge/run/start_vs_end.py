@@ -8,7 +8,7 @@ Before training, the starting state (coefficients/masks) is kept; after training
   merge; the better one is exported (ties go to the end) and the choice is written down;
 - with ``checkpoint.monitor`` (``val_acc`` | ``val_norm``): the merge is also evaluated on the validation
   files every ``checkpoint.every_n_steps`` steps (``ValidationMonitor``), Lightning's ModelCheckpoint
-  keeps the best under ``checkpoints/best/``, and that checkpoint is a third candidate, compared by the
+  (which keeps every checkpoint) records the best, and that checkpoint is a third candidate, compared by the
   monitored metric;
 - with ``checkpoint.monitor=holdout_objective`` (``auto``'s choice when some task has no validation file
   and ``data.holdout_fraction`` > 0): no labels at all. The method's own objective on the calibration texts
