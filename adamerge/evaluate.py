@@ -110,7 +110,7 @@ def markdown(summary: dict) -> str:
 
 
 def save_report(summary: dict, out_dir: str | Path) -> None:
-    from .export import atomic_write_text
+    from .atomic import atomic_write_text
 
     out = Path(out_dir)
     atomic_write_text(out / "eval.json", json.dumps(summary, indent=2))

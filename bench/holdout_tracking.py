@@ -53,7 +53,7 @@ def rebuilt(run: Path):
 
 def track(run: Path) -> dict:
     from adamerge.evaluate import load_test_sets, merge_accuracies
-    from adamerge.run.start_vs_end import merged_now
+    from adamerge.run.states import merged_now
 
     c, pool, method = rebuilt(run)
     held = {}

@@ -53,8 +53,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from adamerge.atomic import atomic_write_text
 from adamerge.errors import PoolError
-from adamerge.export import atomic_write_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the base model is read from its wheel, never a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -598,7 +598,7 @@ def test_one_expert_given_for_two_tasks_is_a_warning_naming_both(tiny_pool_cfg, 
 
 def test_export_killed_between_renames_keeps_the_previous_export(tmp_path):
     """Killed after the old export was moved aside and before the new one took its place: put it back."""
-    from adamerge.export import remove_stale_temporaries
+    from adamerge.atomic import remove_stale_temporaries
 
     (tmp_path / ".export.old-x1").mkdir()
     (tmp_path / ".export.old-x1" / "eval.md").write_text("previous")

@@ -16,14 +16,9 @@ from adamerge.evaluate import accuracy, load_test_sets
 from adamerge.families.classifier import ClassifierTestSet
 from adamerge.methods import get_method
 from adamerge.run.data import load_tokenizer
-from adamerge.run.start_vs_end import (
-    calibration_objective,
-    choose,
-    holdout_objective,
-    merged_at,
-    monitor_batches,
-    snapshot,
-)
+from adamerge.run.monitors import calibration_objective, holdout_objective, monitor_batches
+from adamerge.run.start_vs_end import choose
+from adamerge.run.states import merged_at, snapshot
 
 
 def _method(pool):

@@ -18,6 +18,7 @@ import torch
 from . import hub
 from .expert_files import load_expert
 from .model_pool import ModelPool, PoolError
+from .validation import validate_expert
 
 log = logging.getLogger("adamerge")
 
@@ -75,7 +76,7 @@ class CandidatePool:
             try:
                 e = load_expert(name, p)
                 self._view.experts[name] = e
-                self._view.align_and_validate(e, check_finite)
+                validate_expert(self._view, e, check_finite)
             except PoolError as err:
                 self._view.experts.pop(name, None)
                 self.skipped[name] = str(err)

@@ -4,7 +4,7 @@ Experts are read lazily, tensor by tensor, from
   (a) a Hugging Face ``save_pretrained`` directory (safetensors or .bin, sharded with an index),
   (b) a single ``.safetensors`` file holding a state dict, or
   (c) a PEFT LoRA adapter directory (task vector = scaling * B @ A on its target modules).
-Every expert is validated against the base (names, shapes, dtypes, finite values) and each problem
+Every expert is validated against the base (adamerge/pool/validation.py: names, shapes, dtypes, finite values) and each problem
 is reported with the expert and tensor at fault. An expert saved in another floating-point dtype than the
 base (fp16 or bf16 fine-tunes of an fp32 base, or the reverse) is read in the base's dtype, its task vector
 computed in float32; the log says once per expert what was cast.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +24,12 @@ from torch import nn
 
 from ..errors import PoolError
 from ..families import get_family
+from . import validation
 from .expert_files import Expert, load_expert, lora_scaling, strip_prefixes
 from .fingerprint import pool_fingerprint
 
 log = logging.getLogger(__name__)
 
-# Fine-tuning moves a weight matrix a little: cos(expert, base) stays near 1 (MiniLM's experts here: above
-# 0.99). A model trained from another initialisation, or re-parametrised so that it cannot be merged
-# (MergeLock: random invertible maps on the attention's QK and VO branches, function unchanged), has
-# cos near 0 on those matrices. Below this, an expert is not a fine-tune of this base.
-FINE_TUNE_MIN_COSINE = 0.1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,9 +96,9 @@ class ModelPool:
             raise PoolError(f"pool config key 'check_fine_tuned' must be true, false or warn, got {check_fine_tuned!r}")
         self._cosines: dict[str, list[tuple[float, str]]] = {}  # expert -> (cos(expert, base), tensor) of matrices
         for e in self.experts.values():
-            self.align_and_validate(e, check_finite)
+            validation.validate_expert(self, e, check_finite)
             if check_fine_tuned:
-                self.check_fine_tuned(e, warn_only=check_fine_tuned == "warn")
+                validation.check_fine_tuned(self, e, warn_only=check_fine_tuned == "warn")
         for name, casts in self.cast_dtypes.items():
             log.info("expert '%s' (%s): tensors stored as %s are read as the base's %s", name,
                      self.experts[name].path, ", ".join(casts), ", ".join(sorted(set(casts.values()))))
@@ -128,37 +123,12 @@ class ModelPool:
         return self._params[name].detach()
 
     # -- validation ------------------------------------------------------------------------
-    def _canonical(self, file_name: str) -> str | None:
+    def canonical_name(self, file_name: str) -> str | None:
         """Map a name in an expert file to the base module's parameter name (or None)."""
         for cand in (file_name, self._prefix + file_name, strip_prefixes(file_name, (self._prefix,))):
             if cand in self._params:
                 return cand
         return None
-
-    def align_and_validate(self, e: Expert, check_finite: bool) -> None:
-        """Map ``e``'s tensor names to the base's and check them (shape, dtype, finite); PoolError otherwise."""
-        if e.is_lora:
-            return self._validate_lora(e, check_finite)
-        names = e.source.keys()
-        for fname in names:
-            canon = self._canonical(fname)
-            if canon is None:
-                if self._is_buffer_name(fname) or fname.startswith(self.ignored_prefixes):
-                    continue  # buffers such as position_ids are not merged
-                raise PoolError(
-                    f"expert '{e.name}' ({e.path}): extra tensor '{fname}' that the base model does not have "
-                    "(different architecture?)"
-                )
-            e.file_names[canon] = fname
-        missing = [n for n in self.shared_names() if n not in e.file_names and n not in self.optional_names]
-        if missing:
-            raise PoolError(
-                f"expert '{e.name}' ({e.path}): missing tensor '{missing[0]}'"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            )
-        for canon, fname in e.file_names.items():
-            t = e.source.get(fname)
-            self._check_tensor(e, canon, t, check_finite, compare_shape=not self.is_head(canon))
 
     def check_head_sizes(self) -> None:
         """Each task's num_labels (and label_names) must be its head's output size; otherwise it would
@@ -192,75 +162,7 @@ class ModelPool:
             n = self._head_outputs(task)
         return n
 
-    def _is_buffer_name(self, fname: str) -> bool:
-        buffers = {n for n, _ in self.base_model.named_buffers()}
-        return any(c in buffers for c in (fname, self._prefix + fname, strip_prefixes(fname, (self._prefix,))))
-
-    def _check_tensor(self, e: Expert, canon: str, t: torch.Tensor, check_finite: bool, compare_shape=True):
-        ref = self._params[canon]
-        where = f"expert '{e.name}' ({e.path}), tensor '{canon}'"
-        if compare_shape and tuple(t.shape) != tuple(ref.shape):
-            extra = ""
-            if "embed" in canon and t.dim() == 2 and t.shape[1] == ref.shape[1]:
-                extra = f" — vocabulary size differs: expert {t.shape[0]} vs base {ref.shape[0]}"
-            raise PoolError(f"{where}: shape {tuple(t.shape)} does not match the base's {tuple(ref.shape)}{extra}")
-        if t.dtype != ref.dtype:
-            if not (t.is_floating_point() and ref.is_floating_point()):
-                raise PoolError(f"{where}: dtype {t.dtype} does not match the base's {ref.dtype}")
-            self.cast_dtypes.setdefault(e.name, {})[str(t.dtype).removeprefix("torch.")] = \
-                str(ref.dtype).removeprefix("torch.")
-        if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
-            raise PoolError(f"{where}: contains NaN or Inf values")
-        if compare_shape and t.dim() == 2 and t.is_floating_point() and ref.detach().norm() > 0:
-            cos = torch.nn.functional.cosine_similarity(t.flatten().float(), ref.detach().flatten().float(), dim=0)
-            self._cosines.setdefault(e.name, []).append((float(cos), canon))
-
-    def check_fine_tuned(self, e: Expert, warn_only: bool = False) -> None:
-        """A PoolError (a warning with ``warn_only``) when some weight matrix of ``e`` points elsewhere than the
-        base's (cos < FINE_TUNE_MIN_COSINE): not a fine-tune of this base, so a merge with it is broken."""
-        worst = sorted(c for c in self._cosines.get(e.name, []) if c[0] < FINE_TUNE_MIN_COSINE)
-        if not worst:
-            return
-        names = ", ".join(f"'{n}' (cos {c:.2f})" for c, n in worst[:3])
-        msg = (f"expert '{e.name}' ({e.path}) is not a fine-tune of the base {self.base_path}: {len(worst)} weight "
-               f"matrices point elsewhere than the base's (cosine < {FINE_TUNE_MIN_COSINE}; fine-tuning keeps it near "
-               f"1), e.g. {names} — trained from another initialisation, or re-parametrised (e.g. MergeLock); pool "
-               "key check_fine_tuned: warn merges it anyway")
-        if not warn_only:
-            raise PoolError(msg)
-        log.warning("%s", msg)
-
-    def _validate_lora(self, e: Expert, check_finite: bool) -> None:
-        for fname in e.source.keys():
-            inner = strip_prefixes(fname, ("base_model.model.",))
-            # Linear / Conv1D: lora_A.weight, lora_B.weight; Embedding: lora_embedding_A, lora_embedding_B
-            m = (re.fullmatch(r"(.*)\.lora_([AB])(?:\.[^.]+)?\.weight", inner)
-                 or re.fullmatch(r"(.*)\.lora_embedding_([AB])(?:\.[^.]+)?", inner))
-            if m:
-                canon = self._canonical(m.group(1) + ".weight")
-                if canon is None:
-                    raise PoolError(
-                        f"expert '{e.name}' ({e.path}): LoRA target '{m.group(1)}' does not exist in the base "
-                        "model — the adapter was made for another base model"
-                    )
-                e.file_names.setdefault(canon, m.group(1))
-                continue
-            if ".lora_" in inner or "lora_magnitude" in inner:
-                raise PoolError(f"expert '{e.name}' ({e.path}): unsupported adapter tensor '{fname}'")
-            inner = inner.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
-            canon = self._canonical(inner)
-            if canon is None:
-                raise PoolError(
-                    f"expert '{e.name}' ({e.path}): adapter tensor '{fname}' has no counterpart in the base "
-                    "model — the adapter was made for another base model"
-                )
-            e.file_names[canon] = fname  # a full tensor (modules_to_save)
-        for canon in list(e.file_names):
-            t = self.expert_tensor(e.name, canon)
-            self._check_tensor(e, canon, t.to(self._params[canon].dtype) if self._is_lora_module(e, canon) else t,
-                               check_finite, compare_shape=not self.is_head(canon))
-
-    def _is_lora_module(self, e: Expert, canon: str) -> bool:
+    def is_lora_module(self, e: Expert, canon: str) -> bool:
         return e.is_lora and not e.file_names[canon].startswith("base_model.model.")
 
     # -- access ----------------------------------------------------------------------------
@@ -271,7 +173,7 @@ class ModelPool:
             if (e.is_lora or name in self.optional_names) and name in self._params:
                 return self.base_tensor(name)  # LoRA (or an expert without it) leaves this tensor untouched
             raise PoolError(f"expert '{task}' ({e.path}): missing tensor '{name}'")
-        if self._is_lora_module(e, name):
+        if self.is_lora_module(e, name):
             return self.base_tensor(name) + self._lora_delta(e, name).to(self._params[name].dtype)
         return e.source.get(e.file_names[name]).to(self._params[name].dtype)  # another dtype: the base's
 
@@ -279,7 +181,7 @@ class ModelPool:
         """(A [r, in], B [out, r], scaling s) in fp32 with τ = s·B@A when ``task``'s expert is a LoRA adapter on
         tensor ``name``; None when that expert does not factor it (untouched, a full tensor, or not LoRA)."""
         e = self.experts[task]
-        if name not in e.file_names or not self._is_lora_module(e, name):
+        if name not in e.file_names or not self.is_lora_module(e, name):
             return None
         module = e.file_names[name]
         keys = e.source.keys()
@@ -319,7 +221,7 @@ class ModelPool:
     def task_vector(self, task: str, name: str) -> torch.Tensor:
         """Expert minus base for one shared tensor."""
         e = self.experts[task]
-        if name in e.file_names and self._is_lora_module(e, name):
+        if name in e.file_names and self.is_lora_module(e, name):
             return self._lora_delta(e, name).to(self._params[name].dtype)
         if name in e.file_names:
             stored, base = e.source.get(e.file_names[name]), self.base_tensor(name)

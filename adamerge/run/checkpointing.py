@@ -21,8 +21,8 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ..atomic import atomic_write_bytes
 from ..errors import CheckpointError
-from ..export import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -234,7 +234,7 @@ class CalibrationDataModule(pl.LightningDataModule):
     """Unlabeled calibration texts of every task, tokenized once, served one global step at a time.
 
     ``holdout_fraction`` > 0 keeps a seeded share of every task's texts (after ``size``) out of training:
-    ``holdout`` holds them, encoded, for the label-free held-out objective (adamerge/run/start_vs_end.py)."""
+    ``holdout`` holds them, encoded, for the label-free held-out objective (adamerge/run/monitors.py)."""
 
     def __init__(self, calibration: dict[str, list[str]], tokenizer, batch_size: int = 16,
                  max_length: int = 64, seed: int = 0, size: int | None = None, encoder=None,

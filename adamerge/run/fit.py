@@ -38,17 +38,10 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     from .checkpointing import AtomicCheckpointIO, Interrupted, SaveOnInterrupt
     from .data import CalibrationDataModule
     from .loggers import build_loggers
+    from .monitors import HoldoutMonitor, StartObjective, ValidationMonitor, holdout_batches, monitor_batches
     from .progress import ProgressLog, StepProgressBar
-    from .start_vs_end import (
-        HoldoutMonitor,
-        StartObjective,
-        ValidationMonitor,
-        choose,
-        gather_merges,
-        holdout_batches,
-        monitor_batches,
-        snapshot,
-    )
+    from .start_vs_end import choose
+    from .states import gather_merges, snapshot
 
     ckpt_dir = out_dir / "checkpoints"
     dm = CalibrationDataModule.from_pool(pool, batch_size=c["data"]["batch_size"], max_length=c["data"]["max_length"],

@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def run_locked(cfg: DictConfig, out_dir: Path, rank_zero: bool) -> dict:
-    from ..export import atomic_write_text
+    from ..atomic import atomic_write_text
     from .checkpointing import resolve_resume
 
     # written once the run passed its checks (hydra.output_subdir is null: Hydra would write them before
@@ -92,8 +92,8 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
     nothing is spent on a doomed run. Also whether the configured method trains."""
     import pytorch_lightning as pl
 
+    from ..atomic import check_export_target, remove_stale_temporaries
     from ..errors import ConfigError
-    from ..export import check_export_target, remove_stale_temporaries
     from ..methods import CheckpointError, get_method
     from .checkpointing import check_fresh_run
     from .config import check_config, check_no_missing, check_writable_dir
@@ -148,7 +148,7 @@ def build_pool_and_method(c: dict, trains: bool):
     from ..methods import get_method
     from ..pool.config import pool_from_config, resolve_recipe
     from .data import check_data
-    from .start_vs_end import resolve_monitor
+    from .monitors import resolve_monitor
 
     pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
     check_data(pool)  # a bad line or label is named now, not after training
@@ -178,7 +178,8 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
         save_report,
         summarize,
     )
-    from .start_vs_end import exported_note, merged_at, merged_now
+    from .start_vs_end import exported_note
+    from .states import merged_at, merged_now
 
     if not c["evaluate"]["enabled"] or not pool.family.evaluated:
         return None
