@@ -35,3 +35,13 @@ def pool(tiny_pool_cfg):
     from adamerge.pool.config import pool_from_config
 
     return pool_from_config(tiny_pool_cfg)
+
+
+@pytest.fixture
+def conf(tmp_path, tiny_pool_cfg):
+    """A config dir holding the tiny pool as ``pool=tiny``, where each test may write its own broken pool."""
+    import helpers
+
+    d = tmp_path / "conf"
+    helpers.write_pool_config(d, "tiny", tiny_pool_cfg)
+    return d

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,53 @@ def replace_test_line(cfg: dict, task: str, line: str, tmp: Path, index: int = 2
     rows[index] = line
     (tmp / "bad.jsonl").write_text("\n".join(rows) + "\n")
     cfg["tasks"][task]["test"] = str(tmp / "bad.jsonl")
+
+
+def train_conf(conf: Path, out: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
+    """``train.py`` in a subprocess on the ``tiny`` pool of config dir ``conf`` (no evaluation)."""
+    return run_train(["--config-dir", str(conf), "pool=tiny", f"out_dir={out}", "data.batch_size=8",
+                      "evaluate.enabled=false", *extra], **kw)
+
+
+def assert_clear_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    """Exit code 2, no traceback, and ``pattern`` in stderr: a user error's one clear line."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(pattern, proc.stderr), proc.stderr[-3000:]
+
+
+def inprocess(tmp_path: Path, pool: dict, *args: str) -> int:
+    """train.py's ``cli`` in this process into ``tmp_path/run`` (no evaluation); its exit code."""
+    return run_inprocess([f"out_dir={tmp_path / 'run'}", "data.batch_size=8", "evaluate.enabled=false", *args], pool)
+
+
+def exported_coefficients(run: Path) -> torch.Tensor:
+    """The coefficients a run exported (``export/coefficients.json``)."""
+    return torch.tensor(json.loads((run / "export" / "coefficients.json").read_text())["coefficients"])
+
+
+def copy_expert(cfg: dict, task: str, tmp: Path) -> Path:
+    """Copy ``task``'s expert directory to ``tmp/<task>_copy`` (to be edited) and point pool config ``cfg`` at it."""
+    import shutil
+
+    dst = tmp / f"{task}_copy"
+    shutil.copytree(cfg["tasks"][task]["expert"], dst)
+    cfg["tasks"][task]["expert"] = str(dst)
+    return dst
+
+
+def with_expert(pool_cfg: dict, task: str, path: str | Path) -> dict:
+    """A copy of pool config ``pool_cfg`` whose ``task`` has the expert at ``path``."""
+    cfg = json.loads(json.dumps(pool_cfg))
+    cfg["tasks"][task]["expert"] = str(path)
+    return cfg
+
+
+def edit_weights(expert_dir: Path, fn) -> None:
+    """Apply ``fn`` to the state dict in ``expert_dir/model.safetensors`` and save it back."""
+    from safetensors.torch import load_file, save_file
+
+    f = expert_dir / "model.safetensors"
+    sd = load_file(str(f))
+    fn(sd)
+    save_file(sd, str(f), metadata={"format": "pt"})

@@ -1,0 +1,64 @@
+"""The export: a merged model loadable with ``from_pretrained`` that equals the in-memory merge, and an interrupted
+export that leaves the previous one whole."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from adamerge.export import export_merged, load_task_model
+from adamerge.methods import get_method
+from adamerge.pool.config import pool_from_config
+
+
+def task_arithmetic(pool_cfg: dict):
+    pool = pool_from_config(pool_cfg)
+    return pool, get_method("static")(pool, {"name": "static", "id": "task_arithmetic", "scale": 0.3}, {})
+
+
+def test_export_roundtrip_from_pretrained(tiny_pool_cfg, tmp_path):
+    from transformers import AutoModel
+
+    pool, m = task_arithmetic(tiny_pool_cfg)
+    out = export_merged(m, tmp_path / "export")
+    ids = torch.randint(1000, 2000, (2, 5))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        merged = m.merged.merged_params()
+        for task in pool.task_names:
+            served = load_task_model(out, task)
+            ref = functional_call(pool.base_model, {**merged, **pool.head(task)}, args=(), kwargs=inputs).logits
+            torch.testing.assert_close(served(**inputs).logits, ref, atol=1e-5, rtol=1e-5)
+        enc = AutoModel.from_pretrained(str(out / "model")).eval()
+        hid = functional_call(pool.base_model.bert, {k[5:]: v for k, v in merged.items()}, args=(), kwargs=inputs)
+        torch.testing.assert_close(enc(**inputs).last_hidden_state, hid.last_hidden_state, atol=1e-5, rtol=1e-5)
+    rep = json.loads((out / "coefficients.json").read_text())
+    assert rep["tasks"] == pool.task_names and len(rep["coefficients"]) == len(m.merged.names)
+    assert (out / "coefficients.png").stat().st_size > 1000
+    assert (out / "model" / "tokenizer_config.json").exists()
+
+
+
+def test_interrupted_export_leaves_previous_export_intact(tiny_pool_cfg, tmp_path, monkeypatch):
+    import adamerge.export as ex
+
+    pool, m = task_arithmetic(tiny_pool_cfg)
+    out = export_merged(m, tmp_path / "export")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(ValueError, match="not empty"):
+        export_merged(m, out)  # refused without overwrite
+
+    def boom(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ex, "plot_coefficients", boom)
+    with pytest.raises(OSError, match="disk full"):
+        export_merged(m, out, overwrite=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp dir left behind
+    with pytest.raises(OSError):
+        export_merged(m, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
