@@ -3,16 +3,14 @@ the head alone on the pretrained features."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import torch
 
 import helpers
+from adamerge.pool.config import load_recipe
 
-spec = importlib.util.spec_from_file_location("adamerge_benchmark_recipe", helpers.ROOT / "data" / "benchmark.py")
-bm = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bm)
+bm = load_recipe(helpers.ROOT / "data" / "benchmark.py")
 
 
 def test_committed_experts_match_their_recipe_version():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 from ..errors import DataError, PoolError, refuse_unknown_keys
@@ -84,7 +85,8 @@ def check_data_paths(tasks: dict[str, TaskSpec]) -> None:
 
 
 def load_recipe(path: str | Path):
-    """The recipe file at ``path`` as a module (a file, not an installed package: data/ recipes)."""
+    """The recipe file at ``path`` as a module (a file, not an installed package: data/ recipes); the modules
+    beside it are importable from it."""
     import importlib.util
 
     path = Path(path)
@@ -92,7 +94,12 @@ def load_recipe(path: str | Path):
         raise PoolError(f"pool recipe {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"adamerge_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)  # a recipe may import the modules beside it (data/benchmark.py does)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
     return module
 
 
