@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_speed():
+    """bench/speed.py as a module; its sibling modules (speed_setups, speed_report) import as they do when it runs."""
+    sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
@@ -26,6 +28,7 @@ def load_speed():
 
 
 speed = load_speed()
+import speed_setups  # noqa: E402 (importable once load_speed put bench/ on sys.path)
 
 
 def test_tensor_bytes_counts_storages_once_and_forgets_freed_ones():
@@ -58,7 +61,7 @@ def pool4(tmp_path_factory):
 def step_peak(pool_cfg: dict, k: int, dtype: str) -> tuple[int, int]:
     """(peak live tensor bytes over two AdaMerging steps, task vectors' bytes) with the first k experts."""
     cfg = {**pool_cfg, "tasks": dict(list(pool_cfg["tasks"].items())[:k])}
-    method = get_method("adamerging")(pool_from_config(cfg), dict(speed.METHOD_CFG), {"dtype": dtype})
+    method = get_method("adamerging")(pool_from_config(cfg), dict(speed_setups.METHOD_CFG), {"dtype": dtype})
     opt = method.configure_optimizers()
     ids = torch.randint(1000, 2000, (4, 16), generator=torch.Generator().manual_seed(0))
     batch = {"task0": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}}
