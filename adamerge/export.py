@@ -107,13 +107,14 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
     def write(tmp: Path) -> None:
         model_dir = tmp / "model"
         pool.base_model.save_pretrained(model_dir, state_dict=merged_sd)  # clip_zero_shot: + image processor
-        try:
-            from .run.data import load_tokenizer
-
-            if pool.family.saves_tokenizer():  # not CLIP's: its export is the vision tower
-                load_tokenizer(pool.base_path).save_pretrained(model_dir)
-        except (OSError, ValueError):
-            pass  # a base without a tokenizer exports the model alone
+        tok = None
+        if pool.family.saves_tokenizer():  # not CLIP's: its export is the vision tower
+            try:
+                tok = pool.tokenizer()  # the one training and evaluation used
+            except (OSError, ValueError):
+                pass  # a base without a tokenizer exports the model alone
+        if tok is not None:
+            tok.save_pretrained(model_dir)
         heads_meta = {}
         for task, spec in pool.tasks.items():
             head = {n: t.detach().cpu().contiguous() for n, t in pool.head(task).items()}
@@ -130,9 +131,6 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
             (tmp / name).write_text(text)
         if task_models and pool.family.task_models:
             # model/ carries the base's random head (each tasks/<task> copies the backbone: export.task_models): give each task a directory from_pretrained serves as is
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(model_dir)) if (model_dir / "tokenizer_config.json").exists() else None
             for task in pool.tasks:
                 load_task_model(tmp, task).save_pretrained(tmp / "tasks" / task)
                 if tok is not None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PoolError
+from ..run.data import load_tokenizer
 from .base import ModelFamily, check_names, register_family
 from .clip_images import load_image_test_sets, pixel_values, read_images
 
@@ -144,7 +145,6 @@ def build_zero_shot_base(pool) -> ZeroShotCLIP:
     from transformers import (
         AutoConfig,
         AutoImageProcessor,
-        AutoTokenizer,
         CLIPModel,
         CLIPVisionModelWithProjection,
     )
@@ -170,7 +170,7 @@ def build_zero_shot_base(pool) -> ZeroShotCLIP:
         check_expert_config(name, Path(spec.expert), base, base_vision)
     try:
         clip = CLIPModel.from_pretrained(str(base)).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(base))
+        tokenizer = load_tokenizer(base)
         processor = AutoImageProcessor.from_pretrained(str(base))
     except (OSError, ValueError) as e:
         raise PoolError(f"{where}: cannot load the CLIPModel, its tokenizer and its image processor ({e}); "
