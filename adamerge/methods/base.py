@@ -27,6 +27,21 @@ from .method_config import LearnedConfig, MethodConfig
 log = logging.getLogger(__name__)
 
 
+class StepCounter(torch.optim.Optimizer):
+    """The optimizer of a method that moves its own state without gradients (Frank-Wolfe): it changes nothing.
+
+    Lightning counts steps (``global_step``: ``max_steps``, checkpoints, log rows) in optimizer steps, so such a
+    method steps this once per iteration; its one parameter is a placeholder no model reads.
+    """
+
+    def __init__(self) -> None:
+        super().__init__([torch.zeros(1, requires_grad=True)], {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return closure() if closure is not None else None
+
+
 def step_tokens(batch: dict[str, dict[str, torch.Tensor]]) -> int | None:
     """Token positions in one step's batches (every task's), or None when the inputs are not token ids."""
     if not all("input_ids" in inputs for inputs in batch.values()):

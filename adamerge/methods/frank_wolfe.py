@@ -32,7 +32,7 @@ from ..errors import CheckpointError, ConfigError
 from ..pool.candidates import CandidatePool, candidate_paths
 from ..pool.model_pool import ModelPool
 from ..run.data import StepBatches, batches, encode, read_split, stream
-from .base import MergeMethod
+from .base import MergeMethod, StepCounter
 from .frank_wolfe_state import FrankWolfeState, Grads, lmo
 from .method_config import MethodConfig, check_range
 from .objectives import EntropyObjective
@@ -260,11 +260,10 @@ class FrankWolfeMerging(EntropyObjective, MergeMethod):
                 metrics[f"fw/selected{sfx}"] = float(self.state.vertex_names.index(top))
                 metrics[f"fw/selected_share{sfx}"] = c / len(self.names)
         self.log_dict(metrics, on_step=True)
-        # manual optimization counts optimizer steps: this no-op step advances global_step (and checkpoints)
-        self.optimizers().step()
+        self.optimizers().step()  # counts the iteration (StepCounter): θ moved in iterate, not by gradients
 
     def configure_optimizers(self):
-        return torch.optim.SGD([self.merged.coefficients.raw], lr=0.0)  # no parameter trains; see training_step
+        return StepCounter()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
