@@ -170,6 +170,28 @@ def test_progress_lines_every_n_steps_and_after_every_s_seconds(caplog, monkeypa
 
 
 
+def test_progress_eta_follows_the_recent_step_rate_after_a_pause(caplog, monkeypatch):
+    """1 s a step, a 1,000 s pause after step 10 (a suspended job), then 1 s a step again: 25 steps later the
+    line shows 1 s/step and the ETA of the 65 steps left, not an average over the pause."""
+    from types import SimpleNamespace
+
+    import adamerge.run.progress as progress
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock["t"])
+    cb = progress.ProgressLog(every_n_steps=5, every_s=1e9, window=20)
+    trainer = SimpleNamespace(global_step=0, max_steps=100, is_global_zero=True, callback_metrics={})
+    cb.on_train_start(trainer, None)
+    with caplog.at_level(logging.INFO, logger="adamerge"):
+        for s in range(1, 36):
+            clock["t"] = s + (1000.0 if s > 10 else 0.0)
+            trainer.global_step = s
+            cb.on_train_batch_end(trainer, None, None, None, s)
+    lines = {r.getMessage().split("  ")[0]: r.getMessage() for r in caplog.records}
+    assert "s/step 1.000" in lines["step 35/100"] and "ETA 1m05s" in lines["step 35/100"]
+    assert "s/step 51.000" in lines["step 30/100"]  # the pause is still inside the last 20 steps there
+
+
 def test_quiet_start_up(conf, tmp_path):
     """No Lightning tips or accelerator lines, no third-party deprecation warnings; verbose=true shows them.
     Output to a file or pipe gets no progress bar (its redrawn lines would fill the log): progress lines."""

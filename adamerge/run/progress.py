@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
@@ -24,16 +25,21 @@ def _duration(seconds: float) -> str:
 class ProgressLog(Callback):
     """One line at every ``every_n_steps``-th step, whenever ``every_s`` seconds passed since the last line
     (slow steps still show progress), and at the last step:
-    ``step s/total  loss x  s/step y  ETA z  coef mean/min/max a/b/c``. Needs ``trainer.max_steps`` > 0."""
+    ``step s/total  loss x  s/step y  ETA z  coef mean/min/max a/b/c``. Needs ``trainer.max_steps`` > 0.
 
-    def __init__(self, every_n_steps: int = 10, every_s: float = 30.0):
+    s/step and the ETA follow the last ``window`` steps, so a pause (a suspended job, a busy machine) stops
+    counting once it is that many steps behind."""
+
+    def __init__(self, every_n_steps: int = 10, every_s: float = 30.0, window: int = 20):
         self.every_n_steps, self.every_s = every_n_steps, every_s
-        self.t0, self.step0, self.last_t, self.last_step = 0.0, 0, 0.0, -1
+        self.step0, self.last_t, self.last_step = 0, 0.0, -1
+        self.recent: deque[tuple[float, int]] = deque(maxlen=window + 1)  # (time, step) at the latest steps
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a resumed run starts at its checkpoint's step: s/step counts only this run's steps
-        self.t0, self.step0 = time.monotonic(), trainer.global_step
-        self.last_t = self.t0
+        self.step0, self.last_t = trainer.global_step, time.monotonic()
+        self.recent.clear()
+        self.recent.append((self.last_t, self.step0))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -41,10 +47,13 @@ class ProgressLog(Callback):
         # step == last_step: another micro-batch of an accumulated step already logged
         if not trainer.is_global_zero or step == self.last_step or step == self.step0:
             return
+        if step != self.recent[-1][1]:
+            self.recent.append((now, step))
         if step < total and step % self.every_n_steps and now - self.last_t < self.every_s:
             return
         self.last_t, self.last_step = now, step
-        per_step = (now - self.t0) / (step - self.step0)
+        t_then, step_then = self.recent[0]
+        per_step = (now - t_then) / (step - step_then)
         loss = trainer.callback_metrics.get("loss")
         parts = [f"step {step}/{total}", f"loss {float(loss):.4f}" if loss is not None else "loss -",
                  f"s/step {per_step:.3f}", f"ETA {_duration(per_step * (total - step))}"]
