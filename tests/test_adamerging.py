@@ -17,7 +17,6 @@ def coefs(run: Path) -> torch.Tensor:
     return torch.tensor(json.loads((run / "export" / "coefficients.json").read_text())["coefficients"])
 
 
-
 def train(where, out, *extra, **kw):
     """``where``: a pool config (train.py's cli in this process) or a config dir holding pool/tiny.yaml (a
     ``python train.py`` subprocess, e.g. for DDP)."""

@@ -20,7 +20,6 @@ def _truncate(cfg, tmp):
     f.write_bytes(f.read_bytes()[:1000])
 
 
-
 def _other_arch(cfg, tmp):
     from transformers import BertForSequenceClassification
 
@@ -29,11 +28,9 @@ def _other_arch(cfg, tmp):
     cfg["tasks"]["task1"]["expert"] = str(tmp / "deeper")
 
 
-
 def _empty_calibration(cfg, tmp):
     (tmp / "empty.jsonl").write_text("")
     cfg["tasks"]["task0"]["calibration"] = str(tmp / "empty.jsonl")
-
 
 
 BAD_POOLS = {
@@ -51,7 +48,6 @@ BAD_POOLS = {
 }
 
 
-
 @pytest.mark.parametrize("case", sorted(BAD_POOLS))
 def test_bad_pool_inputs(tiny_pool_cfg, tmp_path, capsys, case):
     edit, pattern = BAD_POOLS[case]
@@ -60,7 +56,6 @@ def test_bad_pool_inputs(tiny_pool_cfg, tmp_path, capsys, case):
     assert inprocess(tmp_path, cfg, "method=adamerging_layerwise") == 2
     assert re.search(pattern, capsys.readouterr().err)
     assert not (tmp_path / "run" / "export").exists()
-
 
 
 def _bad_line(key: str, line: int, text: str, task: str = "task0"):
@@ -75,7 +70,6 @@ def _bad_line(key: str, line: int, text: str, task: str = "task0"):
     return edit
 
 
-
 def _bad_bytes(key: str, line: int, raw: bytes, task: str = "task0"):
     """Edit: the task's ``key`` file copied with its ``line``-th line replaced by the bytes ``raw``."""
     def edit(cfg, tmp):
@@ -85,7 +79,6 @@ def _bad_bytes(key: str, line: int, raw: bytes, task: str = "task0"):
         dst.write_bytes(b"\n".join(rows) + b"\n")
         cfg["tasks"][task][key] = str(dst)
     return edit
-
 
 
 def _all_texts(key: str, text: str, task: str = "task0"):
@@ -98,14 +91,12 @@ def _all_texts(key: str, text: str, task: str = "task0"):
     return edit
 
 
-
 def _with_validation(edit):
     """Give task0 a validation file (a copy of its test file), then apply ``edit``."""
     def both(cfg, tmp):
         cfg["tasks"]["task0"]["validation"] = cfg["tasks"]["task0"]["test"]
         edit(cfg, tmp)
     return both
-
 
 
 BAD_DATA = {  # task0 has 2 labels
@@ -131,7 +122,6 @@ BAD_DATA = {  # task0 has 2 labels
 }
 
 
-
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
 def test_bad_data_is_named_before_training(tiny_pool_cfg, tmp_path, capsys, case):
     """Every data file is read before step 0: one line naming task, file, line and the fix."""
@@ -143,7 +133,6 @@ def test_bad_data_is_named_before_training(tiny_pool_cfg, tmp_path, capsys, case
     assert re.fullmatch(r"error: " + pattern + r".*", err.splitlines()[-1]), err
     assert "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
-
 
 
 BAD_CONFIGS = {
@@ -177,13 +166,11 @@ BAD_CONFIGS = {
 }
 
 
-
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
 def test_bad_config_values(tiny_pool_cfg, tmp_path, capsys, case):
     args, pattern = BAD_CONFIGS[case]
     assert inprocess(tmp_path, tiny_pool_cfg, *args) == 2
     assert re.search(pattern, capsys.readouterr().err)
-
 
 
 def test_clear_error_from_the_command_line(conf, tmp_path):
@@ -192,10 +179,9 @@ def test_clear_error_from_the_command_line(conf, tmp_path):
     assert_clear_error(p, r"^error: config key 'method.lr' must be > 0, got -1\n$")
 
 
-
 def test_unknown_method_and_existing_export(conf, tmp_path):
     p = train_conf(conf, tmp_path / "run", "method=no_such_method", check=False)
-    assert_clear_error(p, r"error: .*Could not find 'method/no_such_method'")
+    assert_clear_error(p, r"^error: In 'config': Could not find 'method/no_such_method'")  # not an out_dir error
     assert "adamerging_layerwise" in p.stderr  # Hydra lists the available methods
     (conf / "pool" / "dup.yaml").write_text("base: x\ntasks:\n  a: {expert: p}\n  a: {expert: q}\n")
     p = train_conf(conf, tmp_path / "run", "method=task_arithmetic", "pool=dup", check=False)
@@ -207,12 +193,10 @@ def test_unknown_method_and_existing_export(conf, tmp_path):
     assert (tmp_path / "run" / "export" / "keep.txt").read_text() == "mine"
 
 
-
 def _a_file(tmp_path: Path) -> Path:
     f = tmp_path / "a_file"
     f.write_text("not a directory")
     return f
-
 
 
 UNWRITABLE = {  # a path under a regular file: mkdir fails, even for root
@@ -223,7 +207,6 @@ UNWRITABLE = {  # a path under a regular file: mkdir fails, even for root
     "read-only out_dir": (lambda t: [f"out_dir={t / 'ro' / 'run'}"], r"config key 'out_dir': cannot write to "
                           r".*ro/run: Permission denied"),
 }
-
 
 
 @pytest.mark.parametrize("case", sorted(UNWRITABLE))
@@ -238,14 +221,12 @@ def test_unwritable_dirs_are_named_before_work(tiny_pool_cfg, tmp_path, capsys, 
     assert re.fullmatch(r"error: " + pattern + r"\n", err), err
 
 
-
 def test_no_pool_chosen(tmp_path, capsys):
     assert helpers.run_inprocess([f"out_dir={tmp_path}", "~pool"]) == 2
     assert capsys.readouterr().err == "error: no pool chosen (pool=<name>; see configs/pool/)\n"
-    import train as entry  # on sys.path now (run_inprocess)
+    from adamerge.run import cli as entry
 
     assert entry.hydra_argv(["train.py", "pool=null", "method=x"]) == ["train.py", "~pool", "method=x"]
-
 
 
 def test_out_dir_hydra_cannot_create(conf, tmp_path):
@@ -255,11 +236,9 @@ def test_out_dir_hydra_cannot_create(conf, tmp_path):
                           r"'.*a_file/sub'\n$")
 
 
-
 def test_verbose_shows_the_traceback(conf, tmp_path):
     p = train_conf(conf, tmp_path / "run", "method=adamerging_layerwise", "method.lr=-1", "verbose=true", check=False)
     assert p.returncode != 0 and "Traceback" in p.stderr
-
 
 
 def test_a_bug_raising_value_error_shows_its_traceback(tiny_pool_cfg, tmp_path, monkeypatch, capsys):
@@ -277,7 +256,6 @@ def test_a_bug_raising_value_error_shows_its_traceback(tiny_pool_cfg, tmp_path, 
     monkeypatch.undo()
     code = inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", "task_vectors.dtype=float8")
     assert code == 2 and "task_vectors.dtype" in capsys.readouterr().err  # the user's: one line
-
 
 
 def test_one_expert_given_for_two_tasks_is_a_warning_naming_both(tiny_pool_cfg, tmp_path, caplog):

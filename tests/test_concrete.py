@@ -17,7 +17,6 @@ from helpers import run_train
 SHAPES = [torch.Size([6, 5]), torch.Size([7])]
 
 
-
 def coefs(run: Path) -> torch.Tensor:
     return torch.tensor(json.loads((run / "export" / "coefficients.json").read_text())["coefficients"])
 

@@ -41,7 +41,6 @@ def test_export_roundtrip_from_pretrained(tiny_pool_cfg, tmp_path):
     assert (out / "model" / "tokenizer_config.json").exists()
 
 
-
 def test_interrupted_export_leaves_previous_export_intact(tiny_pool_cfg, tmp_path, monkeypatch):
     import adamerge.export as ex
 

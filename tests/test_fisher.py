@@ -22,8 +22,6 @@ def fm_cfg(**kw) -> dict:
     return cfg
 
 
-
-
 def test_equal_fishers_give_the_average_and_weights_follow_fisher():
     torch.manual_seed(0)
     taus = [{"w": torch.randn(5, 3)}, {"w": torch.randn(5, 3)}]

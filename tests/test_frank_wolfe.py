@@ -63,8 +63,6 @@ def dist(a: dict, b: dict) -> float:
     return sum(((a[n] - b[n].float()) ** 2).sum() for n in a).sqrt().item()
 
 
-
-
 def test_lmo_picks_the_smallest_true_linear_term(pool, tiny_pool_cfg, tmp_path):
     names = pool.shared_names()
     g = torch.Generator().manual_seed(0)

@@ -41,7 +41,6 @@ def write_lora_pool(tmp, k: int) -> dict:
             "head_prefixes": ["classifier."], "tasks": tasks}
 
 
-
 class CountShape(TorchDispatchMode):
     """Counts the tensors of one shape (a merged weight's) that ops allocate (views of a weight are not)."""
 
@@ -57,7 +56,6 @@ class CountShape(TorchDispatchMode):
         return out
 
 
-
 def weight_shaped_allocations(pool, mode: str, lora_step: str = "adapters") -> int:
     m = get_method("adamerging")(pool, {"name": "adamerging", "granularity": "layer"},
                                  {"lora": mode, "lora_step": lora_step})
@@ -71,7 +69,6 @@ def weight_shaped_allocations(pool, mode: str, lora_step: str = "adapters") -> i
         surrogate.backward()
     assert m.merged.coefficients.raw.grad.abs().sum() > 0
     return counter.count
-
 
 
 def test_factorized_step_allocates_no_dense_weight_per_expert(tmp_path):

@@ -43,7 +43,6 @@ def test_an_expert_saved_in_half_precision_is_read_in_the_base_dtype(tiny_pool_c
     assert {v.dtype for v in merged.values() if v.is_floating_point()} == {torch.float32}
 
 
-
 def merge_lock(sd: dict, heads: int, seed: int = 0) -> dict:
     """MergeLock: per layer and head, a random invertible A on the query/key branch (Q·A, K·A⁻ᵀ) and B on the
     value/output branch (V·B, O·B⁻¹): every attention score and output is unchanged, the weights are not."""
@@ -61,7 +60,6 @@ def merge_lock(sd: dict, heads: int, seed: int = 0) -> dict:
             out[pre + f"self.{name}.bias"] = m @ sd[pre + f"self.{name}.bias"]
         out[pre + "output.dense.weight"] = sd[pre + "output.dense.weight"] @ torch.linalg.inv(b).T
     return out
-
 
 
 @pytest.mark.parametrize("case", ["re-initialised", "MergeLock"])

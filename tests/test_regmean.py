@@ -21,8 +21,6 @@ def rm_cfg(name: str = "regmean", **kw) -> dict:
     return cfg
 
 
-
-
 def test_solve_is_the_least_squares_fit_of_both_experts():
     torch.manual_seed(0)
     xs = [torch.randn(40, 6), torch.randn(30, 6)]

@@ -28,14 +28,12 @@ def _spawn(conf, out, *extra):
                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
 
-
 def _wait_for(path_glob: Path, pattern: str, timeout: float = 300) -> None:
     t0 = time.time()
     while not list(path_glob.glob(pattern)):
         if time.time() - t0 > timeout:
             raise TimeoutError(f"no {pattern} in {path_glob}")
         time.sleep(0.2)
-
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +43,6 @@ def uninterrupted12(tiny_conf_dir, tmp_path_factory):
     train_conf(tiny_conf_dir, out, "method=adamerging_layerwise", "method.lr=0.05", "checkpoint.every_n_steps=2",
           "trainer.max_steps=12")
     return out
-
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
@@ -66,7 +63,6 @@ def test_killed_run_resumes_to_the_same_result(conf, uninterrupted12, tmp_path, 
     train_conf(conf, run, "method=adamerging_layerwise", "method.lr=0.05", "checkpoint.every_n_steps=2", steps,
           "resume=last")
     torch.testing.assert_close(exported_coefficients(run), exported_coefficients(uninterrupted12), atol=1e-6, rtol=0)
-
 
 
 def test_every_checkpoint_names_a_best_checkpoint_that_still_exists(tmp_path, tiny_pool_cfg):
@@ -93,7 +89,6 @@ def test_every_checkpoint_names_a_best_checkpoint_that_still_exists(tmp_path, ti
     torch.testing.assert_close(exported_coefficients(run), coefs, atol=1e-6, rtol=0)
 
 
-
 def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_pool_cfg, capsys, caplog):
     run = tmp_path / "run"
     common = ["method=adamerging_layerwise", "data.batch_size=8", "evaluate.enabled=false", "checkpoint.every_n_steps=2"]
@@ -117,7 +112,6 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_pool_
         assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
-
 def test_nonfinite_loss_stops_or_skips(tmp_path, tiny_pool_cfg, capsys, caplog):
     def huge_head(cfg, tmp):
         # pooled output = tanh(huge) = 1 exactly, so every logit = Σ 3e38 overflows to inf -> NaN entropy
@@ -137,12 +131,10 @@ def test_nonfinite_loss_stops_or_skips(tmp_path, tiny_pool_cfg, capsys, caplog):
     assert torch.allclose(exported_coefficients(tmp_path / "run2"), torch.tensor(0.3))  # no step was taken
 
 
-
 def _nudge_one_element(cfg, tmp):
     """task1's expert with one element of one tensor changed (as if fine-tuned a little further)."""
     helpers.edit_weights(helpers.copy_expert(cfg, "task1", tmp),
                          lambda sd: sd["bert.encoder.layer.1.attention.self.value.weight"].view(-1)[1].add_(1e-3))
-
 
 
 def test_resume_refuses_a_pool_that_differs_in_one_element(tiny_pool_cfg, tmp_path, capsys):
@@ -153,7 +145,6 @@ def test_resume_refuses_a_pool_that_differs_in_one_element(tiny_pool_cfg, tmp_pa
     capsys.readouterr()
     assert inprocess(tmp_path, other, *args, "trainer.max_steps=4", "resume=last") == 2
     assert re.search(r"error: checkpoint was made from a different pool: experts: .*'task1'", capsys.readouterr().err)
-
 
 
 def test_resume_refuses_swapped_lora_experts(tmp_path, capsys):
@@ -167,7 +158,6 @@ def test_resume_refuses_swapped_lora_experts(tmp_path, capsys):
     capsys.readouterr()
     assert inprocess(tmp_path, swapped, *args, "trainer.max_steps=4", "resume=last") == 2
     assert re.search(r"error: checkpoint was made from a different pool: experts: ", capsys.readouterr().err)
-
 
 
 def test_rerun_into_a_run_dir_with_checkpoints_is_refused(tiny_pool_cfg, tmp_path, capsys):
@@ -186,7 +176,6 @@ def test_rerun_into_a_run_dir_with_checkpoints_is_refused(tiny_pool_cfg, tmp_pat
     assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", "export.overwrite=true") == 0  # trains nothing
 
 
-
 def test_refused_rerun_keeps_the_old_runs_hydra_files(conf, tiny_pool_cfg, tmp_path, capsys):
     """Hydra would write .hydra/ before any check: a rerun refused for its out_dir must not overwrite them."""
     run = tmp_path / "run"
@@ -202,7 +191,6 @@ def test_refused_rerun_keeps_the_old_runs_hydra_files(conf, tiny_pool_cfg, tmp_p
     assert (run / "train.log").read_bytes() == log_before  # the old run's log is not appended to
 
 
-
 def test_resume_for_a_method_that_does_not_train(tiny_pool_cfg, tmp_path, capsys, caplog):
     """Nothing to resume: a missing checkpoint path is still named; an existing one or last only warns."""
     assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", f"resume={tmp_path / 'nope.ckpt'}") == 2
@@ -215,7 +203,6 @@ def test_resume_for_a_method_that_does_not_train(tiny_pool_cfg, tmp_path, capsys
                          "export.overwrite=true") == 0
         assert f"method task_arithmetic does not train, so it has nothing to resume: resume={resume} ignored" \
             in caplog.text
-
 
 
 def test_ctrl_c_checkpoints_and_resumes(conf, tiny_pool_cfg, tmp_path):
@@ -243,7 +230,6 @@ def test_ctrl_c_checkpoints_and_resumes(conf, tiny_pool_cfg, tmp_path):
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == step + 2
 
 
-
 def test_progress_bar_counts_steps_also_after_a_resume(conf, tmp_path):
     """The bar reads "step … k/max_steps", not Lightning's "Epoch 0/-2" of an endless stream."""
     run = tmp_path / "run"
@@ -256,7 +242,6 @@ def test_progress_bar_counts_steps_also_after_a_resume(conf, tmp_path):
               "resume=last", "trainer.enable_progress_bar=true")
     out = p.stdout + p.stderr
     assert re.search(r"step: 100%.*\b6/6\b", out) and "Epoch" not in out, out[-2000:]
-
 
 
 def test_sigterm_outside_training_is_143_with_one_line(tiny_pool_cfg, tmp_path, monkeypatch, capsys):

@@ -38,7 +38,6 @@ def test_export_has_a_servable_model_per_task_and_a_model_card(tiny_pool_cfg, tm
     assert "## Evaluation" in card and 'from_pretrained("export/tasks/task0")' in card, card
 
 
-
 def test_stale_export_temporaries_are_removed(tiny_pool_cfg, tmp_path, caplog):
     """A kill -9 during export leaves ``.export.tmp-*``: the next run into the out_dir removes it, says so."""
     run = tmp_path / "run"
@@ -54,7 +53,6 @@ def test_stale_export_temporaries_are_removed(tiny_pool_cfg, tmp_path, caplog):
     assert lines == ["removed 1 temporary directory left by an interrupted export: .export.tmp-abc123"], lines
 
 
-
 def test_importing_the_package_leaves_the_hub_alone_and_the_cli_switches_it_off():
     """A notebook that imports adamerge keeps its hub access; train.py (the CLI) is offline unless told."""
     code = ("import os, sys; import adamerge, adamerge.methods, adamerge.pool.config; "
@@ -63,7 +61,6 @@ def test_importing_the_package_leaves_the_hub_alone_and_the_cli_switches_it_off(
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr[-2000:]
-
 
 
 def test_the_first_process_of_a_second_node_does_no_rank_zero_start_up_work(tiny_pool_cfg, tmp_path, monkeypatch):
@@ -81,7 +78,6 @@ def test_the_first_process_of_a_second_node_does_no_rank_zero_start_up_work(tiny
     monkeypatch.setenv("NODE_RANK", "0")  # node 0's first process: rank 0
     assert inprocess(tmp_path, tiny_pool_cfg, "method=task_arithmetic", "export.overwrite=true") == 0
     assert not stale.exists() and (run / ".hydra" / "config.yaml").exists()
-
 
 
 @pytest.mark.parametrize("env, zero", [
@@ -102,7 +98,6 @@ def test_launch_is_rank_zero(monkeypatch, env, zero):
     assert launch_is_rank_zero() is zero
 
 
-
 def test_export_killed_between_renames_keeps_the_previous_export(tmp_path):
     """Killed after the old export was moved aside and before the new one took its place: put it back."""
     from adamerge.atomic import remove_stale_temporaries
@@ -113,7 +108,6 @@ def test_export_killed_between_renames_keeps_the_previous_export(tmp_path):
     assert [p.name for p in remove_stale_temporaries(tmp_path / "export")] == [".export.tmp-x2"]
     assert (tmp_path / "export" / "eval.md").read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
-
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
@@ -137,7 +131,6 @@ def test_outputs_honour_the_umask(tiny_pool_cfg, tmp_path, umask):
         assert mode(run / "checkpoints" / ckpt) == 0o666 & ~umask, ckpt
 
 
-
 def test_progress_lines_in_the_log_file(conf, tmp_path):
     """stdout is not a terminal here: progress still reaches train.log, a line per N steps and the last."""
     run = tmp_path / "run"
@@ -146,7 +139,6 @@ def test_progress_lines_in_the_log_file(conf, tmp_path):
     lines = re.findall(r"step (\d+)/12  loss -?\d+\.\d+  s/step \d+\.\d+  ETA \d+s  "
                        r"coef mean/min/max -?\d\.\d+/-?\d\.\d+/-?\d\.\d+$", (run / "train.log").read_text(), re.M)
     assert lines == ["5", "10", "12"], (run / "train.log").read_text()
-
 
 
 def test_progress_lines_every_n_steps_and_after_every_s_seconds(caplog, monkeypatch):
@@ -167,7 +159,6 @@ def test_progress_lines_every_n_steps_and_after_every_s_seconds(caplog, monkeypa
             cb.on_train_batch_end(trainer, None, None, None, s)
     assert [r.getMessage().split("  ")[0] for r in caplog.records] == [
         "step 3/12", "step 5/12", "step 8/12", "step 10/12", "step 12/12"]
-
 
 
 def test_progress_eta_follows_the_recent_step_rate_after_a_pause(caplog, monkeypatch):
@@ -208,7 +199,6 @@ def test_quiet_start_up(conf, tmp_path):
     assert "GPU available" in p.stdout + p.stderr
 
 
-
 def test_tensorboard_logger_writes_events_and_keeps_the_csv_log(conf, tmp_path):
     pytest.importorskip("tensorboardX")
     run = tmp_path / "run"
@@ -217,7 +207,6 @@ def test_tensorboard_logger_writes_events_and_keeps_the_csv_log(conf, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert helpers.logged_losses(run)  # the CSV log the export's loss curve reads
-
 
 
 def test_unknown_or_unavailable_logger_is_one_line_before_any_work(tiny_pool_cfg, tmp_path, capsys):
@@ -235,7 +224,6 @@ def test_unknown_or_unavailable_logger_is_one_line_before_any_work(tiny_pool_cfg
     missing = next((n for n in ("wandb", "mlflow") if importlib.util.find_spec(n) is None), None)
     if missing:
         refused(tmp_path / "b", missing, rf"logger={missing} needs the package {missing} \(pip install {missing}\)")
-
 
 
 def test_disk_full_during_the_export_is_one_line_and_keeps_the_checkpoints(tiny_pool_cfg, tmp_path, monkeypatch,
@@ -256,7 +244,6 @@ def test_disk_full_during_the_export_is_one_line_and_keeps_the_checkpoints(tiny_
     assert "coefficients.png" in err[-1]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # training is not lost: resume=last
     assert not (tmp_path / "run" / "export").exists()
-
 
 
 def test_a_second_run_into_a_locked_out_dir_is_refused_and_a_dead_holder_s_lock_is_taken_over(

@@ -95,11 +95,11 @@ def startup_error(e: Exception, argv: list[str], job_started: bool) -> int:
     the user's — out_dir not creatable, a config Hydra refuses — else raised again with its traceback."""
     if "verbose=true" in argv:
         raise e
+    if isinstance(e, _config_errors()):  # before OSError: Hydra's MissingConfigException is an IOError too
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     reason = e if isinstance(e, OSError) else e.__cause__  # logging wraps its file's OSError
     if not job_started and isinstance(reason, OSError):  # Hydra's mkdir of out_dir or train.log there
         print(f"error: config key 'out_dir': cannot write the run directory: {reason}", file=sys.stderr, flush=True)
         return 2
-    if not isinstance(e, _config_errors()):
-        raise e
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
+    raise e
