@@ -25,7 +25,7 @@ OUTSIDE = re.compile(r"ALGORITHMS\.md|DESIGN\.md|\.\./shared\b|/work/shared\b")
 # content is prose and code (corpora and experts under data/ may contain anything)
 TAGS = re.compile(r"\[(?:AM|SF|FB|EM|FW|WUDI|N-EM|N-FW)\]|§\s?\d")
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg", ".ini", ".sh"}
-CITED = re.compile(r"docs/methods\.md#([\w\-]+)")
+CITED = re.compile(r"(?<![\w/])(?:docs/)?methods\.md#([\w\-]+)")
 
 
 def tracked_files() -> list[str]:
@@ -113,3 +113,22 @@ def test_every_module_outside_methods_is_named_in_docs_architecture():
                and not p.startswith("adamerge/methods/") and Path(p).name != "__init__.py"
                and not re.search(rf"\b{Path(p).stem}\b", text)]
     assert not unnamed, f"name these in docs/architecture.md: {unnamed}"
+
+
+def test_readme_reads_in_five_minutes():
+    """About 150 lines, no table cell over 30 words: the details live in docs/."""
+    lines = read_text("README.md").splitlines()
+    assert len(lines) <= 160, f"README.md has {len(lines)} lines: move details to docs/"
+    long_cells = [f"README.md:{i}" for i, line in enumerate(lines, 1) if line.startswith("|")
+                  for cell in line.strip("|").split("|") if len(cell.split()) > 30]
+    assert not long_cells, long_cells
+
+
+def test_relative_links_in_the_docs_resolve():
+    bad = []
+    for path in ["README.md", *sorted(p for p in tracked_files() if p.startswith("docs/") and p.endswith(".md"))]:
+        for i, line in enumerate(read_text(path).splitlines(), 1):
+            for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", line):
+                if "://" not in target and not (ROOT / path).parent.joinpath(target).exists():
+                    bad.append(f"{path}:{i}: {target}")
+    assert not bad, "links to files that do not exist:\n" + "\n".join(bad)
