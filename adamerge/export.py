@@ -6,6 +6,8 @@ Layout of an export directory::
                            its ``classifier.*`` is the base's, not a task's (clip_zero_shot: the vision
                            tower, ``CLIPVisionModelWithProjection``, + image processor; heads/ are zero-shot)
     tasks/<task>/          sequence classification: merged backbone + that task's head, config and labels
+    lora/                  LoRA experts merged with task- or layer-wise coefficients: the merge as one PEFT
+                           adapter (adamerge/lora_export.py)
     README.md              model card: base, experts, method and its config, coefficients, evaluation
     heads/<task>.safetensors, heads.json   each task's own head, so every task can be served
     coefficients.json, coefficients.png    the learned combination (and loss curve)
@@ -27,6 +29,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_directory
 from .errors import ExportError
+from .lora_export import why_not_lora, write_lora_adapter
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,13 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
                 pass  # a base without a tokenizer exports the model alone
         if tok is not None:
             tok.save_pretrained(model_dir)
+        if any(e.is_lora for e in pool.experts.values()):  # LoRA in, LoRA out where the merge is one
+            reason = why_not_lora(method)
+            if reason is None:
+                rank = write_lora_adapter(method, tmp / "lora", str(pool.base_path))
+                log.info("export/lora: the merge as one PEFT LoRA adapter of rank %d", rank)
+            else:
+                log.info("no export/lora: %s", reason)
         heads_meta = {}
         for task, spec in pool.tasks.items():
             head = {n: t.detach().cpu().contiguous() for n, t in pool.head(task).items()}
