@@ -97,19 +97,24 @@ def model_card(pool, report: dict, method_cfg: dict | None, eval_md: str | None)
 
 def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra: dict[str, str] | None = None,
                   losses: list[tuple[int, float]] | None = None, method_cfg: dict | None = None,
-                  task_models: bool = True) -> Path:
+                  task_models: bool = True, dtype: str | None = None, max_shard_size: str | None = None) -> Path:
     """Write the merged model, heads, per-task models, model card, coefficients and any ``extra`` text
-    files, atomically."""
+    files, atomically; floating-point weights in ``dtype`` (None: as merged), model files of at most
+    ``max_shard_size`` (None: transformers' default)."""
     pool = method.pool
     merged_sd = method.merged.merged_state_dict()
     for n, t in merged_sd.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ExportError(f"refusing to export: merged tensor '{n}' has NaN/Inf values")
+    cast = getattr(torch, dtype) if dtype else None
+    if cast is not None:
+        merged_sd = {n: t.to(cast) if t.is_floating_point() else t for n, t in merged_sd.items()}
+    shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
     report = method.report()
 
     def write(tmp: Path) -> None:
         model_dir = tmp / "model"
-        pool.base_model.save_pretrained(model_dir, state_dict=merged_sd)  # clip_zero_shot: + image processor
+        pool.base_model.save_pretrained(model_dir, state_dict=merged_sd, **shards)  # clip_zero_shot: + image processor
         tok = None
         if pool.family.saves_tokenizer():  # not CLIP's: its export is the vision tower
             try:
@@ -127,7 +132,8 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
                 log.info("no export/lora: %s", reason)
         heads_meta = {}
         for task, spec in pool.tasks.items():
-            head = {n: t.detach().cpu().contiguous() for n, t in pool.head(task).items()}
+            head = {n: (t.to(cast) if cast is not None and t.is_floating_point() else t).detach().cpu().contiguous()
+                    for n, t in pool.head(task).items()}
             if head:
                 (tmp / "heads").mkdir(exist_ok=True)
                 save_file(head, str(tmp / "heads" / f"{task}.safetensors"))
@@ -142,7 +148,8 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
         if task_models and pool.family.task_models:
             # model/ carries the base's random head (each tasks/<task> copies the backbone: export.task_models): give each task a directory from_pretrained serves as is
             for task in pool.tasks:
-                load_task_model(tmp, task).save_pretrained(tmp / "tasks" / task)
+                task_model = load_task_model(tmp, task)
+                (task_model.to(cast) if cast is not None else task_model).save_pretrained(tmp / "tasks" / task, **shards)
                 if tok is not None:
                     tok.save_pretrained(tmp / "tasks" / task)
         (tmp / "README.md").write_text(model_card(pool, report, method_cfg, (extra or {}).get("eval.md")))

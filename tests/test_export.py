@@ -61,3 +61,29 @@ def test_interrupted_export_leaves_previous_export_intact(tiny_pool_cfg, tmp_pat
     with pytest.raises(OSError):
         export_merged(m, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
+
+
+def test_export_dtype_halves_the_bytes_and_a_sharded_export_reloads(tiny_pool_cfg, tmp_path):
+    """export.dtype=bfloat16 writes half the bytes of the float32 export; export.max_shard_size splits the model
+    into files with an index that from_pretrained reloads to the same weights."""
+    from transformers import AutoModelForSequenceClassification
+
+    import helpers
+
+    runs = {}
+    for name, extra in [("fp32", []), ("bf16", ["export.dtype=bfloat16"]), ("sharded", ["export.max_shard_size=100KB"])]:
+        runs[name] = tmp_path / name
+        helpers.train_here(tiny_pool_cfg, runs[name], "method=task_arithmetic", "evaluate.enabled=false", *extra)
+
+    def size(run, sub):
+        return sum(f.stat().st_size for f in (run / "export" / sub).glob("*.safetensors"))
+
+    for sub in ("model", "tasks/task0"):
+        assert abs(size(runs["bf16"], sub) / size(runs["fp32"], sub) - 0.5) < 0.01, sub
+    sharded = runs["sharded"] / "export" / "model"
+    assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("*.safetensors"))) > 1
+    whole = AutoModelForSequenceClassification.from_pretrained(runs["fp32"] / "export" / "model").state_dict()
+    for n, v in AutoModelForSequenceClassification.from_pretrained(sharded).state_dict().items():
+        torch.testing.assert_close(v, whole[n], rtol=0, atol=0)
+    half = AutoModelForSequenceClassification.from_pretrained(runs["bf16"] / "export" / "model", dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16

@@ -186,6 +186,8 @@ class ExportConfig(ConfigSection):
     dir: str
     overwrite: bool
     task_models: bool
+    dtype: Literal["float32", "bfloat16", "float16"] | None
+    max_shard_size: str | None
 
 
 # every config group but method (its method's own dataclass), pool (adamerge/pool/config.py) and trainer (the

@@ -211,7 +211,8 @@ def export_run(method, c: dict, out_dir: Path, extra: dict[str, str]) -> str:
 
     export_dir = Path(c["export"]["dir"])
     export_merged(method, export_dir, overwrite=c["export"]["overwrite"], extra=extra,
-                  losses=read_losses(out_dir / "logs"), method_cfg=c["method"], task_models=c["export"]["task_models"])
+                  losses=read_losses(out_dir / "logs"), method_cfg=c["method"], task_models=c["export"]["task_models"],
+                  dtype=c["export"]["dtype"], max_shard_size=c["export"]["max_shard_size"])
     print(f"exported merged model to {export_dir}", flush=True)
     return str(export_dir)
 
