@@ -92,7 +92,18 @@ def model_card(pool, report: dict, method_cfg: dict | None, eval_md: str | None)
         lines += ["## Evaluation", "", eval_md.strip(), ""]
     lines += ["## How to load", ""]
     lines += pool.family.how_to_load(pool)
-    return "\n".join(lines) + "\n"
+    return card_front_matter(pool, name) + "\n".join(lines) + "\n"
+
+
+def card_front_matter(pool, method_id: str) -> str:
+    """The Hub's model-card metadata (huggingface_hub ``ModelCardData``): the base model when it came from the
+    hub (``hf://org/name``), tags ``merge``, ``adamerge`` and the method, and the library that loads it."""
+    from huggingface_hub import ModelCardData
+
+    source = str(pool.sources.get("pool.base", ""))
+    base = source.removeprefix("hf://").split(" ")[0].split("@")[0] if source.startswith("hf://") else None
+    data = ModelCardData(base_model=base, library_name="transformers", tags=["merge", "adamerge", method_id])
+    return f"---\n{data.to_yaml()}\n---\n\n"
 
 
 def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra: dict[str, str] | None = None,

@@ -151,6 +151,9 @@ def test_a_pool_served_from_the_local_hf_cache_runs_offline(runs):
     assert f"Base model: `hf://{ORG}/tiny-base (commit {COMMIT})`" in card
     assert f"| task0 | `hf://{ORG}/tiny-task0@{COMMIT} (commit {COMMIT})` |" in card
     assert f"| task1 | `{out.parent.parent / 'models' / 'task1'}` |" in card  # a local path, as given
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(out / "export" / "README.md").data.base_model == f"{ORG}/tiny-base"  # the Hub's metadata
 
 
 @pytest.fixture

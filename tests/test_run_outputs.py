@@ -36,6 +36,11 @@ def test_export_has_a_servable_model_per_task_and_a_model_card(tiny_pool_cfg, tm
     card = (export / "README.md").read_text()
     assert "task_arithmetic" in card and "task0" in card and "task1" in card, card
     assert "## Evaluation" in card and 'from_pretrained("export/tasks/task0")' in card, card
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard.load(export / "README.md").data  # the Hub's front matter, read by huggingface_hub
+    assert meta.tags == ["merge", "adamerge", "task_arithmetic"] and meta.library_name == "transformers"
+    assert meta.base_model is None  # a local base: no hub id to name
 
 
 def test_stale_export_temporaries_are_removed(tiny_pool_cfg, tmp_path, caplog):
