@@ -148,7 +148,7 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
             if head:
                 (tmp / "heads").mkdir(exist_ok=True)
                 save_file(head, str(tmp / "heads" / f"{task}.safetensors"))
-            heads_meta[task] = {"num_labels": spec.num_labels, "label_names": spec.label_names,
+            heads_meta[task] = {"num_labels": pool.num_labels(task), "label_names": spec.label_names,
                                 "tensors": sorted(head), "auto_class": pool.family.auto_class}
         (tmp / "heads.json").write_text(json.dumps(heads_meta, indent=2))
         (tmp / "coefficients.json").write_text(json.dumps(report, indent=2))

@@ -87,3 +87,17 @@ def test_export_dtype_halves_the_bytes_and_a_sharded_export_reloads(tiny_pool_cf
         torch.testing.assert_close(v, whole[n], rtol=0, atol=0)
     half = AutoModelForSequenceClassification.from_pretrained(runs["bf16"] / "export" / "model", dtype=torch.bfloat16)
     assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_a_task_without_num_labels_exports_its_heads_size(tiny_pool_cfg, tmp_path):
+    """num_labels is optional in a pool (the head's output size counts): the per-task model still gets its size."""
+    import helpers
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = json.loads(json.dumps(tiny_pool_cfg))
+    for t in cfg["tasks"].values():
+        t.pop("num_labels", None)
+        t.pop("label_names", None)
+    helpers.train_here(cfg, tmp_path / "run", "method=task_arithmetic", "evaluate.enabled=false")
+    served = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "export" / "tasks" / "task1")
+    assert served.config.num_labels == 3
