@@ -2,9 +2,10 @@
 
 Layout of an export directory::
 
-    model/                 merged model, loadable with transformers ``from_pretrained`` (+ tokenizer);
-                           its ``classifier.*`` is the base's, not a task's (clip_zero_shot: the vision
-                           tower, ``CLIPVisionModelWithProjection``, + image processor; heads/ are zero-shot)
+    model/                 merged model, loadable with transformers ``from_pretrained`` (+ tokenizer); sequence
+                           classification: the backbone alone (``AutoModel``; a sentence-transformers base's
+                           modules beside it); clip_zero_shot: the vision tower,
+                           ``CLIPVisionModelWithProjection``, + image processor (heads/ are zero-shot)
     tasks/<task>/          sequence classification: merged backbone + that task's head, config and labels
     lora/                  LoRA experts merged with task- or layer-wise coefficients: the merge as one PEFT
                            adapter (adamerge/lora_export.py)
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -125,7 +127,13 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
 
     def write(tmp: Path) -> None:
         model_dir = tmp / "model"
-        pool.base_model.save_pretrained(model_dir, state_dict=merged_sd, **shards)  # clip_zero_shot: + image processor
+        model, state = pool.base_model, merged_sd
+        if pool.family.backbone_export:  # the backbone's own tensors, without its prefix (bert.…)
+            prefix = model.base_model_prefix + "."
+            model = model.base_model
+            state = {n[len(prefix):]: t for n, t in merged_sd.items() if n.startswith(prefix)}
+        model.save_pretrained(model_dir, state_dict=state, **shards)  # clip_zero_shot: + image processor
+        copy_sentence_transformers_files(pool.base_path, model_dir)
         tok = None
         if pool.family.saves_tokenizer():  # not CLIP's: its export is the vision tower
             try:
@@ -166,6 +174,21 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
         (tmp / "README.md").write_text(model_card(pool, report, method_cfg, (extra or {}).get("eval.md")))
 
     return atomic_directory(export_dir, overwrite, write)
+
+
+def copy_sentence_transformers_files(base: Path, model_dir: Path) -> None:
+    """A sentence-transformers base (``modules.json``): its module configs (pooling, normalisation) beside the
+    merged backbone, so that ``SentenceTransformer(model_dir)`` loads the merge as an embedding model."""
+    modules = base / "modules.json"
+    if not modules.is_file() or not (model_dir / "config.json").is_file():
+        return
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        if (base / name).is_file():
+            shutil.copy2(base / name, model_dir / name)
+    for module in json.loads(modules.read_text()):
+        path = module.get("path", "")
+        if path and (base / path).is_dir():  # "" is the transformer itself: the merge just written
+            shutil.copytree(base / path, model_dir / path, dirs_exist_ok=True)
 
 
 def load_task_model(export_dir: str | Path, task: str):

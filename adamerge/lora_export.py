@@ -25,7 +25,7 @@ def why_not_lora(method) -> str | None:
     if mm.mask is not None or mm.offset:
         return "the merge has a mask or a starting offset beside its LoRA factors"
     if not mm.names or mm.factored_names != mm.names:
-        return "not every merged weight is kept as LoRA factors (task_vectors.lora=factorized)"
+        return "some merged weights are dense (a transform such as TIES, or a method that needs τ whole)"
     if mm.coefficients.granularity not in ("task", "layer"):
         return f"{mm.coefficients.granularity}-wise coefficients are not one scalar per weight and expert"
     for e in method.pool.experts.values():

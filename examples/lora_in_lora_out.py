@@ -38,10 +38,11 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification
 
     base = AutoModelForSequenceClassification.from_pretrained(args.base)
+    prefix = base.base_model_prefix
     folded = PeftModel.from_pretrained(base, str(export / "lora")).merge_and_unload().state_dict()
-    dense = load_file(str(export / "model" / "model.safetensors"))
-    worst = max(float((folded[n] - v).norm() / v.norm().clamp_min(1e-12)) for n, v in dense.items()
-                if not n.startswith("classifier."))
+    # export/model is the backbone alone: its tensor names lack the prefix (bert.…)
+    dense = {f"{prefix}.{n}": v for n, v in load_file(str(export / "model" / "model.safetensors")).items()}
+    worst = max(float((folded[n] - v).norm() / v.norm().clamp_min(1e-12)) for n, v in dense.items())
     print(f"export/lora loaded with peft: largest relative difference to the dense export {worst:.1e}")
     assert worst < 1e-5, "the adapter does not equal the dense merge"
 

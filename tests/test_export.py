@@ -66,7 +66,7 @@ def test_interrupted_export_leaves_previous_export_intact(tiny_pool_cfg, tmp_pat
 def test_export_dtype_halves_the_bytes_and_a_sharded_export_reloads(tiny_pool_cfg, tmp_path):
     """export.dtype=bfloat16 writes half the bytes of the float32 export; export.max_shard_size splits the model
     into files with an index that from_pretrained reloads to the same weights."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModel
 
     import helpers
 
@@ -82,17 +82,18 @@ def test_export_dtype_halves_the_bytes_and_a_sharded_export_reloads(tiny_pool_cf
         assert abs(size(runs["bf16"], sub) / size(runs["fp32"], sub) - 0.5) < 0.01, sub
     sharded = runs["sharded"] / "export" / "model"
     assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("*.safetensors"))) > 1
-    whole = AutoModelForSequenceClassification.from_pretrained(runs["fp32"] / "export" / "model").state_dict()
-    for n, v in AutoModelForSequenceClassification.from_pretrained(sharded).state_dict().items():
+    whole = AutoModel.from_pretrained(runs["fp32"] / "export" / "model").state_dict()  # the backbone alone
+    for n, v in AutoModel.from_pretrained(sharded).state_dict().items():
         torch.testing.assert_close(v, whole[n], rtol=0, atol=0)
-    half = AutoModelForSequenceClassification.from_pretrained(runs["bf16"] / "export" / "model", dtype=torch.bfloat16)
+    half = AutoModel.from_pretrained(runs["bf16"] / "export" / "model", dtype=torch.bfloat16)
     assert next(half.parameters()).dtype == torch.bfloat16
 
 
 def test_a_task_without_num_labels_exports_its_heads_size(tiny_pool_cfg, tmp_path):
     """num_labels is optional in a pool (the head's output size counts): the per-task model still gets its size."""
-    import helpers
     from transformers import AutoModelForSequenceClassification
+
+    import helpers
 
     cfg = json.loads(json.dumps(tiny_pool_cfg))
     for t in cfg["tasks"].values():
@@ -101,3 +102,28 @@ def test_a_task_without_num_labels_exports_its_heads_size(tiny_pool_cfg, tmp_pat
     helpers.train_here(cfg, tmp_path / "run", "method=task_arithmetic", "evaluate.enabled=false")
     served = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "export" / "tasks" / "task1")
     assert served.config.num_labels == 3
+
+
+def test_a_sentence_transformers_base_exports_a_sentence_transformer(tmp_path):
+    """The real all-MiniLM-L6-v2 (a sentence-transformers model) merged with its committed LoRA experts:
+    SentenceTransformer("export/model") loads the merged backbone with the base's pooling and normalisation."""
+    import helpers
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    out = tmp_path / "run"
+    assert helpers.run_inprocess([f"out_dir={out}", "pool=minilm_lora", "method=task_arithmetic",
+                                  "evaluate.enabled=false", "export.task_models=false"]) == 0
+    model_dir = out / "export" / "model"
+    assert AutoModel.from_pretrained(model_dir).config.architectures == ["BertModel"]  # no head to mistake
+    texts = ["the match ended in a draw", "el gato duerme"]
+    embedded = SentenceTransformer(str(model_dir), device="cpu").encode(texts, convert_to_tensor=True)
+    tok, enc = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = enc(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    mean = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)  # MiniLM's pooling
+    torch.testing.assert_close(embedded, mean, atol=1e-5, rtol=1e-4)
+    base = SentenceTransformer(helpers.minilm_dir(), device="cpu").encode(texts, convert_to_tensor=True)
+    assert (embedded - base).abs().max() > 1e-3  # the merge, not the base

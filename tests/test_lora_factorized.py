@@ -207,7 +207,8 @@ def test_which_method_configs_may_stay_factorized():
             values["start_from"] = {"name": values["start_from"]}
         cls = get_method(values["name"])
         reasons[values["id"]] = cls.dense_reason(cls.parse_config(values))
-    assert {i for i, r in reasons.items() if r is None} == {"adamerging_layerwise", "adamerging_taskwise",
+    assert {i for i, r in reasons.items() if r is None} == {"adamerging_layerwise", "adamerging_layerwise_paper",
+                                                             "adamerging_taskwise",
                                                             "task_arithmetic", "weight_average"}
     assert reasons["adamerging_layerwise_pp"] == reasons["ties_merging"] == "ties needs τ's entries"
     assert reasons["dare_task_arithmetic"] == "dare needs τ's entries"

@@ -111,7 +111,7 @@ def test_regmean_pp_end_to_end_through_train(tiny_pool_cfg, tmp_path):
     # the exported model holds exactly the method's merged weights
     from safetensors.torch import load_file
 
-    sd = load_file(str(out / "export" / "model" / "model.safetensors"))
+    sd = {f"bert.{n}": v for n, v in load_file(str(out / "export" / "model" / "model.safetensors")).items()}  # the backbone alone
     pool = pool_from_config(tiny_pool_cfg)
     m = get_method("regmean_pp")(pool, rm_cfg("regmean_pp", alpha=0.9, num_examples=8, batch_size=16))
     merged = m.merged.merged_params()

@@ -19,7 +19,7 @@ from helpers import inprocess, train_conf
 
 
 def test_export_has_a_servable_model_per_task_and_a_model_card(tiny_pool_cfg, tmp_path):
-    """export/model has the base's head; export/tasks/<task> is that task's model, from_pretrained as is."""
+    """export/model is the backbone alone; export/tasks/<task> is that task's model, from_pretrained as is."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from adamerge.export import load_task_model

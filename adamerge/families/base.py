@@ -63,6 +63,7 @@ class ModelFamily:
     classifier_heads = False  # each task's head is a classifier: its output size is the task's class count,
                               # and labelled examples can be scored by cross-entropy (FW-Merging's objective)
     hidden_states = True      # the forward the objectives see returns hidden states to align (Expert Merging)
+    backbone_export = False   # export/model is the backbone alone (the heads, per task, are in heads/ and tasks/)
 
     # -- the pool ------------------------------------------------------------------------------
     def build_base(self, pool) -> nn.Module:

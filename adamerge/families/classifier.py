@@ -46,6 +46,7 @@ class SequenceClassification(ModelFamily):
     evaluated = True
     task_models = True  # the export writes tasks/<task>/: backbone + that task's head, from_pretrained as is
     classifier_heads = True
+    backbone_export = True  # no head in export/model that a user could mistake for a task's
 
     def build_base(self, pool) -> nn.Module:
         nl = [t.num_labels for t in pool.tasks.values() if t.num_labels]
@@ -72,5 +73,5 @@ class SequenceClassification(ModelFamily):
                 "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
                 f'model = AutoModelForSequenceClassification.from_pretrained("export/tasks/{task}")',
                 f'tokenizer = AutoTokenizer.from_pretrained("export/tasks/{task}")', "```", "",
-                "`model/` is the merged backbone with the *base's* classifier head (not any task's): "
-                "use `tasks/<task>/` to classify."]
+                "`model/` is the merged backbone alone (`AutoModel`; from a sentence-transformers base also "
+                "`SentenceTransformer(\"export/model\")`): use `tasks/<task>/` to classify."]
