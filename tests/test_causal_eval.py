@@ -118,6 +118,24 @@ def test_greedy_generation_pads_on_the_right_and_stops_at_eos():
     assert gen == [[6], [6], [4, 0]]  # 5→6→eos; one token; 3→4, then all-zero logits give token 0
 
 
+def test_decoding_with_the_key_value_cache_equals_rerunning_the_prefix(tmp_path):
+    """A transformers LM decodes with its cache from left-padded prompts; the tokens are those of the plain
+    loop that reruns the right-padded prefix at every step (prompts of different lengths in one batch)."""
+    from transformers import LlamaForCausalLM
+
+    from adamerge.families.causal import greedy_tokens, greedy_tokens_cached
+
+    model = LlamaForCausalLM.from_pretrained(lm_pool(tmp_path, tie=False)["base"]).eval()
+    g = torch.Generator().manual_seed(0)
+    params = {n: p + 0.01 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}  # a merge's
+    prompts = [torch.randint(1000, 3000, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (16,), generator=g)]
+    cached = greedy_tokens_cached(model, params, prompts, 8, pad_id=0)
+    assert torch.equal(cached, greedy_tokens(model, params, prompts, 8, pad_id=0))
+    assert len({tuple(row) for row in cached.tolist()}) > 8  # the continuations depend on their prompts
+    assert torch.equal(cached[1], torch.tensor(hand_greedy(lambda **kw: torch.func.functional_call(
+        model, params, args=(), kwargs=kw), prompts[1], 8)))
+
+
 def hand_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.no_grad():

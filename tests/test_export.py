@@ -107,9 +107,10 @@ def test_a_task_without_num_labels_exports_its_heads_size(tiny_pool_cfg, tmp_pat
 def test_a_sentence_transformers_base_exports_a_sentence_transformer(tmp_path):
     """The real all-MiniLM-L6-v2 (a sentence-transformers model) merged with its committed LoRA experts:
     SentenceTransformer("export/model") loads the merged backbone with the base's pooling and normalisation."""
-    import helpers
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
+
+    import helpers
 
     out = tmp_path / "run"
     assert helpers.run_inprocess([f"out_dir={out}", "pool=minilm_lora", "method=task_arithmetic",

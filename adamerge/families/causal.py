@@ -19,6 +19,7 @@ affordable for short answers. Prompts are not truncated (``data.max_length`` is 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,33 +142,61 @@ def class_loglik(base: torch.nn.Module, params: dict[str, torch.Tensor], prompts
 def greedy_generate(base: torch.nn.Module, params: dict[str, torch.Tensor], prompts: list[list[int]],
                     max_new: list[int], pad_id: int = 0, eos_id: int | None = None,
                     batch_size: int = 64) -> list[list[int]]:
-    """Greedy continuation of each prompt: up to ``max_new[n]`` tokens, cut before the first ``eos_id``."""
-    device = next(base.parameters()).device
+    """Greedy continuation of each prompt: up to ``max_new[n]`` tokens, cut before the first ``eos_id``.
+    A transformers causal LM decodes with its key/value cache (one new token per step after the prompt);
+    any other module reruns the prefix each step."""
+    cached = getattr(getattr(base, "config", None), "use_cache", None) is not None
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
         ps, limits = prompts[i:i + batch_size], max_new[i:i + batch_size]
-        steps = max(limits)
-        lens = torch.tensor([len(p) for p in ps], device=device)
-        ids, mask = right_padded(ps, pad_id, width=int(lens.max()) + steps, device=device)
-        rows = torch.arange(len(ps), device=device)
-        gen: list[list[int]] = [[] for _ in ps]
-        stopped = [False] * len(ps)
-        for step in range(steps):
-            cur = lens + step  # where each row's next token goes
-            width = int(cur.max())
-            logits = functional_call(base, params, args=(),
-                                     kwargs={"input_ids": ids[:, :width], "attention_mask": mask[:, :width]}).logits
-            nxt = logits[rows, cur - 1].argmax(-1)
-            ids[rows, cur], mask[rows, cur] = nxt, 1  # rows already done keep going, unread
-            for r, t in enumerate(nxt.tolist()):
-                if stopped[r] or step >= limits[r]:
-                    continue
-                if eos_id is not None and t == eos_id:
-                    stopped[r] = True
-                else:
-                    gen[r].append(t)
-        out.extend(gen)
+        tokens = (greedy_tokens_cached if cached else greedy_tokens)(base, params, ps, max(limits), pad_id)
+        for row, limit in zip(tokens.tolist(), limits):
+            row = row[:limit]
+            out.append(row[:row.index(eos_id)] if eos_id is not None and eos_id in row else row)
     return out
+
+
+def greedy_tokens(base: torch.nn.Module, params: dict[str, torch.Tensor], ps: list[list[int]], steps: int,
+                  pad_id: int) -> torch.Tensor:
+    """[N, steps] greedy tokens, the prompts padded on the right and the whole prefix run at every step."""
+    device = next(base.parameters()).device
+    lens = torch.tensor([len(p) for p in ps], device=device)
+    ids, mask = right_padded(ps, pad_id, width=int(lens.max()) + steps, device=device)
+    rows = torch.arange(len(ps), device=device)
+    for step in range(steps):
+        cur = lens + step  # where each row's next token goes
+        width = int(cur.max())
+        logits = functional_call(base, params, args=(),
+                                 kwargs={"input_ids": ids[:, :width], "attention_mask": mask[:, :width]}).logits
+        ids[rows, cur], mask[rows, cur] = logits[rows, cur - 1].argmax(-1), 1
+    return ids[rows[:, None], lens[:, None] + torch.arange(steps, device=device)].cpu()
+
+
+def greedy_tokens_cached(base: torch.nn.Module, params: dict[str, torch.Tensor], ps: list[list[int]], steps: int,
+                         pad_id: int) -> torch.Tensor:
+    """[N, steps] greedy tokens with the key/value cache: the prompts padded on the left (positions counted
+    from each one's first real token), then one token per step against the cache."""
+    device = next(base.parameters()).device
+    width = max(len(p) for p in ps)
+    ids = torch.full((len(ps), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(ps), width), dtype=torch.long, device=device)
+    for r, p in enumerate(ps):
+        ids[r, width - len(p):] = torch.tensor(p, device=device)
+        mask[r, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # transformers 5 names the cache ``cache`` (earlier: ``past_key_values``), in the call and in the output
+    cache_key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    step_inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    tokens = []
+    for _ in range(steps):
+        out = functional_call(base, params, args=(), kwargs={**step_inputs, "use_cache": True})
+        nxt = out.logits[:, -1].argmax(-1)
+        tokens.append(nxt)
+        mask = torch.cat([mask, mask.new_ones(len(ps), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        step_inputs = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": positions,
+                       cache_key: out[cache_key]}
+    return torch.stack(tokens, dim=1).cpu()
 
 
 def lm_accuracy(base: torch.nn.Module, params: dict[str, torch.Tensor], ts: LMTestSet,
