@@ -158,6 +158,10 @@ def test_a_pool_served_from_the_local_hf_cache_runs_offline(runs):
 
 @pytest.fixture
 def hub_on(tmp_path, monkeypatch):
+    return switch_hub_on(tmp_path, monkeypatch)
+
+
+def switch_hub_on(tmp_path, monkeypatch):
     """The hub on, its endpoint a closed local port (nothing leaves this machine), the cache in tmp."""
     from huggingface_hub import constants
 
@@ -244,3 +248,38 @@ def test_frank_wolfe_candidates_may_be_hub_references(hub_on):
     assert candidate_paths({"mine": f"hf://{ORG}/cand"}) == {"mine": snap}
     with pytest.raises(PoolError, match=rf"^method.candidates\[1\]: hub model hf://{ORG}/absent cannot be downloaded"):
         candidate_paths(["/local/a", f"hf://{ORG}/absent"])
+
+
+@pytest.mark.parametrize("case", ["hub off", "hub unreachable", "not a repo id"])
+def test_push_to_hub_is_refused_before_any_work(tiny_pool_cfg, tmp_path, monkeypatch, capsys, case):
+    """export.push_to_hub needs the hub: offline (adamerge's default), unreachable or a malformed name is one line
+    before the pool loads, and nothing is trained or exported."""
+    if case == "hub unreachable":
+        switch_hub_on(tmp_path, monkeypatch)
+    repo = "not a repo!" if case == "not a repo id" else f"{ORG}/merged"
+    out = tmp_path / "run"
+    code = helpers.run_inprocess([f"out_dir={out}", "method=adamerging_layerwise", f"export.push_to_hub='{repo}'"],
+                                 tiny_pool_cfg)
+    want = {"hub off": r"the hub is off \(HF_HUB_OFFLINE=1, adamerge's default\); export HF_HUB_OFFLINE=0",
+            "hub unreachable": r"cannot upload: .*; check the hub connection and log in",
+            "not a repo id": r"not a hub repo id"}[case]
+    helpers.assert_refused_in_one_line(code, capsys, rf"export.push_to_hub={re.escape(repo)}: {want}", out)
+    assert not (out / "checkpoints").exists() and not (out / "export").exists()
+
+
+def test_push_to_hub_hands_the_export_to_huggingface_hub(tiny_pool_cfg, tmp_path, monkeypatch, capsys):
+    """The wiring only (no hub here): after the export, create_repo and upload_folder get the repo and the export
+    directory. The checks before the run pass for a logged-in user with the hub on."""
+    from huggingface_hub import HfApi, constants
+
+    calls = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: {"name": "me"})
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **k: calls.append(("create", repo_id, k)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **k: calls.append(("upload", k["repo_id"], k)))
+    out = tmp_path / "run"
+    helpers.train_here(tiny_pool_cfg, out, "method=task_arithmetic", "evaluate.enabled=false",
+                       f"export.push_to_hub={ORG}/merged")
+    assert [c[:2] for c in calls] == [("create", f"{ORG}/merged"), ("upload", f"{ORG}/merged")]
+    assert calls[1][2]["folder_path"] == str(out / "export") and (out / "export" / "model").is_dir()
+    assert f"uploaded the export to https://huggingface.co/{ORG}/merged" in capsys.readouterr().out

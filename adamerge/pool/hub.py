@@ -180,3 +180,38 @@ def _download(ref: HubRef) -> str:
 def describe(ref: HubRef) -> str:
     """How an export's model card names a hub model: the reference and the commit it resolved to."""
     return f"{ref.text} (commit {Path(ref.path).name})" if ref.path else ref.text
+
+
+def check_push_target(repo_id: str) -> None:
+    """``export.push_to_hub=<org/name>``: a ConfigError before any work when the name is not a repo id, the hub
+    is off, or it cannot be reached or does not know this user (a token is needed to upload)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from ..errors import ConfigError
+
+    where = f"export.push_to_hub={repo_id}"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConfigError(f"{where}: not a hub repo id ({e}); write <org>/<name>") from e
+    if constants.is_offline_mode():
+        raise ConfigError(f"{where}: the hub is off (HF_HUB_OFFLINE=1, adamerge's default); export HF_HUB_OFFLINE=0 "
+                          "with a hub connection and a token (hf auth login), or drop the key")
+    try:
+        HfApi().whoami()
+    except _network_errors() as e:
+        raise ConfigError(f"{where}: cannot upload: {_one_line(e)}; check the hub connection and log in "
+                          "(hf auth login, or HF_TOKEN), or drop the key") from e
+
+
+def push_export(repo_id: str, export_dir: str) -> str:
+    """Upload the export directory to the model repo ``repo_id`` (created if missing); its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", exist_ok=True)
+    commit = api.upload_folder(repo_id=repo_id, folder_path=export_dir, repo_type="model",
+                               commit_message="adamerge export")
+    return str(commit.commit_url) if hasattr(commit, "commit_url") else f"https://huggingface.co/{repo_id}"

@@ -188,6 +188,7 @@ class ExportConfig(ConfigSection):
     task_models: bool
     dtype: Literal["float32", "bfloat16", "float16"] | None
     max_shard_size: str | None
+    push_to_hub: str | None
 
 
 # every config group but method (its method's own dataclass), pool (adamerge/pool/config.py) and trainer (the

@@ -123,6 +123,10 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
         remove_stale_temporaries(export_dir)
         check_export_target(export_dir, c["export"]["overwrite"])  # refuse before spending time training
         check_writable_dir(export_dir.parent, "export.dir")  # the export is written next to its target
+        if c["export"]["push_to_hub"]:
+            from ..pool.hub import check_push_target
+
+            check_push_target(c["export"]["push_to_hub"])
         if trains:
             check_fresh_run(c["resume"], out_dir / "checkpoints")
     if not trains and c["resume"] and c["resume"] != "last" and not Path(c["resume"]).exists():
@@ -214,6 +218,10 @@ def export_run(method, c: dict, out_dir: Path, extra: dict[str, str]) -> str:
                   losses=read_losses(out_dir / "logs"), method_cfg=c["method"], task_models=c["export"]["task_models"],
                   dtype=c["export"]["dtype"], max_shard_size=c["export"]["max_shard_size"])
     print(f"exported merged model to {export_dir}", flush=True)
+    if c["export"]["push_to_hub"]:
+        from ..pool.hub import push_export
+
+        print(f"uploaded the export to {push_export(c['export']['push_to_hub'], str(export_dir))}", flush=True)
     return str(export_dir)
 
 
