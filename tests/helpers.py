@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,12 +187,10 @@ def compose(overrides: list[str], pool: dict | None = None):
 
 
 def run_inprocess(overrides: list[str], pool: dict | None = None) -> int:
-    """train.py's ``cli`` in this process (no interpreter start-up): returns the exit code."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import train
+    """train.py's ``cli`` (adamerge.run.cli) in this process (no interpreter start-up): returns the exit code."""
+    from adamerge.run.cli import cli
 
-    return train.cli(compose(overrides, pool))
+    return cli(compose(overrides, pool))
 
 
 def train_here(pool: dict, out: Path, *overrides: str) -> None:
@@ -201,8 +202,6 @@ def train_here(pool: dict, out: Path, *overrides: str) -> None:
 
 def logged(run: Path, column: str = "loss") -> list[tuple[int, float]]:
     """``(step, value)`` of a column of every CSV log of a run (a resumed run adds a version)."""
-    import csv
-
     out = []
     for f in sorted((run / "logs").glob("*/metrics.csv")):
         with f.open() as fh:
@@ -268,6 +267,11 @@ def inprocess(tmp_path: Path, pool: dict, *args: str) -> int:
     return run_inprocess([f"out_dir={tmp_path / 'run'}", "data.batch_size=8", "evaluate.enabled=false", *args], pool)
 
 
+def exported_backbone(run: Path, prefix: str = "bert") -> dict[str, torch.Tensor]:
+    """``export/model``'s tensors under the pool's names: a classifier's export is the backbone, without ``prefix.``."""
+    return {f"{prefix}.{n}": v for n, v in load_file(str(run / "export" / "model" / "model.safetensors")).items()}
+
+
 def exported_coefficients(run: Path) -> torch.Tensor:
     """The coefficients a run exported (``export/coefficients.json``)."""
     return torch.tensor(json.loads((run / "export" / "coefficients.json").read_text())["coefficients"])
@@ -275,8 +279,6 @@ def exported_coefficients(run: Path) -> torch.Tensor:
 
 def copy_expert(cfg: dict, task: str, tmp: Path) -> Path:
     """Copy ``task``'s expert directory to ``tmp/<task>_copy`` (to be edited) and point pool config ``cfg`` at it."""
-    import shutil
-
     dst = tmp / f"{task}_copy"
     shutil.copytree(cfg["tasks"][task]["expert"], dst)
     cfg["tasks"][task]["expert"] = str(dst)
@@ -292,8 +294,6 @@ def with_expert(pool_cfg: dict, task: str, path: str | Path) -> dict:
 
 def edit_weights(expert_dir: Path, fn) -> None:
     """Apply ``fn`` to the state dict in ``expert_dir/model.safetensors`` and save it back."""
-    from safetensors.torch import load_file, save_file
-
     f = expert_dir / "model.safetensors"
     sd = load_file(str(f))
     fn(sd)

@@ -251,7 +251,7 @@ def test_soft_end_to_end_resumes_between_iterations(tiny_pool_cfg, pool, tmp_pat
     stream = dm.train_dataloader().dataset
     for t in range(3):
         ref.iterate(stream.batch(t))
-    exported = {f"bert.{n}": v for n, v in load_file(str(run / "export" / "model" / "model.safetensors")).items()}  # the backbone alone
+    exported = helpers.exported_backbone(run)
     for n in ref.names:
         torch.testing.assert_close(exported[n], ref.state.theta(n), atol=1e-6, rtol=0)
     assert dist(theta(ref), {n: pool.base_tensor(n) for n in ref.names}) > 0  # it moved

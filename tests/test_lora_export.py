@@ -8,7 +8,6 @@ import logging
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import helpers
 
@@ -32,7 +31,7 @@ def test_the_lora_export_equals_the_dense_export(lora_cfg, tmp_path, method):
     assert config["r"] == 2 * 4 and config["lora_alpha"] == config["r"]  # two experts of rank 4, stacked
     base = AutoModelForSequenceClassification.from_pretrained(lora_cfg["base"])
     merged = PeftModel.from_pretrained(base, str(out / "export" / "lora")).merge_and_unload().state_dict()
-    dense = {f"bert.{n}": v for n, v in load_file(str(out / "export" / "model" / "model.safetensors")).items()}  # the backbone alone
+    dense = helpers.exported_backbone(out)
     compared = 0
     for name, value in dense.items():  # heads stay per task (heads/), outside either
         err = (merged[name] - value).norm() / value.norm().clamp_min(1e-12)

@@ -109,9 +109,8 @@ def test_regmean_pp_end_to_end_through_train(tiny_pool_cfg, tmp_path):
     ev = json.loads((out / "eval.json").read_text())
     assert "regmean_pp" in json.dumps(ev)
     # the exported model holds exactly the method's merged weights
-    from safetensors.torch import load_file
 
-    sd = {f"bert.{n}": v for n, v in load_file(str(out / "export" / "model" / "model.safetensors")).items()}  # the backbone alone
+    sd = helpers.exported_backbone(out)
     pool = pool_from_config(tiny_pool_cfg)
     m = get_method("regmean_pp")(pool, rm_cfg("regmean_pp", alpha=0.9, num_examples=8, batch_size=16))
     merged = m.merged.merged_params()

@@ -247,7 +247,7 @@ def test_progress_bar_counts_steps_also_after_a_resume(conf, tmp_path):
 def test_sigterm_outside_training_is_143_with_one_line(tiny_pool_cfg, tmp_path, monkeypatch, capsys):
     """SIGTERM while loading, evaluating or exporting (no Trainer handler then): exit 143, one line, and
     the previous SIGTERM handler is back afterwards."""
-    import train
+    from adamerge.run.cli import cli
 
     def terminated_while_exporting(cfg):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -258,7 +258,7 @@ def test_sigterm_outside_training_is_143_with_one_line(tiny_pool_cfg, tmp_path, 
 
     monkeypatch.setattr(program, "run", terminated_while_exporting)
     before = signal.getsignal(signal.SIGTERM)
-    code = train.cli(helpers.compose([f"out_dir={tmp_path / 'run'}"], tiny_pool_cfg))
+    code = cli(helpers.compose([f"out_dir={tmp_path / 'run'}"], tiny_pool_cfg))
     assert code == 143
     assert capsys.readouterr().err.strip().splitlines() == ["interrupted (SIGTERM)"]
     assert signal.getsignal(signal.SIGTERM) is before
