@@ -60,3 +60,34 @@ def test_the_adamerge_command_runs_from_another_directory(tiny_pool_cfg, tmp_pat
     bad = subprocess.run([command, "method=no_such_method"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=600)
     assert bad.returncode == 2 and bad.stderr.startswith("error: In 'config': Could not find 'method/no_such_method'")
+
+
+def run_ok(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_an_installed_wheel_runs_from_any_directory(tiny_pool_cfg, tmp_path):
+    """`pip install .` (not editable): the configs and the benchmark recipe ship inside the package, so a run
+    works with nothing of the checkout on the path (python -S: not even the editable install's hook)."""
+    wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    run_ok([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+            str(helpers.ROOT)])
+    run_ok([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+            str(next(wheels.glob("adamerge-*.whl")))])
+    assert (target / "adamerge" / "configs" / "pool" / "minilm_frozen_head_lora.yaml").is_file()
+    assert (target / "adamerge" / "data" / "experts_frozen_head_lora" / "bbc_news" / "adapter_model.safetensors").is_file()
+    conf = tmp_path / "conf"
+    helpers.write_pool_config(conf, "mine", tiny_pool_cfg)
+    elsewhere.mkdir()
+    # the installed copy first, then the environment's other packages (not their .pth hooks)
+    path = [str(target)] + [p for p in sys.path if p.endswith("site-packages")]
+    code = (f"import sys; sys.path[:0] = {path!r}; import adamerge; print(adamerge.__file__); "
+            "from adamerge.run.entry import console_main; "
+            f"sys.argv = ['adamerge', '--config-dir', {str(conf)!r}, 'pool=mine', 'method=task_arithmetic', "
+            "'out_dir=run', 'evaluate.reference_rows=false']; console_main()")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = run_ok([sys.executable, "-S", "-c", code], cwd=elsewhere, env=dict(env, HF_HUB_OFFLINE="1"))
+    assert proc.stdout.splitlines()[0] == str(target / "adamerge" / "__init__.py")  # not the checkout's
+    assert (elsewhere / "run" / "export" / "model").is_dir()

@@ -16,8 +16,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .fit import fit, read_losses
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs/ and the data/ recipes
-CONFIGS = ROOT / "configs"
+# shipped inside the package (a checkout links configs/ and data/ to them), so that an installed adamerge
+# runs from any directory; a pool's ``recipe:`` path is relative to the package (data/benchmark.py)
+PACKAGE = Path(__file__).resolve().parents[1]
+CONFIGS = PACKAGE / "configs"
 log = logging.getLogger("adamerge")
 
 
@@ -154,7 +156,7 @@ def build_pool_and_method(c: dict, trains: bool):
     from .data import check_data
     from .monitors import resolve_monitor
 
-    pool = pool_from_config(resolve_recipe(c["pool"], ROOT))
+    pool = pool_from_config(resolve_recipe(c["pool"], PACKAGE))
     check_data(pool)  # a bad line or label is named now, not after training
     if trains:  # checkpoint.monitor=auto becomes what this pool and method allow
         cls = get_method(c["method"]["name"])
