@@ -5,7 +5,7 @@ command (adamerge/run/entry.py): Hydra composes configs/ and hands the config to
 
 from __future__ import annotations
 
-from adamerge.run.entry import cli, console_main, main  # noqa: F401  (the hub is off unless HF_HUB_OFFLINE=0)
+from adamerge.run.entry import console_main  # the hub is off unless HF_HUB_OFFLINE=0
 from adamerge.run.program import run  # noqa: F401  (the program, for Python callers of this file)
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def _dotted(prefix: str, value: Any) -> Iterator[tuple[str, Any]]:
@@ -41,6 +44,24 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(str(value))}"
 
 
+def compose_config(overrides: list[str], pool: Mapping[str, Any] | None = None,
+                   config_dir: str | Path | None = None) -> DictConfig:
+    """The config ``train.py`` composes for these Hydra ``overrides``: ``config_dir`` adds the user's config groups
+    (as ``--config-dir``), ``pool`` (the pool group itself, a dict) replaces the pool group."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from .run.program import CONFIGS
+
+    search = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir is not None else []
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("config", overrides=[*search, *overrides])
+    if pool is not None:
+        with open_dict(cfg):
+            cfg.pool = dict(pool)
+    return cfg
+
+
 def merge(pool: str | Mapping[str, Any] = "minilm_frozen_head_lora", method: str = "adamerging_layerwise",
           out_dir: str | Path | None = None, config_dir: str | Path | None = None, **overrides: Any) -> dict:
     """Merge ``pool``'s experts with ``method``; returns what the run produced (``out_dir``, ``export``,
@@ -51,23 +72,14 @@ def merge(pool: str | Mapping[str, Any] = "minilm_frozen_head_lora", method: str
     folder of the user's own config groups, as ``train.py --config-dir`` does. The run logs to the
     terminal and to ``<out_dir>/train.log``, as the command line does.
     """
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
     from .run.cli import quiet_third_party
-    from .run.program import CONFIGS, run
+    from .run.program import run
 
     args = [f"method={method}"] + ([f"pool={pool}"] if isinstance(pool, str) else [])
     if out_dir is not None:
         args.append(_override("out_dir", str(out_dir)))
-    if config_dir is not None:
-        args.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
     args += [_override(k, v) for key, value in overrides.items() for k, v in _dotted(key, value)]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("config", overrides=args)
-    if not isinstance(pool, str):
-        with open_dict(cfg):
-            cfg.pool = dict(pool)
+    cfg = compose_config(args, None if isinstance(pool, str) else pool, config_dir)
     quiet_third_party(bool(cfg.get("verbose")))
     log_file = Path(str(cfg.out_dir)) / "train.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -120,8 +120,12 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ExportError(f"refusing to export: merged tensor '{n}' has NaN/Inf values")
     cast = getattr(torch, dtype) if dtype else None
-    if cast is not None:
-        merged_sd = {n: t.to(cast) if t.is_floating_point() else t for n, t in merged_sd.items()}
+
+    def in_dtype(t: torch.Tensor) -> torch.Tensor:  # export.dtype applies to floating-point tensors only
+        return t.to(cast) if cast is not None and t.is_floating_point() else t
+
+    for n, t in merged_sd.items():  # in place: each full-precision tensor is released as it is cast
+        merged_sd[n] = in_dtype(t)
     shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
     report = method.report()
 
@@ -151,8 +155,7 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
                 log.info("no export/lora: %s", reason)
         heads_meta = {}
         for task, spec in pool.tasks.items():
-            head = {n: (t.to(cast) if cast is not None and t.is_floating_point() else t).detach().cpu().contiguous()
-                    for n, t in pool.head(task).items()}
+            head = {n: in_dtype(t).detach().cpu().contiguous() for n, t in pool.head(task).items()}
             if head:
                 (tmp / "heads").mkdir(exist_ok=True)
                 save_file(head, str(tmp / "heads" / f"{task}.safetensors"))
@@ -165,7 +168,7 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         if task_models and pool.family.task_models:
-            # model/ carries the base's random head (each tasks/<task> copies the backbone: export.task_models): give each task a directory from_pretrained serves as is
+            # model/ is the backbone alone: give each task a directory from_pretrained serves as is (a backbone copy each)
             for task in pool.tasks:
                 task_model = load_task_model(tmp, task)
                 (task_model.to(cast) if cast is not None else task_model).save_pretrained(tmp / "tasks" / task, **shards)

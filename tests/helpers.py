@@ -174,16 +174,9 @@ def run_train(args: list[str], cwd: Path | None = None, timeout: int = 600, env:
 
 def compose(overrides: list[str], pool: dict | None = None):
     """The config train.py would compose for these overrides; ``pool`` replaces the pool group."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import open_dict
+    from adamerge.api import compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=overrides)
-    if pool is not None:
-        with open_dict(cfg):
-            cfg.pool = pool
-    return cfg
+    return compose_config(overrides, pool)
 
 
 def run_inprocess(overrides: list[str], pool: dict | None = None) -> int:

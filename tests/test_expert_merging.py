@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -104,16 +103,12 @@ def test_chunk_allocation():
 
 # -- train.py runs ------------------------------------------------------------------------------
 def train_py(conf: Path, *overrides: str) -> None:
-    """train.py's ``run`` in this process, composed by Hydra from configs/ (+ ``conf``): the code path
+    """The program train.py runs, in this process, composed by Hydra from configs/ (+ ``conf``): the code path
     and configs of the command line, without the ~9 s of imports a fresh process pays per run."""
-    from hydra import compose, initialize_config_dir
+    from adamerge.api import compose_config
+    from adamerge.run.program import run
 
-    spec = importlib.util.spec_from_file_location("adamerge_train", helpers.ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    with initialize_config_dir(config_dir=str(helpers.ROOT / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"hydra.searchpath=[file://{conf}]", *FAST, *overrides])
-    train.run(cfg)
+    run(compose_config([*FAST, *overrides], config_dir=conf))
 
 
 @pytest.fixture(scope="module")

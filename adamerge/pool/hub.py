@@ -207,11 +207,10 @@ def check_push_target(repo_id: str) -> None:
 
 
 def push_export(repo_id: str, export_dir: str) -> str:
-    """Upload the export directory to the model repo ``repo_id`` (created if missing); its URL."""
-    from huggingface_hub import HfApi
+    """Upload the export directory to the model repo ``repo_id`` (created if missing); the repo's URL."""
+    from huggingface_hub import HfApi, constants
 
     api = HfApi()
     api.create_repo(repo_id, repo_type="model", exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=export_dir, repo_type="model",
-                               commit_message="adamerge export")
-    return str(commit.commit_url) if hasattr(commit, "commit_url") else f"https://huggingface.co/{repo_id}"
+    api.upload_folder(repo_id=repo_id, folder_path=export_dir, repo_type="model", commit_message="adamerge export")
+    return f"{constants.ENDPOINT}/{repo_id}"
