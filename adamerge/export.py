@@ -117,26 +117,48 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
     pool = method.pool
     merged_sd = method.merged.merged_state_dict()
     for n, t in merged_sd.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ExportError(f"refusing to export: merged tensor '{n}' has NaN/Inf values")
-    cast = getattr(torch, dtype) if dtype else None
-
-    def in_dtype(t: torch.Tensor) -> torch.Tensor:  # export.dtype applies to floating-point tensors only
-        return t.to(cast) if cast is not None and t.is_floating_point() else t
-
+        check_finite(n, t)
     for n, t in merged_sd.items():  # in place: each full-precision tensor is released as it is cast
-        merged_sd[n] = in_dtype(t)
+        merged_sd[n] = in_dtype(t, dtype)
     shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    report = method.report()
 
-    def write(tmp: Path) -> None:
-        model_dir = tmp / "model"
+    def write_model(model_dir: Path) -> None:
         model, state = pool.base_model, merged_sd
         if pool.family.backbone_export:  # the backbone's own tensors, without its prefix (bert.…)
             prefix = model.base_model_prefix + "."
             model = model.base_model
             state = {n[len(prefix):]: t for n, t in merged_sd.items() if n.startswith(prefix)}
         model.save_pretrained(model_dir, state_dict=state, **shards)  # clip_zero_shot: + image processor
+
+    report = method.report()
+    return write_export(pool, export_dir, write_model, lambda: report, overwrite, extra, losses, method_cfg,
+                        task_models, dtype, max_shard_size, lora_method=method)
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Refuse to export a merged tensor with NaN/Inf values (nothing is written)."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise ExportError(f"refusing to export: merged tensor '{name}' has NaN/Inf values")
+
+
+def in_dtype(t: torch.Tensor, dtype: str | None) -> torch.Tensor:
+    """``t`` in ``export.dtype`` (floating-point tensors only; None: as it is)."""
+    return t.to(getattr(torch, dtype)) if dtype and t.is_floating_point() else t
+
+
+def write_export(pool, export_dir: str | Path, write_model, make_report, overwrite: bool = False,
+                 extra: dict[str, str] | None = None, losses: list[tuple[int, float]] | None = None,
+                 method_cfg: dict | None = None, task_models: bool = True, dtype: str | None = None,
+                 max_shard_size: str | None = None, lora_method=None) -> Path:
+    """The export directory, atomically: ``write_model(model_dir)`` writes the merged model's weights and config
+    (in memory: ``export_merged``; streamed: adamerge/streaming.py), then everything around them — tokenizer,
+    LoRA adapter (``lora_method``'s merge, where it is one), heads, ``make_report()``'s coefficients, per-task
+    models, model card."""
+    shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
+
+    def write(tmp: Path) -> None:
+        model_dir = tmp / "model"
+        write_model(model_dir)
         copy_sentence_transformers_files(pool.base_path, model_dir)
         tok = None
         if pool.family.saves_tokenizer():  # not CLIP's: its export is the vision tower
@@ -147,21 +169,22 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
         if tok is not None:
             tok.save_pretrained(model_dir)
         if any(e.is_lora for e in pool.experts.values()):  # LoRA in, LoRA out where the merge is one
-            reason = why_not_lora(method)
+            reason = why_not_lora(lora_method) if lora_method is not None else "the merge was streamed"
             if reason is None:
-                rank = write_lora_adapter(method, tmp / "lora", str(pool.base_path))
+                rank = write_lora_adapter(lora_method, tmp / "lora", str(pool.base_path))
                 log.info("export/lora: the merge as one PEFT LoRA adapter of rank %d", rank)
             else:
                 log.info("no export/lora: %s", reason)
         heads_meta = {}
         for task, spec in pool.tasks.items():
-            head = {n: in_dtype(t).detach().cpu().contiguous() for n, t in pool.head(task).items()}
+            head = {n: in_dtype(t, dtype).detach().cpu().contiguous() for n, t in pool.head(task).items()}
             if head:
                 (tmp / "heads").mkdir(exist_ok=True)
                 save_file(head, str(tmp / "heads" / f"{task}.safetensors"))
             heads_meta[task] = {"num_labels": pool.num_labels(task), "label_names": spec.label_names,
                                 "tensors": sorted(head), "auto_class": pool.family.auto_class}
         (tmp / "heads.json").write_text(json.dumps(heads_meta, indent=2))
+        report = make_report()
         (tmp / "coefficients.json").write_text(json.dumps(report, indent=2))
         if report.get("coefficients") is not None:  # closed-form merges have no coefficient table
             plot_coefficients(report, tmp / "coefficients.png", losses)
@@ -171,7 +194,8 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
             # model/ is the backbone alone: give each task a directory from_pretrained serves as is (a backbone copy each)
             for task in pool.tasks:
                 task_model = load_task_model(tmp, task)
-                (task_model.to(cast) if cast is not None else task_model).save_pretrained(tmp / "tasks" / task, **shards)
+                (task_model.to(getattr(torch, dtype)) if dtype else task_model).save_pretrained(tmp / "tasks" / task,
+                                                                                                **shards)
                 if tok is not None:
                     tok.save_pretrained(tmp / "tasks" / task)
         (tmp / "README.md").write_text(model_card(pool, report, method_cfg, (extra or {}).get("eval.md")))

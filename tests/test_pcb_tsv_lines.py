@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import helpers
-from adamerge.core.lines import apply_lines, layer_index, lines_config, lines_scales, lines_task_vectors
+from adamerge.core.lines import apply_lines, layer_index, lines_config, lines_scales
 from adamerge.core.task_vectors import TaskVectors
+from adamerge.core.transforms import Lines, run_stages
 from adamerge.methods import get_method
 from adamerge.methods.pcb import pcb_direction
 from adamerge.methods.tsv import tsv_direction, tsv_matrix
@@ -103,7 +104,7 @@ def test_lines_scales_per_layer():
     torch.testing.assert_close(out["emb.w"], tv["emb.w"].sum(0) / 2)  # α·D = Σ τ / K, α = 1/6
     torch.testing.assert_close(out["enc.layer.0.w"], tv["enc.layer.0.w"].sum(0) / 2)  # block 0 of 2: α
     torch.testing.assert_close(out["enc.layer.1.b"], d["enc.layer.1.b"] * (1 / 6 + 1.0))  # deepest: α + β
-    scaled = lines_task_vectors(tv, {"alpha": 0.5, "beta": 0.25})
+    scaled = run_stages(tv, [Lines({"alpha": 0.5, "beta": 0.25})])
     torch.testing.assert_close(scaled["enc.layer.1.b"], tv["enc.layer.1.b"] * 0.75)
 
 

@@ -11,6 +11,7 @@ import torch
 
 import helpers
 from adamerge.core.task_vectors import TaskVectors
+from adamerge.core.transforms import TiesTrim
 from adamerge.methods.projective import (
     DeltaProblem,
     ProjectiveMerge,
@@ -82,9 +83,10 @@ def test_lambdas_and_mask():
     assert lam[1, 0] == 0 and lam[1, 1] > 0  # a tensor a task leaves unchanged gets λ = 0, not inf
     # DOGE's mask and TIES' trim: top 30% of |τ| per task over all tensors (values distinct here)
     tv = TaskVectors({"a": t, "b": torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(1))}, ["x", "y"])
-    th = tv.topk_thresholds(0.3)
+    trim = TiesTrim(0.3)
+    trim.fit(lambda: tv.items(), tv.K)
     for k in range(tv.K):
-        kept = torch.cat([tv.topk_mask(n, th)[k].flatten() for n in tv.names])
+        kept = torch.cat([trim.mask(tv[n])[k].flatten() for n in tv.names])
         mags = torch.cat([tv[n][k].abs().flatten() for n in tv.names])
         assert int(kept.sum()) == round(0.3 * mags.numel())
         assert mags[kept].min() >= mags[~kept].max()

@@ -70,16 +70,3 @@ def apply_lines(direction: dict[str, torch.Tensor], tv: TaskVectors, cfg: dict) 
     alpha = auto_alpha(tv, direction) if cfg["alpha"] == "auto" else float(cfg["alpha"])
     scales = lines_scales(list(direction), alpha, float(cfg["beta"]), cfg.get("pattern", LAYER_PATTERN))
     return {n: d * scales[n] for n, d in direction.items()}
-
-
-def lines_task_vectors(tv: TaskVectors, value: Any) -> TaskVectors:
-    """LiNeS on the task vectors themselves, for merges that multiply them by coefficients.
-
-    With coefficients 1 this is the paper's LiNeS on task arithmetic (``alpha: auto`` = 1/K).
-    """
-    cfg = lines_config(value)
-    if cfg is None:
-        return tv
-    alpha = 1.0 / tv.K if cfg["alpha"] == "auto" else float(cfg["alpha"])
-    scales = lines_scales(tv.names, alpha, float(cfg["beta"]), cfg.get("pattern", LAYER_PATTERN))
-    return tv.map(lambda n, t: (t.float() * scales[n]).to(t.dtype))

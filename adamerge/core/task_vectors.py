@@ -1,7 +1,7 @@
 """TaskVectors: per-tensor stacked deltas ``[K, *shape]`` and the data-free transforms on them.
 
-Every transform returns a new ``TaskVectors`` (or merged deltas), so methods compose them:
-``tv.ties_trim(0.2).ties_elect()`` is what AdaMerging++ starts from.
+The data-free transforms on them (DARE, TIES, consensus, LiNeS) are stages in adamerge/core/transforms.py,
+shared with the streamed merge (adamerge/streaming.py).
 """
 
 from __future__ import annotations
@@ -177,66 +177,3 @@ class TaskVectors(StackedTensors):
     def nbytes(self) -> int:
         """Bytes held: the dense stacks and the factors."""
         return super().nbytes() + (self.factors.nbytes() if self.factors is not None else 0)
-
-    # -- data-free transforms ---------------------------------------------------------------
-    def topk_thresholds(self, density: float, what: str = "ties density") -> torch.Tensor:
-        """``[K]``: per task, the |τ| of its ``density``-th largest entry over the whole model."""
-        if not 0 < density <= 1:
-            raise ConfigError(f"{what} must be in (0, 1], got {density}")
-        thresholds = []
-        for k in range(self.K):
-            flat = torch.cat([t[k].abs().flatten().float() for t in self.tensors.values()])
-            n_keep = max(1, int(round(density * flat.numel())))
-            # kthvalue of the (n - n_keep + 1)-th smallest == n_keep-th largest
-            thresholds.append(flat.kthvalue(flat.numel() - n_keep + 1).values)
-            del flat
-        return torch.stack(thresholds)
-
-    def topk_mask(self, name: str, thresholds: torch.Tensor) -> torch.Tensor:
-        """Which entries of tensor ``name`` (all tasks) reach their task's threshold."""
-        t = self.tensors[name]
-        return t.abs().float() >= thresholds.view(-1, *([1] * (t.dim() - 1))).to(t.device)
-
-    def ties_trim(self, density: float = 0.2) -> TaskVectors:
-        """Keep, per task, the top ``density`` fraction of entries by magnitude over the whole model."""
-        th = self.topk_thresholds(density)
-        return self.map(lambda n, t: torch.where(self.topk_mask(n, th), t, torch.zeros_like(t)))
-
-    def elected_signs(self) -> dict[str, torch.Tensor]:
-        """TIES sign election: sign of the summed mass per entry; zeros take the majority sign."""
-        signs = {n: torch.sign(t.float().sum(0)) for n, t in self.tensors.items()}
-        # as in the reference code: the majority sign is the sign of the summed entry signs
-        majority = 1.0 if sum(s.sum().item() for s in signs.values()) >= 0 else -1.0
-        return {n: torch.where(s == 0, torch.full_like(s, majority), s) for n, s in signs.items()}
-
-    def ties_elect(self) -> TaskVectors:
-        """Zero the entries that disagree with the elected sign (TIES without the final merge)."""
-        signs = self.elected_signs()
-        return self.map(lambda n, t: torch.where(torch.sign(t.float()) == signs[n], t, torch.zeros_like(t)))
-
-    def dare(self, p: float = 0.5, seed: int = 0, rescale: bool = True) -> TaskVectors:
-        """Drop each entry with probability ``p`` (seeded), rescale survivors by 1/(1-p)."""
-        if not 0 <= p < 1:
-            raise ConfigError(f"dare drop probability must be in [0, 1), got {p}")
-        g = torch.Generator().manual_seed(int(seed))
-
-        def drop(n, t):
-            keep = torch.rand(t.shape, generator=g) >= p
-            out = torch.where(keep.to(t.device), t, torch.zeros_like(t))
-            return out / (1 - p) if rescale else out
-
-        return self.map(drop)
-
-    def tall_masks(self, lam: float = 0.4) -> dict[str, torch.Tensor]:
-        """TALL masks: m_t = |τ_t| >= λ·|τ_MTL − τ_t| with τ_MTL = Σ_t τ_t.  Bool ``[K, *shape]``."""
-        out = {}
-        for n, t in self.tensors.items():
-            tf = t.float()
-            mtl = tf.sum(0, keepdim=True)
-            out[n] = tf.abs() >= lam * (mtl - tf).abs()
-        return out
-
-    def consensus(self, k: int = 2, lam: float = 0.4) -> TaskVectors:
-        """Keep entries active in the TALL masks of at least ``k`` tasks (drop selfish/catastrophic)."""
-        masks = self.tall_masks(lam)
-        return self.map(lambda n, t: torch.where((masks[n].sum(0) >= k).unsqueeze(0), t, torch.zeros_like(t)))

@@ -4,32 +4,149 @@ A method config turns each on with its key (``method.dare``, ``method.ties``, ``
 ``method.lines``); they always apply in this order, before any coefficient is learned. A method whose
 task vectors must stay as the experts made them (Expert Merging: the experts are its teachers)
 refuses the whole list through its config's check.
+
+Each transform is a ``Stage``: model-wide statistics (``fit``: TIES' top-k thresholds and majority sign)
+taken over passes of a stream of ``(name, stack)``, then a per-tensor map (``__call__``). The same stages
+run on task vectors held in memory (``apply_transforms``) and on tensors streamed one at a time from the
+experts' files (``streamed``, adamerge/streaming.py), so both give the same merge bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
-from .lines import lines_task_vectors
-from .task_vectors import TaskVectors
+import torch
+
+from .topk import Stream, topk_thresholds
+
+_RAND_BLOCK = 1 << 22  # DARE draws its uniforms this many at a time (the same sequence as one draw)
 
 
-def _ties(tv: TaskVectors, cfg: Any) -> TaskVectors:
-    tv = tv.ties_trim(cfg.density).ties_elect()
-    if cfg.merge == "mean":
-        # disjoint mean = Σ_k τ̂_k / #agreeing, expressed on the vectors so coefficients still apply
-        counts = {n: (v != 0).sum(0).clamp(min=1) for n, v in tv.items()}
-        tv = tv.map(lambda n, v: (v.float() / counts[n]).to(v.dtype))
-    return tv
+class Stage:
+    """One transform: ``fit`` (model-wide statistics, over fresh passes of ``stream``), then ``stage(name, stack)``."""
+
+    def fit(self, stream: Stream, K: int) -> None:
+        """Take the statistics this stage needs from the stacks it will be applied to."""
+
+    def begin(self) -> None:
+        """Called before each pass over the tensors (in their fixed order)."""
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
-# key of the method config -> transform(task vectors, that key's config); in the order they apply
-TRANSFORMS: dict[str, Callable[[TaskVectors, Any], TaskVectors]] = {
-    "dare": lambda tv, c: tv.dare(p=c.p, seed=c.seed),
+class Dare(Stage):
+    """Drop each entry with probability ``p`` and rescale survivors by 1/(1−p); one seeded generator runs
+    through the tensors in order, restarted for every pass."""
+
+    def __init__(self, p: float, seed: int, rescale: bool = True):
+        from ..errors import ConfigError
+
+        if not 0 <= p < 1:
+            raise ConfigError(f"dare drop probability must be in [0, 1), got {p}")
+        self.p, self.seed, self.rescale = p, int(seed), rescale
+        self.begin()
+
+    def begin(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        flat = t.reshape(-1)
+        out = torch.zeros_like(flat)
+        for i in range(0, flat.numel(), _RAND_BLOCK):  # in blocks: no fp32 copy of the whole stack
+            j = min(i + _RAND_BLOCK, flat.numel())
+            keep = (torch.rand(j - i, generator=self.generator) >= self.p).to(t.device)
+            kept = torch.where(keep, flat[i:j], torch.zeros_like(flat[i:j]))
+            out[i:j] = kept / (1 - self.p) if self.rescale else kept
+        return out.view(t.shape)
+
+
+class TiesTrim(Stage):
+    """Keep, per task, the top ``density`` share of entries by magnitude over the whole model."""
+
+    def __init__(self, density: float, what: str = "ties density"):
+        self.density, self.what = density, what
+
+    def fit(self, stream: Stream, K: int) -> None:
+        self.thresholds = topk_thresholds(stream, K, self.density, self.what)
+
+    def mask(self, t: torch.Tensor) -> torch.Tensor:
+        """Which entries of ``t`` (all tasks) reach their task's threshold."""
+        return t.abs().float() >= self.thresholds.view(-1, *([1] * (t.dim() - 1))).to(t.device)
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mask(t), t, torch.zeros_like(t))
+
+
+class TiesElect(Stage):
+    """Zero the entries that disagree with the elected sign: the sign of the summed mass per entry, where
+    that is zero the majority sign (the sign of the summed entry signs, as in the reference code)."""
+
+    def fit(self, stream: Stream, K: int) -> None:
+        total = sum(torch.sign(t.float().sum(0)).sum().item() for _, t in stream())
+        self.majority = 1.0 if total >= 0 else -1.0
+
+    def signs(self, t: torch.Tensor) -> torch.Tensor:
+        s = torch.sign(t.float().sum(0))
+        return torch.where(s == 0, torch.full_like(s, self.majority), s)
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.sign(t.float()) == self.signs(t), t, torch.zeros_like(t))
+
+
+class DisjointMean(Stage):
+    """TIES' disjoint mean Σ_k τ̂_k / #agreeing, expressed on the vectors so coefficients still apply."""
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        counts = (t != 0).sum(0).clamp(min=1)
+        return (t.float() / counts).to(t.dtype)
+
+
+class Consensus(Stage):
+    """Keep entries active in the TALL masks (|τ_t| ≥ λ·|τ_MTL − τ_t|) of at least ``k`` tasks."""
+
+    def __init__(self, k: int, lam: float):
+        self.k, self.lam = k, lam
+
+    def tall_masks(self, t: torch.Tensor) -> torch.Tensor:
+        tf = t.float()
+        return tf.abs() >= self.lam * (tf.sum(0, keepdim=True) - tf).abs()
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return torch.where((self.tall_masks(t).sum(0) >= self.k).unsqueeze(0), t, torch.zeros_like(t))
+
+
+class Lines(Stage):
+    """LiNeS on the task vectors (adamerge/core/lines.py): each tensor scaled by its block's λ(l); the depth
+    comes from the names of the tensors merged."""
+
+    def __init__(self, value: Any):
+        from .lines import lines_config
+
+        self.cfg = lines_config(value)
+
+    def fit(self, stream: Stream, K: int) -> None:
+        from .lines import LAYER_PATTERN, lines_scales
+
+        alpha = 1.0 / K if self.cfg["alpha"] == "auto" else float(self.cfg["alpha"])
+        names = [n for n, _ in stream()]
+        self.scales = lines_scales(names, alpha, float(self.cfg["beta"]), self.cfg.get("pattern", LAYER_PATTERN))
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        return (t.float() * self.scales[name]).to(t.dtype)
+
+
+def _ties(c: Any) -> list[Stage]:
+    return [TiesTrim(c.density), TiesElect(), *([DisjointMean()] if c.merge == "mean" else [])]
+
+
+# key of the method config -> its stages, built from that key's config; in the order they apply
+TRANSFORMS = {
+    "dare": lambda c: [Dare(c.p, c.seed)],
     "ties": _ties,
-    "consensus": lambda tv, c: tv.consensus(k=c.k, lam=c.lam),
-    "lines": lambda tv, c: lines_task_vectors(tv, c),
+    "consensus": lambda c: [Consensus(c.k, c.lam)],
+    "lines": lambda c: [Lines(c)] if c not in (None, False) else [],
 }
 
 
@@ -38,9 +155,40 @@ def active_transforms(cfg: Any) -> list[str]:
     return [key for key in TRANSFORMS if getattr(cfg, key, None)]
 
 
-def apply_transforms(tv: TaskVectors, cfg: Any, skip: tuple[str, ...] = ()) -> TaskVectors:
-    """``tv`` after every transform ``cfg`` turns on, in order (``skip``: keys a method applies elsewhere)."""
-    for key in active_transforms(cfg):
-        if key not in skip:
-            tv = TRANSFORMS[key](tv, getattr(cfg, key))
+def build_stages(cfg: Any, skip: tuple[str, ...] = ()) -> list[Stage]:
+    """The stages of every transform ``cfg`` turns on, in order (``skip``: keys a method applies elsewhere)."""
+    return [s for key in active_transforms(cfg) if key not in skip for s in TRANSFORMS[key](getattr(cfg, key))]
+
+
+def streamed(source: Stream, stages: list[Stage]) -> Stream:
+    """``source`` with ``stages`` applied to each tensor, as a stream: every pass restarts the stages."""
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        for s in stages:
+            s.begin()
+        for name, t in source():
+            for s in stages:
+                t = s(name, t)
+            yield name, t
+
+    return stream
+
+
+def fit_stages(source: Stream, stages: list[Stage], K: int) -> None:
+    """Fit each stage on the stream of the stages before it (one or more passes over ``source`` each)."""
+    for i, s in enumerate(stages):
+        s.fit(streamed(source, stages[:i]), K)
+
+
+def run_stages(tv, stages: list[Stage]):
+    """Task vectors held in memory after ``stages``: each fitted on the result of the ones before."""
+    for s in stages:
+        s.fit(lambda: tv.items(), tv.K)
+        s.begin()
+        tv = tv.map(s)
     return tv
+
+
+def apply_transforms(tv, cfg: Any, skip: tuple[str, ...] = ()):
+    """``tv`` (TaskVectors) after every transform ``cfg`` turns on, in order (``skip``: keys applied elsewhere)."""
+    return run_stages(tv, build_stages(cfg, skip))

@@ -33,12 +33,18 @@ def get_family(model_class: str) -> ModelFamily:
     return FAMILIES[model_class]
 
 
-def build_model(auto_class: str, path: str | Path, **kwargs) -> nn.Module:
-    """``<auto_class>.from_pretrained(path)`` (offline), or a PoolError naming the directory."""
+def build_model(auto_class: str, path: str | Path, meta: bool = False, **kwargs) -> nn.Module:
+    """``<auto_class>.from_pretrained(path)`` (offline), or a PoolError naming the directory. ``meta``: the
+    architecture alone, on the meta device, in the config's dtype (as ``from_pretrained`` would load it)."""
     import transformers
 
     cls = getattr(transformers, auto_class)
     try:
+        if meta:
+            kwargs.pop("ignore_mismatched_sizes", None)
+            config = transformers.AutoConfig.from_pretrained(str(path), **kwargs)
+            with torch.device("meta"):
+                return cls.from_config(config, dtype=config.dtype)
         return cls.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as e:
         raise PoolError(f"base model {path}: cannot be loaded with {cls.__name__}.from_pretrained ({e})") from e
@@ -64,11 +70,12 @@ class ModelFamily:
                               # and labelled examples can be scored by cross-entropy (FW-Merging's objective)
     hidden_states = True      # the forward the objectives see returns hidden states to align (Expert Merging)
     backbone_export = False   # export/model is the backbone alone (the heads, per task, are in heads/ and tasks/)
+    streams = True            # a data-free merge may stream (adamerge/streaming.py): the base built on the meta device
 
     # -- the pool ------------------------------------------------------------------------------
     def build_base(self, pool) -> nn.Module:
         """The pool's frozen base module (may also set the pool's family-built heads)."""
-        return build_model(self.auto_class, pool.base_path)
+        return build_model(self.auto_class, pool.base_path, meta=not pool.base_in_memory)
 
     def check_pool(self, pool) -> None:
         """Checks that need the experts loaded (e.g. head sizes); raise PoolError."""

@@ -52,7 +52,7 @@ class SequenceClassification(ModelFamily):
         nl = [t.num_labels for t in pool.tasks.values() if t.num_labels]
         # the base's own head is only a fallback; a wrong size must reach the per-task head check
         kwargs = dict(num_labels=nl[0], ignore_mismatched_sizes=True) if nl else {}
-        return build_model(self.auto_class, pool.base_path, **kwargs)
+        return build_model(self.auto_class, pool.base_path, meta=not pool.base_in_memory, **kwargs)
 
     def check_pool(self, pool) -> None:
         pool.check_head_sizes()

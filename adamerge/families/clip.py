@@ -211,6 +211,7 @@ def how_to_load(pool) -> list[str]:
 class CLIPZeroShot(ModelFamily):
     name = "clip_zero_shot"
     auto_class = "CLIPVisionModelWithProjection"  # what the export's model/ is
+    streams = False  # its zero-shot heads are computed from the text tower's weights
     evaluated = True
 
     def build_base(self, pool) -> nn.Module:

@@ -17,6 +17,7 @@ import torch
 from ..core.coefficients import Coefficients
 from ..core.merged_model import MergedModel
 from ..core.task_vectors import TaskVectors
+from ..core.transforms import TiesElect, TiesTrim, run_stages
 from ..pool.candidates import CandidatePool
 from ..pool.model_pool import ModelPool
 
@@ -137,8 +138,8 @@ class FrankWolfeState:
                 self.weights[li] = (1 - step) * self.weights[li] + step * self.vertex_weights(int(sel[li]), li)
             if merge_fn == "ties" and move.any():
                 # TIES of one vector: keep its top-density entries by magnitude (sign election is trivial)
-                trimmed = TaskVectors({n: s.unsqueeze(0) for n, s in steps.items()}, ["step"]).ties_trim(
-                    ties_density).ties_elect()
+                trimmed = run_stages(TaskVectors({n: s.unsqueeze(0) for n, s in steps.items()}, ["step"]),
+                                     [TiesTrim(ties_density), TiesElect()])
                 for n in self.names:
                     self.delta(n).add_(trimmed[n][0], alpha=step)
 

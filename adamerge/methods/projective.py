@@ -30,6 +30,7 @@ import torch
 
 from ..core.coefficients import Coefficients
 from ..core.task_vectors import TaskVectors, select_names
+from ..core.transforms import TiesTrim
 from ..errors import ConfigError
 from ..pool.model_pool import ModelPool, PoolError
 from .base import MergeMethod
@@ -182,11 +183,12 @@ def doge_transform(tv: TaskVectors, eta: float = 0.07, subspace: float | None = 
             deltas[names[i]] = delta[j].cpu()
         stats.append({"shape": list(tv[names[idx[0]]].shape[1:]), "layers": len(idx), "rank": rank,
                       "loss_start": losses[0], "loss_end": losses[-1]})
-    thresholds = tv.topk_thresholds(density, "method.density")  # per task, as FusionBench
+    trim = TiesTrim(density, "method.density")  # per task, as FusionBench
+    trim.fit(lambda: tv.items(), tv.K)
 
     def apply(n: str, t: torch.Tensor) -> torch.Tensor:
         d = deltas[n].to(t.device)
-        return torch.where(tv.topk_mask(n, thresholds), t.float() + d, torch.zeros_like(d)).to(t.dtype)
+        return torch.where(trim.mask(t), t.float() + d, torch.zeros_like(d)).to(t.dtype)
 
     out = tv.map(apply)
     seconds = time.perf_counter() - start

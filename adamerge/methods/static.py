@@ -31,9 +31,12 @@ class StaticMerge(MergeAlgorithm):
     def supports_factorized(cls, cfg: MethodConfig) -> bool:
         return True  # λ Σ_k τ_k (the transforms, which read τ's entries, are checked by the caller)
 
+    @staticmethod
+    def scale(cfg: StaticConfig, K: int) -> float:
+        """λ: the config's ``scale``, or 1/K (weight average)."""
+        return 1.0 / K if cfg.scale is None else float(cfg.scale)
+
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
-        scale = self.cfg.scale
-        lam = 1.0 / tv.K if scale is None else float(scale)
-        coefs = Coefficients(tv.K, len(tv), granularity="task", init=lam)
+        coefs = Coefficients(tv.K, len(tv), granularity="task", init=self.scale(self.cfg, tv.K))
         coefs.requires_grad_(False)
         return coefs

@@ -18,8 +18,9 @@ POOL_KEYS = ["base", "tasks", "model_class", "head_prefixes", "check_finite", "c
 log = logging.getLogger(__name__)
 
 
-def pool_from_config(cfg: dict) -> ModelPool:
-    """Build a ModelPool from a plain dict (the ``pool`` config group, recipe already resolved).
+def pool_from_config(cfg: dict, base_in_memory: bool = True) -> ModelPool:
+    """Build a ModelPool from a plain dict (the ``pool`` config group, recipe already resolved);
+    ``base_in_memory=False``: the base read tensor by tensor from its files (a streamed merge).
 
     ``hf://`` references (``base``, a task's ``expert``) are resolved to local directories (adamerge/pool/hub.py)
     once every key is checked and before anything loads."""
@@ -55,7 +56,7 @@ def pool_from_config(cfg: dict) -> ModelPool:
         refs["pool.base"].path if "pool.base" in refs else cfg["base"], tasks, model_class=model_class,
         head_prefixes=list(cfg.get("head_prefixes", ["classifier."])),
         check_finite=cfg.get("check_finite", True),
-        check_fine_tuned=cfg.get("check_fine_tuned", True),
+        check_fine_tuned=cfg.get("check_fine_tuned", True), base_in_memory=base_in_memory,
     )
     pool.sources = {key: hub.describe(r) for key, r in refs.items()}
     return pool

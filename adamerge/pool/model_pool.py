@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import PoolError
 from ..families import get_family
 from . import validation
-from .expert_files import Expert, load_expert, lora_scaling, strip_prefixes
+from .expert_files import Expert, load_expert, lora_scaling, open_checkpoint, strip_prefixes
 from .fingerprint import pool_fingerprint
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,10 @@ class ModelPool:
         head_prefixes: list[str] | tuple[str, ...] = ("classifier.",),
         check_finite: bool = True,
         check_fine_tuned: bool | str = True,
+        base_in_memory: bool = True,
     ):
+        """``base_in_memory=False`` (a streamed merge): the base module is built on the meta device — names,
+        shapes and dtypes only — and ``base_tensor`` reads each tensor from the base's files when asked."""
         if not tasks:
             raise PoolError("the pool has no tasks/experts")
         self.base_path = Path(base)
@@ -81,11 +84,20 @@ class ModelPool:
         # {pool key: how the config named the model there}, for models resolved elsewhere (adamerge/pool/hub.py):
         # {"pool.tasks.sst2.expert": "hf://org/name (commit ...)"}
         self.sources: dict[str, str] = {}
+        self.base_in_memory = base_in_memory
         self.base_model: nn.Module = self.family.build_base(self)
         self.base_model.eval().requires_grad_(False)
         self._params = dict(self.base_model.named_parameters())
         prefix = getattr(self.base_model, "base_model_prefix", "") or ""
         self._prefix = prefix + "." if prefix else ""
+        self._base_files: dict[str, str] = {}  # canonical name -> name in the base's files (base on meta)
+        self._base_read: dict[str, torch.Tensor] = {}  # the last base tensors read (base on meta)
+        if not base_in_memory:
+            self._base_source = open_checkpoint(self.base_path)
+            for key in self._base_source.keys():
+                canon = self.canonical_name(key)
+                if canon is not None:
+                    self._base_files.setdefault(canon, key)
         self._fingerprint: dict | None = None
         self._tokenizer: Any = None
         self.experts: dict[str, Expert] = {}
@@ -120,7 +132,18 @@ class ModelPool:
         return [n for n in self._params if self.is_head(n)]
 
     def base_tensor(self, name: str) -> torch.Tensor:
-        return self._params[name].detach()
+        """The base's value of one tensor: the module's, or read from the base's files (``base_in_memory=False``;
+        the last two read are kept, so an expert's task vector and the merge read it once)."""
+        p = self._params[name]
+        if not p.is_meta:
+            return p.detach()
+        read = self._base_read.get(name)
+        if read is None:
+            if name not in self._base_files:
+                raise PoolError(f"base model {self.base_path}: its files hold no tensor '{name}'")
+            read = self._base_source.get(self._base_files[name]).to(p.dtype)
+            self._base_read = {**dict(list(self._base_read.items())[-1:]), name: read}  # a new dict: thread-safe reads
+        return read
 
     # -- validation ------------------------------------------------------------------------
     def canonical_name(self, file_name: str) -> str | None:

@@ -97,9 +97,11 @@ def _check_tensor(pool: Any, e: Expert, canon: str, t: torch.Tensor, check_finit
             str(ref.dtype).removeprefix("torch.")
     if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
         raise PoolError(f"{where}: contains NaN or Inf values")
-    if compare_shape and t.dim() == 2 and t.is_floating_point() and ref.detach().norm() > 0:
-        cos = torch.nn.functional.cosine_similarity(t.flatten().float(), ref.detach().flatten().float(), dim=0)
-        pool._cosines.setdefault(e.name, []).append((float(cos), canon))
+    if compare_shape and t.dim() == 2 and t.is_floating_point():
+        base = pool.base_tensor(canon)  # read from the base's files when the pool holds it on the meta device
+        if base.norm() > 0:
+            cos = torch.nn.functional.cosine_similarity(t.flatten().float(), base.flatten().float(), dim=0)
+            pool._cosines.setdefault(e.name, []).append((float(cos), canon))
 
 
 def _is_buffer_name(pool: Any, fname: str) -> bool:

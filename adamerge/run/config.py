@@ -135,6 +135,7 @@ class TaskVectorsConfig(ConfigSection):
     lora: Literal["auto", "dense", "factorized"]
     lora_step: Literal["auto", "adapters", "merge"]
     shard: bool
+    stream: Literal["auto"] | bool
 
     def check(self, prefix: str) -> None:
         if self.dtype not in DTYPES:

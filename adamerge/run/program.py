@@ -53,12 +53,15 @@ def run(cfg: DictConfig) -> dict:
 
 def run_locked(cfg: DictConfig, out_dir: Path, rank_zero: bool) -> dict:
     from ..atomic import atomic_write_text
+    from ..streaming import should_stream
     from .checkpointing import resolve_resume
 
     # written once the run passed its checks (hydra.output_subdir is null: Hydra would write them before
     # any check, so a refused rerun would overwrite the old run's); taken now, before start_from is inlined
     run_config = run_config_files(cfg)
     c, trains = checked_config(cfg, out_dir)
+    if not trains and should_stream(c):  # one tensor at a time, from the experts' files into the export
+        return stream_locked(c, out_dir, run_config)
     pool, method = build_pool_and_method(c, trains)
     if method is None:  # a statistics process of a closed-form DDP run: its part is done
         return {}
@@ -211,14 +214,34 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
     return {"summary": summary, "markdown": table}
 
 
+def stream_locked(c: dict, out_dir: Path, run_config: dict[str, str]) -> dict:
+    """A streamed data-free merge (adamerge/streaming.py): the pool without the base in memory, then the export."""
+    from ..atomic import atomic_write_text
+    from ..pool.config import pool_from_config, resolve_recipe
+    from ..streaming import stream_run
+
+    pool = pool_from_config(resolve_recipe(c["pool"], PACKAGE), base_in_memory=False)
+    for name, text in run_config.items():
+        atomic_write_text(out_dir / ".hydra" / name, text)
+    log.info("pool      %d experts (%s) on %s\nmethod    %s: data-free, streamed tensor by tensor\nout_dir   %s",
+             len(pool.task_names), ", ".join(pool.task_names), pool.base_path, c["method"]["id"], out_dir)
+    stream_run(pool, c)
+    return {"out_dir": str(out_dir), "export": exported(c)}
+
+
 def export_run(method, c: dict, out_dir: Path, extra: dict[str, str]) -> str:
     """The atomic export (model, heads, coefficients, heatmap, model card, ``extra`` files)."""
     from ..export import export_merged
 
-    export_dir = Path(c["export"]["dir"])
-    export_merged(method, export_dir, overwrite=c["export"]["overwrite"], extra=extra,
+    export_merged(method, Path(c["export"]["dir"]), overwrite=c["export"]["overwrite"], extra=extra,
                   losses=read_losses(out_dir / "logs"), method_cfg=c["method"], task_models=c["export"]["task_models"],
                   dtype=c["export"]["dtype"], max_shard_size=c["export"]["max_shard_size"])
+    return exported(c)
+
+
+def exported(c: dict) -> str:
+    """Say where the export is, and upload it when ``export.push_to_hub`` asks."""
+    export_dir = Path(c["export"]["dir"])
     print(f"exported merged model to {export_dir}", flush=True)
     if c["export"]["push_to_hub"]:
         from ..pool.hub import push_export

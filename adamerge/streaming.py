@@ -1,0 +1,203 @@
+"""Streamed data-free merges: one tensor at a time from the experts' files into the export's shards.
+
+A static merge (weight average, task arithmetic, TIES, DARE, consensus, LiNeS: adamerge/methods/static.py)
+is per tensor once its model-wide statistics are known (TIES' top-k thresholds and majority sign,
+adamerge/core/transforms.py). Each statistic is one pass over the tensors; the last pass merges each
+tensor with the kernel MergedModel uses (adamerge/core/combine.py) and writes it at its place in the
+output shards (adamerge/safetensors_writer.py). The base is read from its files too (``ModelPool`` with
+``base_in_memory=False``), so memory holds a few tensors' stacks, never K models nor the merged one, and
+the result equals the in-memory merge bit for bit (tests/test_streaming.py).
+
+``task_vectors.stream``: ``auto`` streams a data-free merge run without evaluation (``evaluate.enabled=false``)
+whose experts are full checkpoints; ``true`` insists (one line says why it cannot); ``false`` never streams.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .core.coefficients import Coefficients
+from .core.combine import combine
+from .core.task_vectors import read_stack, resolve_dtype, select_names
+from .core.topk import Stream
+from .core.transforms import build_stages, fit_stages, streamed
+from .errors import ConfigError
+from .export import check_finite, write_export
+from .safetensors_writer import StreamedCheckpoint
+
+log = logging.getLogger(__name__)
+
+
+def refusal(c: dict) -> str | None:
+    """Why the run ``c`` (a resolved config) cannot stream (None: it can), known before the pool loads."""
+    from .families import get_family
+    from .methods import get_method
+    from .methods.static import StaticMerge
+
+    cls = get_method(c["method"]["name"])
+    if cls is not StaticMerge:
+        return f"method {c['method'].get('id')} is not a per-tensor data-free merge"
+    if c["method"].get("start_from"):
+        return "method.start_from re-expresses the task vectors against a merge held in memory"
+    if c["evaluate"]["enabled"]:
+        return "evaluation needs the merged model in memory (set evaluate.enabled=false)"
+    if c["task_vectors"].get("shard"):
+        return "task_vectors.shard splits task vectors held in memory"
+    trainer = c.get("trainer") or {}
+    if "ddp" in str(trainer.get("strategy", "")) and str(trainer.get("devices", 1)) not in ("1", "auto"):
+        return "a streamed merge runs in one process (drop trainer=ddp)"
+    if not get_family(c["pool"].get("model_class", "sequence_classification")).streams:
+        return f"a {c['pool'].get('model_class')} pool builds its heads from the base in memory"
+    return None
+
+
+def has_lora_experts(c: dict) -> bool:
+    """Whether an expert of the pool config is a PEFT adapter directory (merged in memory: LoRA in, LoRA out)."""
+    return any((Path(str(t.get("expert", ""))) / "adapter_config.json").is_file()
+               for t in (c["pool"].get("tasks") or {}).values())
+
+
+def should_stream(c: dict) -> bool:
+    """``task_vectors.stream`` resolved for the run ``c``: a ConfigError when ``true`` cannot be honoured."""
+    mode = c["task_vectors"].get("stream", "auto")
+    if mode is False:
+        return False
+    why = refusal(c)
+    if mode is True and why:
+        raise ConfigError(f"task_vectors.stream=true: {why}")
+    return why is None and (mode is True or not has_lora_experts(c))
+
+
+def tensor_stacks(pool, names: list[str], dtype: torch.dtype, keep_unchanged: bool) -> Stream:
+    """The stream of (name, τ stack [K, ...]) in the pool's order, tensors no expert changes left out (as
+    ``TaskVectors.from_pool``); the next tensor is read by a second thread while this one is merged."""
+
+    def stream():
+        with ThreadPoolExecutor(1) as reader:
+            ahead = reader.submit(read_stack, pool, names[0], dtype, keep_unchanged) if names else None
+            for i, n in enumerate(names):
+                stack = ahead.result()
+                if i + 1 < len(names):
+                    ahead = reader.submit(read_stack, pool, names[i + 1], dtype, keep_unchanged)
+                if stack is not None:
+                    yield n, stack
+
+    return stream
+
+
+def logged_passes(stream: Stream, total: int, what: str) -> Stream:
+    """``stream`` with a progress line every few seconds and one per finished pass (terminal and train.log)."""
+    passes = [0]
+
+    def run():
+        passes[0] += 1
+        start = last = time.monotonic()
+        count = 0
+        for item in stream():
+            count += 1
+            if time.monotonic() - last > 10:
+                last = time.monotonic()
+                log.info("stream pass %d (%s): %d/%d tensors, %.0f s", passes[0], what, count, total, last - start)
+            yield item
+        log.info("stream pass %d (%s) done: %d tensors merged-in, %.1f s", passes[0], what, count,
+                 time.monotonic() - start)
+
+    return run
+
+
+def output_plan(pool, dtype: str | None) -> dict[str, tuple[str | None, tuple[int, ...], torch.dtype]]:
+    """Each tensor of the exported model: name in the files -> (the pool's name of its value, or None for a
+    tensor copied from the base's files as it is; shape; dtype). Names as in the base's files; a backbone
+    export (``family.backbone_export``) keeps the backbone's tensors, named without its prefix."""
+    alias = {n: p for n, p in pool.base_model.named_parameters(remove_duplicate=False)}
+    first = {}
+    for n, p in alias.items():
+        first.setdefault(id(p), n)  # tied weights follow the tensor they are tied to
+    prefix = pool.base_model.base_model_prefix + "." if pool.family.backbone_export else ""
+    plan = {}
+    for key in pool._base_source.keys():
+        canon = pool.canonical_name(key)
+        canon = first[id(alias[canon])] if canon is None and key in alias else canon
+        if prefix and canon is not None and not canon.startswith(prefix):
+            continue  # the base's own head: each task's is in heads/
+        out = canon[len(prefix):] if prefix and canon is not None else key
+        if canon is not None:
+            p = pool._params[canon]
+            shape, dt = tuple(p.shape), p.dtype
+        else:
+            t = pool._base_source.get(key)
+            shape, dt = tuple(t.shape), t.dtype
+        plan[out] = (canon, shape, getattr(torch, dtype) if dtype and dt.is_floating_point else dt)
+    return plan
+
+
+def stream_merge(pool, method_cfg, tv_cfg: dict, model_dir: Path, dtype: str | None,
+                 max_shard_size: str | None) -> list[str]:
+    """Write the merged model (config and weights) into ``model_dir``, streamed; returns the merged tensors' names."""
+    from .methods.static import StaticMerge
+
+    names = select_names(pool.shared_names(), tv_cfg.get("include") or None, tv_cfg.get("exclude") or None)
+    K = len(pool.task_names)
+    source = logged_passes(tensor_stacks(pool, names, resolve_dtype(tv_cfg.get("dtype", "float32")),
+                                         bool(tv_cfg.get("keep_unchanged", False))), len(names), "read")
+    stages = build_stages(method_cfg)
+    fit_stages(source, stages, K)
+    coefs = Coefficients(K, 1, granularity="task", init=StaticMerge.scale(method_cfg, K))()[0]
+    plan = output_plan(pool, dtype)
+    model = pool.base_model.base_model if pool.family.backbone_export else pool.base_model
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    if dtype:
+        config.dtype = getattr(torch, dtype)
+    config.save_pretrained(model_dir)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(model_dir)
+    writer = StreamedCheckpoint(model_dir, {n: (shape, dt) for n, (_, shape, dt) in plan.items()},
+                                max_shard_size or "5GB")
+    outputs: dict[str, list[str]] = {}
+    for out, (canon, _, _) in plan.items():
+        outputs.setdefault(canon, []).append(out)
+    merged = []
+    with torch.no_grad():
+        for name, stack in streamed(source, stages)():
+            w0 = pool.base_tensor(name)
+            value = w0 + combine(coefs, stack, w0.device).to(w0.dtype)  # as MergedModel.merged_params
+            check_finite(name, value)
+            for out in outputs.pop(name, []):
+                writer.write(out, value.to(plan[out][2]))
+            merged.append(name)
+        for canon, outs in outputs.items():  # what no expert changes, what is not merged, buffers: the base's
+            for out in outs:
+                value = pool.base_tensor(canon) if canon is not None else pool._base_source.get(out)
+                writer.write(out, value.to(plan[out][2]))
+    writer.close()
+    return merged
+
+
+def stream_run(pool, c: dict, extra: dict[str, str] | None = None) -> str:
+    """The export of a streamed merge (adamerge/export.py's layout: model, heads, coefficients, card)."""
+    from .methods.static import StaticMerge
+
+    method_cfg = StaticMerge.parse_config(c["method"])
+    K, ex = len(pool.task_names), c["export"]
+    merged: list[str] = []
+
+    def write_model(model_dir: Path) -> None:
+        merged.extend(stream_merge(pool, method_cfg, c["task_vectors"], model_dir, ex["dtype"],
+                                   ex["max_shard_size"]))
+
+    def report() -> dict:
+        lam = StaticMerge.scale(method_cfg, K)
+        return {"method": method_cfg.label, "tasks": pool.task_names, "tensors": merged, "granularity": "task",
+                "coefficients": [[lam] * K for _ in merged], "num_trainable": 0, "streamed": True}
+
+    export_dir = Path(ex["dir"])
+    write_export(pool, export_dir, write_model, report, ex["overwrite"], extra, None, c["method"],
+                 ex["task_models"], ex["dtype"], ex["max_shard_size"])
+    return str(export_dir)
