@@ -183,7 +183,7 @@ def fit_stages(source: Stream, stages: list[Stage], K: int) -> None:
 def run_stages(tv, stages: list[Stage]):
     """Task vectors held in memory after ``stages``: each fitted on the result of the ones before."""
     for s in stages:
-        s.fit(lambda: tv.items(), tv.K)
+        s.fit(tv.items, tv.K)
         s.begin()
         tv = tv.map(s)
     return tv
