@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import signal
 from collections.abc import Iterable
 
 from omegaconf.errors import OmegaConfBaseException
@@ -24,6 +25,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = (AdamergeError, FileNotFoundError
 
 # OS errors about the user's disk, not a bug: a full disk, a quota, a read-only file system
 USER_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGTERM or SIGINT at a step boundary, ``last.ckpt`` written."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 class ConfigError(AdamergeError, ValueError):

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchmetrics.classification import MulticlassAccuracy
 
 from .run.data import batches
 
@@ -43,6 +42,8 @@ def shard_examples(test_set: Any, fields: tuple[str, ...], rank: int, world: int
 def accuracy(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], enc: dict[str, torch.Tensor],
              labels: torch.Tensor, num_classes: int, batch_size: int = 64,
              device: torch.device | str = "cpu") -> float:
+    from torchmetrics.classification import MulticlassAccuracy  # here: importing it takes seconds
+
     # one process evaluates (rank 0 of a DDP run, after the others left): no sync over the process group
     metric = MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False).to(device)
     for batch, y in zip(batches(enc, batch_size, device), labels.split(batch_size)):

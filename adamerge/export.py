@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_directory
 from .errors import ExportError
 from .lora_export import why_not_lora, write_lora_adapter
+from .pool.validation import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
 
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Refuse to export a merged tensor with NaN/Inf values (nothing is written)."""
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    if t.is_floating_point() and not all_finite(t):
         raise ExportError(f"refusing to export: merged tensor '{name}' has NaN/Inf values")
 
 
@@ -149,11 +150,11 @@ def in_dtype(t: torch.Tensor, dtype: str | None) -> torch.Tensor:
 def write_export(pool, export_dir: str | Path, write_model, make_report, overwrite: bool = False,
                  extra: dict[str, str] | None = None, losses: list[tuple[int, float]] | None = None,
                  method_cfg: dict | None = None, task_models: bool = True, dtype: str | None = None,
-                 max_shard_size: str | None = None, lora_method=None) -> Path:
+                 max_shard_size: str | None = None, lora_method=None, plot: bool = True) -> Path:
     """The export directory, atomically: ``write_model(model_dir)`` writes the merged model's weights and config
     (in memory: ``export_merged``; streamed: adamerge/streaming.py), then everything around them — tokenizer,
-    LoRA adapter (``lora_method``'s merge, where it is one), heads, ``make_report()``'s coefficients, per-task
-    models, model card."""
+    LoRA adapter (``lora_method``'s merge, where it is one), heads, ``make_report()``'s coefficients (and their
+    heatmap with ``plot``), per-task models, model card."""
     shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
 
     def write(tmp: Path) -> None:
@@ -186,7 +187,7 @@ def write_export(pool, export_dir: str | Path, write_model, make_report, overwri
         (tmp / "heads.json").write_text(json.dumps(heads_meta, indent=2))
         report = make_report()
         (tmp / "coefficients.json").write_text(json.dumps(report, indent=2))
-        if report.get("coefficients") is not None:  # closed-form merges have no coefficient table
+        if plot and report.get("coefficients") is not None:  # closed-form merges have no coefficient table
             plot_coefficients(report, tmp / "coefficients.png", losses)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)

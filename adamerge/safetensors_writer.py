@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 from .errors import ExportError
+from .pool.expert_files import SAFETENSORS_DTYPES
 
-DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-               torch.bool: "BOOL"}
+DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
 
 class StreamedCheckpoint:

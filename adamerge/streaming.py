@@ -74,19 +74,43 @@ def should_stream(c: dict) -> bool:
     return why is None and (mode is True or not has_lora_experts(c))
 
 
+class Buffers:
+    """Two flat buffers: the reader fills one while the merge reads the other, so a pass does not allocate (and
+    page-fault) a fresh stack per tensor. A buffer far larger than the stack it is asked for is released, so
+    the largest stack (the embedding) is not held twice through the whole pass."""
+
+    def __init__(self) -> None:
+        self.flat = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+
+    def alloc(self, i: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        held = self.flat[i].numel()
+        if held < nbytes or held > 4 * nbytes + (64 << 20):  # grown, or released after a far larger tensor
+            self.flat[i] = torch.empty(0, dtype=torch.uint8)  # (the old one freed before the new one exists)
+            self.flat[i] = torch.empty(nbytes, dtype=torch.uint8)
+        return self.flat[i][:nbytes].view(dtype).view(shape)
+
+
 def tensor_stacks(pool, names: list[str], dtype: torch.dtype, keep_unchanged: bool) -> Stream:
     """The stream of (name, τ stack [K, ...]) in the pool's order, tensors no expert changes left out (as
-    ``TaskVectors.from_pool``); the next tensor is read by a second thread while this one is merged."""
+    ``TaskVectors.from_pool``); the next tensor is read by a second thread while this one is merged. A stack
+    is valid until the next one is asked for (its buffer is then refilled)."""
+    buffers = Buffers()
+
+    def read(i: int):
+        return read_stack(pool, names[i], dtype, keep_unchanged, alloc=lambda shape, dt: buffers.alloc(i % 2, shape, dt))
 
     def stream():
         with ThreadPoolExecutor(1) as reader:
-            ahead = reader.submit(read_stack, pool, names[0], dtype, keep_unchanged) if names else None
+            ahead = reader.submit(read, 0) if names else None
             for i, n in enumerate(names):
                 stack = ahead.result()
                 if i + 1 < len(names):
-                    ahead = reader.submit(read_stack, pool, names[i + 1], dtype, keep_unchanged)
+                    ahead = reader.submit(read, i + 1)
                 if stack is not None:
                     yield n, stack
+        if pool.deferred_values is not None:  # the first pass has read every value: judge the experts
+            pool.check_fine_tuned_experts()
 
     return stream
 
@@ -163,19 +187,28 @@ def stream_merge(pool, method_cfg, tv_cfg: dict, model_dir: Path, dtype: str | N
     outputs: dict[str, list[str]] = {}
     for out, (canon, _, _) in plan.items():
         outputs.setdefault(canon, []).append(out)
-    merged = []
-    with torch.no_grad():
+    merged, writing = [], None
+
+    def write(out: str, value: torch.Tensor) -> None:  # by a second thread, one tensor behind the merge
+        nonlocal writing
+        if writing is not None:
+            writing.result()
+        writing = disk.submit(writer.write, out, value.to(plan[out][2]))
+
+    with torch.no_grad(), ThreadPoolExecutor(1) as disk:
         for name, stack in streamed(source, stages)():
             w0 = pool.base_tensor(name)
-            value = w0 + combine(coefs, stack, w0.device).to(w0.dtype)  # as MergedModel.merged_params
+            # w0 + Σ c τ as MergedModel.merged_params, added into the fresh sum (the same bits: + commutes)
+            value = combine(coefs, stack, w0.device).to(w0.dtype).add_(w0)
             check_finite(name, value)
             for out in outputs.pop(name, []):
-                writer.write(out, value.to(plan[out][2]))
+                write(out, value)
             merged.append(name)
         for canon, outs in outputs.items():  # what no expert changes, what is not merged, buffers: the base's
             for out in outs:
-                value = pool.base_tensor(canon) if canon is not None else pool._base_source.get(out)
-                writer.write(out, value.to(plan[out][2]))
+                write(out, pool.base_tensor(canon) if canon is not None else pool._base_source.get(out))
+        if writing is not None:
+            writing.result()
     writer.close()
     return merged
 
@@ -199,5 +232,5 @@ def stream_run(pool, c: dict, extra: dict[str, str] | None = None) -> str:
 
     export_dir = Path(ex["dir"])
     write_export(pool, export_dir, write_model, report, ex["overwrite"], extra, None, c["method"],
-                 ex["task_models"], ex["dtype"], ex["max_shard_size"])
+                 ex["task_models"], ex["dtype"], ex["max_shard_size"], plot=False)  # one λ everywhere: no heatmap
     return str(export_dir)

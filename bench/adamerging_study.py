@@ -43,13 +43,13 @@ def main() -> None:
     from adamerge.evaluate import evaluate_params, load_test_sets
     from adamerge.methods import get_method
     from adamerge.run.data import (
-        CalibrationDataModule,
         StepBatches,
         load_tokenizer,
         read_jsonl,
         step_indices,
         trim,
     )
+    from adamerge.run.datamodule import CalibrationDataModule
 
     torch.manual_seed(args.seed)
     pool = load_pool(args.pool, head_prefixes=args.head_prefixes)

@@ -110,7 +110,8 @@ def mean_entropy(method, batches) -> float:
 
 
 def test_concrete_ta_training_lowers_entropy_and_moves_the_mask(tiny_conf_dir, tiny_pool_cfg, tmp_path):
-    from adamerge.run.data import CalibrationDataModule, StepBatches
+    from adamerge.run.data import StepBatches
+    from adamerge.run.datamodule import CalibrationDataModule
 
     run = tmp_path / "run"
     train(tiny_conf_dir, run, "method=concrete_task_arithmetic", "method.lr=0.05", "trainer.max_steps=12")
@@ -184,7 +185,7 @@ def test_concrete_adamerging_taskwise_stop_and_resume_at_the_phase_boundary(tiny
     resuming it (the first step is the phase-2 reset) equals the uninterrupted run."""
     import pytorch_lightning as pl
 
-    from adamerge.run.data import CalibrationDataModule
+    from adamerge.run.datamodule import CalibrationDataModule
 
     pool = pool_from_config(tiny_pool_cfg)
     cfg = {"name": "concrete_adamerging", "id": "cam", "granularity": "task", "init": 0.3, "clamp": [0, 1],

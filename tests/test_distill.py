@@ -11,7 +11,7 @@ import torch
 
 import helpers
 from adamerge.methods import get_method
-from adamerge.run.data import CalibrationDataModule
+from adamerge.run.datamodule import CalibrationDataModule
 
 TA = {"name": "static", "id": "task_arithmetic", "scale": 0.3}
 

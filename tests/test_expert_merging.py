@@ -12,7 +12,7 @@ import helpers
 from adamerge.methods import CheckpointError, get_method
 from adamerge.methods.expert_merging_pp import allocate_chunks, layer_importance
 from adamerge.pool.config import pool_from_config
-from adamerge.run.data import CalibrationDataModule
+from adamerge.run.datamodule import CalibrationDataModule
 
 # the authors' data regime (5–10 samples per task, batch 1); accumulation 2 keeps runs short
 FAST = ["data.calibration_size=8", "data.batch_size=1", "data.max_length=16", "evaluate.enabled=false",

@@ -165,7 +165,7 @@ RSS_SCRIPT = textwrap.dedent("""
     import gc, json, resource, sys
     import torch
     torch.set_num_threads(1)
-    from adamerge.run.data import CalibrationDataModule
+    from adamerge.run.datamodule import CalibrationDataModule
     from adamerge.methods.frank_wolfe import FrankWolfeMerging
     from adamerge.pool.config import pool_from_config
     pool_cfg, cands = json.loads(sys.argv[1]), json.loads(sys.argv[2])
@@ -224,7 +224,7 @@ def train(pool_cfg: dict, out, *extra) -> None:
 
 
 def test_soft_end_to_end_resumes_between_iterations(tiny_pool_cfg, pool, tmp_path, capsys, caplog):
-    from adamerge.run.data import CalibrationDataModule
+    from adamerge.run.datamodule import CalibrationDataModule
 
     cdir = tmp_path / "cands"
     write_candidates(tiny_pool_cfg, cdir, 2, noise=0.05)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from adamerge.methods import METHODS, get_method
+from adamerge.methods import all_methods, get_method
 from adamerge.run.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def test_every_method_yaml_runs_through_train_py(tiny_pool_cfg, tmp_path, method
     from omegaconf import OmegaConf
 
     method = OmegaConf.to_container(cfg.method, resolve=True)
-    assert method["id"] == method_id and method["name"] in METHODS
+    assert method["id"] == method_id and method["name"] in all_methods()
     code = helpers.run_inprocess(args, tiny_pool_cfg)
     if method_id == "expert_merging_pp":  # needs the coefficients of a first expert_merging run
         assert code == 2 and "method.first_pass" in capsys.readouterr().err
@@ -68,7 +68,7 @@ def test_learned_key_is_unknown_to_a_data_free_method():
 
 
 def test_every_registered_method_declares_a_config_whose_defaults_parse():
-    for name, cls in METHODS.items():
+    for name, cls in all_methods().items():
         cfg = cls.Config.parse({"name": name})
         assert cfg.name == name and cfg.label == name
 
@@ -78,12 +78,37 @@ def test_only_methods_that_train_are_lightning_modules():
     (a LightningModule). DOGE's one class trains in one of its two configurations."""
     import pytorch_lightning as pl
 
-    from adamerge.methods import MergeAlgorithm, MergeMethod
+    from adamerge.methods import MergeAlgorithm
+    from adamerge.methods.base import MergeMethod
 
-    for name, cls in METHODS.items():
+    for name, cls in all_methods().items():
         assert issubclass(cls, MergeAlgorithm), name
         cfg = cls.Config.parse({"name": name})
         if cls.trains(cfg):
             assert issubclass(cls, MergeMethod), name
-    plain = {n for n, c in METHODS.items() if not issubclass(c, pl.LightningModule)}
+    plain = {n for n, c in all_methods().items() if not issubclass(c, pl.LightningModule)}
     assert plain == {"static", "regmean", "regmean_pp", "fisher_merging", "pcb_merging", "tsv_merging"}
+
+
+def test_the_registry_names_the_module_of_every_registered_method():
+    """``get_method`` imports only the module ``MODULES`` names: every @register'd class must be found there."""
+    import importlib
+    import pkgutil
+
+    import adamerge.methods as package
+    from adamerge.methods.registry import METHODS, MODULES
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"adamerge.methods.{module.name}")
+    assert {name: cls.__module__.rsplit(".", 1)[1] for name, cls in METHODS.items()} == MODULES
+
+
+def test_a_data_free_merge_starts_without_lightning():
+    """A streamed data-free run imports neither Lightning nor torchmetrics (seconds of start-up)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, adamerge.run.cli, adamerge.streaming, adamerge.export; from adamerge.methods import get_method; "
+            "get_method('static'); print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('pytorch_lightning', 'lightning_fabric', 'torchmetrics')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

@@ -74,7 +74,8 @@ def test_sharded_step_in_one_process_equals_the_unsharded_step(odd_pool):
     """Without a process group the slice is the whole tensor: the same value and coefficient gradient."""
     from adamerge.methods import get_method
     from adamerge.pool.config import pool_from_config
-    from adamerge.run.data import CalibrationDataModule, StepBatches
+    from adamerge.run.data import StepBatches
+    from adamerge.run.datamodule import CalibrationDataModule
 
     pool = pool_from_config(odd_pool)
     cfg = {"name": "adamerging", "granularity": "layer", "init": 0.3}

@@ -70,22 +70,29 @@ class StackedTensors:
 
 
 def read_stack(pool: ModelPool, name: str, dtype: torch.dtype, keep_unchanged: bool = False,
-               part: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
+               part: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> torch.Tensor | None:
     """``[K, *shape]``: every expert's τ of tensor ``name`` (``part``: the part of each τ to keep, e.g. one
     process's flat slice), or None when no expert changes it (unless ``keep_unchanged``).
 
     Filled row by row in the storage dtype: no fp32 stack beside it. The stack is allocated at the first
     expert that changes the tensor (earlier rows are zero): a tensor no expert changes (e.g. outside every
     LoRA target) never costs K copies, even for a moment — it is left out, which also spares its gradient
-    (the embedding's is the largest) in every training step."""
+    (the embedding's is the largest) in every training step. ``alloc(shape, dtype)`` gives the stack's memory
+    (a streamed merge reuses two buffers)."""
     stacked = None
     for k, t in enumerate(pool.task_names):
+        if stacked is not None and part is None:  # the rows after the first: subtracted in place
+            pool.task_vector(t, name, out=stacked[k])
+            continue
         tau = pool.task_vector(t, name)
         if stacked is None and not (keep_unchanged or tau.any()):
             continue
         kept = part(tau) if part is not None else tau
         if stacked is None:
-            stacked = torch.zeros((len(pool.task_names), *kept.shape), dtype=dtype)
+            shape = (len(pool.task_names), *kept.shape)
+            stacked = alloc(shape, dtype) if alloc is not None else torch.empty(shape, dtype=dtype)
+            stacked[:k].zero_()  # the experts before this one leave the tensor unchanged
         stacked[k].copy_(kept)
     return stacked
 

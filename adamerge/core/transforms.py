@@ -18,13 +18,12 @@ from typing import Any
 
 import torch
 
-from .topk import Stream, topk_thresholds
-
-_RAND_BLOCK = 1 << 22  # DARE draws its uniforms this many at a time (the same sequence as one draw)
+from .topk import BLOCK_ENTRIES, Stream, column_blocks, topk_thresholds
 
 
 class Stage:
-    """One transform: ``fit`` (model-wide statistics, over fresh passes of ``stream``), then ``stage(name, stack)``."""
+    """One transform: ``fit`` (model-wide statistics, over fresh passes of ``stream``), then ``stage(name, stack)``,
+    which changes ``stack`` in place and returns it (the caller owns it: a streamed buffer, or a copy)."""
 
     def fit(self, stream: Stream, K: int) -> None:
         """Take the statistics this stage needs from the stacks it will be applied to."""
@@ -52,14 +51,13 @@ class Dare(Stage):
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        flat = t.reshape(-1)
-        out = torch.zeros_like(flat)
-        for i in range(0, flat.numel(), _RAND_BLOCK):  # in blocks: no fp32 copy of the whole stack
-            j = min(i + _RAND_BLOCK, flat.numel())
-            keep = (torch.rand(j - i, generator=self.generator) >= self.p).to(t.device)
-            kept = torch.where(keep, flat[i:j], torch.zeros_like(flat[i:j]))
-            out[i:j] = kept / (1 - self.p) if self.rescale else kept
-        return out.view(t.shape)
+        flat = t.view(-1)
+        for i in range(0, flat.numel(), BLOCK_ENTRIES):  # in order, in blocks: the draws of one rand(t.shape)
+            block = flat[i:i + BLOCK_ENTRIES]
+            block.masked_fill_(torch.rand(block.numel(), generator=self.generator).to(t.device) < self.p, 0)
+            if self.rescale:
+                block.div_(1 - self.p)
+        return t
 
 
 class TiesTrim(Stage):
@@ -76,7 +74,9 @@ class TiesTrim(Stage):
         return t.abs().float() >= self.thresholds.view(-1, *([1] * (t.dim() - 1))).to(t.device)
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.mask(t), t, torch.zeros_like(t))
+        for block in column_blocks(t):
+            block.masked_fill_(~self.mask(block), 0)
+        return t
 
 
 class TiesElect(Stage):
@@ -84,7 +84,9 @@ class TiesElect(Stage):
     that is zero the majority sign (the sign of the summed entry signs, as in the reference code)."""
 
     def fit(self, stream: Stream, K: int) -> None:
-        total = sum(torch.sign(t.float().sum(0)).sum().item() for _, t in stream())
+        # per tensor, as the reference code sums (one float sum per tensor, added in the tensors' order)
+        total = sum(sum(torch.sign(b.float().sum(0)).double().sum() for b in column_blocks(t)).item()
+                    for _, t in stream())
         self.majority = 1.0 if total >= 0 else -1.0
 
     def signs(self, t: torch.Tensor) -> torch.Tensor:
@@ -92,15 +94,18 @@ class TiesElect(Stage):
         return torch.where(s == 0, torch.full_like(s, self.majority), s)
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        return torch.where(torch.sign(t.float()) == self.signs(t), t, torch.zeros_like(t))
+        for block in column_blocks(t):
+            block.masked_fill_(torch.sign(block.float()) != self.signs(block), 0)
+        return t
 
 
 class DisjointMean(Stage):
     """TIES' disjoint mean Σ_k τ̂_k / #agreeing, expressed on the vectors so coefficients still apply."""
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        counts = (t != 0).sum(0).clamp(min=1)
-        return (t.float() / counts).to(t.dtype)
+        for block in column_blocks(t):
+            block.copy_(block.float() / (block != 0).sum(0).clamp(min=1))
+        return t
 
 
 class Consensus(Stage):
@@ -114,7 +119,9 @@ class Consensus(Stage):
         return tf.abs() >= self.lam * (tf.sum(0, keepdim=True) - tf).abs()
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        return torch.where((self.tall_masks(t).sum(0) >= self.k).unsqueeze(0), t, torch.zeros_like(t))
+        for block in column_blocks(t):
+            block.masked_fill_((self.tall_masks(block).sum(0) < self.k).unsqueeze(0), 0)
+        return t
 
 
 class Lines(Stage):
@@ -134,7 +141,9 @@ class Lines(Stage):
         self.scales = lines_scales(names, alpha, float(self.cfg["beta"]), self.cfg.get("pattern", LAYER_PATTERN))
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        return (t.float() * self.scales[name]).to(t.dtype)
+        for block in column_blocks(t):
+            block.copy_(block.float() * self.scales[name])
+        return t
 
 
 def _ties(c: Any) -> list[Stage]:
@@ -161,7 +170,8 @@ def build_stages(cfg: Any, skip: tuple[str, ...] = ()) -> list[Stage]:
 
 
 def streamed(source: Stream, stages: list[Stage]) -> Stream:
-    """``source`` with ``stages`` applied to each tensor, as a stream: every pass restarts the stages."""
+    """``source`` with ``stages`` applied to each tensor, as a stream: every pass restarts the stages. ``source``
+    gives tensors the stages may change in place (each pass a fresh read, as adamerge/streaming.py's)."""
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         for s in stages:
@@ -181,7 +191,10 @@ def fit_stages(source: Stream, stages: list[Stage], K: int) -> None:
 
 
 def run_stages(tv, stages: list[Stage]):
-    """Task vectors held in memory after ``stages``: each fitted on the result of the ones before."""
+    """Task vectors held in memory after ``stages`` (on a copy: ``tv`` is left as it is), each stage fitted on
+    the result of the ones before."""
+    if stages:
+        tv = tv.map(lambda n, t: t.clone())
     for s in stages:
         s.fit(tv.items, tv.K)
         s.begin()

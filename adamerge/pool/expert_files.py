@@ -19,6 +19,11 @@ from ..errors import PoolError
 # the adapter_config.json keys that decide a LoRA delta's scale (part of the pool fingerprint)
 LORA_SCALING_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out")
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
 # ----------------------------------------------------------------------------------------------
 # Tensor sources: lazy, by name
 # ----------------------------------------------------------------------------------------------
@@ -32,6 +37,11 @@ class TensorSource:
 
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of tensor ``name``, without reading its values where the format allows."""
+        t = self.get(name)
+        return tuple(t.shape), t.dtype
 
 
 def _open_safetensors(path: Path):
@@ -62,6 +72,12 @@ class SafetensorsSource(TensorSource):
                 return h.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise PoolError(f"{f}: cannot read tensor '{name}' ({e})") from e
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        f = self._where[name]
+        with _open_safetensors(f) as h:
+            s = h.get_slice(name)
+            return tuple(s.get_shape()), SAFETENSORS_DTYPES[s.get_dtype()]
 
 
 class TorchBinSource(TensorSource):

@@ -107,10 +107,13 @@ class ModelPool:
         if check_fine_tuned not in (True, False, "warn"):
             raise PoolError(f"pool config key 'check_fine_tuned' must be true, false or warn, got {check_fine_tuned!r}")
         self._cosines: dict[str, list[tuple[float, str]]] = {}  # expert -> (cos(expert, base), tensor) of matrices
+        self.check_finite, self.fine_tuned_check = check_finite, check_fine_tuned
+        # base on meta (a streamed merge): names, shapes and dtypes checked now, values as each is first read
+        self.deferred_values: set[tuple[str, str]] | None = None if base_in_memory else set()
         for e in self.experts.values():
             validation.validate_expert(self, e, check_finite)
-            if check_fine_tuned:
-                validation.check_fine_tuned(self, e, warn_only=check_fine_tuned == "warn")
+        if base_in_memory:
+            self.check_fine_tuned_experts()
         for name, casts in self.cast_dtypes.items():
             log.info("expert '%s' (%s): tensors stored as %s are read as the base's %s", name,
                      self.experts[name].path, ", ".join(casts), ", ".join(sorted(set(casts.values()))))
@@ -188,7 +191,21 @@ class ModelPool:
     def is_lora_module(self, e: Expert, canon: str) -> bool:
         return e.is_lora and not e.file_names[canon].startswith("base_model.model.")
 
+    def check_fine_tuned_experts(self) -> None:
+        """``check_fine_tuned`` on every expert (a pool that defers value checks: once its tensors were read)."""
+        if self.fine_tuned_check:
+            for e in self.experts.values():
+                validation.check_fine_tuned(self, e, warn_only=self.fine_tuned_check == "warn")
+
     # -- access ----------------------------------------------------------------------------
+    def _read(self, e: Expert, name: str) -> torch.Tensor:
+        """Expert ``e``'s stored tensor ``name``; its values checked on this first read where they were deferred."""
+        t = e.source.get(e.file_names[name])
+        if self.deferred_values is not None and (e.name, name) in self.deferred_values:
+            validation.check_values(self, e, name, t, self.check_finite, compare_shape=not self.is_head(name))
+            self.deferred_values.discard((e.name, name))
+        return t
+
     def expert_tensor(self, task: str, name: str) -> torch.Tensor:
         """The expert's full value of one tensor (base + its delta), read lazily."""
         e = self.experts[task]
@@ -198,7 +215,7 @@ class ModelPool:
             raise PoolError(f"expert '{task}' ({e.path}): missing tensor '{name}'")
         if self.is_lora_module(e, name):
             return self.base_tensor(name) + self._lora_delta(e, name).to(self._params[name].dtype)
-        return e.source.get(e.file_names[name]).to(self._params[name].dtype)  # another dtype: the base's
+        return self._read(e, name).to(self._params[name].dtype)  # another dtype: the base's
 
     def lora_factors(self, task: str, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(A [r, in], B [out, r], scaling s) in fp32 with τ = s·B@A when ``task``'s expert is a LoRA adapter on
@@ -241,17 +258,22 @@ class ModelPool:
         a, b, scale = self.lora_factors(e.name, name)
         return (b @ a) * scale
 
-    def task_vector(self, task: str, name: str) -> torch.Tensor:
-        """Expert minus base for one shared tensor."""
+    def task_vector(self, task: str, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert minus base for one shared tensor; written into ``out`` when given (the same values)."""
         e = self.experts[task]
         if name in e.file_names and self.is_lora_module(e, name):
-            return self._lora_delta(e, name).to(self._params[name].dtype)
-        if name in e.file_names:
-            stored, base = e.source.get(e.file_names[name]), self.base_tensor(name)
+            tau = self._lora_delta(e, name).to(self._params[name].dtype)
+        elif name in e.file_names:
+            stored, base = self._read(e, name), self.base_tensor(name)
             if stored.dtype != base.dtype:  # in float32, then the base's dtype (bf16 − bf16 would round twice)
-                return (stored.float() - base.float()).to(base.dtype)
-            return stored - base
-        return self.expert_tensor(task, name) - self.base_tensor(name)
+                tau = (stored.float() - base.float()).to(base.dtype)
+            elif out is not None and out.dtype == base.dtype:  # no temporary: subtract into place
+                return torch.sub(stored, base, out=out)
+            else:
+                tau = stored - base
+        else:
+            tau = self.expert_tensor(task, name) - self.base_tensor(name)
+        return tau if out is None else out.copy_(tau)
 
     def head(self, task: str) -> dict[str, torch.Tensor]:
         """The per-task head tensors (never merged). Falls back to the base's head."""

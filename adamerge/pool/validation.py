@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # (MergeLock: random invertible maps on the attention's QK and VO branches, function unchanged), has
 # cos near 0 on those matrices. Below this, an expert is not a fine-tune of this base.
 FINE_TUNE_MIN_COSINE = 0.1
+COSINE_ENTRIES = 1 << 18  # entries of a matrix its cosine to the base is taken over (evenly strided)
 
 
 def validate_expert(pool: Any, e: Expert, check_finite: bool) -> None:
@@ -46,6 +47,10 @@ def validate_expert(pool: Any, e: Expert, check_finite: bool) -> None:
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     for canon, fname in e.file_names.items():
+        if pool.deferred_values is not None:  # values checked when first read (ModelPool.read_expert)
+            _check_layout(pool, e, canon, *e.source.info(fname), compare_shape=not pool.is_head(canon))
+            pool.deferred_values.add((e.name, canon))
+            continue
         t = e.source.get(fname)
         _check_tensor(pool, e, canon, t, check_finite, compare_shape=not pool.is_head(canon))
 
@@ -83,25 +88,47 @@ def _validate_lora(pool: Any, e: Expert, check_finite: bool) -> None:
 
 def _check_tensor(pool: Any, e: Expert, canon: str, t: torch.Tensor, check_finite: bool,
                   compare_shape: bool = True) -> None:
+    _check_layout(pool, e, canon, tuple(t.shape), t.dtype, compare_shape)
+    check_values(pool, e, canon, t, check_finite, compare_shape)
+
+
+def _check_layout(pool: Any, e: Expert, canon: str, shape: tuple[int, ...], dtype: torch.dtype,
+                  compare_shape: bool = True) -> None:
     ref = pool._params[canon]
     where = f"expert '{e.name}' ({e.path}), tensor '{canon}'"
-    if compare_shape and tuple(t.shape) != tuple(ref.shape):
+    if compare_shape and tuple(shape) != tuple(ref.shape):
         extra = ""
-        if "embed" in canon and t.dim() == 2 and t.shape[1] == ref.shape[1]:
-            extra = f" — vocabulary size differs: expert {t.shape[0]} vs base {ref.shape[0]}"
-        raise PoolError(f"{where}: shape {tuple(t.shape)} does not match the base's {tuple(ref.shape)}{extra}")
-    if t.dtype != ref.dtype:
-        if not (t.is_floating_point() and ref.is_floating_point()):
-            raise PoolError(f"{where}: dtype {t.dtype} does not match the base's {ref.dtype}")
-        pool.cast_dtypes.setdefault(e.name, {})[str(t.dtype).removeprefix("torch.")] = \
+        if "embed" in canon and len(shape) == 2 and shape[1] == ref.shape[1]:
+            extra = f" — vocabulary size differs: expert {shape[0]} vs base {ref.shape[0]}"
+        raise PoolError(f"{where}: shape {tuple(shape)} does not match the base's {tuple(ref.shape)}{extra}")
+    if dtype != ref.dtype:
+        if not (dtype.is_floating_point and ref.is_floating_point()):
+            raise PoolError(f"{where}: dtype {dtype} does not match the base's {ref.dtype}")
+        pool.cast_dtypes.setdefault(e.name, {})[str(dtype).removeprefix("torch.")] = \
             str(ref.dtype).removeprefix("torch.")
-    if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
+
+
+def check_values(pool: Any, e: Expert, canon: str, t: torch.Tensor, check_finite: bool,
+                 compare_shape: bool = True) -> None:
+    """Finite values, and (weight matrices) the cosine to the base that ``check_fine_tuned`` judges."""
+    where = f"expert '{e.name}' ({e.path}), tensor '{canon}'"
+    if check_finite and t.is_floating_point() and not all_finite(t):
         raise PoolError(f"{where}: contains NaN or Inf values")
     if compare_shape and t.dim() == 2 and t.is_floating_point():
-        base = pool.base_tensor(canon)  # read from the base's files when the pool holds it on the meta device
-        if base.norm() > 0:
-            cos = torch.nn.functional.cosine_similarity(t.flatten().float(), base.flatten().float(), dim=0)
+        # a gross check (fine-tunes stay near 1, foreign weights near 0): over at most COSINE_ENTRIES evenly
+        # strided entries, from the base's files when the pool holds it on meta
+        step = max(1, t.numel() // COSINE_ENTRIES)
+        base = pool.base_tensor(canon).flatten()[::step].float()
+        base_norm = torch.linalg.vector_norm(base)
+        if base_norm > 0:
+            flat = t.flatten()[::step].float()
+            cos = torch.dot(flat, base) / (torch.linalg.vector_norm(flat) * base_norm).clamp(min=1e-8)
             pool._cosines.setdefault(e.name, []).append((float(cos), canon))
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in floating-point ``t``: its min and max in one pass (NaN propagates), no boolean copy."""
+    return t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all())
 
 
 def _is_buffer_name(pool: Any, fname: str) -> bool:

@@ -116,14 +116,6 @@ def check_fresh_run(resume: str | None, ckpt_dir: str | Path) -> None:
                               "or give a new out_dir")
 
 
-class Interrupted(Exception):
-    """Training stopped by SIGTERM or SIGINT at a step boundary, ``last.ckpt`` written."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
 class SaveOnInterrupt(Callback):
     """On SIGTERM or Ctrl-C (SIGINT), stop at the next step boundary and write ``last.ckpt``.
 

@@ -3,7 +3,6 @@ an exit code, a user's error into one line on stderr (adamerge.errors), the prog
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import threading
@@ -24,10 +23,9 @@ def quiet_third_party(verbose: bool) -> None:
         return
     import warnings
 
-    import pytorch_lightning  # noqa: F401  (importing sets its logger to INFO: set the level after)
     import transformers
 
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    # Lightning's own logger is quieted where it is imported (program.seed_run): importing it sets INFO
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -41,7 +39,7 @@ def quiet_third_party(verbose: bool) -> None:
 
 def cli(cfg: DictConfig) -> int:
     """Run, turning the user's errors into one line on stderr; returns the exit code."""
-    from .checkpointing import Interrupted
+    from ..errors import Interrupted
 
     quiet_third_party(bool(cfg.get("verbose")))
 

@@ -33,10 +33,10 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from ..errors import ConfigError
+    from ..errors import ConfigError, Interrupted
     from ..evaluate import load_test_sets
-    from .checkpointing import AtomicCheckpointIO, Interrupted, SaveOnInterrupt
-    from .data import CalibrationDataModule
+    from .checkpointing import AtomicCheckpointIO, SaveOnInterrupt
+    from .datamodule import CalibrationDataModule
     from .loggers import build_loggers
     from .monitors import HoldoutMonitor, StartObjective, ValidationMonitor, holdout_batches, monitor_batches
     from .progress import ProgressLog, StepProgressBar

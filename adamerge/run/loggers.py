@@ -12,8 +12,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
-
 from ..errors import ConfigError, refuse_unknown_keys
 
 # logger name -> the packages that provide it (any one)
@@ -34,8 +32,10 @@ def logger_names(value: str | list[str] | None) -> list[str]:
     return ["csv"] + [n for n in dict.fromkeys(names) if n != "csv"]
 
 
-def build_loggers(names: list[str], out_dir: Path, run_name: str) -> list[Logger]:
+def build_loggers(names: list[str], out_dir: Path, run_name: str) -> list:
     """The Lightning loggers for ``names`` (from ``logger_names``), all writing under ``out_dir``."""
+    from pytorch_lightning.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
     out = []
     for n in names:
         if n == "csv":

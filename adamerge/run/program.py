@@ -54,18 +54,21 @@ def run(cfg: DictConfig) -> dict:
 def run_locked(cfg: DictConfig, out_dir: Path, rank_zero: bool) -> dict:
     from ..atomic import atomic_write_text
     from ..streaming import should_stream
-    from .checkpointing import resolve_resume
 
     # written once the run passed its checks (hydra.output_subdir is null: Hydra would write them before
     # any check, so a refused rerun would overwrite the old run's); taken now, before start_from is inlined
     run_config = run_config_files(cfg)
     c, trains = checked_config(cfg, out_dir)
-    if not trains and should_stream(c):  # one tensor at a time, from the experts' files into the export
+    if should_stream(c):  # a data-free merge, one tensor at a time from the experts' files into the export
         return stream_locked(c, out_dir, run_config)
     pool, method = build_pool_and_method(c, trains)
     if method is None:  # a statistics process of a closed-form DDP run: its part is done
         return {}
-    ckpt_path = resolve_resume(c["resume"], out_dir / "checkpoints") if trains else None
+    ckpt_path = None
+    if trains:  # Lightning's checkpoint IO: imported by runs that train
+        from .checkpointing import resolve_resume
+
+        ckpt_path = resolve_resume(c["resume"], out_dir / "checkpoints")
     if rank_zero:
         for name, text in run_config.items():  # the run is accepted: record its config
             atomic_write_text(out_dir / ".hydra" / name, text)
@@ -95,12 +98,9 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
     """The resolved config with ``method.start_from`` inlined and ``logger`` as the list of loggers, every
     key checked, and everything this run will write to shown writable — before the pool loads, so that
     nothing is spent on a doomed run. Also whether the configured method trains."""
-    import pytorch_lightning as pl
-
     from ..atomic import check_export_target, remove_stale_temporaries
     from ..errors import ConfigError
     from ..methods import CheckpointError, get_method
-    from .checkpointing import check_fresh_run
     from .config import check_config, check_no_missing, check_writable_dir
     from .distributed import launch_is_rank_zero
     from .loggers import logger_names
@@ -133,6 +133,8 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
 
             check_push_target(c["export"]["push_to_hub"])
         if trains:
+            from .checkpointing import check_fresh_run
+
             check_fresh_run(c["resume"], out_dir / "checkpoints")
     if not trains and c["resume"] and c["resume"] != "last" and not Path(c["resume"]).exists():
         # nothing to resume here, but a path that does not exist is a mistake worth naming
@@ -140,7 +142,6 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
     if trains and int(c["trainer"].get("max_steps") or 0) <= 0:
         raise ConfigError(f"trainer.max_steps (method.steps) must be > 0 for {c['method']['id']}, "
                           f"got {c['trainer'].get('max_steps')}")
-    pl.seed_everything(c["seed"], workers=True, verbose=False)
     return c, trains
 
 
@@ -151,6 +152,16 @@ def hydra_choices() -> dict:
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
 
+def seed_run(c: dict) -> None:
+    """Seed every generator (Lightning's ``seed_everything``), importing Lightning only for runs that build a
+    method in memory (a streamed merge starts without it); importing it sets its logger to INFO."""
+    import pytorch_lightning as pl
+
+    if not c.get("verbose"):
+        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    pl.seed_everything(c["seed"], workers=True, verbose=False)
+
+
 def build_pool_and_method(c: dict, trains: bool):
     """The pool (every data file checked) and the method built on it; ``(pool, None)`` on a statistics
     process of a closed-form DDP run, which has contributed its part once the method is built."""
@@ -159,6 +170,7 @@ def build_pool_and_method(c: dict, trains: bool):
     from .data import check_data
     from .monitors import resolve_monitor
 
+    seed_run(c)  # before the pool: a base's mismatched head is initialised at random
     pool = pool_from_config(resolve_recipe(c["pool"], PACKAGE))
     check_data(pool)  # a bad line or label is named now, not after training
     if trains:  # checkpoint.monitor=auto becomes what this pool and method allow
