@@ -213,10 +213,19 @@ def stream_merge(pool, method_cfg, tv_cfg: dict, model_dir: Path, dtype: str | N
     return merged
 
 
-def stream_run(pool, c: dict, extra: dict[str, str] | None = None) -> str:
-    """The export of a streamed merge (adamerge/export.py's layout: model, heads, coefficients, card)."""
+def stream_run(c: dict, out_dir: Path, run_config: dict[str, str]) -> str:
+    """A streamed data-free merge: the pool with its base on the meta device, ``run_config`` (the files of
+    ``.hydra/``; none on a process that is not the run's first) recorded, then the export (adamerge/export.py's
+    layout: model, heads, coefficients, card). Returns the export directory."""
+    from .atomic import atomic_write_text
     from .methods.static import StaticMerge
+    from .pool.config import pool_from_config
 
+    pool = pool_from_config(c["pool"], base_in_memory=False)
+    for name, text in run_config.items():
+        atomic_write_text(out_dir / ".hydra" / name, text)
+    log.info("pool      %d experts (%s) on %s\nmethod    %s: data-free, streamed tensor by tensor\nout_dir   %s",
+             len(pool.task_names), ", ".join(pool.task_names), pool.base_path, c["method"]["id"], out_dir)
     method_cfg = StaticMerge.parse_config(c["method"])
     K, ex = len(pool.task_names), c["export"]
     merged: list[str] = []
@@ -231,6 +240,6 @@ def stream_run(pool, c: dict, extra: dict[str, str] | None = None) -> str:
                 "coefficients": [[lam] * K for _ in merged], "num_trainable": 0, "streamed": True}
 
     export_dir = Path(ex["dir"])
-    write_export(pool, export_dir, write_model, report, ex["overwrite"], extra, None, c["method"],
+    write_export(pool, export_dir, write_model, report, ex["overwrite"], None, None, c["method"],
                  ex["task_models"], ex["dtype"], ex["max_shard_size"], plot=False)  # one λ everywhere: no heatmap
     return str(export_dir)

@@ -53,14 +53,20 @@ def run(cfg: DictConfig) -> dict:
 
 def run_locked(cfg: DictConfig, out_dir: Path, rank_zero: bool) -> dict:
     from ..atomic import atomic_write_text
-    from ..streaming import should_stream
+    from ..pool.config import resolve_recipe
+    from ..streaming import should_stream, stream_run
 
     # written once the run passed its checks (hydra.output_subdir is null: Hydra would write them before
     # any check, so a refused rerun would overwrite the old run's); taken now, before start_from is inlined
     run_config = run_config_files(cfg)
     c, trains = checked_config(cfg, out_dir)
+    if not trains and c["resume"]:
+        log.warning("method %s does not train, so it has nothing to resume: resume=%s ignored",
+                    c["method"]["id"], c["resume"])
+    c["pool"] = resolve_recipe(c["pool"], PACKAGE)  # a recipe builds its experts first (once)
     if should_stream(c):  # a data-free merge, one tensor at a time from the experts' files into the export
-        return stream_locked(c, out_dir, run_config)
+        stream_run(c, out_dir, run_config if rank_zero else {})
+        return {"out_dir": str(out_dir), "export": exported(c)}
     pool, method = build_pool_and_method(c, trains)
     if method is None:  # a statistics process of a closed-form DDP run: its part is done
         return {}
@@ -79,9 +85,6 @@ def run_locked(cfg: DictConfig, out_dir: Path, rank_zero: bool) -> dict:
         if fitted is None:  # not the DDP rank that evaluates and exports
             return {}
         start_state, selection = fitted
-    elif c["resume"]:
-        log.warning("method %s does not train, so it has nothing to resume: resume=%s ignored",
-                    c["method"]["id"], c["resume"])
     result, extra = {"out_dir": str(out_dir)}, {}
     if selection is not None:
         extra["selection.json"] = json.dumps(selection, indent=2)
@@ -171,7 +174,7 @@ def build_pool_and_method(c: dict, trains: bool):
     from .monitors import resolve_monitor
 
     seed_run(c)  # before the pool: a base's mismatched head is initialised at random
-    pool = pool_from_config(resolve_recipe(c["pool"], PACKAGE))
+    pool = pool_from_config(resolve_recipe(c["pool"], PACKAGE))  # (a resolved config is returned as it is)
     check_data(pool)  # a bad line or label is named now, not after training
     if trains:  # checkpoint.monitor=auto becomes what this pool and method allow
         cls = get_method(c["method"]["name"])
@@ -224,21 +227,6 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
     table = markdown(summary)
     print("\n" + table + "\n", flush=True)
     return {"summary": summary, "markdown": table}
-
-
-def stream_locked(c: dict, out_dir: Path, run_config: dict[str, str]) -> dict:
-    """A streamed data-free merge (adamerge/streaming.py): the pool without the base in memory, then the export."""
-    from ..atomic import atomic_write_text
-    from ..pool.config import pool_from_config, resolve_recipe
-    from ..streaming import stream_run
-
-    pool = pool_from_config(resolve_recipe(c["pool"], PACKAGE), base_in_memory=False)
-    for name, text in run_config.items():
-        atomic_write_text(out_dir / ".hydra" / name, text)
-    log.info("pool      %d experts (%s) on %s\nmethod    %s: data-free, streamed tensor by tensor\nout_dir   %s",
-             len(pool.task_names), ", ".join(pool.task_names), pool.base_path, c["method"]["id"], out_dir)
-    stream_run(pool, c)
-    return {"out_dir": str(out_dir), "export": exported(c)}
 
 
 def export_run(method, c: dict, out_dir: Path, extra: dict[str, str]) -> str:
