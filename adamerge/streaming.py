@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import torch
 
 from .core.coefficients import Coefficients
 from .core.combine import combine
-from .core.task_vectors import read_stack, resolve_dtype, select_names
-from .core.topk import Stream
+from .core.task_vectors import resolve_dtype, select_names
+from .core.tensor_stream import logged_passes, tensor_stacks
 from .core.transforms import build_stages, fit_stages, streamed
 from .errors import ConfigError
 from .export import check_finite, write_export
@@ -72,67 +71,6 @@ def should_stream(c: dict) -> bool:
     if mode is True and why:
         raise ConfigError(f"task_vectors.stream=true: {why}")
     return why is None and (mode is True or not has_lora_experts(c))
-
-
-class Buffers:
-    """Two flat buffers: the reader fills one while the merge reads the other, so a pass does not allocate (and
-    page-fault) a fresh stack per tensor. A buffer far larger than the stack it is asked for is released, so
-    the largest stack (the embedding) is not held twice through the whole pass."""
-
-    def __init__(self) -> None:
-        self.flat = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
-
-    def alloc(self, i: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        held = self.flat[i].numel()
-        if held < nbytes or held > 4 * nbytes + (64 << 20):  # grown, or released after a far larger tensor
-            self.flat[i] = torch.empty(0, dtype=torch.uint8)  # (the old one freed before the new one exists)
-            self.flat[i] = torch.empty(nbytes, dtype=torch.uint8)
-        return self.flat[i][:nbytes].view(dtype).view(shape)
-
-
-def tensor_stacks(pool, names: list[str], dtype: torch.dtype, keep_unchanged: bool) -> Stream:
-    """The stream of (name, τ stack [K, ...]) in the pool's order, tensors no expert changes left out (as
-    ``TaskVectors.from_pool``); the next tensor is read by a second thread while this one is merged. A stack
-    is valid until the next one is asked for (its buffer is then refilled)."""
-    buffers = Buffers()
-
-    def read(i: int):
-        return read_stack(pool, names[i], dtype, keep_unchanged, alloc=lambda shape, dt: buffers.alloc(i % 2, shape, dt))
-
-    def stream():
-        with ThreadPoolExecutor(1) as reader:
-            ahead = reader.submit(read, 0) if names else None
-            for i, n in enumerate(names):
-                stack = ahead.result()
-                if i + 1 < len(names):
-                    ahead = reader.submit(read, i + 1)
-                if stack is not None:
-                    yield n, stack
-        if pool.deferred_values is not None:  # the first pass has read every value: judge the experts
-            pool.check_fine_tuned_experts()
-
-    return stream
-
-
-def logged_passes(stream: Stream, total: int, what: str) -> Stream:
-    """``stream`` with a progress line every few seconds and one per finished pass (terminal and train.log)."""
-    passes = [0]
-
-    def run():
-        passes[0] += 1
-        start = last = time.monotonic()
-        count = 0
-        for item in stream():
-            count += 1
-            if time.monotonic() - last > 10:
-                last = time.monotonic()
-                log.info("stream pass %d (%s): %d/%d tensors, %.0f s", passes[0], what, count, total, last - start)
-            yield item
-        log.info("stream pass %d (%s) done: %d tensors merged-in, %.1f s", passes[0], what, count,
-                 time.monotonic() - start)
-
-    return run
 
 
 def output_plan(pool, dtype: str | None) -> dict[str, tuple[str | None, tuple[int, ...], torch.dtype]]:

@@ -8,6 +8,11 @@ child (``os.wait4``), its wall time the process's whole life (start-up and writi
   adamerge stream     train.py method=<m> evaluate.enabled=false (task_vectors.stream=auto streams)
   adamerge memory     the same with task_vectors.stream=false (the merge held in memory)
   mergekit            mergekit-yaml 0.1.5 --lazy-unpickle (``--peers DIR``: where it was pip-installed)
+  learned-cpu         a learned method (e.g. adamerging_layerwise), ``--steps`` steps of batch 4, τ in memory
+  learned-disk        the same with task_vectors.device=disk (written once, then memory-mapped)
+
+Besides the peak RSS, each row gives the peak of the process's anonymous memory (``RssAnon``, polled): memory
+the kernel cannot reclaim, unlike the page cache a memory-mapped file occupies; learned rows give s/step.
 
 Then the outputs are compared tensor by tensor: streamed against in memory (must be equal bit for bit),
 and task arithmetic against mergekit's.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -80,16 +86,41 @@ def build_pool(pool_dir: Path, size: str, k: int) -> dict:
     return {"base": str(pool_dir / "base"), "model_class": "causal_lm", "head_prefixes": [], "tasks": tasks}
 
 
+def rss_anon_kib(pid: int) -> int:
+    try:
+        return int(re.search(r"RssAnon:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
+    except (OSError, TypeError):
+        return 0
+
+
 def timed(cmd: list[str], env: dict, log: Path) -> dict:
-    """Run ``cmd``; its wall seconds and peak RSS (GiB) from ``wait4``."""
+    """Run ``cmd``; its wall seconds, peak RSS (GiB) from ``wait4`` and peak anonymous memory (GiB, polled)."""
     start = time.perf_counter()
+    anon = 0
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            anon = max(anon, rss_anon_kib(proc.pid))
+            time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} … failed ({proc.returncode}); see {log}")
-    return {"wall_s": time.perf_counter() - start, "peak_gib": usage.ru_maxrss / 2**20}
+    row = {"wall_s": time.perf_counter() - start, "peak_gib": usage.ru_maxrss / 2**20, "anon_gib": anon / 2**20}
+    per_step = re.findall(r"s/step ([\d.]+)", log.read_text())
+    if per_step:
+        row["s_per_step"] = float(per_step[-1])
+    return row
+
+
+def run_learned(pool_cfg: dict, method: str, mode: str, out: Path, steps: int, extra: list[str]) -> dict:
+    """A learned ``method`` for ``steps`` steps, task vectors in memory (``learned-cpu``) or mapped from disk."""
+    disk = ["task_vectors.device=disk", f"task_vectors.disk_dir={out}/tv"] if mode == "learned-disk" else []
+    return run_adamerge(pool_cfg, method, "memory", out,
+                        [f"trainer.max_steps={steps}", "data.batch_size=4", "data.max_length=32",
+                         "progress.every_n_steps=1", "checkpoint.every_n_steps=1000", *disk, *extra])
 
 
 def run_adamerge(pool_cfg: dict, method: str, mode: str, out: Path, extra: list[str]) -> dict:
@@ -151,6 +182,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties_merging"])
     ap.add_argument("--modes", nargs="+", default=["stream", "memory", "mergekit"])
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5, help="learned-* modes: training steps")
     ap.add_argument("--pool-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "stream")
     ap.add_argument("--peers", type=Path, default=Path("/tmp/peers"))
@@ -166,6 +198,8 @@ def main() -> None:
                 out = args.out / f"{args.size}_k{args.k}" / f"{method}_{mode}_{rep}"
                 if mode == "mergekit":
                     r = run_mergekit(pool_cfg, method, out, args.peers, dtype)
+                elif mode.startswith("learned"):
+                    r = run_learned(pool_cfg, method, mode, out, args.steps, args.extra)
                 else:
                     r = run_adamerge(pool_cfg, method, mode, out, args.extra)
                 r.update(method=method, mode=mode, rep=rep)
@@ -178,9 +212,10 @@ def main() -> None:
                 theirs = theirs if other == "mergekit" else theirs / "export"
                 diff = max_difference(base / "export" / "model", theirs / "model" if other == "memory" else theirs)
                 print(json.dumps({"method": method, "stream_vs": other, "max_abs_difference": diff}), flush=True)
-    print("\n| method | mode | wall s | peak RSS GiB |\n|---|---|---|---|")
+    print("\n| method | mode | wall s | peak RSS GiB | peak anonymous GiB | s/step |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['mode']} | {r['wall_s']:.1f} | {r['peak_gib']:.2f} |")
+        step = f"{r['s_per_step']:.2f}" if "s_per_step" in r else "–"
+        print(f"| {r['method']} | {r['mode']} | {r['wall_s']:.1f} | {r['peak_gib']:.2f} | {r['anon_gib']:.2f} | {step} |")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,9 @@ class TaskVectors(StackedTensors):
         Tensors that no expert changes are left out (they stay at the base value) unless
         ``keep_unchanged``. ``factorize``: LoRA-adapted Linear weights are kept as their factors.
         """
+        if device == "disk":  # only MergeAlgorithm.build_task_vectors maps task vectors from disk
+            raise ConfigError("task_vectors.device=disk: this method reads its task vectors itself; use "
+                              "task_vectors.device=cpu")
         dt = resolve_dtype(dtype)
         names = select_names(pool.shared_names(), include, exclude)
         factors = LoraFactors.from_pool(pool, names, dt, keep_unchanged) if factorize else None

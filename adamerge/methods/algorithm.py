@@ -20,8 +20,8 @@ from ..core.concrete_mask import ConcreteMask
 from ..core.lora_factors import check_lora_key
 from ..core.merged_model import MergedModel
 from ..core.sharded import ShardedTaskVectors
-from ..core.task_vectors import TaskVectors
-from ..core.transforms import active_transforms, apply_transforms
+from ..core.task_vectors import TaskVectors, resolve_dtype, select_names
+from ..core.transforms import active_transforms, apply_transforms, build_stages
 from ..errors import ConfigError
 from ..pool.model_pool import ModelPool
 from .method_config import MethodConfig
@@ -97,16 +97,21 @@ class MergeAlgorithm(nn.Module):
                 pool, *self.shard_slice, include=tv_cfg.get("include") or None,
                 exclude=tv_cfg.get("exclude") or None, dtype=tv_cfg.get("dtype", "float32"),
                 keep_unchanged=bool(tv_cfg.get("keep_unchanged", False))), None
-        tv = TaskVectors.from_pool(
-            pool, include=tv_cfg.get("include") or None, exclude=tv_cfg.get("exclude") or None,
-            dtype=tv_cfg.get("dtype", "float32"), pin_memory=bool(tv_cfg.get("pin_memory", False)),
-            keep_unchanged=bool(tv_cfg.get("keep_unchanged", False)),
-            factorize=self.lora_factorized(pool, tv_cfg.get("lora", "auto")),
-        )
-        log.info("task vectors: %d experts, %d tensors, %d bytes (%s%s)", tv.K, len(tv), tv.nbytes(),
-                 tv_cfg.get("dtype", "float32"), ", LoRA factorized" if tv.factors is not None else "")
         # the data-free transforms, in their fixed order (closed-form merges apply LiNeS to their update)
-        tv = apply_transforms(tv, self.cfg, skip=("lines",) if self.lines_on_update else ())
+        skip = ("lines",) if self.lines_on_update else ()
+        if tv_cfg.get("device") == "disk":
+            tv = self.task_vectors_on_disk(pool, tv_cfg, skip)
+        else:
+            tv = TaskVectors.from_pool(
+                pool, include=tv_cfg.get("include") or None, exclude=tv_cfg.get("exclude") or None,
+                dtype=tv_cfg.get("dtype", "float32"), pin_memory=bool(tv_cfg.get("pin_memory", False)),
+                keep_unchanged=bool(tv_cfg.get("keep_unchanged", False)),
+                factorize=self.lora_factorized(pool, tv_cfg.get("lora", "auto")),
+            )
+            tv = apply_transforms(tv, self.cfg, skip=skip)
+        log.info("task vectors: %d experts, %d tensors, %d bytes (%s%s)", tv.K, len(tv), tv.nbytes(),
+                 tv_cfg.get("dtype", "float32"), ", LoRA factorized" if tv.factors is not None else
+                 ", memory-mapped from disk" if tv_cfg.get("device") == "disk" else "")
         start = self.cfg.start_from
         if start is None:
             return tv, None
@@ -114,6 +119,23 @@ class MergeAlgorithm(nn.Module):
         offset, tv = start_from_merge(pool, start, tv_cfg, tv)
         self.fingerprint["start_from"] = start.get("id", start.get("name"))
         return tv, offset
+
+    def task_vectors_on_disk(self, pool: ModelPool, tv_cfg: dict, skip: tuple[str, ...]) -> TaskVectors:
+        """``task_vectors.device=disk``: the task vectors after the config's transforms, written once beside the run
+        (``task_vectors.disk_dir``) and memory-mapped back (adamerge/core/tensor_stream.py)."""
+        from ..core.tensor_stream import task_vectors_on_disk
+
+        if self.cfg.start_from is not None:
+            raise ConfigError("task_vectors.device=disk holds the experts' own task vectors; method.start_from "
+                              "re-expresses them in memory (use task_vectors.device=cpu)")
+        names = select_names(pool.shared_names(), tv_cfg.get("include") or None, tv_cfg.get("exclude") or None)
+        stages = build_stages(self.cfg, skip)
+        key = {"pool": self.fingerprint, "names": names, "dtype": tv_cfg.get("dtype", "float32"),
+               "keep_unchanged": bool(tv_cfg.get("keep_unchanged", False)),
+               "transforms": {k: getattr(self.cfg, k) for k in active_transforms(self.cfg) if k not in skip}}
+        return task_vectors_on_disk(pool, names, resolve_dtype(tv_cfg.get("dtype", "float32")),
+                                    bool(tv_cfg.get("keep_unchanged", False)), stages,
+                                    tv_cfg.get("disk_dir") or "task_vectors", key)
 
     @classmethod
     def parse_config(cls, method: dict, prefix: str = "method") -> MethodConfig:

@@ -136,10 +136,14 @@ class TaskVectorsConfig(ConfigSection):
     lora_step: Literal["auto", "adapters", "merge"]
     shard: bool
     stream: Literal["auto"] | bool
+    disk_dir: str
 
     def check(self, prefix: str) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"config key '{prefix}.dtype' must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device == "disk" and self.shard:
+            raise ConfigError(f"config keys '{prefix}.device=disk' and '{prefix}.shard=true' exclude each other: "
+                              "a process maps the whole task vectors from disk")
 
 
 @dataclass

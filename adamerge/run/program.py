@@ -126,6 +126,8 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
         cls.check_shardable(method_cfg)
     c["logger"] = logger_names(c.get("logger"))
     check_writable_dir(out_dir, "out_dir")
+    if c["task_vectors"]["device"] == "disk":
+        check_writable_dir(Path(c["task_vectors"]["disk_dir"]).parent, "task_vectors.disk_dir")
     export_dir = Path(c["export"]["dir"])
     if launch_is_rank_zero():
         remove_stale_temporaries(export_dir)
