@@ -1,7 +1,7 @@
 """Data-free merges of large checkpoints: adamerge streamed and in memory against mergekit, one after another.
 
 A Llama-shaped causal LM (``--size 216m``: 217 M parameters, fp32, 0.87 GB a checkpoint; ``--size 1b``:
-1.1 B, bf16) and K experts (the base plus seeded noise), written once as ``save_pretrained`` directories
+1.06 B, bf16, 2.1 GB a checkpoint) and K experts (the base plus seeded noise), written once as ``save_pretrained`` directories
 under ``--pool-dir``. Each row is one fresh process; its peak RSS is the kernel's ``ru_maxrss`` of that
 child (``os.wait4``), its wall time the process's whole life (start-up and writing included):
 
@@ -37,7 +37,7 @@ from common import ROOT
 SIZES = {  # Llama shapes: (hidden, intermediate, layers, heads, vocab, dtype)
     "tiny": (64, 176, 2, 4, 1000, "float32"),
     "216m": (1024, 2752, 12, 16, 32000, "float32"),
-    "1b": (2048, 5632, 20, 16, 32000, "bfloat16"),
+    "1b": (2048, 5632, 18, 16, 32000, "bfloat16"),
 }
 MERGEKIT = {  # method id -> mergekit's merge_method and per-model parameters (λ 0.3 as adamerge's configs)
     "task_arithmetic": ("task_arithmetic", {"weight": 0.3}),
