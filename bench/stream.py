@@ -2,8 +2,8 @@
 
 A Llama-shaped causal LM (``--size 216m``: 217 M parameters, fp32, 0.87 GB a checkpoint; ``--size 1b``:
 1.06 B, bf16, 2.1 GB a checkpoint) and K experts (the base plus seeded noise), written once as ``save_pretrained`` directories
-under ``--pool-dir``. Each row is one fresh process; its peak RSS is the kernel's ``ru_maxrss`` of that
-child (``os.wait4``), its wall time the process's whole life (start-up and writing included):
+under ``--pool-dir``. Each row is one fresh process; its peak RSS is that process's high-water mark (``VmHWM``,
+polled), its wall time the process's whole life (start-up and writing included):
 
   adamerge stream     train.py method=<m> evaluate.enabled=false (task_vectors.stream=auto streams)
   adamerge memory     the same with task_vectors.stream=false (the merge held in memory)
@@ -86,29 +86,30 @@ def build_pool(pool_dir: Path, size: str, k: int) -> dict:
     return {"base": str(pool_dir / "base"), "model_class": "causal_lm", "head_prefixes": [], "tasks": tasks}
 
 
-def rss_anon_kib(pid: int) -> int:
+def status_kib(pid: int, key: str) -> int:
     try:
-        return int(re.search(r"RssAnon:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
+        return int(re.search(key + r":\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
     except (OSError, TypeError):
         return 0
 
 
 def timed(cmd: list[str], env: dict, log: Path) -> dict:
-    """Run ``cmd``; its wall seconds, peak RSS (GiB) from ``wait4`` and peak anonymous memory (GiB, polled)."""
+    """Run ``cmd``; its wall seconds, peak RSS and peak anonymous memory (GiB), polled from /proc every 20 ms.
+
+    The peak RSS is the process's own high-water mark (``VmHWM``), not ``wait4``'s ``ru_maxrss``: that one
+    also counts the RSS this script had when it forked the child (Linux keeps it across exec), which after
+    building a pool here is larger than what the child ever uses."""
     start = time.perf_counter()
-    anon = 0
+    hwm = anon = 0
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            anon = max(anon, rss_anon_kib(proc.pid))
-            time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        while proc.poll() is None:
+            hwm = max(hwm, status_kib(proc.pid, "VmHWM"))
+            anon = max(anon, status_kib(proc.pid, "RssAnon"))
+            time.sleep(0.02)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} … failed ({proc.returncode}); see {log}")
-    row = {"wall_s": time.perf_counter() - start, "peak_gib": usage.ru_maxrss / 2**20, "anon_gib": anon / 2**20}
+    row = {"wall_s": time.perf_counter() - start, "peak_gib": hwm / 2**20, "anon_gib": anon / 2**20}
     per_step = re.findall(r"s/step ([\d.]+)", log.read_text())
     if per_step:
         row["s_per_step"] = float(per_step[-1])
