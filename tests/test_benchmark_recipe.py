@@ -62,3 +62,13 @@ def test_calibrate_on_test_hands_the_test_texts_as_calibration(tmp_path):
     assert test_time["calibration"] == test_time["test"] == held_out["test"]
     with pytest.raises(ValueError, match="calibrate_on"):
         bm.build({**cfg, "calibrate_on": "train"})
+
+
+def test_built_experts_are_cached_in_the_checkout_or_the_users_cache_never_in_site_packages(monkeypatch, tmp_path):
+    monkeypatch.delenv("ADAMERGE_CACHE", raising=False)
+    assert bm.default_cache_dir() == bm.HERE / "cache"  # a checkout (this one)
+    monkeypatch.setattr(bm, "HERE", tmp_path / "lib" / "python3.11" / "site-packages" / "adamerge" / "data")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert bm.default_cache_dir() == tmp_path / "xdg" / "adamerge"  # an installed package: the user's cache
+    monkeypatch.setenv("ADAMERGE_CACHE", str(tmp_path / "mine"))
+    assert bm.default_cache_dir() == tmp_path / "mine"

@@ -57,7 +57,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 log = logging.getLogger("adamerge.benchmark")
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_CACHE_DIR = HERE / "cache"
+
+
+def default_cache_dir() -> Path:
+    """Where built experts are cached: ``$ADAMERGE_CACHE``; else ``data/cache`` beside this file in a checkout (or an
+    editable install); else, for a package installed into site-packages, the user's cache
+    (``$XDG_CACHE_HOME/adamerge``, by default ``~/.cache/adamerge``), so that an installed adamerge never writes
+    into its own installation."""
+    if os.environ.get("ADAMERGE_CACHE"):
+        return Path(os.environ["ADAMERGE_CACHE"])
+    if {"site-packages", "dist-packages"} & set(HERE.parts):
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adamerge"
+    return HERE / "cache"
+
+
 # prebuilt LoRA experts, committed so that the demo starts at once
 COMMITTED_DIRS = {"lora": HERE / "experts_lora", "frozen_head_lora": HERE / "experts_frozen_head_lora"}
 
@@ -126,7 +139,7 @@ def build(cfg: dict) -> dict:
     """Build (or reuse) calibration/test files and experts; return the pool spec.
 
     cfg keys: form (one of FORMS), tasks (default TASKS), cache_dir (default
-    data/cache), seed (0), steps (120), max_length (64), lora_dir (default: the form's
+    ``default_cache_dir()``), seed (0), steps (120), max_length (64), lora_dir (default: the form's
     COMMITTED_DIRS entry: prebuilt LoRA adapters used when their cache key matches) and
     export_lora (False: when True, LoRA experts are built into lora_dir, without
     tokenizer, instead of the cache), calibrate_on ("calibration": the held-out unlabeled split;
@@ -147,7 +160,7 @@ def build(cfg: dict) -> dict:
     seed = int(cfg.get("seed", 0))
     steps = int(cfg.get("steps", 120))
     max_length = int(cfg.get("max_length", 64))
-    cache_dir = Path(cfg.get("cache_dir") or DEFAULT_CACHE_DIR)
+    cache_dir = Path(cfg.get("cache_dir") or default_cache_dir())
     lora_dir = Path(cfg.get("lora_dir") or COMMITTED_DIRS.get(form, ""))
     export_lora = bool(cfg.get("export_lora", False)) and form in COMMITTED_DIRS
     calibration_size = cfg.get("calibration_size")
