@@ -156,19 +156,13 @@ class MergedModel(nn.Module):
 
     def merged_params(self, reuse_buffers: bool = False, rows: torch.Tensor | None = None,
                       adapters: Collection[str] = ()) -> dict[str, torch.Tensor]:
-        """Merged values of every merged tensor, in the base's dtype (merged one tensor at a time, so
-        no model-sized dict of deltas lives beside the merged weights).
-
-        ``reuse_buffers`` (the training step): write into buffers kept across calls, so the result is
-        valid until the next such call. ``rows`` (with it): the token ids this step looks up; the input
-        embedding table (``lookup_name``) is then merged on those rows only — its other rows hold the
-        base value — and its coefficient gradient is taken on them, which is exact for a lookup.
-        ``adapters`` (with it): factorized LoRA weights left out, the step adds them in ``low_rank``; the
-        other factorized weights are merged from their factors (``lora_step``, ``via_adapters``).
-        Sharded task vectors: the merge gathered from every process (``sharded_params``, a collective), or
-        after training one of the merges kept by ``keep_merged``; ``reuse_buffers`` is the step's
-        ``sharded_params``.
-        """
+        """Merged values of every merged tensor, in the base's dtype, merged one tensor at a time (no
+        model-sized dict of deltas beside the merged weights). ``reuse_buffers`` (the training step): into
+        buffers kept across calls, valid until the next such call. ``rows`` (with it): the token ids this step
+        looks up; the input embedding table (``lookup_name``) is merged on those rows only (the others hold the
+        base value), exact for a lookup. ``adapters`` (with it): factorized LoRA weights left out for
+        ``low_rank``; the other factorized weights are merged from their factors (``lora_step``). Sharded: the
+        merge gathered from every process (``sharded_params``), or after training one kept by ``keep_merges``."""
         if self.sharded:
             return self.gathered_merge()
         if not reuse_buffers or self.task_vectors is None or self.mask is not None:
@@ -223,20 +217,30 @@ class MergedModel(nn.Module):
                 for n in self.names}
         return self.task_vectors.merge(self.coefficients(), adds, self._out if cache is None else cache)
 
+    def state_key(self) -> torch.Tensor:
+        """What trains, flattened: the key of a merge kept after sharded training."""
+        return torch.cat([p.detach().float().flatten().cpu() for p in self.parameters()])
+
     @torch.no_grad()
-    def gathered_merge(self, keep: bool = False) -> dict[str, torch.Tensor]:
-        """Sharded: a merge kept after training, or gathered now (a collective); ``keep``: hold it (on CPU)
-        for evaluation and export after the other processes have left (``kept_only``)."""
-        key = torch.cat([p.detach().float().flatten().cpu() for p in self.parameters()])
+    def gathered_merge(self) -> dict[str, torch.Tensor]:
+        """Sharded: a merge kept after training (``keep_merges``), or gathered now (a collective)."""
+        key = self.state_key()
         for k, merged in self._kept:
             if torch.equal(k, key):
                 return dict(merged)
         if self.kept_only:
             raise RuntimeError("sharded task vectors: only the merges gathered after training can be evaluated")
-        merged = self.sharded_params(cache={})[1]  # fresh buffers: the result is the caller's
-        if keep:
-            self._kept.append((key, {n: v.cpu() for n, v in merged.items()}))
-        return merged
+        return self.sharded_params(cache={})[1]  # fresh buffers: the result is the caller's
+
+    def keep_merges(self, keys: list[torch.Tensor], coefs: list[list[torch.Tensor]]) -> None:
+        """Sharded, after training (a collective): the merges at these states (``keys``, their coefficients
+        ``coefs``) gathered to the first process, which keeps them for evaluation and export once the others have
+        left; the task vectors and the step's buffers are released (adamerge/core/sharded.py)."""
+        self._out, self._dirty = {}, {}
+        adds = {n: (self._base_params[n], self.offset[n]) if n in self.offset else (self._base_params[n],)
+                for n in self.names}
+        self._kept = list(zip(keys, self.task_vectors.merges_to_first(coefs, adds)))
+        self.kept_only = True
 
     def via_adapters(self, tokens: int | None) -> list[str]:
         """The factorized LoRA weights a training step over ``tokens`` input rows runs as the multi-adapter

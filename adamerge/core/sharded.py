@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ConfigError
-from ..run.distributed import all_gather_flat, reduce_scatter_flat
+from ..run.distributed import all_gather_flat, gather_flat_to_first, reduce_scatter_flat
 from .combine import Combine
 from .task_vectors import (
     StackedTensors,
@@ -133,6 +133,24 @@ class ShardedTaskVectors(StackedTensors):
             shards[n] = Combine.apply(c, tau, part.device, 0, parts, part.detach(), None)
             full[n] = self.gather(n, shards[n].detach(), whole)
         return shards, full
+
+    @torch.no_grad()
+    def merges_to_first(self, coefs: list[list[torch.Tensor]], adds: dict[str, tuple]) -> list[dict[str, torch.Tensor]]:
+        """After training (a collective): the merges at each state's coefficients (``coefs``, one list per state)
+        gathered to the first process tensor by tensor, each slice of τ released once its merges are gathered —
+        training is over. The first process gets them (on CPU, for evaluation and export); the others an empty
+        list, having held no whole tensor."""
+        kept: list[dict[str, torch.Tensor]] = [{} for _ in coefs]
+        for i, n in enumerate(list(self.tensors)):
+            parts = tuple(self.local(n, a.detach()) for a in adds[n])
+            for merged, c in zip(kept, coefs):
+                part = parts[0].new_empty(parts[0].shape, dtype=adds[n][0].dtype)
+                Combine.apply(c[i], self.tensors[n], part.device, 0, parts, part, None)  # as ``merge``
+                whole = gather_flat_to_first(part)
+                if whole is not None:
+                    merged[n] = whole[: self.shapes[n].numel()].view(self.shapes[n]).cpu()
+            del self.tensors[n]
+        return kept if self.rank == 0 else []
 
     def scatter_grads(self, grads: dict[str, torch.Tensor | None], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each tensor's ∂L/∂W summed over processes, this process's slice of it (fp32). A collective: every

@@ -78,6 +78,19 @@ def all_gather_flat(out: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def gather_flat_to_first(part: torch.Tensor) -> torch.Tensor | None:
+    """Every process's equal-sized ``part`` concatenated in rank order on the first process; None on the others,
+    which never hold more than their own part."""
+    import torch.distributed as dist
+
+    rank, world = dist_rank_world()
+    if world == 1:
+        return part.clone()
+    parts = [torch.empty_like(part) for _ in range(world)] if rank == 0 else None
+    dist.gather(part.contiguous(), parts, dst=0)
+    return torch.cat(parts) if rank == 0 else None
+
+
 def reduce_scatter_flat(flat: torch.Tensor, size: int) -> torch.Tensor:
     """The sum over processes of ``flat`` (world · ``size`` entries), this process's ``size``-entry slice."""
     import torch.distributed as dist

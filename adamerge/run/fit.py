@@ -98,7 +98,7 @@ def fit(method, pool, c: dict, out_dir: Path, ckpt_path: str | None):
     best_state = best_ckpt["state_dict"] if best_ckpt else None
     if method.merged.sharded:  # every process takes part in gathering the merges rank 0 evaluates and exports
         states = [start_state, snapshot(method)] + ([best_state] if best_state is not None else [])
-        gather_merges(method, states, keep=trainer.global_rank == 0)
+        gather_merges(method, states)
     if trainer.global_rank != 0:
         return None
     method.cpu()

@@ -46,17 +46,14 @@ def merged_at(method: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
         return merged_now(method)
 
 
-def gather_merges(method: Any, states: list[dict[str, torch.Tensor]], keep: bool) -> None:
-    """Sharded task vectors (adamerge/core/sharded.py), on every process after training: all-gather the merges at
-    ``states`` (start, end) one tensor at a time; ``keep`` (rank 0) holds them for evaluation and export,
-    the only merges asked for once the other processes have left."""
-    current = snapshot(method)
-    try:
+def gather_merges(method: Any, states: list[dict[str, torch.Tensor]]) -> None:
+    """Sharded task vectors (adamerge/core/sharded.py), on every process after training: the merges at ``states``
+    (start, end, best) gathered to the first process tensor by tensor, the only merges asked for once the other
+    processes have left (``MergedModel.keep_merges``)."""
+    keys, coefs = [], []
+    with torch.no_grad():
         for state in states:
-            method.load_state_dict(state)
-            method.merged.gathered_merge(keep=keep)
-    finally:
-        method.load_state_dict(current)
-    method.merged.kept_only = True
-
-
+            with in_state(method, state):
+                keys.append(method.merged.state_key())
+                coefs.append([c.detach() for c in method.merged.coefficients()])
+    method.merged.keep_merges(keys, coefs)
