@@ -40,14 +40,15 @@ from .task_vectors import (
 log = logging.getLogger(__name__)
 
 
-def local_slice(flat: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """``flat[..., rank·s:(rank+1)·s]`` with s = ceil(numel / world), zero-padded to s entries (a copy)."""
+def local_slice(flat: torch.Tensor, rank: int, world: int, copy: bool = True) -> torch.Tensor:
+    """``flat[..., rank·s:(rank+1)·s]`` with s = ceil(numel / world), zero-padded to s entries: a copy, or with
+    ``copy=False`` a view where no padding is needed."""
     numel = flat.shape[-1]
     size = math.ceil(numel / world)
     lo, hi = min(rank * size, numel), min((rank + 1) * size, numel)
     part = flat[..., lo:hi]
     if hi - lo == size:
-        return part.clone()
+        return part.clone() if copy else part
     out = flat.new_zeros((*flat.shape[:-1], size))
     out[..., : hi - lo] = part
     return out
@@ -107,8 +108,9 @@ class ShardedTaskVectors(StackedTensors):
 
     # -- the collectives of a step ----------------------------------------------------------------
     def local(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        """This process's slice of a full (unstacked) tensor of ``name``'s shape, flat and padded."""
-        return local_slice(full.reshape(-1), self.rank, self.world)
+        """This process's slice of a full (unstacked) tensor of ``name``'s shape, flat and padded: a view of it
+        where no padding is needed (the base's slices cost no copy)."""
+        return local_slice(full.reshape(-1), self.rank, self.world, copy=False)
 
     def gather(self, name: str, part: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The full tensor ``name`` from every process's slice ``part`` (a collective: every process calls
