@@ -13,6 +13,9 @@ Every process's coefficient gradient is then its slices' part of the sum over al
 DDP all-reduces the coefficients' gradients as a mean over processes, so the result equals unsharded
 DDP (where each process holds the full ⟨g_own batch, τ_k⟩ and DDP averages those).
 
+After training, ``merges_to_first`` gathers the merges at the kept states to the first process only, tensor by
+tensor, releasing each slice as it goes (the other processes never hold a whole tensor).
+
 ``ShardedTaskVectors`` has ``TaskVectors``' reading interface (``StackedTensors``: names, K, ``[name]``,
 ``nbytes``; and ``map``), so ``MergedModel`` moves and reads it the same way; its tensors are the local slices.
 """
