@@ -9,7 +9,7 @@ output shards (adamerge/safetensors_writer.py). The base is read from its files 
 the result equals the in-memory merge bit for bit (tests/test_streaming.py).
 
 ``task_vectors.stream``: ``auto`` streams a data-free merge run without evaluation (``evaluate.enabled=false``)
-whose experts are full checkpoints; ``true`` insists (one line says why it cannot); ``false`` never streams.
+whose experts are local full checkpoints; ``true`` insists (one line says why it cannot); ``false`` never streams.
 """
 
 from __future__ import annotations
@@ -56,10 +56,11 @@ def refusal(c: dict) -> str | None:
     return None
 
 
-def has_lora_experts(c: dict) -> bool:
-    """Whether an expert of the pool config is a PEFT adapter directory (merged in memory: LoRA in, LoRA out)."""
-    return any((Path(str(t.get("expert", ""))) / "adapter_config.json").is_file()
-               for t in (c["pool"].get("tasks") or {}).values())
+def may_have_lora_experts(c: dict) -> bool:
+    """Whether an expert of the pool config is, or may be, a PEFT adapter (merged in memory: LoRA in, LoRA out): an
+    adapter directory, or a hub reference (``hf://``, resolved only when the pool loads)."""
+    experts = [str(t.get("expert", "")) for t in (c["pool"].get("tasks") or {}).values()]
+    return any(e.startswith("hf://") or (Path(e) / "adapter_config.json").is_file() for e in experts)
 
 
 def should_stream(c: dict) -> bool:
@@ -70,7 +71,7 @@ def should_stream(c: dict) -> bool:
     why = refusal(c)
     if mode is True and why:
         raise ConfigError(f"task_vectors.stream=true: {why}")
-    return why is None and (mode is True or not has_lora_experts(c))
+    return why is None and (mode is True or not may_have_lora_experts(c))
 
 
 def output_plan(pool, dtype: str | None) -> dict[str, tuple[str | None, tuple[int, ...], torch.dtype]]:

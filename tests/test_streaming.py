@@ -146,3 +146,22 @@ def test_stream_auto_keeps_the_merge_in_memory_when_the_run_evaluates(llama_pool
 def test_stream_true_that_cannot_stream_is_refused_in_one_line(llama_pool, tmp_path, capsys, args, why):
     code = helpers.run_inprocess([f"out_dir={tmp_path / 'run'}", "task_vectors.stream=true", *args], llama_pool)
     helpers.assert_refused_in_one_line(code, capsys, "task_vectors.stream=true: " + why, tmp_path / "run")
+
+
+def test_stream_auto_keeps_lora_and_hub_experts_in_memory(tmp_path):
+    """LoRA in, LoRA out: a pool with an adapter (or a hub expert, which may be one) merges in memory under auto."""
+    from adamerge.streaming import should_stream
+
+    full = tmp_path / "full"
+    full.mkdir()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+
+    def run(expert: str, stream="auto") -> dict:
+        return {"method": {"name": "static", "id": "task_arithmetic"}, "evaluate": {"enabled": False}, "trainer": {},
+                "task_vectors": {"stream": stream}, "pool": {"model_class": "causal_lm", "tasks": {"a": {"expert": expert}}}}
+
+    assert should_stream(run(str(full)))
+    assert not should_stream(run(str(adapter))) and not should_stream(run("hf://org/expert"))
+    assert should_stream(run(str(adapter), stream=True))  # insisted on: streamed densely
