@@ -69,9 +69,10 @@ class StreamedCheckpoint:
         f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         self.left.discard(name)
 
-    def close(self) -> None:
-        """Close every file; an ExportError when a planned tensor was never written."""
+    def close(self, complete: bool = True) -> None:
+        """Close every file; with ``complete``, an ExportError when a planned tensor was never written (a merge
+        that failed half-way closes with ``complete=False``: its files are removed with their directory)."""
         for f, _ in self.files:
             f.close()
-        if self.left:
+        if complete and self.left:
             raise ExportError(f"export: {len(self.left)} planned tensor(s) never written, e.g. '{sorted(self.left)[0]}'")

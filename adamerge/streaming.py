@@ -134,20 +134,24 @@ def stream_merge(pool, method_cfg, tv_cfg: dict, model_dir: Path, dtype: str | N
             writing.result()
         writing = disk.submit(writer.write, out, value.to(plan[out][2]))
 
-    with torch.no_grad(), ThreadPoolExecutor(1) as disk:
-        for name, stack in streamed(source, stages)():
-            w0 = pool.base_tensor(name)
-            # w0 + Σ c τ as MergedModel.merged_params, added into the fresh sum (the same bits: + commutes)
-            value = combine(coefs, stack, w0.device).to(w0.dtype).add_(w0)
-            check_finite(name, value)
-            for out in outputs.pop(name, []):
-                write(out, value)
-            merged.append(name)
-        for canon, outs in outputs.items():  # what no expert changes, what is not merged, buffers: the base's
-            for out in outs:
-                write(out, pool.base_tensor(canon) if canon is not None else pool._base_source.get(out))
-        if writing is not None:
-            writing.result()
+    try:
+        with torch.no_grad(), ThreadPoolExecutor(1) as disk:
+            for name, stack in streamed(source, stages)():
+                w0 = pool.base_tensor(name)
+                # w0 + Σ c τ as MergedModel.merged_params, added into the fresh sum (the same bits: + commutes)
+                value = combine(coefs, stack, w0.device).to(w0.dtype).add_(w0)
+                check_finite(name, value)
+                for out in outputs.pop(name, []):
+                    write(out, value)
+                merged.append(name)
+            for canon, outs in outputs.items():  # what no expert changes, what is not merged, buffers: the base's
+                for out in outs:
+                    write(out, pool.base_tensor(canon) if canon is not None else pool._base_source.get(out))
+            if writing is not None:
+                writing.result()
+    except BaseException:
+        writer.close(complete=False)  # the files go with the export's temporary directory
+        raise
     writer.close()
     return merged
 

@@ -165,3 +165,18 @@ def test_stream_auto_keeps_lora_and_hub_experts_in_memory(tmp_path):
     assert should_stream(run(str(full)))
     assert not should_stream(run(str(adapter))) and not should_stream(run("hf://org/expert"))
     assert should_stream(run(str(adapter), stream=True))  # insisted on: streamed densely
+
+
+def test_a_nan_found_while_streaming_is_one_line_and_writes_nothing(llama_pool, tmp_path, capsys):
+    """Streamed, an expert's values are checked as they are first read: a NaN stops the merge with one line naming the
+    expert and tensor, and neither the export nor a temporary directory is left."""
+    cfg = json.loads(json.dumps(llama_pool))
+    expert = helpers.copy_expert(cfg, "lm1", tmp_path)
+    helpers.edit_weights(expert, lambda sd: sd["model.layers.1.mlp.up_proj.weight"].view(-1)[3].fill_(float("nan")))
+    out = tmp_path / "run"
+    code = helpers.run_inprocess([f"out_dir={out}", "method=ties_merging", "evaluate.enabled=false",
+                                  "task_vectors.stream=true", f"export.dir={tmp_path}/export"], cfg)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "lm1" in err and "model.layers.1.mlp.up_proj.weight" in err and "NaN" in err
+    assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.tmp-*"))
