@@ -8,6 +8,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 import torch
+from peer_pool import make_seeded_llama_pool
 from safetensors import safe_open
 
 import helpers
@@ -180,3 +181,27 @@ def test_a_nan_found_while_streaming_is_one_line_and_writes_nothing(llama_pool, 
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "lm1" in err and "model.layers.1.mlp.up_proj.weight" in err and "NaN" in err
     assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.tmp-*"))
+
+
+@pytest.mark.parametrize("merge, scale", [("sum", 0.3), ("mean", 1.0)])
+@pytest.mark.parametrize("stream", ["true", "false"])
+def test_ties_per_tensor_equals_mergekits_ties(tmp_path, merge, scale, stream):
+    """``ties.scope=tensor`` is mergekit 0.1.5's ``ties`` (top floor(density·n) per tensor, a tied vote's sign +):
+    its output on the seeded pool, committed by bench/peer_fixtures.py, to the last bit for the disjoint sum
+    (normalize: false) and to float rounding for the mean (normalize: true; mergekit divides the summed entries)."""
+    from safetensors.torch import load_file
+
+    pool = make_seeded_llama_pool(tmp_path / "pool")
+    merge_dir = tmp_path / "run"
+    helpers.train_here(pool, merge_dir, "method=ties_merging", "method.ties.scope=tensor", "method.ties.density=0.5",
+                       f"method.ties.merge={merge}", f"method.scale={scale}", "evaluate.enabled=false",
+                       f"task_vectors.stream={stream}", f"export.dir={merge_dir}/export")
+    got = model_tensors(merge_dir / "export" / "model")
+    want = {n.split("/", 1)[1]: t for n, t in load_file(str(helpers.ROOT / "tests" / "fixtures" / "mergekit_ties.safetensors")).items()
+            if n.startswith(merge + "/")}
+    assert len(want) == 5
+    for n, t in want.items():
+        if merge == "sum":
+            assert torch.equal(got[n], t), n
+        else:
+            torch.testing.assert_close(got[n], t, rtol=1e-6, atol=1e-7)

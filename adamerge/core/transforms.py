@@ -61,29 +61,41 @@ class Dare(Stage):
 
 
 class TiesTrim(Stage):
-    """Keep, per task, the top ``density`` share of entries by magnitude over the whole model."""
+    """Keep, per task, the top ``density`` share of entries by magnitude over the whole model (TIES' paper and
+    FusionBench), or with ``per_tensor`` the top ``floor(density·n)`` of each tensor (mergekit's ``ties``)."""
 
-    def __init__(self, density: float, what: str = "ties density"):
-        self.density, self.what = density, what
+    def __init__(self, density: float, what: str = "ties density", per_tensor: bool = False):
+        self.density, self.what, self.per_tensor = density, what, per_tensor
 
     def fit(self, stream: Stream, K: int) -> None:
-        self.thresholds = topk_thresholds(stream, K, self.density, self.what)
+        if not self.per_tensor:
+            self.thresholds = topk_thresholds(stream, K, self.density, self.what)
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if self.per_tensor:  # as mergekit's sparsify(method=magnitude): k = max(1, int(density · n)) per task
+            mags = t.abs().float().flatten(1)
+            k = max(1, int(self.density * mags.shape[1]))
+            self.thresholds = mags.topk(k, dim=1).values[:, -1]
+        for block in column_blocks(t):
+            block.masked_fill_(~self.mask(block), 0)
+        return t
 
     def mask(self, t: torch.Tensor) -> torch.Tensor:
         """Which entries of ``t`` (all tasks) reach their task's threshold."""
         return t.abs().float() >= self.thresholds.view(-1, *([1] * (t.dim() - 1))).to(t.device)
 
-    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        for block in column_blocks(t):
-            block.masked_fill_(~self.mask(block), 0)
-        return t
-
 
 class TiesElect(Stage):
     """Zero the entries that disagree with the elected sign: the sign of the summed mass per entry, where
-    that is zero the majority sign (the sign of the summed entry signs, as in the reference code)."""
+    that is zero the majority sign (the sign of the summed entry signs, as in the reference code), or with
+    ``per_tensor`` plus (as mergekit's ``sum`` consensus)."""
+
+    def __init__(self, per_tensor: bool = False):
+        self.per_tensor, self.majority = per_tensor, 1.0
 
     def fit(self, stream: Stream, K: int) -> None:
+        if self.per_tensor:
+            return
         # per tensor, as the reference code sums (one float sum per tensor, added in the tensors' order)
         total = sum(sum(torch.sign(b.float().sum(0)).double().sum() for b in column_blocks(t)).item()
                     for _, t in stream())
@@ -147,7 +159,9 @@ class Lines(Stage):
 
 
 def _ties(c: Any) -> list[Stage]:
-    return [TiesTrim(c.density), TiesElect(), *([DisjointMean()] if c.merge == "mean" else [])]
+    per_tensor = getattr(c, "scope", "model") == "tensor"
+    return [TiesTrim(c.density, per_tensor=per_tensor), TiesElect(per_tensor),
+            *([DisjointMean()] if c.merge == "mean" else [])]
 
 
 # key of the method config -> its stages, built from that key's config; in the order they apply

@@ -135,6 +135,7 @@ class TiesConfig(ConfigSection):
     """TIES: keep the top ``density`` of each task vector by magnitude, then the sign-elected entries."""
     density: float = 0.2
     merge: Literal["sum", "mean"] = "sum"
+    scope: Literal["model", "tensor"] = "model"  # where the top-k is ranked and a tied vote's sign is taken
 
     def check(self, prefix: str) -> None:
         check_range(self.density, f"{prefix}.density", 0, 1, strict_lo=True)
