@@ -1,5 +1,5 @@
-"""Regenerate tests/fixtures/mergekit_ties.safetensors: mergekit's own TIES on the seeded tiny pool of
-tests/peer_pool.py (``make_seeded_llama_pool``), which tests/test_streaming.py holds adamerge's per-tensor TIES to.
+"""Regenerate tests/fixtures/mergekit_ties.safetensors: mergekit's own TIES and Breadcrumbs on the seeded tiny pool of
+tests/peer_pool.py (``make_seeded_llama_pool``), which tests/test_streaming.py holds adamerge's per-tensor TIES and Breadcrumbs to.
 
 mergekit is not a dependency: install it beside, e.g. ``pip install --no-deps --target /tmp/peers mergekit==0.1.5
 immutables accelerate``, then ``python bench/peer_fixtures.py --peers /tmp/peers``. Kept tensors: FIXTURE_TENSORS.
@@ -20,8 +20,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 FIXTURE = ROOT / "tests" / "fixtures" / "mergekit_ties.safetensors"
 FIXTURE_TENSORS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
                    "model.layers.1.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight")
-# fixture key prefix -> mergekit's global normalize and each model's weight (adamerge: ties.merge, scale)
-CASES = {"sum": (False, 0.3), "mean": (True, 1.0)}
+# fixture key prefix -> (mergekit's merge_method, its global normalize, each model's parameters); adamerge's side of
+# each case is in tests/test_streaming.py
+CASES = {"sum": ("ties", False, {"weight": 0.3, "density": 0.5}),
+         "mean": ("ties", True, {"weight": 1.0, "density": 0.5}),
+         "breadcrumbs": ("breadcrumbs", False, {"weight": 0.3, "density": 0.9, "gamma": 0.01}),
+         "breadcrumbs_ties": ("breadcrumbs_ties", False, {"weight": 0.3, "density": 0.9, "gamma": 0.01})}
 
 
 def main() -> None:
@@ -35,11 +39,10 @@ def main() -> None:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         pool = make_seeded_llama_pool(Path(tmp))
-        for case, (normalize, weight) in CASES.items():
-            config = {"merge_method": "ties", "base_model": pool["base"], "dtype": "float32",
+        for case, (method, normalize, params) in CASES.items():
+            config = {"merge_method": method, "base_model": pool["base"], "dtype": "float32",
                       "parameters": {"normalize": normalize},
-                      "models": [{"model": t["expert"], "parameters": {"weight": weight, "density": 0.5}}
-                                 for t in pool["tasks"].values()]}
+                      "models": [{"model": t["expert"], "parameters": params} for t in pool["tasks"].values()]}
             yml, merged = Path(tmp) / f"{case}.yml", Path(tmp) / f"merged_{case}"
             yml.write_text(yaml.safe_dump(config))
             subprocess.run([sys.executable, str(args.peers / "bin" / "mergekit-yaml"), str(yml), str(merged),
@@ -47,7 +50,7 @@ def main() -> None:
             tensors = load_file(str(merged / "model.safetensors"))
             out.update({f"{case}/{n}": tensors[n].contiguous() for n in FIXTURE_TENSORS})
     FIXTURE.parent.mkdir(exist_ok=True)
-    save_file(out, str(FIXTURE), metadata={"mergekit": "0.1.5", "density": "0.5"})
+    save_file(out, str(FIXTURE), metadata={"mergekit": "0.1.5"})
     print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size} bytes)")
 
 

@@ -183,25 +183,34 @@ def test_a_nan_found_while_streaming_is_one_line_and_writes_nothing(llama_pool, 
     assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.tmp-*"))
 
 
-@pytest.mark.parametrize("merge, scale", [("sum", 0.3), ("mean", 1.0)])
+PEER_CASES = {  # fixture case (bench/peer_fixtures.py: mergekit's method and parameters) -> adamerge's overrides
+    "sum": ("method=ties_merging", "method.ties.scope=tensor", "method.ties.density=0.5"),
+    "mean": ("method=ties_merging", "method.ties.scope=tensor", "method.ties.density=0.5", "method.ties.merge=mean",
+             "method.scale=1.0"),
+    "breadcrumbs": ("method=breadcrumbs",),
+    "breadcrumbs_ties": ("method=breadcrumbs_ties",),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PEER_CASES))
 @pytest.mark.parametrize("stream", ["true", "false"])
-def test_ties_per_tensor_equals_mergekits_ties(tmp_path, merge, scale, stream):
-    """``ties.scope=tensor`` is mergekit 0.1.5's ``ties`` (top floor(density·n) per tensor, a tied vote's sign +):
-    its output on the seeded pool, committed by bench/peer_fixtures.py, to the last bit for the disjoint sum
-    (normalize: false) and to float rounding for the mean (normalize: true; mergekit divides the summed entries)."""
+def test_per_tensor_merges_equal_mergekits_own_output(tmp_path, case, stream):
+    """``ties.scope=tensor`` is mergekit 0.1.5's ``ties`` (top floor(density·n) per tensor, a tied vote's sign +),
+    ``breadcrumbs`` and ``breadcrumbs_ties`` are its namesakes: their output on the seeded pool, committed by
+    bench/peer_fixtures.py, to the last bit — but for the mean (normalize: true), equal to float rounding
+    (mergekit divides the summed entries, adamerge each entry)."""
     from safetensors.torch import load_file
 
     pool = make_seeded_llama_pool(tmp_path / "pool")
     merge_dir = tmp_path / "run"
-    helpers.train_here(pool, merge_dir, "method=ties_merging", "method.ties.scope=tensor", "method.ties.density=0.5",
-                       f"method.ties.merge={merge}", f"method.scale={scale}", "evaluate.enabled=false",
-                       f"task_vectors.stream={stream}", f"export.dir={merge_dir}/export")
+    helpers.train_here(pool, merge_dir, *PEER_CASES[case], "evaluate.enabled=false", f"task_vectors.stream={stream}",
+                       f"export.dir={merge_dir}/export")
     got = model_tensors(merge_dir / "export" / "model")
-    want = {n.split("/", 1)[1]: t for n, t in load_file(str(helpers.ROOT / "tests" / "fixtures" / "mergekit_ties.safetensors")).items()
-            if n.startswith(merge + "/")}
+    fixture = load_file(str(helpers.ROOT / "tests" / "fixtures" / "mergekit_ties.safetensors"))
+    want = {n.split("/", 1)[1]: t for n, t in fixture.items() if n.split("/", 1)[0] == case}
     assert len(want) == 5
     for n, t in want.items():
-        if merge == "sum":
-            assert torch.equal(got[n], t), n
-        else:
+        if case == "mean":
             torch.testing.assert_close(got[n], t, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(got[n], t), (n, (got[n] - t).abs().max())

@@ -1,4 +1,4 @@
-"""The data-free task-vector transforms, as one ordered list: DARE, TIES, consensus, LiNeS.
+"""The data-free task-vector transforms, as one ordered list: DARE, Breadcrumbs, TIES, consensus, LiNeS.
 
 A method config turns each on with its key (``method.dare``, ``method.ties``, ``method.consensus``,
 ``method.lines``); they always apply in this order, before any coefficient is learned. A method whose
@@ -57,6 +57,29 @@ class Dare(Stage):
             block.masked_fill_(torch.rand(block.numel(), generator=self.generator).to(t.device) < self.p, 0)
             if self.rescale:
                 block.div_(1 - self.p)
+        return t
+
+
+class Breadcrumbs(Stage):
+    """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): per task and tensor, drop the largest ``gamma`` share of
+    |τ| (outliers) and the smallest, keeping the ``density`` share between — mergekit's ``magnitude_outliers``
+    (kept: ranks [n_bot, n_bot + ⌊density·n⌋) of |τ| ascending, ⌊gamma·n⌋ dropped at the top)."""
+
+    def __init__(self, density: float, gamma: float):
+        self.density, self.gamma = density, gamma
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        flat = t.view(t.shape[0], -1)
+        n = flat.shape[1]
+        keep, top = int(self.density * n), int(self.gamma * n)
+        if keep == 0:
+            return t.zero_()
+        bottom = max(0, n - keep - top)
+        mags = flat.abs().float()
+        ranked = mags.sort(dim=1).values  # per tensor, as mergekit sorts it
+        lo, hi = ranked[:, bottom:bottom + 1], ranked[:, bottom + keep - 1:bottom + keep]
+        del ranked
+        flat.masked_fill_((mags < lo) | (mags > hi), 0)
         return t
 
 
@@ -167,6 +190,7 @@ def _ties(c: Any) -> list[Stage]:
 # key of the method config -> its stages, built from that key's config; in the order they apply
 TRANSFORMS = {
     "dare": lambda c: [Dare(c.p, c.seed)],
+    "breadcrumbs": lambda c: [Breadcrumbs(c.density, c.gamma)],
     "ties": _ties,
     "consensus": lambda c: [Consensus(c.k, c.lam)],
     "lines": lambda c: [Lines(c)] if c not in (None, False) else [],

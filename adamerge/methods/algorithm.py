@@ -200,7 +200,7 @@ class MergeAlgorithm(nn.Module):
         if start:
             return f"start: {start}"
         init = getattr(self.cfg, "init", None)
-        plain = not any((self.cfg.dare, self.cfg.ties, self.cfg.consensus, self.cfg.lines))
+        plain = not active_transforms(self.cfg)
         if plain and isinstance(init, (int, float)) and self.merged.mask is None:
             return f"start: task_arithmetic λ={init:g}"
         return f"start: init {init}"

@@ -142,6 +142,17 @@ class TiesConfig(ConfigSection):
 
 
 @dataclass
+class BreadcrumbsConfig(ConfigSection):
+    """Model Breadcrumbs: per task and tensor, drop the ``gamma`` share of largest |τ| and the smallest, keeping ``density``."""
+    density: float = 0.9
+    gamma: float = 0.01
+
+    def check(self, prefix: str) -> None:
+        check_range(self.density, f"{prefix}.density", 0, 1, strict_lo=True)
+        check_range(self.gamma, f"{prefix}.gamma", 0, 1)
+
+
+@dataclass
 class ConsensusConfig(ConfigSection):
     """Consensus (TALL masks): keep entries that at least ``k`` tasks' masks (threshold ``lam``) agree on."""
     k: int = 2
@@ -162,6 +173,7 @@ class MethodConfig(ConfigSection):
     # a data-free or closed-form merge to start from (train.py inlines configs/method/<id>.yaml)
     start_from: dict | None = None
     dare: DareConfig | None = None
+    breadcrumbs: BreadcrumbsConfig | None = None
     ties: TiesConfig | None = None
     consensus: ConsensusConfig | None = None
     lines: bool | dict | None = None  # LiNeS layer scaling: false | true | {alpha, beta, pattern}
