@@ -189,6 +189,8 @@ PEER_CASES = {  # fixture case (bench/peer_fixtures.py: mergekit's method and pa
              "method.scale=1.0"),
     "breadcrumbs": ("method=breadcrumbs",),
     "breadcrumbs_ties": ("method=breadcrumbs_ties",),
+    "task_arithmetic": ("method=task_arithmetic",),
+    "linear": ("method=weight_average",),  # mergekit averages the models, adamerge adds the mean τ: rounding apart
 }
 
 
@@ -196,9 +198,9 @@ PEER_CASES = {  # fixture case (bench/peer_fixtures.py: mergekit's method and pa
 @pytest.mark.parametrize("stream", ["true", "false"])
 def test_per_tensor_merges_equal_mergekits_own_output(tmp_path, case, stream):
     """``ties.scope=tensor`` is mergekit 0.1.5's ``ties`` (top floor(density·n) per tensor, a tied vote's sign +),
-    ``breadcrumbs`` and ``breadcrumbs_ties`` are its namesakes: their output on the seeded pool, committed by
-    bench/peer_fixtures.py, to the last bit — but for the mean (normalize: true), equal to float rounding
-    (mergekit divides the summed entries, adamerge each entry)."""
+    ``breadcrumbs``, ``breadcrumbs_ties`` and ``task_arithmetic`` are its namesakes: their output on the seeded pool,
+    committed by bench/peer_fixtures.py, to the last bit; the TIES mean and ``weight_average`` (mergekit's
+    ``linear``) to float rounding (mergekit divides sums of entries or of whole models, adamerge each τ)."""
     from safetensors.torch import load_file
 
     pool = make_seeded_llama_pool(tmp_path / "pool")
@@ -206,11 +208,11 @@ def test_per_tensor_merges_equal_mergekits_own_output(tmp_path, case, stream):
     helpers.train_here(pool, merge_dir, *PEER_CASES[case], "evaluate.enabled=false", f"task_vectors.stream={stream}",
                        f"export.dir={merge_dir}/export")
     got = model_tensors(merge_dir / "export" / "model")
-    fixture = load_file(str(helpers.ROOT / "tests" / "fixtures" / "mergekit_ties.safetensors"))
+    fixture = load_file(str(helpers.ROOT / "tests" / "fixtures" / "mergekit_merges.safetensors"))
     want = {n.split("/", 1)[1]: t for n, t in fixture.items() if n.split("/", 1)[0] == case}
     assert len(want) == 5
     for n, t in want.items():
-        if case == "mean":
+        if case in ("mean", "linear"):
             torch.testing.assert_close(got[n], t, rtol=1e-6, atol=1e-7)
         else:
             assert torch.equal(got[n], t), (n, (got[n] - t).abs().max())
