@@ -84,7 +84,7 @@ def output_plan(pool, dtype: str | None) -> dict[str, tuple[str | None, tuple[in
         first.setdefault(id(p), n)  # tied weights follow the tensor they are tied to
     prefix = pool.base_model.base_model_prefix + "." if pool.family.backbone_export else ""
     plan = {}
-    for key in pool._base_source.keys():
+    for key in pool.base_files.source.keys():
         canon = pool.canonical_name(key)
         canon = first[id(alias[canon])] if canon is None and key in alias else canon
         if prefix and canon is not None and not canon.startswith(prefix):
@@ -94,7 +94,7 @@ def output_plan(pool, dtype: str | None) -> dict[str, tuple[str | None, tuple[in
             p = pool._params[canon]
             shape, dt = tuple(p.shape), p.dtype
         else:
-            t = pool._base_source.get(key)
+            t = pool.base_files.source.get(key)
             shape, dt = tuple(t.shape), t.dtype
         plan[out] = (canon, shape, getattr(torch, dtype) if dtype and dt.is_floating_point else dt)
     return plan
@@ -146,7 +146,7 @@ def stream_merge(pool, method_cfg, tv_cfg: dict, model_dir: Path, dtype: str | N
                 merged.append(name)
             for canon, outs in outputs.items():  # what no expert changes, what is not merged, buffers: the base's
                 for out in outs:
-                    write(out, pool.base_tensor(canon) if canon is not None else pool._base_source.get(out))
+                    write(out, pool.base_tensor(canon) if canon is not None else pool.base_files.source.get(out))
             if writing is not None:
                 writing.result()
     except BaseException:

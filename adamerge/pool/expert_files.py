@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,30 @@ class SafetensorsSource(TensorSource):
         with _open_safetensors(f) as h:
             s = h.get_slice(name)
             return tuple(s.get_shape()), SAFETENSORS_DTYPES[s.get_dtype()]
+
+
+class BaseFiles:
+    """A base model read tensor by tensor from its files, by the pool's names (a streamed merge keeps the base
+    module on the meta device). The last two tensors read are kept, so an expert's task vector and the merge
+    read each once."""
+
+    def __init__(self, source: TensorSource, canonical: Callable[[str], str | None]):
+        self.source = source
+        self.file_names: dict[str, str] = {}  # the pool's name -> the name in the files
+        for key in source.keys():
+            name = canonical(key)
+            if name is not None:
+                self.file_names.setdefault(name, key)
+        self._last: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        read = self._last.get(name)
+        if read is None:
+            if name not in self.file_names:
+                raise PoolError(f"base model {self.source.path}: its files hold no tensor '{name}'")
+            read = self.source.get(self.file_names[name]).to(dtype)
+            self._last = {**dict(list(self._last.items())[-1:]), name: read}  # a new dict: thread-safe reads
+        return read
 
 
 class TorchBinSource(TensorSource):

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import PoolError
 from ..families import get_family
 from . import validation
-from .expert_files import Expert, load_expert, lora_scaling, open_checkpoint, strip_prefixes
+from .expert_files import BaseFiles, Expert, load_expert, lora_scaling, open_checkpoint, strip_prefixes
 from .fingerprint import pool_fingerprint
 
 log = logging.getLogger(__name__)
@@ -90,14 +90,8 @@ class ModelPool:
         self._params = dict(self.base_model.named_parameters())
         prefix = getattr(self.base_model, "base_model_prefix", "") or ""
         self._prefix = prefix + "." if prefix else ""
-        self._base_files: dict[str, str] = {}  # canonical name -> name in the base's files (base on meta)
-        self._base_read: dict[str, torch.Tensor] = {}  # the last base tensors read (base on meta)
-        if not base_in_memory:
-            self._base_source = open_checkpoint(self.base_path)
-            for key in self._base_source.keys():
-                canon = self.canonical_name(key)
-                if canon is not None:
-                    self._base_files.setdefault(canon, key)
+        # base on meta: its tensors read from its files
+        self.base_files = None if base_in_memory else BaseFiles(open_checkpoint(self.base_path), self.canonical_name)
         self._fingerprint: dict | None = None
         self._tokenizer: Any = None
         self.experts: dict[str, Expert] = {}
@@ -135,18 +129,9 @@ class ModelPool:
         return [n for n in self._params if self.is_head(n)]
 
     def base_tensor(self, name: str) -> torch.Tensor:
-        """The base's value of one tensor: the module's, or read from the base's files (``base_in_memory=False``;
-        the last two read are kept, so an expert's task vector and the merge read it once)."""
+        """The base's value of one tensor: the module's, or read from the base's files (``base_in_memory=False``)."""
         p = self._params[name]
-        if not p.is_meta:
-            return p.detach()
-        read = self._base_read.get(name)
-        if read is None:
-            if name not in self._base_files:
-                raise PoolError(f"base model {self.base_path}: its files hold no tensor '{name}'")
-            read = self._base_source.get(self._base_files[name]).to(p.dtype)
-            self._base_read = {**dict(list(self._base_read.items())[-1:]), name: read}  # a new dict: thread-safe reads
-        return read
+        return p.detach() if not p.is_meta else self.base_files.get(name, p.dtype)
 
     # -- validation ------------------------------------------------------------------------
     def canonical_name(self, file_name: str) -> str | None:

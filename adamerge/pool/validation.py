@@ -47,7 +47,7 @@ def validate_expert(pool: Any, e: Expert, check_finite: bool) -> None:
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     for canon, fname in e.file_names.items():
-        if pool.deferred_values is not None:  # values checked when first read (ModelPool.read_expert)
+        if pool.deferred_values is not None:  # values checked when first read (ModelPool._read)
             _check_layout(pool, e, canon, *e.source.info(fname), compare_shape=not pool.is_head(canon))
             pool.deferred_values.add((e.name, canon))
             continue
