@@ -23,6 +23,7 @@ import torch
 
 from .core.coefficients import Coefficients
 from .core.combine import combine
+from .core.merged_model import tied_sources
 from .core.task_vectors import resolve_dtype, select_names
 from .core.tensor_stream import logged_passes, tensor_stacks
 from .core.transforms import build_stages, fit_stages, streamed
@@ -78,15 +79,11 @@ def output_plan(pool, dtype: str | None) -> dict[str, tuple[str | None, tuple[in
     """Each tensor of the exported model: name in the files -> (the pool's name of its value, or None for a
     tensor copied from the base's files as it is; shape; dtype). Names as in the base's files; a backbone
     export (``family.backbone_export``) keeps the backbone's tensors, named without its prefix."""
-    alias = {n: p for n, p in pool.base_model.named_parameters(remove_duplicate=False)}
-    first = {}
-    for n, p in alias.items():
-        first.setdefault(id(p), n)  # tied weights follow the tensor they are tied to
+    tied = tied_sources(pool.base_model)  # a tied weight's own key in the files follows its source
     prefix = pool.base_model.base_model_prefix + "." if pool.family.backbone_export else ""
     plan = {}
     for key in pool.base_files.source.keys():
-        canon = pool.canonical_name(key)
-        canon = first[id(alias[canon])] if canon is None and key in alias else canon
+        canon = pool.canonical_name(key) or tied.get(key)
         if prefix and canon is not None and not canon.startswith(prefix):
             continue  # the base's own head: each task's is in heads/
         out = canon[len(prefix):] if prefix and canon is not None else key

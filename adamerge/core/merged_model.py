@@ -28,6 +28,13 @@ from .sharded import ShardedTaskVectors
 from .task_vectors import TaskVectors
 
 
+def tied_sources(module: nn.Module) -> dict[str, str]:
+    """Every parameter name of ``module`` -> the first name of the same parameter: tied weights (e.g. lm_head =
+    embed_tokens) follow the tensor they are tied to."""
+    first: dict[int, str] = {}
+    return {n: first.setdefault(id(p), n) for n, p in module.named_parameters(remove_duplicate=False)}
+
+
 class MergedModel(nn.Module):
     """Frozen base module + task vectors + coefficients (+ optional shared Concrete mask).
 
@@ -287,13 +294,5 @@ class MergedModel(nn.Module):
         self.eval()
         merged = self.merged_params()
         self.train(was)
-        # tied weights (e.g. lm_head = embed_tokens) appear under several names: follow the merge
-        first: dict[int, str] = {}
-        alias = {}
-        for n, p in self.base.named_parameters(remove_duplicate=False):
-            alias[n] = first.setdefault(id(p), n)
-        sd = {}
-        for n, v in self.base.state_dict().items():
-            src = alias.get(n, n)
-            sd[n] = merged[src].detach().cpu().clone() if src in merged else v.detach().cpu().clone()
-        return sd
+        alias = tied_sources(self.base)  # tied weights appear under several names: follow the merge
+        return {n: merged.get(alias.get(n, n), v).detach().cpu().clone() for n, v in self.base.state_dict().items()}
