@@ -39,6 +39,7 @@ def refusal(c: dict) -> str | None:
     from .families import get_family
     from .methods import get_method
     from .methods.static import StaticMerge
+    from .run.distributed import several_processes
 
     cls = get_method(c["method"]["name"])
     if cls is not StaticMerge:
@@ -49,8 +50,7 @@ def refusal(c: dict) -> str | None:
         return "evaluation needs the merged model in memory (set evaluate.enabled=false)"
     if c["task_vectors"].get("shard"):
         return "task_vectors.shard splits task vectors held in memory"
-    trainer = c.get("trainer") or {}
-    if "ddp" in str(trainer.get("strategy", "")) and str(trainer.get("devices", 1)) not in ("1", "auto"):
+    if several_processes(c.get("trainer") or {}):
         return "a streamed merge runs in one process (drop trainer=ddp)"
     if not get_family(c["pool"].get("model_class", "sequence_classification")).streams:
         return f"a {c['pool'].get('model_class')} pool builds its heads from the base in memory"

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from ..core.task_vectors import DTYPES
 from ..errors import ConfigError
 from ..methods.method_config import ConfigSection, check_range
+from .distributed import several_processes
 
 
 def _get(c: dict, key: str) -> Any:
@@ -96,12 +97,10 @@ def check_shard(c: dict) -> None:
     if not shard:
         return
     t = c.get("trainer") or {}
-    strategy, devices, nodes = str(t.get("strategy")), t.get("devices", 1), t.get("num_nodes", 1) or 1
-    one = devices in (1, "1") or (isinstance(devices, list) and len(devices) == 1)
-    if not strategy.startswith("ddp") or any(w in strategy for w in ("spawn", "fork", "notebook")) or (
-            one and nodes in (1, "1")):
+    strategy = str(t.get("strategy"))
+    if any(w in strategy for w in ("spawn", "fork", "notebook")) or not several_processes(t):
         raise ConfigError(f"task_vectors.shard=true needs a multi-process DDP trainer (trainer=ddp with "
-                          f"trainer.devices > 1 or num_nodes > 1), got strategy={strategy} devices={devices}")
+                          f"trainer.devices > 1 or num_nodes > 1), got strategy={strategy} devices={t.get('devices', 1)}")
     if _get(c, "task_vectors.lora") == "factorized":
         raise ConfigError("task_vectors.shard=true shards dense task vectors: task_vectors.lora=factorized refused")
 

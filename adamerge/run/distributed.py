@@ -18,6 +18,15 @@ def dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def several_processes(trainer: dict) -> bool:
+    """Whether a ``trainer`` config starts several DDP processes: a ``ddp`` strategy with more than one device
+    (``auto`` counts as more) or more than one node."""
+    devices = trainer.get("devices", 1)
+    one_device = devices in (1, "1") or (isinstance(devices, list) and len(devices) == 1)
+    one_node = str(trainer.get("num_nodes", 1) or 1) == "1"
+    return str(trainer.get("strategy")).startswith("ddp") and not (one_device and one_node)
+
+
 def launch_rank_world(devices: object, num_nodes: object = 1) -> tuple[int, int] | None:
     """(rank, world) this process will have in the DDP process group, known before the group starts: from
     torchrun's RANK and WORLD_SIZE, SLURM's task id and count under srun, else as Lightning's own launcher

@@ -279,11 +279,13 @@ def _launch_statistics_ranks(trainer_cfg: dict) -> int:
     (gloo on CPU, NCCL on GPUs); each process reads its slice of the calibration data and the
     statistics (Gram matrices, Fisher diagonals) are all-reduced. Single process: returns 0.
     """
-    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
-    strategy = str(trainer_cfg.get("strategy", "auto"))
-    if "ddp" not in strategy or (devices in (1, "1") and nodes == 1):
+    from .distributed import several_processes
+
+    if not several_processes(trainer_cfg):
         return 0
     from lightning_fabric import Fabric
+
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
 
     fabric = Fabric(accelerator=trainer_cfg.get("accelerator", "auto"), devices=devices, num_nodes=nodes,
                     strategy="ddp")
