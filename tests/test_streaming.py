@@ -216,3 +216,14 @@ def test_per_tensor_merges_equal_mergekits_own_output(tmp_path, case, stream):
             torch.testing.assert_close(got[n], t, rtol=1e-6, atol=1e-7)
         else:
             assert torch.equal(got[n], t), (n, (got[n] - t).abs().max())
+
+
+def test_a_streamed_merge_judges_each_expert_once_however_many_passes(llama_pool, tmp_path, caplog):
+    """Values are checked on the first pass; TIES makes four, and the 'not a fine-tune' warning is given once."""
+    cfg = json.loads(json.dumps(llama_pool))
+    cfg["check_fine_tuned"] = "warn"
+    expert = helpers.copy_expert(cfg, "lm2", tmp_path)
+    helpers.edit_weights(expert, lambda sd: sd["model.layers.0.mlp.up_proj.weight"].normal_())  # foreign weights
+    caplog.set_level("WARNING")
+    merge(cfg, tmp_path / "run", "ties_merging", "true")
+    assert caplog.text.count("is not a fine-tune of the base") == 1

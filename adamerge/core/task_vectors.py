@@ -1,4 +1,4 @@
-"""TaskVectors: per-tensor stacked deltas ``[K, *shape]`` and the data-free transforms on them.
+"""TaskVectors: per-tensor stacked deltas ``[K, *shape]``, and ``read_stack``, which reads one tensor's stack.
 
 The data-free transforms on them (DARE, TIES, consensus, LiNeS) are stages in adamerge/core/transforms.py,
 shared with the streamed merge (adamerge/streaming.py).

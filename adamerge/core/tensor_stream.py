@@ -47,11 +47,13 @@ def tensor_stacks(pool, names: list[str], dtype: torch.dtype, keep_unchanged: bo
     ``TaskVectors.from_pool``); the next tensor is read by a second thread while this one is merged. A stack
     is valid until the next one is asked for (its buffer is then refilled)."""
     buffers = Buffers()
+    judged = False
 
     def read(i: int):
         return read_stack(pool, names[i], dtype, keep_unchanged, alloc=lambda shape, dt: buffers.alloc(i % 2, shape, dt))
 
     def stream():
+        nonlocal judged
         with ThreadPoolExecutor(1) as reader:
             ahead = reader.submit(read, 0) if names else None
             for i, n in enumerate(names):
@@ -60,7 +62,8 @@ def tensor_stacks(pool, names: list[str], dtype: torch.dtype, keep_unchanged: bo
                     ahead = reader.submit(read, i + 1)
                 if stack is not None:
                     yield n, stack
-        if pool.deferred_values is not None:  # the first pass has read every value: judge the experts
+        if pool.deferred_values is not None and not judged:  # the first pass read every value: judge the experts
+            judged = True
             pool.check_fine_tuned_experts()
 
     return stream
