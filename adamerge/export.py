@@ -117,9 +117,8 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
     ``max_shard_size`` (None: transformers' default)."""
     pool = method.pool
     merged_sd = method.merged.merged_state_dict()
-    for n, t in merged_sd.items():
-        check_finite(n, t)
     for n, t in merged_sd.items():  # in place: each full-precision tensor is released as it is cast
+        check_finite(n, t)
         merged_sd[n] = in_dtype(t, dtype)
     shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
 
