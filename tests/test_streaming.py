@@ -183,7 +183,7 @@ def test_a_nan_found_while_streaming_is_one_line_and_writes_nothing(llama_pool, 
     assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.tmp-*"))
 
 
-PEER_CASES = {  # fixture case (bench/peer_fixtures.py: mergekit's method and parameters) -> adamerge's overrides
+PEER_CASES = {  # fixture case (bench/peer_fixtures.py: the peer's method and parameters) -> adamerge's overrides
     "sum": ("method=ties_merging", "method.ties.scope=tensor", "method.ties.density=0.5"),
     "mean": ("method=ties_merging", "method.ties.scope=tensor", "method.ties.density=0.5", "method.ties.merge=mean",
              "method.scale=1.0"),
@@ -191,31 +191,44 @@ PEER_CASES = {  # fixture case (bench/peer_fixtures.py: mergekit's method and pa
     "breadcrumbs_ties": ("method=breadcrumbs_ties",),
     "task_arithmetic": ("method=task_arithmetic",),
     "linear": ("method=weight_average",),  # mergekit averages the models, adamerge adds the mean τ: rounding apart
+    "sce": ("method=sce",),
+    "model_stock": ("method=model_stock",),
+    "model_stock_filter_wise": ("method=model_stock", "method.model_stock.filter_wise=true"),
+    "nuslerp": ("method=nuslerp",),
+    "della_linear": ("method=della_linear", "method.della.seed=7"),
+    "magmax": ("method=magmax",),  # FusionBench's
 }
+EXACT = {"sum", "breadcrumbs", "breadcrumbs_ties", "task_arithmetic", "magmax"}  # the peer's very bits
+TWO_EXPERTS = {"nuslerp"}
 
 
 @pytest.mark.parametrize("case", sorted(PEER_CASES))
 @pytest.mark.parametrize("stream", ["true", "false"])
-def test_per_tensor_merges_equal_mergekits_own_output(tmp_path, case, stream):
-    """``ties.scope=tensor`` is mergekit 0.1.5's ``ties`` (top floor(density·n) per tensor, a tied vote's sign +),
-    ``breadcrumbs``, ``breadcrumbs_ties`` and ``task_arithmetic`` are its namesakes: their output on the seeded pool,
-    committed by bench/peer_fixtures.py, to the last bit; the TIES mean and ``weight_average`` (mergekit's
-    ``linear``) to float rounding (mergekit divides sums of entries or of whole models, adamerge each τ)."""
+def test_per_tensor_merges_equal_the_peers_own_output(tmp_path, case, stream):
+    """Each merge on the seeded pool equals its peer's output there (committed by bench/peer_fixtures.py):
+    ``ties.scope=tensor`` is mergekit 0.1.5's ``ties``; ``breadcrumbs``, ``breadcrumbs_ties``, ``task_arithmetic``
+    and FusionBench 0.2.33's ``magmax`` to the last bit; the rest to float rounding (the peers divide or interpolate
+    sums of entries or whole models, adamerge rewrites each τ and adds them). ``della_linear``'s fixture is mergekit's
+    own pruning drawn in adamerge's tensor order: one draw apart would differ by a whole entry, not by rounding."""
     from safetensors.torch import load_file
 
     pool = make_seeded_llama_pool(tmp_path / "pool")
+    if case in TWO_EXPERTS:
+        pool["tasks"] = dict(list(pool["tasks"].items())[:2])
     merge_dir = tmp_path / "run"
     helpers.train_here(pool, merge_dir, *PEER_CASES[case], "evaluate.enabled=false", f"task_vectors.stream={stream}",
                        f"export.dir={merge_dir}/export")
     got = model_tensors(merge_dir / "export" / "model")
-    fixture = load_file(str(helpers.ROOT / "tests" / "fixtures" / "mergekit_merges.safetensors"))
+    fixtures = helpers.ROOT / "tests" / "fixtures"
+    fixture = load_file(str(fixtures / "mergekit_merges.safetensors")) | load_file(
+        str(fixtures / "fusionbench_merges.safetensors"))
     want = {n.split("/", 1)[1]: t for n, t in fixture.items() if n.split("/", 1)[0] == case}
     assert len(want) == 5
     for n, t in want.items():
-        if case in ("mean", "linear"):
-            torch.testing.assert_close(got[n], t, rtol=1e-6, atol=1e-7)
-        else:
+        if case in EXACT:
             assert torch.equal(got[n], t), (n, (got[n] - t).abs().max())
+        else:
+            torch.testing.assert_close(got[n], t, rtol=1e-6, atol=1e-7)
 
 
 def test_a_streamed_merge_judges_each_expert_once_however_many_passes(llama_pool, tmp_path, caplog):

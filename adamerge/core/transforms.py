@@ -1,4 +1,5 @@
-"""The data-free task-vector transforms, as one ordered list: DARE, Breadcrumbs, TIES, consensus, LiNeS.
+"""The data-free task-vector transforms, as one ordered list: DARE, DELLA, Breadcrumbs, TIES, consensus, the per-tensor
+merge rules (SCE, Model Stock, NuSLERP, MagMax: adamerge/core/tensor_rules.py), LiNeS.
 
 A method config turns each on with its key (``method.dare``, ``method.ties``, ``method.consensus``,
 ``method.lines``); they always apply in this order, before any coefficient is learned. A method whose
@@ -18,21 +19,9 @@ from typing import Any
 
 import torch
 
+from . import tensor_rules as rules
+from .stage import Stage
 from .topk import BLOCK_ENTRIES, Stream, column_blocks, topk_thresholds
-
-
-class Stage:
-    """One transform: ``fit`` (model-wide statistics, over fresh passes of ``stream``), then ``stage(name, stack)``,
-    which changes ``stack`` in place and returns it (the caller owns it: a streamed buffer, or a copy)."""
-
-    def fit(self, stream: Stream, K: int) -> None:
-        """Take the statistics this stage needs from the stacks it will be applied to."""
-
-    def begin(self) -> None:
-        """Called before each pass over the tensors (in their fixed order)."""
-
-    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
 
 class Dare(Stage):
@@ -187,12 +176,18 @@ def _ties(c: Any) -> list[Stage]:
             *([DisjointMean()] if c.merge == "mean" else [])]
 
 
-# key of the method config -> its stages, built from that key's config; in the order they apply
+# key of the method config -> its stages, built from that key's config; in the order they apply (the merge rules of
+# adamerge/core/tensor_rules.py after the sparsifying transforms, LiNeS' depth scaling last)
 TRANSFORMS = {
     "dare": lambda c: [Dare(c.p, c.seed)],
+    "della": lambda c: [rules.Della(c.density, c.epsilon, c.seed, c.rescale)],
     "breadcrumbs": lambda c: [Breadcrumbs(c.density, c.gamma)],
     "ties": _ties,
     "consensus": lambda c: [Consensus(c.k, c.lam)],
+    "sce": lambda c: [rules.Sce(c.select_topk, c.mask_deltas)],
+    "model_stock": lambda c: [rules.ModelStock(c.filter_wise)],
+    "nuslerp": lambda c: [rules.NuSlerp(c.t, c.flatten, c.row_wise)],
+    "magmax": lambda c: [rules.MagMax()],
     "lines": lambda c: [Lines(c)] if c not in (None, False) else [],
 }
 

@@ -7,160 +7,24 @@ silently ignored), a value of the wrong type or outside its choices names its ke
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..errors import ConfigError, refuse_unknown_keys
+from ..errors import ConfigError
+from .config_section import ConfigSection, check_range
+from .transform_config import (
+    BreadcrumbsConfig,
+    ConsensusConfig,
+    DareConfig,
+    DellaConfig,
+    ModelStockConfig,
+    NuSlerpConfig,
+    SceConfig,
+    TiesConfig,
+)
 
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (from yaml: None, bool, int, float, str, list, dict) fits the type ``hint``."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
-    if origin is Literal:
-        return value in typing.get_args(hint)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is list or hint is list:
-        args = typing.get_args(hint)
-        return isinstance(value, (list, tuple)) and (not args or all(_fits(v, args[0]) for v in value))
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    if dataclasses.is_dataclass(hint):
-        return isinstance(value, dict)
-    return True
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(h) for h in typing.get_args(hint))
-    if dataclasses.is_dataclass(hint):
-        return "{" + ", ".join(f.name for f in dataclasses.fields(hint)) + "}"
-    if hint is type(None):
-        return "null"
-    if typing.get_origin(hint) is list or hint is list:
-        return "a list"
-    words = {float: "a number", int: "an integer", str: "a string", bool: "true or false", dict: "a mapping"}
-    return words.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _dataclass_in(hint: Any) -> type | None:
-    for h in (hint, *typing.get_args(hint)):
-        if dataclasses.is_dataclass(h):
-            return h
-    return None
-
-
-@dataclass
-class ConfigSection:
-    """A block of config keys; ``parse`` builds it from a yaml dict, checking every key."""
-
-    @classmethod
-    def parse(cls, values: dict[str, Any], prefix: str = "method") -> ConfigSection:
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        refuse_unknown_keys(values, names, prefix, cls.owner(), ConfigError)
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING and f.name not in values]
-        if required:
-            raise ConfigError(f"config key '{prefix}.{required[0]}' is required")
-        kwargs = {}
-        for key, value in values.items():
-            where = f"{prefix}.{key}"
-            if not _fits(value, hints[key]):
-                raise ConfigError(f"config key '{where}' must be {_describe(hints[key])}, got {value!r}")
-            sub = _dataclass_in(hints[key])
-            if sub is not None and isinstance(value, dict):
-                value = sub.parse(value, where)
-            kwargs[key] = value
-        section = cls(**kwargs)
-        section.check(prefix)
-        return section
-
-    @classmethod
-    def owner(cls) -> str:
-        return f"'{cls.__name__}'"
-
-    def check(self, prefix: str) -> None:
-        """Range checks across keys (types were checked by ``parse``); raise ConfigError naming the key."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def check_range(value: float | None, key: str, lo: float | None = None, hi: float | None = None,
-                strict_lo: bool = False) -> None:
-    """ConfigError naming ``key`` when ``value`` (a number or None) lies outside [lo, hi] (or (lo, hi])."""
-    if value is None:
-        return
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
-    if lo is not None and (value <= lo if strict_lo else value < lo):
-        raise ConfigError(f"config key '{key}' must be {'>' if strict_lo else '>='} {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"config key '{key}' must be <= {hi}, got {value!r}")
-
-
-# -- the data-free task-vector transforms every method may apply, in this order -----------------
-@dataclass
-class DareConfig(ConfigSection):
-    """DARE: drop each task-vector entry with probability p, rescale the rest by 1/(1 − p)."""
-    p: float = 0.5
-    seed: int = 0
-
-    def check(self, prefix: str) -> None:
-        check_range(self.p, f"{prefix}.p", 0, 1)
-        if self.p >= 1:
-            raise ConfigError(f"config key '{prefix}.p' must be < 1 (1 drops everything), got {self.p!r}")
-
-
-@dataclass
-class TiesConfig(ConfigSection):
-    """TIES: keep the top ``density`` of each task vector by magnitude, then the sign-elected entries."""
-    density: float = 0.2
-    merge: Literal["sum", "mean"] = "sum"
-    scope: Literal["model", "tensor"] = "model"  # where the top-k is ranked and a tied vote's sign is taken
-
-    def check(self, prefix: str) -> None:
-        check_range(self.density, f"{prefix}.density", 0, 1, strict_lo=True)
-
-
-@dataclass
-class BreadcrumbsConfig(ConfigSection):
-    """Model Breadcrumbs: per task and tensor, drop the ``gamma`` share of largest |τ| and the smallest, keeping ``density``."""
-    density: float = 0.9
-    gamma: float = 0.01
-
-    def check(self, prefix: str) -> None:
-        check_range(self.density, f"{prefix}.density", 0, 1, strict_lo=True)
-        check_range(self.gamma, f"{prefix}.gamma", 0, 1)
-
-
-@dataclass
-class ConsensusConfig(ConfigSection):
-    """Consensus (TALL masks): keep entries that at least ``k`` tasks' masks (threshold ``lam``) agree on."""
-    k: int = 2
-    lam: float = 0.4
-
-    def check(self, prefix: str) -> None:
-        check_range(self.k, f"{prefix}.k", 1)
-        check_range(self.lam, f"{prefix}.lam", 0)
+# keys whose rule (adamerge/core/tensor_rules.py) is a whole merge: only the data-free ``static`` method takes them
+MERGE_RULES = ("sce", "model_stock", "nuslerp", "magmax")
 
 
 @dataclass
@@ -173,9 +37,14 @@ class MethodConfig(ConfigSection):
     # a data-free or closed-form merge to start from (train.py inlines configs/method/<id>.yaml)
     start_from: dict | None = None
     dare: DareConfig | None = None
+    della: DellaConfig | None = None
     breadcrumbs: BreadcrumbsConfig | None = None
     ties: TiesConfig | None = None
     consensus: ConsensusConfig | None = None
+    sce: SceConfig | None = None
+    model_stock: ModelStockConfig | None = None
+    nuslerp: NuSlerpConfig | None = None
+    magmax: bool | None = None  # MagMax: per entry, the task vector of largest magnitude
     lines: bool | dict | None = None  # LiNeS layer scaling: false | true | {alpha, beta, pattern}
 
     @classmethod
@@ -196,6 +65,11 @@ class MethodConfig(ConfigSection):
 
     def check(self, prefix: str) -> None:
         check_range(self.steps, f"{prefix}.steps", 0)
+        rule = next((k for k in MERGE_RULES if getattr(self, k) not in (None, False)), None)
+        if rule and self.name != "static":
+            raise ConfigError(f"config key '{prefix}.{rule}' is a whole merge of its own (one update per tensor), not a "
+                              f"transform for method {self.label}: run it as a data-free method, or start from it "
+                              f"with method.start_from=<its config>")
         if self.start_from is not None and not self.start_from.get("name"):
             raise ConfigError(f"config key '{prefix}.start_from' must name a method config (e.g. regmean_pp), "
                               f"got {self.start_from!r}")

@@ -1,0 +1,26 @@
+"""``Stage``: one data-free rule applied to stacked task vectors ``[K, ...]``, tensor by tensor.
+
+The transforms (adamerge/core/transforms.py: DARE, TIES, …) and the per-tensor merge rules
+(adamerge/core/tensor_rules.py: DELLA, SCE, Model Stock, NuSLERP, MagMax) are stages: the same object runs
+on task vectors held in memory and on tensors streamed from the experts' files (adamerge/streaming.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .topk import Stream
+
+
+class Stage:
+    """One transform: ``fit`` (model-wide statistics, over fresh passes of ``stream``), then ``stage(name, stack)``,
+    which changes ``stack`` in place and returns it (the caller owns it: a streamed buffer, or a copy)."""
+
+    def fit(self, stream: Stream, K: int) -> None:
+        """Take the statistics this stage needs from the stacks it will be applied to."""
+
+    def begin(self) -> None:
+        """Called before each pass over the tensors (in their fixed order)."""
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,157 @@
+"""Per-tensor merge rules from mergekit and FusionBench, as stages on the stacked task vectors ``[K, ...]``.
+
+Each rule rewrites the stack so that the usual merge ``θ0 + λ Σ_k τ̃_k`` (adamerge/core/combine.py) is the
+rule's result: a rule that yields one merged update writes it into row 0 and zeros the others (SCE, NuSLERP,
+MagMax), a rule that reweights the experts scales their rows (Model Stock, with λ = 1/K). So they stream
+tensor by tensor like the transforms (adamerge/streaming.py), and their method yamls are ``name: static``.
+Each class follows its reference implementation's arithmetic (named in its docstring) so that their outputs
+can be compared on identical inputs (tests/test_tensor_rules.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .stage import Stage
+
+
+def _one_update(t: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``update`` in row 0 and zeros elsewhere: Σ_k λ τ̃_k = λ · update."""
+    t[0].copy_(update)
+    t[1:].zero_()
+    return t
+
+
+class Della(Stage):
+    """DELLA's MagPrune (Deep et al., 2024; mergekit's ``della_magprune``): per task and row, keep each entry with a
+    probability rising linearly with its magnitude's rank, from ``density − epsilon`` (smallest) to
+    ``density + epsilon`` (largest); survivors are rescaled so that each task's tensor keeps its L1 norm
+    (``rescale: true``, mergekit's default for ``della``). One seeded generator runs through the tensors and
+    tasks in order, restarted for every pass, drawing as ``torch.bernoulli`` does."""
+
+    def __init__(self, density: float, epsilon: float, seed: int, rescale: bool = True):
+        if not (0 < density - epsilon and density + epsilon < 1):
+            raise ConfigError(f"della: density ± epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
+        self.density, self.epsilon, self.seed, self.rescale = density, epsilon, int(seed), rescale
+        self.begin()
+
+    def begin(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        work = t.dtype if t.dtype == torch.bfloat16 else torch.float32  # mergekit's working dtype on CPU
+        for k in range(t.shape[0]):
+            x = t[k] if t.dim() > 2 else t[k].unsqueeze(0)  # ranked along dim 1: a matrix's rows
+            ranks = x.abs().argsort(dim=1).argsort(dim=1).to(work) + 1
+            lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+            probs = (self.density - self.epsilon) + ((ranks - lo) / (hi - lo)).clamp(0, 1) * 2 * self.epsilon
+            mask = torch.bernoulli(probs, generator=self.generator).to(work)
+            xw = x.to(work)
+            kept = xw * mask
+            if self.rescale:
+                before, after = xw.abs().sum(), kept.abs().sum()
+                if before >= 1e-7 and after >= 1e-7:
+                    kept = kept * (before / after)
+            t[k].copy_(kept.view(t[k].shape))
+        return t
+
+
+class Sce(Stage):
+    """SCE (FuseChat, Wan et al., 2024; mergekit's ``sce``): Select the ``select_topk`` share of entries with the largest
+    variance across experts, Calculate one weight per expert, mean((masked τ_k)²) normalized to sum 1, Erase the
+    entries whose sign disagrees with the sign of Σ_k τ_k (a zero sum counts as +), and merge
+    Σ_k w_k e_k τ_k / Σ_k w_k e_k. ``mask_deltas``: mergekit also masks the merged deltas and the vote; the authors'
+    code masks only the weights' input (false)."""
+
+    def __init__(self, select_topk: float, mask_deltas: bool = True):
+        self.select_topk, self.mask_deltas = select_topk, mask_deltas
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        masked = t
+        if self.select_topk < 1:
+            var = torch.var(t, dim=0, unbiased=False)
+            k = int(torch.count_nonzero(var) * self.select_topk)
+            mask = torch.zeros_like(var)
+            if k > 0:
+                mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
+            masked = t * mask.unsqueeze(0)
+        deltas = masked if self.mask_deltas else t
+        weights = masked.square().reshape(t.shape[0], -1).mean(dim=1)
+        total = torch.sum(weights).item()
+        weights = torch.ones_like(weights) / t.shape[0] if abs(total) < 1e-6 else weights / total
+        weights = weights.view(-1, *([1] * (t.dim() - 1)))
+        majority = (deltas.sum(dim=0) >= 0).to(t.dtype) * 2 - 1
+        erased = weights * (deltas.sign() == majority).to(t.dtype)
+        update = (deltas * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
+        return _one_update(t, update)
+
+
+class ModelStock(Stage):
+    """Model Stock (Jang et al., ECCV 2024; mergekit's ``model_stock``): per tensor (or per row, ``filter_wise``) the
+    ratio t = K·cos θ / (1 + (K − 1)·cos θ) from the mean pairwise cosine θ of the task vectors, and the merge
+    θ0 + t · mean_k τ_k (with λ = 1/K: each row scaled by t). A singular denominator keeps the base."""
+
+    def __init__(self, filter_wise: bool = False):
+        self.filter_wise = filter_wise
+
+    def fit(self, stream, K: int) -> None:
+        if K < 2:
+            raise ConfigError(f"model_stock needs at least 2 experts (their angle), got {K}")
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        K = t.shape[0]
+        x = (t.unsqueeze(1) if t.dim() == 2 else t) if self.filter_wise else t.reshape(K, -1)
+        cos = []
+        for i in range(K):
+            for j in range(i + 1, K):
+                norms = torch.norm(x[i], dim=-1) * torch.norm(x[j], dim=-1)
+                cos.append(((x[i] * x[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+        cos_theta = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+        denominator = 1 + (K - 1) * cos_theta
+        singular = denominator.abs() < 1e-6
+        ratio = torch.where(singular, torch.zeros_like(cos_theta),
+                            K * cos_theta / torch.where(singular, torch.ones_like(denominator), denominator))
+        x.mul_(ratio.unsqueeze(0))  # x is a view of t
+        return t
+
+
+class NuSlerp(Stage):
+    """NuSLERP with a base (mergekit's ``nuslerp``): spherical interpolation of the two experts' task vectors,
+    τ = slerp(τ_1, τ_2; t) with t the second expert's share: over the whole tensor (``flatten``, mergekit's default),
+    else along the last dimension (per row of a matrix), or with ``row_wise`` along the first (per column)."""
+
+    def __init__(self, t: float, flatten: bool = True, row_wise: bool = False):
+        self.t, self.flatten, self.row_wise = float(t), flatten, row_wise
+
+    def fit(self, stream, K: int) -> None:
+        if K != 2:
+            raise ConfigError(f"nuslerp interpolates exactly 2 experts, the pool has {K}")
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        v0, v1 = t[0], t[1]
+        if self.flatten:
+            v0, v1 = v0.reshape(-1), v1.reshape(-1)
+        elif self.row_wise:
+            v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+        u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+        u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+        cos_theta = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+        colinear = (1 - cos_theta.square()) <= 1e-8 ** 2
+        theta = torch.acos(torch.where(colinear, 0, cos_theta))
+        result = (torch.sin((1 - self.t) * theta) * v0 + torch.sin(self.t * theta) * v1) / torch.sin(theta)
+        result = torch.where(colinear, (1 - self.t) * v0 + self.t * v1, result)
+        if self.row_wise and not self.flatten:
+            result = result.transpose(0, -1)
+        return _one_update(t, result.reshape(t.shape[1:]))
+
+
+class MagMax(Stage):
+    """MagMax (Marczak et al., ECCV 2024; FusionBench's ``magmax``): per entry, the task vector entry of largest
+    magnitude, folded over the tasks in order with ``>=`` (a later task wins a tie, as the authors' code)."""
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        best = t[0].clone()
+        for k in range(1, t.shape[0]):
+            best = torch.where(t[k].abs() >= best.abs(), t[k], best)
+        return _one_update(t, best)

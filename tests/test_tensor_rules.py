@@ -1,0 +1,71 @@
+"""The per-tensor merge rules (adamerge/core/tensor_rules.py) beyond their peers' fixtures (tests/test_streaming.py):
+the authors' SCE variant, DELLA's rank-dependent keep rate and its L1 rescale, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peer_pool import make_seeded_llama_pool
+
+import helpers
+from adamerge.core.tensor_rules import Della, ModelStock, Sce
+from adamerge.errors import ConfigError
+from adamerge.methods.adamerging import AdaMerging
+from adamerge.methods.static import StaticMerge
+
+
+def test_sce_authors_variant_masks_only_the_weights():
+    """``mask_deltas=false``: the weights come from the variance-selected entries, the vote and the mean from all."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(3, 20, 10, generator=g)
+    var = t.var(0, unbiased=False)
+    mask = torch.zeros_like(var)
+    mask.view(-1)[var.view(-1).topk(int(0.2 * var.numel())).indices] = 1
+    w = (t * mask).square().flatten(1).mean(1)
+    w = (w / w.sum()).view(3, 1, 1)
+    erase = (t.sign() == torch.where(t.sum(0) >= 0, 1.0, -1.0)).float()
+    want = (t * w * erase).sum(0) / (w * erase).sum(0).clamp(min=1e-6)
+    got = Sce(0.2, mask_deltas=False)("w", t.clone())
+    torch.testing.assert_close(got[0], want)
+    assert not got[1:].any()
+    masked = Sce(0.2, mask_deltas=True)("w", t.clone())[0]
+    assert (masked[mask == 0] == 0).all() and (got[0][mask == 0] != 0).any()
+
+
+def test_della_keeps_large_entries_more_often_and_keeps_each_tasks_l1_norm():
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(2, 64, 4096, generator=g)
+    out = Della(0.5, 0.15, seed=3)("w", t.clone())
+    order = t[0].abs().argsort(dim=1)
+    kept = (out[0] != 0).gather(1, order).float().mean(0)  # keep rate by rank in the row, smallest first
+    assert abs(kept[:400].mean() - 0.36) < 0.02 and abs(kept[-400:].mean() - 0.64) < 0.02
+    assert abs((out != 0).float().mean() - 0.5) < 0.01
+    torch.testing.assert_close(out.abs().flatten(1).sum(1), t.abs().flatten(1).sum(1))
+    again = Della(0.5, 0.15, seed=3)("w", t.clone())
+    assert torch.equal(out, again)  # seeded
+
+
+def test_model_stock_keeps_the_base_where_the_ratio_is_singular():
+    t = torch.stack([torch.ones(4, 3), -torch.ones(4, 3)])  # cos θ = −1, K = 2: 1 + (K − 1) cos θ = 0
+    assert not ModelStock()("w", t.clone()).any()
+
+
+@pytest.mark.parametrize("key", ["sce", "magmax", "nuslerp", "model_stock"])
+def test_a_merge_rule_is_refused_as_a_learned_methods_transform(key):
+    with pytest.raises(ConfigError, match=f"method.{key}' is a whole merge"):
+        AdaMerging.parse_config({"id": "adamerging_layerwise", key: True if key == "magmax" else {}})
+    StaticMerge.parse_config({"id": key, key: True if key == "magmax" else {}})
+
+
+@pytest.mark.parametrize("method,experts,says", [("nuslerp", 3, "exactly 2 experts, the pool has 3"),
+                                                  ("model_stock", 1, "at least 2 experts")])
+@pytest.mark.parametrize("stream", ["true", "false"])
+def test_a_rule_given_the_wrong_number_of_experts_says_so_in_one_line(tmp_path, capsys, method, experts, says, stream):
+    pool = make_seeded_llama_pool(tmp_path / "pool")
+    pool["tasks"] = dict(list(pool["tasks"].items())[:experts])
+    capsys.readouterr()
+    code = helpers.run_inprocess([f"out_dir={tmp_path}/run", f"method={method}", "evaluate.enabled=false",
+                                  f"task_vectors.stream={stream}"], pool)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "run" / "export").exists()
