@@ -106,7 +106,7 @@ def stream_merge(pool, method_cfg, tv_cfg: dict, model_dir: Path, dtype: str | N
     K = len(pool.task_names)
     source = logged_passes(tensor_stacks(pool, names, resolve_dtype(tv_cfg.get("dtype", "float32")),
                                          bool(tv_cfg.get("keep_unchanged", False))), len(names), "read")
-    stages = build_stages(method_cfg)
+    stages = build_stages(method_cfg, base=pool.base_tensor)
     fit_stages(source, stages, K)
     coefs = Coefficients(K, 1, granularity="task", init=StaticMerge.scale(method_cfg, K))()[0]
     plan = output_plan(pool, dtype)

@@ -1,5 +1,6 @@
 """Regenerate tests/fixtures/{mergekit,fusionbench}_merges.safetensors: the peers' own merges (mergekit's task arithmetic,
-linear, TIES, Breadcrumbs, SCE, Model Stock, NuSLERP, DELLA; FusionBench's MagMax) on the seeded tiny pool of
+linear, TIES, Breadcrumbs, SCE, Model Stock, SLERP, NuSLERP, Multi-SLERP, Karcher, DELLA; FusionBench's MagMax, Iso-C,
+Iso-CTS) on the seeded tiny pool of
 tests/peer_pool.py (``make_seeded_llama_pool``), which tests/test_streaming.py holds adamerge's namesakes to.
 
 mergekit is not a dependency: install it beside, e.g. ``pip install --no-deps --target /tmp/peers mergekit==0.1.5
@@ -36,7 +37,11 @@ CASES = {"sum": ("ties", {"normalize": False}, {"weight": 0.3, "density": 0.5}, 
          "sce": ("sce", {"select_topk": 0.1}, {}, None),
          "model_stock": ("model_stock", {}, {}, None),
          "model_stock_filter_wise": ("model_stock", {"filter_wise": True}, {}, None),
-         "nuslerp": ("nuslerp", {}, {"weight": 1.0}, 2)}  # t = the second's weight / the sum: 0.5
+         "nuslerp": ("nuslerp", {}, {"weight": 1.0}, 2),  # t = the second's weight / the sum: 0.5
+         "slerp": ("slerp", {"t": 0.3}, {}, 2),  # between the two experts: the first is mergekit's base_model
+         "multislerp": ("multislerp", {}, {"weight": 1.0}, None),
+         "karcher": ("karcher", {}, {}, None)}  # of the experts' weights: no base model
+NO_BASE = {"linear", "karcher"}  # methods whose merge the base takes no part in
 DELLA = {"density": 0.5, "epsilon": 0.15, "weight": 0.3, "seed": 7}  # della_linear, drawn in adamerge's tensor order
 
 
@@ -50,8 +55,10 @@ def mergekit_cases(pool: dict, tmp: Path, peers: Path) -> dict:
         experts = list(pool["tasks"].values())[:count]
         config = {"merge_method": method, "base_model": pool["base"], "dtype": "float32", "parameters": params,
                   "models": [{"model": t["expert"], "parameters": model_params} for t in experts]}
-        if method == "linear":  # the experts' weighted mean: the base takes no part
+        if method in NO_BASE:
             del config["base_model"]
+        if method == "slerp":
+            config["base_model"] = experts[0]["expert"]
         yml, merged = tmp / f"{case}.yml", tmp / f"merged_{case}"
         yml.write_text(yaml.safe_dump(config))
         subprocess.run([sys.executable, str(peers / "bin" / "mergekit-yaml"), str(yml), str(merged),
@@ -90,16 +97,23 @@ def della_case(pool: dict, tmp: Path, peers: Path) -> dict:
     return {f"della_linear/{n}": t for n, t in load_file(str(tmp / "della.st")).items()}
 
 
-def fusionbench_cases(pool: dict, fusionbench: Path) -> dict:
-    """FusionBench's own ``magmax_merge`` (λ 0.5) on the pool's models: FIXTURE_TENSORS, keyed ``magmax/tensor``."""
+def fusionbench_cases(pool: dict, fusionbench: list[Path]) -> dict:
+    """FusionBench's own ``magmax_merge`` (λ 0.5), ``iso_c`` and ``iso_cts`` (fraction 0.8, α 1) on the pool's models:
+    FIXTURE_TENSORS, keyed ``case/tensor``."""
     sys.path[:0] = [str(p) for p in fusionbench]
+    from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
     from fusion_bench.method.magmax.magmax import magmax_merge
     from transformers import AutoModelForCausalLM
 
     load = AutoModelForCausalLM.from_pretrained
     merged = magmax_merge(load(pool["base"]), [load(t["expert"]) for t in pool["tasks"].values()], 0.5)
-    state = merged.state_dict()
-    return {f"magmax/{n}": state[n].contiguous() for n in FIXTURE_TENSORS}
+    out = {f"magmax/{n}": merged.state_dict()[n].contiguous() for n in FIXTURE_TENSORS}
+    base = load(pool["base"]).state_dict()
+    taus = [{n: v - base[n] for n, v in load(t["expert"]).state_dict().items()} for t in pool["tasks"].values()]
+    for case, update in (("iso_c", iso_c(taus, accelerator="cpu")),
+                         ("iso_cts", iso_cts(taus, common_space_fraction=0.8, accelerator="cpu"))):
+        out.update({f"{case}/{n}": (base[n] + 1.0 * update[n]).contiguous() for n in FIXTURE_TENSORS})
+    return out
 
 
 def main() -> None:

@@ -196,10 +196,15 @@ PEER_CASES = {  # fixture case (bench/peer_fixtures.py: the peer's method and pa
     "model_stock_filter_wise": ("method=model_stock", "method.model_stock.filter_wise=true"),
     "nuslerp": ("method=nuslerp",),
     "della_linear": ("method=della_linear", "method.della.seed=7"),
-    "magmax": ("method=magmax",),  # FusionBench's
+    "slerp": ("method=slerp", "method.slerp.t=0.3"),
+    "multislerp": ("method=multislerp",),
+    "karcher": ("method=karcher",),
+    "magmax": ("method=magmax",),  # FusionBench's, as the two below
+    "iso_c": ("method=iso_c",),
+    "iso_cts": ("method=iso_cts",),
 }
 EXACT = {"sum", "breadcrumbs", "breadcrumbs_ties", "task_arithmetic", "magmax"}  # the peer's very bits
-TWO_EXPERTS = {"nuslerp"}
+TWO_EXPERTS = {"nuslerp", "slerp"}
 
 
 @pytest.mark.parametrize("case", sorted(PEER_CASES))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from peer_pool import make_seeded_llama_pool
 
 import helpers
@@ -50,7 +51,7 @@ def test_model_stock_keeps_the_base_where_the_ratio_is_singular():
     assert not ModelStock()("w", t.clone()).any()
 
 
-@pytest.mark.parametrize("key", ["sce", "magmax", "nuslerp", "model_stock"])
+@pytest.mark.parametrize("key", ["sce", "magmax", "slerp", "nuslerp", "multislerp", "karcher", "iso", "model_stock"])
 def test_a_merge_rule_is_refused_as_a_learned_methods_transform(key):
     with pytest.raises(ConfigError, match=f"method.{key}' is a whole merge"):
         AdaMerging.parse_config({"id": "adamerging_layerwise", key: True if key == "magmax" else {}})
@@ -58,14 +59,29 @@ def test_a_merge_rule_is_refused_as_a_learned_methods_transform(key):
 
 
 @pytest.mark.parametrize("method,experts,says", [("nuslerp", 3, "exactly 2 experts, the pool has 3"),
-                                                  ("model_stock", 1, "at least 2 experts")])
+                                                  ("slerp", 3, "exactly 2 experts, the pool has 3"),
+                                                  ("model_stock", 1, "at least 2 experts"),
+                                                  ("multislerp method.multislerp.weights=[1,2]", 3, "2 values for 3")])
 @pytest.mark.parametrize("stream", ["true", "false"])
 def test_a_rule_given_the_wrong_number_of_experts_says_so_in_one_line(tmp_path, capsys, method, experts, says, stream):
     pool = make_seeded_llama_pool(tmp_path / "pool")
     pool["tasks"] = dict(list(pool["tasks"].items())[:experts])
     capsys.readouterr()
-    code = helpers.run_inprocess([f"out_dir={tmp_path}/run", f"method={method}", "evaluate.enabled=false",
+    code = helpers.run_inprocess([f"out_dir={tmp_path}/run", *f"method={method}".split(), "evaluate.enabled=false",
                                   f"task_vectors.stream={stream}"], pool)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and says in err, err
     assert not (tmp_path / "run" / "export").exists()
+
+
+@pytest.mark.parametrize("rule", ["sce", "model_stock", "nuslerp", "multislerp", "iso_c", "iso_cts", "magmax"])
+def test_a_rule_on_bfloat16_task_vectors_gives_the_float32_merge_to_bfloat16_precision(rule):
+    from adamerge.core.transforms import build_stages
+
+    cfg = StaticMerge.parse_config(yaml.safe_load((helpers.ROOT / "adamerge" / "configs" / "method" / f"{rule}.yaml").read_text()))
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(2, 24, 16, generator=g) * 0.01
+    (stage,) = build_stages(cfg)
+    want = stage("w", t.clone())[0]
+    got = stage("w", t.clone().bfloat16())[0].float()
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.02 * want.abs().max().item())

@@ -16,6 +16,9 @@ class Stage:
     """One transform: ``fit`` (model-wide statistics, over fresh passes of ``stream``), then ``stage(name, stack)``,
     which changes ``stack`` in place and returns it (the caller owns it: a streamed buffer, or a copy)."""
 
+    needs_base = False  # True: reads the base's tensor (``base_tensor(name)``, bound by ``build_stages``)
+    base_tensor = None
+
     def fit(self, stream: Stream, K: int) -> None:
         """Take the statistics this stage needs from the stacks it will be applied to."""
 

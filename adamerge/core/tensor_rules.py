@@ -116,36 +116,6 @@ class ModelStock(Stage):
         return t
 
 
-class NuSlerp(Stage):
-    """NuSLERP with a base (mergekit's ``nuslerp``): spherical interpolation of the two experts' task vectors,
-    τ = slerp(τ_1, τ_2; t) with t the second expert's share: over the whole tensor (``flatten``, mergekit's default),
-    else along the last dimension (per row of a matrix), or with ``row_wise`` along the first (per column)."""
-
-    def __init__(self, t: float, flatten: bool = True, row_wise: bool = False):
-        self.t, self.flatten, self.row_wise = float(t), flatten, row_wise
-
-    def fit(self, stream, K: int) -> None:
-        if K != 2:
-            raise ConfigError(f"nuslerp interpolates exactly 2 experts, the pool has {K}")
-
-    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        v0, v1 = t[0], t[1]
-        if self.flatten:
-            v0, v1 = v0.reshape(-1), v1.reshape(-1)
-        elif self.row_wise:
-            v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-        u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
-        u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
-        cos_theta = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
-        colinear = (1 - cos_theta.square()) <= 1e-8 ** 2
-        theta = torch.acos(torch.where(colinear, 0, cos_theta))
-        result = (torch.sin((1 - self.t) * theta) * v0 + torch.sin(self.t * theta) * v1) / torch.sin(theta)
-        result = torch.where(colinear, (1 - self.t) * v0 + self.t * v1, result)
-        if self.row_wise and not self.flatten:
-            result = result.transpose(0, -1)
-        return _one_update(t, result.reshape(t.shape[1:]))
-
-
 class MagMax(Stage):
     """MagMax (Marczak et al., ECCV 2024; FusionBench's ``magmax``): per entry, the task vector entry of largest
     magnitude, folded over the tasks in order with ``>=`` (a later task wins a tie, as the authors' code)."""

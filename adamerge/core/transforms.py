@@ -1,5 +1,6 @@
 """The data-free task-vector transforms, as one ordered list: DARE, DELLA, Breadcrumbs, TIES, consensus, the per-tensor
-merge rules (SCE, Model Stock, NuSLERP, MagMax: adamerge/core/tensor_rules.py), LiNeS.
+merge rules (SCE, Model Stock, MagMax: adamerge/core/tensor_rules.py; SLERP, NuSLERP, Multi-SLERP, Karcher:
+adamerge/core/spherical.py; Iso-C, Iso-CTS: adamerge/core/isotropic.py), LiNeS.
 
 A method config turns each on with its key (``method.dare``, ``method.ties``, ``method.consensus``,
 ``method.lines``); they always apply in this order, before any coefficient is learned. A method whose
@@ -14,11 +15,12 @@ experts' files (``streamed``, adamerge/streaming.py), so both give the same merg
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from . import isotropic, spherical
 from . import tensor_rules as rules
 from .stage import Stage
 from .topk import BLOCK_ENTRIES, Stream, column_blocks, topk_thresholds
@@ -186,7 +188,11 @@ TRANSFORMS = {
     "consensus": lambda c: [Consensus(c.k, c.lam)],
     "sce": lambda c: [rules.Sce(c.select_topk, c.mask_deltas)],
     "model_stock": lambda c: [rules.ModelStock(c.filter_wise)],
-    "nuslerp": lambda c: [rules.NuSlerp(c.t, c.flatten, c.row_wise)],
+    "slerp": lambda c: [spherical.Slerp(c.t)],
+    "nuslerp": lambda c: [spherical.NuSlerp(c.t, c.flatten, c.row_wise)],
+    "multislerp": lambda c: [spherical.MultiSlerp(c.weights)],
+    "karcher": lambda c: [spherical.Karcher(c.max_iter, c.tol)],
+    "iso": lambda c: [isotropic.IsoC() if c.common_space_fraction is None else isotropic.IsoCts(c.common_space_fraction)],
     "magmax": lambda c: [rules.MagMax()],
     "lines": lambda c: [Lines(c)] if c not in (None, False) else [],
 }
@@ -197,9 +203,16 @@ def active_transforms(cfg: Any) -> list[str]:
     return [key for key in TRANSFORMS if getattr(cfg, key, None)]
 
 
-def build_stages(cfg: Any, skip: tuple[str, ...] = ()) -> list[Stage]:
-    """The stages of every transform ``cfg`` turns on, in order (``skip``: keys a method applies elsewhere)."""
-    return [s for key in active_transforms(cfg) if key not in skip for s in TRANSFORMS[key](getattr(cfg, key))]
+def build_stages(cfg: Any, skip: tuple[str, ...] = (), base: Callable[[str], torch.Tensor] | None = None) -> list[Stage]:
+    """The stages of every transform ``cfg`` turns on, in order (``skip``: keys a method applies elsewhere); ``base``
+    (name -> the base's tensor) is given to the stages that read it."""
+    stages = [s for key in active_transforms(cfg) if key not in skip for s in TRANSFORMS[key](getattr(cfg, key))]
+    for s in stages:
+        if s.needs_base:
+            if base is None:
+                raise ValueError(f"{type(s).__name__} reads the base's tensors: build_stages needs base=")
+            s.base_tensor = base
+    return stages
 
 
 def streamed(source: Stream, stages: list[Stage]) -> Stream:
@@ -235,6 +248,7 @@ def run_stages(tv, stages: list[Stage]):
     return tv
 
 
-def apply_transforms(tv, cfg: Any, skip: tuple[str, ...] = ()):
-    """``tv`` (TaskVectors) after every transform ``cfg`` turns on, in order (``skip``: keys applied elsewhere)."""
-    return run_stages(tv, build_stages(cfg, skip))
+def apply_transforms(tv, cfg: Any, skip: tuple[str, ...] = (), base: Callable[[str], torch.Tensor] | None = None):
+    """``tv`` (TaskVectors) after every transform ``cfg`` turns on, in order (``skip``: keys applied elsewhere;
+    ``base``: name -> the base's tensor, for the stages that read it)."""
+    return run_stages(tv, build_stages(cfg, skip, base))

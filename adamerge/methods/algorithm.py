@@ -108,7 +108,7 @@ class MergeAlgorithm(nn.Module):
                 keep_unchanged=bool(tv_cfg.get("keep_unchanged", False)),
                 factorize=self.lora_factorized(pool, tv_cfg.get("lora", "auto")),
             )
-            tv = apply_transforms(tv, self.cfg, skip=skip)
+            tv = apply_transforms(tv, self.cfg, skip=skip, base=pool.base_tensor)
         log.info("task vectors: %d experts, %d tensors, %d bytes (%s%s)", tv.K, len(tv), tv.nbytes(),
                  tv_cfg.get("dtype", "float32"), ", LoRA factorized" if tv.factors is not None else
                  ", memory-mapped from disk" if tv_cfg.get("device") == "disk" else "")
@@ -129,7 +129,7 @@ class MergeAlgorithm(nn.Module):
             raise ConfigError("task_vectors.device=disk holds the experts' own task vectors; method.start_from "
                               "re-expresses them in memory (use task_vectors.device=cpu)")
         names = select_names(pool.shared_names(), tv_cfg.get("include") or None, tv_cfg.get("exclude") or None)
-        stages = build_stages(self.cfg, skip)
+        stages = build_stages(self.cfg, skip, pool.base_tensor)
         key = {"pool": self.fingerprint, "names": names, "dtype": tv_cfg.get("dtype", "float32"),
                "keep_unchanged": bool(tv_cfg.get("keep_unchanged", False)),
                "transforms": {k: getattr(self.cfg, k) for k in active_transforms(self.cfg) if k not in skip}}

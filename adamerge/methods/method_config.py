@@ -17,14 +17,18 @@ from .transform_config import (
     ConsensusConfig,
     DareConfig,
     DellaConfig,
+    IsoConfig,
+    KarcherConfig,
     ModelStockConfig,
+    MultiSlerpConfig,
     NuSlerpConfig,
     SceConfig,
+    SlerpConfig,
     TiesConfig,
 )
 
 # keys whose rule (adamerge/core/tensor_rules.py) is a whole merge: only the data-free ``static`` method takes them
-MERGE_RULES = ("sce", "model_stock", "nuslerp", "magmax")
+MERGE_RULES = ("sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "iso", "magmax")
 
 
 @dataclass
@@ -43,7 +47,11 @@ class MethodConfig(ConfigSection):
     consensus: ConsensusConfig | None = None
     sce: SceConfig | None = None
     model_stock: ModelStockConfig | None = None
+    slerp: SlerpConfig | None = None
     nuslerp: NuSlerpConfig | None = None
+    multislerp: MultiSlerpConfig | None = None
+    karcher: KarcherConfig | None = None
+    iso: IsoConfig | None = None
     magmax: bool | None = None  # MagMax: per entry, the task vector of largest magnitude
     lines: bool | dict | None = None  # LiNeS layer scaling: false | true | {alpha, beta, pattern}
 

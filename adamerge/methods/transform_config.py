@@ -87,6 +87,41 @@ class ModelStockConfig(ConfigSection):
 
 
 @dataclass
+class SlerpConfig(ConfigSection):
+    """SLERP: spherical interpolation of two experts' weights, per leading row."""
+    t: float = 0.5  # 0: the first expert, 1: the second
+
+    def check(self, prefix: str) -> None:
+        check_range(self.t, f"{prefix}.t", 0, 1)
+
+
+@dataclass
+class MultiSlerpConfig(ConfigSection):
+    """Multi-SLERP: barycentric interpolation of the task vectors on the sphere."""
+    weights: list[float] | None = None  # one per expert, normalized; null: equal
+
+
+@dataclass
+class KarcherConfig(ConfigSection):
+    """Karcher mean of the experts' weights on the sphere."""
+    max_iter: int = 10
+    tol: float = 1e-5
+
+    def check(self, prefix: str) -> None:
+        check_range(self.max_iter, f"{prefix}.max_iter", 1)
+        check_range(self.tol, f"{prefix}.tol", 0, strict_lo=True)
+
+
+@dataclass
+class IsoConfig(ConfigSection):
+    """Isotropic merging: Iso-C (``common_space_fraction: null``) or Iso-CTS (the common subspace's share)."""
+    common_space_fraction: float | None = None
+
+    def check(self, prefix: str) -> None:
+        check_range(self.common_space_fraction, f"{prefix}.common_space_fraction", 0, 1)
+
+
+@dataclass
 class NuSlerpConfig(ConfigSection):
     """NuSLERP: spherical interpolation of two experts' task vectors."""
     t: float = 0.5  # the second expert's share
