@@ -1,7 +1,9 @@
-"""The seeded tiny pool a peer's output is pinned on (tests/fixtures/, written by bench/peer_fixtures.py)."""
+"""The seeded tiny pool a peer's output is pinned on, and the merges compared there (tests/fixtures/, written by
+bench/crosscheck.py; held to by tests/test_streaming.py)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,3 +31,51 @@ def make_seeded_llama_pool(tmp: Path, k: int = 3) -> dict:
             tasks[f"lm{i}"] = {"expert": str(tmp / f"e{i}"), "calibration": cal}
     save_tokenizer(tmp / "base")
     return {"base": str(tmp / "base"), "model_class": "causal_lm", "head_prefixes": [], "tasks": tasks}
+
+
+@dataclass(frozen=True)
+class PeerCase:
+    """One merge both a peer and adamerge implement: the peer's call on the seeded pool and adamerge's overrides."""
+    peer: str  # "mergekit" (mergekit-yaml), "mergekit-della" (its della_magprune), "fusionbench" (its function)
+    method: str  # the peer's merge_method or function
+    adamerge: tuple[str, ...]  # train.py overrides
+    params: dict = field(default_factory=dict)  # the peer's global parameters
+    model_params: dict = field(default_factory=dict)  # mergekit: each model's parameters
+    experts: int | None = None  # the first n experts only (None: all)
+    exact: bool = False  # equal to the last bit; else to float rounding (the peer sums or divides in another order)
+
+
+PEER_CASES = {  # fixture key prefix -> the case (tests/fixtures/*_merges.safetensors, written by bench/crosscheck.py)
+    "sum": PeerCase("mergekit", "ties", ("method=ties_merging", "method.ties.scope=tensor", "method.ties.density=0.5"),
+                    {"normalize": False}, {"weight": 0.3, "density": 0.5}, exact=True),
+    "mean": PeerCase("mergekit", "ties", ("method=ties_merging", "method.ties.scope=tensor", "method.ties.density=0.5",
+                                          "method.ties.merge=mean", "method.scale=1.0"),
+                     {"normalize": True}, {"weight": 1.0, "density": 0.5}),
+    "breadcrumbs": PeerCase("mergekit", "breadcrumbs", ("method=breadcrumbs",), {},
+                            {"weight": 0.3, "density": 0.9, "gamma": 0.01}, exact=True),
+    "breadcrumbs_ties": PeerCase("mergekit", "breadcrumbs_ties", ("method=breadcrumbs_ties",), {},
+                                 {"weight": 0.3, "density": 0.9, "gamma": 0.01}, exact=True),
+    "task_arithmetic": PeerCase("mergekit", "task_arithmetic", ("method=task_arithmetic",), {}, {"weight": 0.3},
+                                exact=True),
+    # mergekit averages the models, adamerge adds the mean τ: rounding apart
+    "linear": PeerCase("mergekit", "linear", ("method=weight_average",), {"normalize": True}, {"weight": 1.0}),
+    "sce": PeerCase("mergekit", "sce", ("method=sce",), {"select_topk": 0.1}, exact=True),
+    "model_stock": PeerCase("mergekit", "model_stock", ("method=model_stock",)),
+    "model_stock_filter_wise": PeerCase("mergekit", "model_stock", ("method=model_stock",
+                                                                    "method.model_stock.filter_wise=true"),
+                                        {"filter_wise": True}),
+    # t = the second's weight over the weights' sum: 0.5
+    "nuslerp": PeerCase("mergekit", "nuslerp", ("method=nuslerp",), {}, {"weight": 1.0}, experts=2, exact=True),
+    # between the two experts: mergekit's base_model is the first
+    "slerp": PeerCase("mergekit", "slerp", ("method=slerp", "method.slerp.t=0.3"), {"t": 0.3}, experts=2),
+    "multislerp": PeerCase("mergekit", "multislerp", ("method=multislerp",), {}, {"weight": 1.0}, exact=True),
+    "karcher": PeerCase("mergekit", "karcher", ("method=karcher",)),  # of the experts' weights: no base model
+    # mergekit's own pruning, drawn from one seeded generator over the tensors in adamerge's order, then its
+    # della_linear arithmetic: one draw apart would differ by a whole entry, not by rounding
+    "della_linear": PeerCase("mergekit-della", "della_magprune", ("method=della_linear", "method.della.seed=7"),
+                             {"density": 0.5, "epsilon": 0.15, "weight": 0.3, "seed": 7}),
+    "magmax": PeerCase("fusionbench", "magmax_merge", ("method=magmax",), {"scaling_factor": 0.5}, exact=True),
+    "iso_c": PeerCase("fusionbench", "iso_c", ("method=iso_c",), {"scaling_factor": 1.0}, exact=True),
+    "iso_cts": PeerCase("fusionbench", "iso_cts", ("method=iso_cts",),
+                        {"scaling_factor": 1.0, "common_space_fraction": 0.8}, exact=True),
+}

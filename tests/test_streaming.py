@@ -8,7 +8,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 import torch
-from peer_pool import make_seeded_llama_pool
+from peer_pool import PEER_CASES, make_seeded_llama_pool
 from safetensors import safe_open
 
 import helpers
@@ -183,45 +183,19 @@ def test_a_nan_found_while_streaming_is_one_line_and_writes_nothing(llama_pool, 
     assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.tmp-*"))
 
 
-PEER_CASES = {  # fixture case (bench/peer_fixtures.py: the peer's method and parameters) -> adamerge's overrides
-    "sum": ("method=ties_merging", "method.ties.scope=tensor", "method.ties.density=0.5"),
-    "mean": ("method=ties_merging", "method.ties.scope=tensor", "method.ties.density=0.5", "method.ties.merge=mean",
-             "method.scale=1.0"),
-    "breadcrumbs": ("method=breadcrumbs",),
-    "breadcrumbs_ties": ("method=breadcrumbs_ties",),
-    "task_arithmetic": ("method=task_arithmetic",),
-    "linear": ("method=weight_average",),  # mergekit averages the models, adamerge adds the mean τ: rounding apart
-    "sce": ("method=sce",),
-    "model_stock": ("method=model_stock",),
-    "model_stock_filter_wise": ("method=model_stock", "method.model_stock.filter_wise=true"),
-    "nuslerp": ("method=nuslerp",),
-    "della_linear": ("method=della_linear", "method.della.seed=7"),
-    "slerp": ("method=slerp", "method.slerp.t=0.3"),
-    "multislerp": ("method=multislerp",),
-    "karcher": ("method=karcher",),
-    "magmax": ("method=magmax",),  # FusionBench's, as the two below
-    "iso_c": ("method=iso_c",),
-    "iso_cts": ("method=iso_cts",),
-}
-EXACT = {"sum", "breadcrumbs", "breadcrumbs_ties", "task_arithmetic", "magmax"}  # the peer's very bits
-TWO_EXPERTS = {"nuslerp", "slerp"}
-
-
 @pytest.mark.parametrize("case", sorted(PEER_CASES))
 @pytest.mark.parametrize("stream", ["true", "false"])
 def test_per_tensor_merges_equal_the_peers_own_output(tmp_path, case, stream):
-    """Each merge on the seeded pool equals its peer's output there (committed by bench/peer_fixtures.py):
-    ``ties.scope=tensor`` is mergekit 0.1.5's ``ties``; ``breadcrumbs``, ``breadcrumbs_ties``, ``task_arithmetic``
-    and FusionBench 0.2.33's ``magmax`` to the last bit; the rest to float rounding (the peers divide or interpolate
-    sums of entries or whole models, adamerge rewrites each τ and adds them). ``della_linear``'s fixture is mergekit's
-    own pruning drawn in adamerge's tensor order: one draw apart would differ by a whole entry, not by rounding."""
+    """Each merge on the seeded pool equals its peer's output there (mergekit 0.1.5, FusionBench 0.2.33; committed
+    by bench/crosscheck.py; the cases: tests/peer_pool.py): to the last bit where the case says ``exact``, else to
+    float rounding (the peers divide or interpolate sums of entries or whole models, adamerge rewrites each τ and
+    adds them)."""
     from safetensors.torch import load_file
 
     pool = make_seeded_llama_pool(tmp_path / "pool")
-    if case in TWO_EXPERTS:
-        pool["tasks"] = dict(list(pool["tasks"].items())[:2])
+    pool["tasks"] = dict(list(pool["tasks"].items())[:PEER_CASES[case].experts])
     merge_dir = tmp_path / "run"
-    helpers.train_here(pool, merge_dir, *PEER_CASES[case], "evaluate.enabled=false", f"task_vectors.stream={stream}",
+    helpers.train_here(pool, merge_dir, *PEER_CASES[case].adamerge, "evaluate.enabled=false", f"task_vectors.stream={stream}",
                        f"export.dir={merge_dir}/export")
     got = model_tensors(merge_dir / "export" / "model")
     fixtures = helpers.ROOT / "tests" / "fixtures"
@@ -230,7 +204,7 @@ def test_per_tensor_merges_equal_the_peers_own_output(tmp_path, case, stream):
     want = {n.split("/", 1)[1]: t for n, t in fixture.items() if n.split("/", 1)[0] == case}
     assert len(want) == 5
     for n, t in want.items():
-        if case in EXACT:
+        if PEER_CASES[case].exact:
             assert torch.equal(got[n], t), (n, (got[n] - t).abs().max())
         else:
             torch.testing.assert_close(got[n], t, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,155 @@
+"""Every merge adamerge and a peer both implement, run by both on the same seeded pool: the largest relative
+difference per method, as a markdown table (bench/RESULTS.md), and with ``--write-fixtures`` the peers' outputs
+that tests/test_streaming.py pins adamerge to (tests/fixtures/{mergekit,fusionbench}_merges.safetensors), so that CI
+needs neither package.
+
+The cases (the peer's call and adamerge's overrides) are ``PEER_CASES`` in tests/peer_pool.py, on its seeded tiny
+Llama pool. The peers are not dependencies and this script installs nothing: install them beside, e.g.
+``pip install --no-deps --target /tmp/peers mergekit==0.1.5 immutables accelerate`` and
+``pip install --no-deps --target /tmp/fb fusion-bench==0.2.33`` (plus what its modules import), then
+
+    python bench/crosscheck.py --peers /tmp/peers --fusionbench /tmp/fb /tmp/fbdeps [--write-fixtures]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+FIXTURES = {"mergekit": ROOT / "tests" / "fixtures" / "mergekit_merges.safetensors",
+            "fusionbench": ROOT / "tests" / "fixtures" / "fusionbench_merges.safetensors"}
+FIXTURE_TENSORS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                   "model.layers.1.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight")
+NO_BASE = {"linear", "karcher"}  # mergekit methods whose merge the base takes no part in
+DELLA_SCRIPT = """
+import json, sys, torch
+from safetensors.torch import load_file, save_file
+from mergekit.sparsify import RescaleNorm, della_magprune
+pool, cfg, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+base = load_file(pool["base"] + "/model.safetensors")
+experts = [load_file(t["expert"] + "/model.safetensors") for t in pool["tasks"].values()]
+torch.manual_seed(cfg["seed"])  # the global generator: della_magprune draws from it
+merged = {}
+for name in cfg["order"]:  # adamerge's tensor order, so that the draws meet the same entries
+    deltas = [della_magprune(e[name] - base[name], cfg["density"], cfg["epsilon"], RescaleNorm.l1) for e in experts]
+    merged[name] = (base[name] + cfg["weight"] * sum(deltas)).contiguous()
+save_file(merged, out)
+"""
+
+
+def model_tensors(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {n: t for f in sorted(model_dir.glob("*.safetensors")) for n, t in load_file(str(f)).items()}
+
+
+def subset(pool: dict, n: int | None) -> dict:
+    return dict(pool, tasks=dict(list(pool["tasks"].items())[:n]))
+
+
+def mergekit(case, pool: dict, tmp: Path, peers: Path) -> dict:
+    """The case through ``mergekit-yaml``: every tensor of its output."""
+    import yaml
+
+    experts = list(pool["tasks"].values())
+    config = {"merge_method": case.method, "base_model": pool["base"], "dtype": "float32", "parameters": case.params,
+              "models": [{"model": t["expert"], "parameters": case.model_params} for t in experts]}
+    if case.method in NO_BASE:
+        del config["base_model"]
+    if case.method == "slerp":
+        config["base_model"] = experts[0]["expert"]
+    yml, merged = tmp / "mergekit.yml", tmp / "mergekit_out"
+    yml.write_text(yaml.safe_dump(config))
+    subprocess.run([sys.executable, str(peers / "bin" / "mergekit-yaml"), str(yml), str(merged), "--allow-crimes"],
+                   env=dict(os.environ, PYTHONPATH=str(peers)), check=True, capture_output=True)
+    return model_tensors(merged)
+
+
+def mergekit_della(case, pool: dict, tmp: Path, peers: Path) -> dict:
+    """mergekit's own ``della_magprune`` with its ``della_linear`` arithmetic (base + weight · Σ pruned deltas), drawn
+    from one seeded generator over the tensors in adamerge's order (the base model's parameters)."""
+    from transformers import AutoModelForCausalLM
+
+    order = [n for n, _ in AutoModelForCausalLM.from_pretrained(pool["base"]).named_parameters()]
+    subprocess.run([sys.executable, "-c", DELLA_SCRIPT, json.dumps(pool), json.dumps(dict(case.params, order=order)),
+                    str(tmp / "della.safetensors")], env=dict(os.environ, PYTHONPATH=str(peers)), check=True)
+    return model_tensors(tmp)
+
+
+def fusionbench(case, pool: dict) -> dict:
+    """FusionBench's own function (``magmax_merge``, ``iso_c``, ``iso_cts``) on the pool's models: base + α · update."""
+    from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
+    from fusion_bench.method.magmax.magmax import magmax_merge
+    from transformers import AutoModelForCausalLM
+
+    load = AutoModelForCausalLM.from_pretrained
+    experts = [load(t["expert"]) for t in pool["tasks"].values()]
+    if case.method == "magmax_merge":
+        return dict(magmax_merge(load(pool["base"]), experts, case.params["scaling_factor"]).state_dict())
+    base = load(pool["base"]).state_dict()
+    taus = [{n: v - base[n] for n, v in e.state_dict().items()} for e in experts]
+    extra = {k: v for k, v in case.params.items() if k != "scaling_factor"}
+    update = {"iso_c": iso_c, "iso_cts": iso_cts}[case.method](taus, accelerator="cpu", **extra)
+    return {n: base[n] + case.params["scaling_factor"] * update[n] for n in base}
+
+
+def adamerge(case, pool: dict, tmp: Path) -> dict:
+    """The case through train.py (streamed), every tensor of its export."""
+    import helpers
+
+    code = helpers.run_inprocess([f"out_dir={tmp}/adamerge", *case.adamerge, "evaluate.enabled=false",
+                                  "task_vectors.stream=true"], pool)
+    assert code == 0, f"train.py exited with {code}"
+    return model_tensors(tmp / "adamerge" / "export" / "model")
+
+
+def main() -> None:
+    import torch
+    from peer_pool import PEER_CASES, make_seeded_llama_pool
+    from safetensors.torch import save_file
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--peers", type=Path, default=Path("/tmp/peers"), help="where mergekit 0.1.5 is installed")
+    ap.add_argument("--fusionbench", type=Path, nargs="*", default=[],
+                    help="paths that import fusion_bench 0.2.33 (and what it imports); none: its cases are skipped")
+    ap.add_argument("--write-fixtures", action="store_true", help="also write the peers' outputs to tests/fixtures/")
+    args = ap.parse_args()
+    sys.path[:0] = [str(p) for p in args.fusionbench]
+    fixtures: dict[str, dict] = {"mergekit": {}, "fusionbench": {}}
+    rows = ["| case | peer | peer's method | tensors | largest relative difference | bit-equal |", "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        seeded = make_seeded_llama_pool(Path(tmp) / "pool")
+        for name, case in PEER_CASES.items():
+            if case.peer == "fusionbench" and not args.fusionbench:
+                continue
+            pool, work = subset(seeded, case.experts), Path(tmp) / name
+            work.mkdir()
+            peer = (fusionbench(case, pool) if case.peer == "fusionbench" else
+                    mergekit_della(case, pool, work, args.peers) if case.peer == "mergekit-della" else
+                    mergekit(case, pool, work, args.peers))
+            ours = adamerge(case, pool, work)
+            rel = max(float((ours[n] - p).abs().max() / p.abs().max().clamp(min=1e-12)) for n, p in peer.items())
+            equal = all(torch.equal(ours[n], p) for n, p in peer.items())
+            rows.append(f"| {name} | {case.peer.split('-')[0]} | `{case.method}` | {len(peer)} | {rel:.1e} | "
+                        f"{'yes' if equal else 'no'} |")
+            print(rows[-1], flush=True)
+            fixtures[case.peer.split("-")[0]].update({f"{name}/{n}": peer[n].contiguous() for n in FIXTURE_TENSORS})
+    print("\n".join(rows))
+    if args.write_fixtures:
+        versions = {"mergekit": {"mergekit": "0.1.5"}, "fusionbench": {"fusion_bench": "0.2.33"}}
+        for peer, tensors in fixtures.items():
+            if tensors:
+                save_file(tensors, str(FIXTURES[peer]), metadata=versions[peer])
+                print(f"wrote {FIXTURES[peer]} ({FIXTURES[peer].stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    main()
