@@ -132,7 +132,7 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
 
     report = method.report()
     return write_export(pool, export_dir, write_model, lambda: report, overwrite, extra, losses, method_cfg,
-                        task_models, dtype, max_shard_size, lora_method=method)
+                        task_models, dtype, max_shard_size, lora_method=method, stages=method.stages)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -149,16 +149,18 @@ def in_dtype(t: torch.Tensor, dtype: str | None) -> torch.Tensor:
 def write_export(pool, export_dir: str | Path, write_model, make_report, overwrite: bool = False,
                  extra: dict[str, str] | None = None, losses: list[tuple[int, float]] | None = None,
                  method_cfg: dict | None = None, task_models: bool = True, dtype: str | None = None,
-                 max_shard_size: str | None = None, lora_method=None, plot: bool = True) -> Path:
+                 max_shard_size: str | None = None, lora_method=None, plot: bool = True, stages=()) -> Path:
     """The export directory, atomically: ``write_model(model_dir)`` writes the merged model's weights and config
     (in memory: ``export_merged``; streamed: adamerge/streaming.py), then everything around them — tokenizer,
     LoRA adapter (``lora_method``'s merge, where it is one), heads, ``make_report()``'s coefficients (and their
-    heatmap with ``plot``), per-task models, model card."""
+    heatmap with ``plot``), per-task models, model card, and what the transform ``stages`` keep (``write_state``)."""
     shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
 
     def write(tmp: Path) -> None:
         model_dir = tmp / "model"
         write_model(model_dir)
+        for stage in stages:
+            stage.write_state(tmp)
         copy_sentence_transformers_files(pool.base_path, model_dir)
         tok = None
         if pool.family.saves_tokenizer():  # not CLIP's: its export is the vision tower

@@ -97,16 +97,16 @@ def output_plan(pool, dtype: str | None) -> dict[str, tuple[str | None, tuple[in
     return plan
 
 
-def stream_merge(pool, method_cfg, tv_cfg: dict, model_dir: Path, dtype: str | None,
+def stream_merge(pool, method_cfg, stages: list, tv_cfg: dict, model_dir: Path, dtype: str | None,
                  max_shard_size: str | None) -> list[str]:
-    """Write the merged model (config and weights) into ``model_dir``, streamed; returns the merged tensors' names."""
+    """Write the merged model (config and weights) into ``model_dir``, streamed, the task vectors through ``stages``
+    (the config's transforms, adamerge/core/transforms.py); returns the merged tensors' names."""
     from .methods.static import StaticMerge
 
     names = select_names(pool.shared_names(), tv_cfg.get("include") or None, tv_cfg.get("exclude") or None)
     K = len(pool.task_names)
     source = logged_passes(tensor_stacks(pool, names, resolve_dtype(tv_cfg.get("dtype", "float32")),
                                          bool(tv_cfg.get("keep_unchanged", False))), len(names), "read")
-    stages = build_stages(method_cfg, base=pool.base_tensor)
     fit_stages(source, stages, K)
     coefs = Coefficients(K, 1, granularity="task", init=StaticMerge.scale(method_cfg, K))()[0]
     plan = output_plan(pool, dtype)
@@ -131,6 +131,8 @@ def stream_merge(pool, method_cfg, tv_cfg: dict, model_dir: Path, dtype: str | N
             writing.result()
         writing = disk.submit(writer.write, out, value.to(plan[out][2]))
 
+    for s in stages:
+        s.open_state(model_dir.parent)
     try:
         with torch.no_grad(), ThreadPoolExecutor(1) as disk:
             for name, stack in streamed(source, stages)():
@@ -146,6 +148,8 @@ def stream_merge(pool, method_cfg, tv_cfg: dict, model_dir: Path, dtype: str | N
                     write(out, pool.base_tensor(canon) if canon is not None else pool.base_files.source.get(out))
             if writing is not None:
                 writing.result()
+            for s in stages:
+                s.write_state(model_dir.parent)
     except BaseException:
         writer.close(complete=False)  # the files go with the export's temporary directory
         raise
@@ -169,15 +173,19 @@ def stream_run(c: dict, out_dir: Path, run_config: dict[str, str]) -> str:
     method_cfg = StaticMerge.parse_config(c["method"])
     K, ex = len(pool.task_names), c["export"]
     merged: list[str] = []
+    stages = build_stages(method_cfg, pool=pool)
 
     def write_model(model_dir: Path) -> None:
-        merged.extend(stream_merge(pool, method_cfg, c["task_vectors"], model_dir, ex["dtype"],
+        merged.extend(stream_merge(pool, method_cfg, stages, c["task_vectors"], model_dir, ex["dtype"],
                                    ex["max_shard_size"]))
 
     def report() -> dict:
         lam = StaticMerge.scale(method_cfg, K)
-        return {"method": method_cfg.label, "tasks": pool.task_names, "tensors": merged, "granularity": "task",
-                "coefficients": [[lam] * K for _ in merged], "num_trainable": 0, "streamed": True}
+        rep = {"method": method_cfg.label, "tasks": pool.task_names, "tensors": merged, "granularity": "task",
+               "coefficients": [[lam] * K for _ in merged], "num_trainable": 0, "streamed": True}
+        for s in stages:
+            rep.update(s.report())
+        return rep
 
     export_dir = Path(ex["dir"])
     write_export(pool, export_dir, write_model, report, ex["overwrite"], None, None, c["method"],

@@ -84,14 +84,35 @@ def mergekit_della(case, pool: dict, tmp: Path, peers: Path) -> dict:
     return model_tensors(tmp)
 
 
+def fusionbench_opcm():
+    """FusionBench's general ``OPCM`` class, its package's ``__init__`` (the CLIP variant, which does not import with
+    transformers 5) skipped."""
+    import types
+
+    import fusion_bench.method
+
+    package = types.ModuleType("fusion_bench.method.opcm")
+    package.__path__ = [str(Path(fusion_bench.method.__file__).parent / "opcm")]
+    sys.modules["fusion_bench.method.opcm"] = package
+    from fusion_bench.method.opcm.opcm_general import OPCM
+
+    return OPCM
+
+
 def fusionbench(case, pool: dict) -> dict:
-    """FusionBench's own function (``magmax_merge``, ``iso_c``, ``iso_cts``) on the pool's models: base + α · update."""
+    """FusionBench's own function or algorithm (``magmax_merge``, ``iso_c``, ``iso_cts``, ``OPCM``) on the pool's models."""
     from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
     from fusion_bench.method.magmax.magmax import magmax_merge
     from transformers import AutoModelForCausalLM
 
     load = AutoModelForCausalLM.from_pretrained
     experts = [load(t["expert"]) for t in pool["tasks"].values()]
+    if case.method == "OPCM":
+        from fusion_bench.modelpool import BaseModelPool
+
+        models = {"_pretrained_": load(pool["base"]), **dict(zip(pool["tasks"], experts))}
+        algorithm = fusionbench_opcm()(**case.params, seed=None, save_on_every_step=False, evaluate_on_every_step=False)
+        return dict(algorithm.run(BaseModelPool(models)).state_dict())
     if case.method == "magmax_merge":
         return dict(magmax_merge(load(pool["base"]), experts, case.params["scaling_factor"]).state_dict())
     base = load(pool["base"]).state_dict()

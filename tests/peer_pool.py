@@ -43,6 +43,7 @@ class PeerCase:
     model_params: dict = field(default_factory=dict)  # mergekit: each model's parameters
     experts: int | None = None  # the first n experts only (None: all)
     exact: bool = False  # equal to the last bit; else to float rounding (the peer sums or divides in another order)
+    rtol: float = 1e-6  # the rounding allowed when not exact, relative to each tensor's largest entry
 
 
 PEER_CASES = {  # fixture key prefix -> the case (tests/fixtures/*_merges.safetensors, written by bench/crosscheck.py)
@@ -76,6 +77,8 @@ PEER_CASES = {  # fixture key prefix -> the case (tests/fixtures/*_merges.safete
                              {"density": 0.5, "epsilon": 0.15, "weight": 0.3, "seed": 7}),
     "magmax": PeerCase("fusionbench", "magmax_merge", ("method=magmax",), {"scaling_factor": 0.5}, exact=True),
     "iso_c": PeerCase("fusionbench", "iso_c", ("method=iso_c",), {"scaling_factor": 1.0}, exact=True),
+    "opcm": PeerCase("fusionbench", "OPCM", ("method=opcm", "method.opcm.shuffle=false"),
+                     {"alpha": 0.5, "shuffle_order": False}, rtol=1e-5),  # the peer's full SVD, ours reduced
     "iso_cts": PeerCase("fusionbench", "iso_cts", ("method=iso_cts",),
                         {"scaling_factor": 1.0, "common_space_fraction": 0.8}, exact=True),
 }

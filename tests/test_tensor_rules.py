@@ -3,6 +3,8 @@ the authors' SCE variant, DELLA's rank-dependent keep rate and its L1 rescale, a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -85,3 +87,27 @@ def test_a_rule_on_bfloat16_task_vectors_gives_the_float32_merge_to_bfloat16_pre
     want = stage("w", t.clone())[0]
     got = stage("w", t.clone().bfloat16())[0].float()
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.02 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("stream", ["true", "false"])
+def test_opcm_continued_from_an_earlier_export_equals_the_merge_in_one_run(tmp_path, capsys, stream):
+    """Experts added to an OPCM export later, without its experts, give the one-run merge in the same order, bit for bit."""
+    from test_streaming import model_tensors
+
+    pool = make_seeded_llama_pool(tmp_path / "pool")
+    first, later = dict(pool, tasks=dict(list(pool["tasks"].items())[:2])), dict(pool, tasks={
+        "lm2": pool["tasks"]["lm2"]})
+    common = ["method=opcm", "method.opcm.shuffle=false", "evaluate.enabled=false", f"task_vectors.stream={stream}"]
+    helpers.train_here(pool, tmp_path / "once", *common)
+    helpers.train_here(first, tmp_path / "a", *common)
+    helpers.train_here(later, tmp_path / "b", *common, f"method.opcm.continue_from={tmp_path}/a/export")
+    once, twice = model_tensors(tmp_path / "once/export/model"), model_tensors(tmp_path / "b/export/model")
+    for n, t in once.items():
+        assert torch.equal(twice[n], t), n  # the same arithmetic: R_T kept in float32
+    report = json.loads((tmp_path / "b/export/coefficients.json").read_text())["opcm"]
+    assert report["experts"] == ["lm0", "lm1", "lm2"] and len(report["norms"]) == 3
+    capsys.readouterr()
+    code = helpers.run_inprocess([f"out_dir={tmp_path}/c", *common, f"method.opcm.continue_from={tmp_path}/a/export"],
+                                 first)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "lm0, lm1 are in the earlier merge already" in err, err

@@ -1,6 +1,6 @@
 """Spherical merges from mergekit, as stages on the stacked task vectors ``[K, ...]`` (adamerge/core/tensor_rules.py
 says how a stage yields a whole merge): SLERP and the Karcher mean of the experts' weights (they read the base,
-``needs_base``), NuSLERP and Multi-SLERP of their task vectors. Each follows mergekit 0.1.5's arithmetic, so that
+``needs_pool``), NuSLERP and Multi-SLERP of their task vectors. Each follows mergekit 0.1.5's arithmetic, so that
 the outputs can be compared on identical inputs (tests/test_streaming.py).
 """
 
@@ -23,7 +23,7 @@ class Slerp(Stage):
     θ = [sin((1 − t)Ω) θ₁ + sin(tΩ) θ₂] / sin Ω with Ω the angle of the flattened tensors, linear where
     |cos Ω| > ``dot_threshold`` (mergekit batches each tensor as one row of its kernel)."""
 
-    needs_base = True
+    needs_pool = True  # the base's tensors: the experts' weights are θ₀ + τ_k
     _CHUNK = 1024 * 1024  # mergekit's chunk of fp32 scratch: the norms are summed chunk by chunk, as there
 
     def __init__(self, t: float, dot_threshold: float = 0.9995):
@@ -33,7 +33,7 @@ class Slerp(Stage):
         _two_experts("slerp", K)
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        w0 = self.base_tensor(name).to(t.device)
+        w0 = self.pool.base_tensor(name).to(t.device)
         v0, v1 = (w0 + t[0]).to(t.dtype), (w0 + t[1]).to(t.dtype)
         dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
         a, b = v0.reshape(1, -1), v1.reshape(1, -1)
@@ -129,13 +129,13 @@ class Karcher(Stage):
     """The Karcher mean of the experts' weights on the hypersphere (mergekit's ``karcher``, no base model): the
     Riemannian mean of their directions, by up to ``max_iter`` tangent steps, scaled to their mean norm."""
 
-    needs_base = True
+    needs_pool = True  # the base's tensors: the experts' weights are θ₀ + τ_k
 
     def __init__(self, max_iter: int = 10, tol: float = 1e-5):
         self.max_iter, self.tol = max_iter, tol
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        w0 = self.base_tensor(name).to(t.device)
+        w0 = self.pool.base_tensor(name).to(t.device)
         tensors = [(w0 + t[k]).to(t.dtype) for k in range(t.shape[0])]
         if len(tensors) == 1:
             return t

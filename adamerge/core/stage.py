@@ -16,8 +16,21 @@ class Stage:
     """One transform: ``fit`` (model-wide statistics, over fresh passes of ``stream``), then ``stage(name, stack)``,
     which changes ``stack`` in place and returns it (the caller owns it: a streamed buffer, or a copy)."""
 
-    needs_base = False  # True: reads the base's tensor (``base_tensor(name)``, bound by ``build_stages``)
-    base_tensor = None
+    needs_pool = False  # True: ``bind(pool)`` is called by ``build_stages`` (the base's tensors, module types, tasks)
+
+    def bind(self, pool) -> None:
+        """Keep what this stage reads from the pool (only called when ``needs_pool``)."""
+        self.pool = pool
+
+    def open_state(self, export_dir) -> None:
+        """A streamed merge is about to call this stage on its last pass, writing the export in ``export_dir``."""
+
+    def write_state(self, export_dir) -> None:
+        """Add what this stage keeps (e.g. what a later run continues from) to the export in ``export_dir``."""
+
+    def report(self) -> dict:
+        """What this stage adds to the export's coefficients.json (e.g. what a later run continues from)."""
+        return {}
 
     def fit(self, stream: Stream, K: int) -> None:
         """Take the statistics this stage needs from the stacks it will be applied to."""

@@ -15,12 +15,12 @@ experts' files (``streamed``, adamerge/streaming.py), so both give the same merg
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from . import isotropic, spherical
+from . import continual, isotropic, spherical
 from . import tensor_rules as rules
 from .stage import Stage
 from .topk import BLOCK_ENTRIES, Stream, column_blocks, topk_thresholds
@@ -193,6 +193,7 @@ TRANSFORMS = {
     "multislerp": lambda c: [spherical.MultiSlerp(c.weights)],
     "karcher": lambda c: [spherical.Karcher(c.max_iter, c.tol)],
     "iso": lambda c: [isotropic.IsoC() if c.common_space_fraction is None else isotropic.IsoCts(c.common_space_fraction)],
+    "opcm": lambda c: [continual.Opcm(c.alpha, c.shuffle, c.seed, c.continue_from)],
     "magmax": lambda c: [rules.MagMax()],
     "lines": lambda c: [Lines(c)] if c not in (None, False) else [],
 }
@@ -203,15 +204,15 @@ def active_transforms(cfg: Any) -> list[str]:
     return [key for key in TRANSFORMS if getattr(cfg, key, None)]
 
 
-def build_stages(cfg: Any, skip: tuple[str, ...] = (), base: Callable[[str], torch.Tensor] | None = None) -> list[Stage]:
-    """The stages of every transform ``cfg`` turns on, in order (``skip``: keys a method applies elsewhere); ``base``
-    (name -> the base's tensor) is given to the stages that read it."""
+def build_stages(cfg: Any, skip: tuple[str, ...] = (), pool=None) -> list[Stage]:
+    """The stages of every transform ``cfg`` turns on, in order (``skip``: keys a method applies elsewhere); ``pool``
+    (a ModelPool) is bound to the stages that read it."""
     stages = [s for key in active_transforms(cfg) if key not in skip for s in TRANSFORMS[key](getattr(cfg, key))]
     for s in stages:
-        if s.needs_base:
-            if base is None:
-                raise ValueError(f"{type(s).__name__} reads the base's tensors: build_stages needs base=")
-            s.base_tensor = base
+        if s.needs_pool:
+            if pool is None:
+                raise ValueError(f"{type(s).__name__} reads the pool: build_stages needs pool=")
+            s.bind(pool)
     return stages
 
 
@@ -248,7 +249,7 @@ def run_stages(tv, stages: list[Stage]):
     return tv
 
 
-def apply_transforms(tv, cfg: Any, skip: tuple[str, ...] = (), base: Callable[[str], torch.Tensor] | None = None):
+def apply_transforms(tv, cfg: Any, skip: tuple[str, ...] = (), pool=None):
     """``tv`` (TaskVectors) after every transform ``cfg`` turns on, in order (``skip``: keys applied elsewhere;
-    ``base``: name -> the base's tensor, for the stages that read it)."""
-    return run_stages(tv, build_stages(cfg, skip, base))
+    ``pool``: for the stages that read it)."""
+    return run_stages(tv, build_stages(cfg, skip, pool))

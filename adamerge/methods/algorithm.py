@@ -21,7 +21,7 @@ from ..core.lora_factors import check_lora_key
 from ..core.merged_model import MergedModel
 from ..core.sharded import ShardedTaskVectors
 from ..core.task_vectors import TaskVectors, resolve_dtype, select_names
-from ..core.transforms import active_transforms, apply_transforms, build_stages
+from ..core.transforms import active_transforms, build_stages, run_stages
 from ..errors import ConfigError
 from ..pool.model_pool import ModelPool
 from .method_config import MethodConfig
@@ -67,6 +67,7 @@ class MergeAlgorithm(nn.Module):
         slices only. Without it they are read whole and sliced when training starts (``MergeMethod.setup``)."""
         super().__init__()
         self.shard_slice = shard_slice
+        self.stages = []  # the data-free transforms applied (core/transforms.py): their reports join ours
         tv_cfg = dict(task_vectors or {})
         self.cfg = self.parse_config(method)
         self.method_cfg = self.cfg.as_dict()
@@ -108,7 +109,8 @@ class MergeAlgorithm(nn.Module):
                 keep_unchanged=bool(tv_cfg.get("keep_unchanged", False)),
                 factorize=self.lora_factorized(pool, tv_cfg.get("lora", "auto")),
             )
-            tv = apply_transforms(tv, self.cfg, skip=skip, base=pool.base_tensor)
+            self.stages = build_stages(self.cfg, skip, pool)
+            tv = run_stages(tv, self.stages)
         log.info("task vectors: %d experts, %d tensors, %d bytes (%s%s)", tv.K, len(tv), tv.nbytes(),
                  tv_cfg.get("dtype", "float32"), ", LoRA factorized" if tv.factors is not None else
                  ", memory-mapped from disk" if tv_cfg.get("device") == "disk" else "")
@@ -129,7 +131,7 @@ class MergeAlgorithm(nn.Module):
             raise ConfigError("task_vectors.device=disk holds the experts' own task vectors; method.start_from "
                               "re-expresses them in memory (use task_vectors.device=cpu)")
         names = select_names(pool.shared_names(), tv_cfg.get("include") or None, tv_cfg.get("exclude") or None)
-        stages = build_stages(self.cfg, skip, pool.base_tensor)
+        stages = self.stages = build_stages(self.cfg, skip, pool)
         key = {"pool": self.fingerprint, "names": names, "dtype": tv_cfg.get("dtype", "float32"),
                "keep_unchanged": bool(tv_cfg.get("keep_unchanged", False)),
                "transforms": {k: getattr(self.cfg, k) for k in active_transforms(self.cfg) if k not in skip}}
@@ -233,4 +235,6 @@ class MergeAlgorithm(nn.Module):
             rep["chunks"] = dict(zip(self.merged.names, c.chunk_counts))
         if self.merged.mask is not None:
             rep["mask_sparsity"] = dict(zip(self.merged.names, self.merged.mask.sparsity()))
+        for s in self.stages:
+            rep.update(s.report())
         return rep

@@ -22,13 +22,14 @@ from .transform_config import (
     ModelStockConfig,
     MultiSlerpConfig,
     NuSlerpConfig,
+    OpcmConfig,
     SceConfig,
     SlerpConfig,
     TiesConfig,
 )
 
 # keys whose rule (adamerge/core/tensor_rules.py) is a whole merge: only the data-free ``static`` method takes them
-MERGE_RULES = ("sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "iso", "magmax")
+MERGE_RULES = ("sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "iso", "opcm", "magmax")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class MethodConfig(ConfigSection):
     multislerp: MultiSlerpConfig | None = None
     karcher: KarcherConfig | None = None
     iso: IsoConfig | None = None
+    opcm: OpcmConfig | None = None
     magmax: bool | None = None  # MagMax: per entry, the task vector of largest magnitude
     lines: bool | dict | None = None  # LiNeS layer scaling: false | true | {alpha, beta, pattern}
 

@@ -130,3 +130,15 @@ class NuSlerpConfig(ConfigSection):
 
     def check(self, prefix: str) -> None:
         check_range(self.t, f"{prefix}.t", 0, 1)
+
+
+@dataclass
+class OpcmConfig(ConfigSection):
+    """OPCM: continual merging by orthogonal projection, experts taken one at a time."""
+    alpha: float = 0.5  # share of the running merge's spectrum whose leading block a new task vector is cleaned of
+    shuffle: bool = True  # the experts' order: seeded shuffle (FusionBench's default); false: the pool's order
+    seed: int = 0
+    continue_from: str | None = None  # an earlier opcm export: merge this pool's experts into it
+
+    def check(self, prefix: str) -> None:
+        check_range(self.alpha, f"{prefix}.alpha", 0, 1)
