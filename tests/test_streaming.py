@@ -103,6 +103,8 @@ def merge(pool: dict, out: Path, method: str, stream: str, *extra: str) -> Path:
     ("ties_merging", ("export.max_shard_size=40KB",)),
     ("dare_ties", ("task_vectors.dtype=bfloat16", "export.dtype=bfloat16")),
     ("weight_average", ("task_vectors.exclude=[norm]",)),
+    ("knots_ties", ()),  # the stack changes shape (to the shared basis' coordinates) and back
+    ("opcm", ()),
 ])
 def test_streamed_merge_writes_the_in_memory_merge_bit_for_bit(llama_pool, tmp_path, method, extra):
     from transformers import AutoModelForCausalLM

@@ -111,3 +111,25 @@ def test_opcm_continued_from_an_earlier_export_equals_the_merge_in_one_run(tmp_p
                                  first)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "lm0, lm1 are in the earlier merge already" in err, err
+
+
+def test_knots_coordinates_map_back_to_the_task_vectors_and_ties_runs_on_them():
+    """Without a transform between them, KnotsIn and KnotsOut give the task vectors back; TIES between them counts
+    the coordinates (r per row), not the matrix's entries."""
+    from adamerge.core.knots import KnotsIn, KnotsOut, subspace_alignment
+    from adamerge.core.task_vectors import TaskVectors
+    from adamerge.core.transforms import build_stages, run_stages
+
+    g = torch.Generator().manual_seed(3)
+    stack = torch.stack([torch.randn(48, 4, generator=g) @ torch.randn(4, 32, generator=g) for _ in range(3)])
+    u, coordinates = subspace_alignment(stack)
+    assert coordinates.shape == (3, 12, 32)  # rank 4 each: 12 shared directions
+    torch.testing.assert_close(u.T @ u, torch.eye(12), atol=1e-5, rtol=0)
+    into = KnotsIn()
+    back = KnotsOut(into)("w", into("w", stack.clone()))
+    torch.testing.assert_close(back, stack, atol=1e-5, rtol=1e-5)
+    cfg = StaticMerge.parse_config(yaml.safe_load((helpers.ROOT / "adamerge/configs/method/knots_ties.yaml").read_text()))
+    stages = build_stages(cfg)
+    assert [type(s).__name__ for s in stages] == ["KnotsIn", "TiesTrim", "TiesElect", "DisjointMean", "KnotsOut"]
+    merged = run_stages(TaskVectors({"w": stack.clone()}, ["a", "b", "c"]), stages).tensors["w"]
+    assert merged.shape == stack.shape and not torch.allclose(merged, stack, atol=1e-3)

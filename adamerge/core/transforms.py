@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import continual, isotropic, spherical
+from . import continual, isotropic, knots, spherical
 from . import tensor_rules as rules
 from .stage import Stage
 from .topk import BLOCK_ENTRIES, Stream, column_blocks, topk_thresholds
@@ -181,6 +181,7 @@ def _ties(c: Any) -> list[Stage]:
 # key of the method config -> its stages, built from that key's config; in the order they apply (the merge rules of
 # adamerge/core/tensor_rules.py after the sparsifying transforms, LiNeS' depth scaling last)
 TRANSFORMS = {
+    "knots": lambda c: [],  # placed around the others by build_stages
     "dare": lambda c: [Dare(c.p, c.seed)],
     "della": lambda c: [rules.Della(c.density, c.epsilon, c.seed, c.rescale)],
     "breadcrumbs": lambda c: [Breadcrumbs(c.density, c.gamma)],
@@ -208,6 +209,10 @@ def build_stages(cfg: Any, skip: tuple[str, ...] = (), pool=None) -> list[Stage]
     """The stages of every transform ``cfg`` turns on, in order (``skip``: keys a method applies elsewhere); ``pool``
     (a ModelPool) is bound to the stages that read it."""
     stages = [s for key in active_transforms(cfg) if key not in skip for s in TRANSFORMS[key](getattr(cfg, key))]
+    if getattr(cfg, "knots", None):  # the transforms before LiNeS run on the coordinates of the shared basis
+        into = knots.KnotsIn()
+        depth = len(stages) - sum(isinstance(s, Lines) for s in stages)
+        stages = [into, *stages[:depth], knots.KnotsOut(into), *stages[depth:]]
     for s in stages:
         if s.needs_pool:
             if pool is None:

@@ -54,6 +54,7 @@ class MethodConfig(ConfigSection):
     karcher: KarcherConfig | None = None
     iso: IsoConfig | None = None
     opcm: OpcmConfig | None = None
+    knots: bool | None = None  # KnOTS: the transforms run in the experts' shared SVD basis (adamerge/core/knots.py)
     magmax: bool | None = None  # MagMax: per entry, the task vector of largest magnitude
     lines: bool | dict | None = None  # LiNeS layer scaling: false | true | {alpha, beta, pattern}
 
