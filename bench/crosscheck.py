@@ -100,7 +100,8 @@ def fusionbench_opcm():
 
 
 def fusionbench(case, pool: dict) -> dict:
-    """FusionBench's own function or algorithm (``magmax_merge``, ``iso_c``, ``iso_cts``, ``OPCM``) on the pool's models."""
+    """FusionBench's own function or algorithm (``magmax_merge``, ``iso_c``, ``iso_cts``, ``wudi_merging``, ``OPCM``) on the
+    pool's models: base + α · update."""
     from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
     from fusion_bench.method.magmax.magmax import magmax_merge
     from transformers import AutoModelForCausalLM
@@ -115,10 +116,13 @@ def fusionbench(case, pool: dict) -> dict:
         return dict(algorithm.run(BaseModelPool(models)).state_dict())
     if case.method == "magmax_merge":
         return dict(magmax_merge(load(pool["base"]), experts, case.params["scaling_factor"]).state_dict())
+    from fusion_bench.method.wudi.wudi import wudi_merging
+
     base = load(pool["base"]).state_dict()
     taus = [{n: v - base[n] for n, v in e.state_dict().items()} for e in experts]
     extra = {k: v for k, v in case.params.items() if k != "scaling_factor"}
-    update = {"iso_c": iso_c, "iso_cts": iso_cts}[case.method](taus, accelerator="cpu", **extra)
+    update = {"iso_c": iso_c, "iso_cts": iso_cts, "wudi_merging": wudi_merging}[case.method](
+        taus, accelerator="cpu", **extra)
     return {n: base[n] + case.params["scaling_factor"] * update[n] for n in base}
 
 

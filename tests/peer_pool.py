@@ -79,6 +79,8 @@ PEER_CASES = {  # fixture key prefix -> the case (tests/fixtures/*_merges.safete
     "iso_c": PeerCase("fusionbench", "iso_c", ("method=iso_c",), {"scaling_factor": 1.0}, exact=True),
     "opcm": PeerCase("fusionbench", "OPCM", ("method=opcm", "method.opcm.shuffle=false"),
                      {"alpha": 0.5, "shuffle_order": False}, rtol=1e-5),  # the peer's full SVD, ours reduced
+    "wudi_merging": PeerCase("fusionbench", "wudi_merging", ("method=wudi_merging",),
+                             {"scaling_factor": 1.0, "iter_num": 400}),  # the gradient in another order
     "iso_cts": PeerCase("fusionbench", "iso_cts", ("method=iso_cts",),
                         {"scaling_factor": 1.0, "common_space_fraction": 0.8}, exact=True),
 }

@@ -105,6 +105,7 @@ def merge(pool: dict, out: Path, method: str, stream: str, *extra: str) -> Path:
     ("weight_average", ("task_vectors.exclude=[norm]",)),
     ("knots_ties", ()),  # the stack changes shape (to the shared basis' coordinates) and back
     ("opcm", ()),
+    ("wudi_merging", ("method.wudi.iterations=20",)),
 ])
 def test_streamed_merge_writes_the_in_memory_merge_bit_for_bit(llama_pool, tmp_path, method, extra):
     from transformers import AutoModelForCausalLM

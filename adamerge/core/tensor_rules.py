@@ -125,3 +125,30 @@ class MagMax(Stage):
         for k in range(1, t.shape[0]):
             best = torch.where(t[k].abs() >= best.abs(), t[k], best)
         return _one_update(t, best)
+
+
+class Wudi(Stage):
+    """WUDI merging (Cheng et al., "Whoever Started the Interference Should End It", ICML 2025, arXiv 2503.08099;
+    FusionBench's ``wudi_merging``): per matrix, the merged update m, from Σ_k τ_k, takes ``iterations`` Adam steps
+    (lr ``lr``) on Σ_k ‖(m − τ_k) τ_kᵀ‖² / ‖τ_k‖², the interference of m with each task's own input directions; other
+    tensors take the mean. Data-free: each matrix is its own small optimisation, so it streams. The gradient,
+    2 Σ_k (m − τ_k) τ_kᵀ τ_k / ‖τ_k‖², is formed in whichever order is cheaper (never the O × O product for a tall
+    matrix such as an embedding)."""
+
+    def __init__(self, iterations: int, lr: float):
+        self.iterations, self.lr = iterations, lr
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        taus = t.float()
+        if t.dim() != 3:
+            return _one_update(t, taus.sum(0) / t.shape[0])
+        merged = torch.nn.Parameter(taus.sum(0))
+        optimizer = torch.optim.Adam([merged], lr=self.lr, weight_decay=0)
+        sq_norms = taus.flatten(1).square().sum(1).view(-1, 1, 1)
+        grams = taus.transpose(1, 2) @ taus if t.shape[1] > t.shape[2] else None  # [K, I, I] for tall matrices
+        for _ in range(self.iterations):
+            disturbing = merged.detach().unsqueeze(0) - taus
+            inner = disturbing @ grams if grams is not None else (disturbing @ taus.transpose(1, 2)) @ taus
+            merged.grad = (2 * inner / sq_norms).sum(0)
+            optimizer.step()
+        return _one_update(t, merged.detach())

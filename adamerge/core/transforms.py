@@ -1,5 +1,5 @@
 """The data-free task-vector transforms, as one ordered list: DARE, DELLA, Breadcrumbs, TIES, consensus, the per-tensor
-merge rules (SCE, Model Stock, MagMax: adamerge/core/tensor_rules.py; SLERP, NuSLERP, Multi-SLERP, Karcher:
+merge rules (SCE, Model Stock, WUDI, MagMax: adamerge/core/tensor_rules.py; SLERP, NuSLERP, Multi-SLERP, Karcher:
 adamerge/core/spherical.py; Iso-C, Iso-CTS: adamerge/core/isotropic.py), LiNeS.
 
 A method config turns each on with its key (``method.dare``, ``method.ties``, ``method.consensus``,
@@ -195,6 +195,7 @@ TRANSFORMS = {
     "karcher": lambda c: [spherical.Karcher(c.max_iter, c.tol)],
     "iso": lambda c: [isotropic.IsoC() if c.common_space_fraction is None else isotropic.IsoCts(c.common_space_fraction)],
     "opcm": lambda c: [continual.Opcm(c.alpha, c.shuffle, c.seed, c.continue_from)],
+    "wudi": lambda c: [rules.Wudi(c.iterations, c.lr)],
     "magmax": lambda c: [rules.MagMax()],
     "lines": lambda c: [Lines(c)] if c not in (None, False) else [],
 }

@@ -26,10 +26,11 @@ from .transform_config import (
     SceConfig,
     SlerpConfig,
     TiesConfig,
+    WudiConfig,
 )
 
 # keys whose rule (adamerge/core/tensor_rules.py) is a whole merge: only the data-free ``static`` method takes them
-MERGE_RULES = ("sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "iso", "opcm", "magmax")
+MERGE_RULES = ("sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "iso", "opcm", "wudi", "magmax")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class MethodConfig(ConfigSection):
     karcher: KarcherConfig | None = None
     iso: IsoConfig | None = None
     opcm: OpcmConfig | None = None
+    wudi: WudiConfig | None = None
     knots: bool | None = None  # KnOTS: the transforms run in the experts' shared SVD basis (adamerge/core/knots.py)
     magmax: bool | None = None  # MagMax: per entry, the task vector of largest magnitude
     lines: bool | dict | None = None  # LiNeS layer scaling: false | true | {alpha, beta, pattern}

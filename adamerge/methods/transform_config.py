@@ -142,3 +142,14 @@ class OpcmConfig(ConfigSection):
 
     def check(self, prefix: str) -> None:
         check_range(self.alpha, f"{prefix}.alpha", 0, 1)
+
+
+@dataclass
+class WudiConfig(ConfigSection):
+    """WUDI: per matrix, Adam steps on the merged update's interference with each task vector's input directions."""
+    iterations: int = 400  # FusionBench's iter_num
+    lr: float = 1e-5
+
+    def check(self, prefix: str) -> None:
+        check_range(self.iterations, f"{prefix}.iterations", 0)
+        check_range(self.lr, f"{prefix}.lr", 0, strict_lo=True)
