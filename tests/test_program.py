@@ -26,3 +26,20 @@ def test_a_python_caller_runs_the_program_without_the_command_line(tiny_pool_cfg
 def test_train_py_is_a_shim():
     """The command line only composes the config and hands it to the program."""
     assert len((helpers.ROOT / "train.py").read_text().splitlines()) <= 60
+
+
+def test_threads_sets_torchs_cpu_threads_and_a_bad_value_is_one_line(tmp_path, capsys):
+    import torch
+    from peer_pool import make_seeded_llama_pool
+
+    pool = make_seeded_llama_pool(tmp_path / "pool")
+    before = torch.get_num_threads()
+    try:
+        helpers.train_here(pool, tmp_path / "run", "method=task_arithmetic", "evaluate.enabled=false", "threads=1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    code = helpers.run_inprocess([f"out_dir={tmp_path}/bad", "method=task_arithmetic", "threads=0"], pool)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "'threads'" in err, err

@@ -133,3 +133,4 @@ def test_knots_coordinates_map_back_to_the_task_vectors_and_ties_runs_on_them():
     assert [type(s).__name__ for s in stages] == ["KnotsIn", "TiesTrim", "TiesElect", "DisjointMean", "KnotsOut"]
     merged = run_stages(TaskVectors({"w": stack.clone()}, ["a", "b", "c"]), stages).tensors["w"]
     assert merged.shape == stack.shape and not torch.allclose(merged, stack, atol=1e-3)
+

@@ -216,6 +216,7 @@ def check_config(c: dict) -> None:
             raise ConfigError(f"config group '{group}' is missing or not a mapping")
         schema.parse(c[group], prefix=group)
     check_number(c, "seed", 0, integer=True, optional=False)
+    check_number(c, "threads", 1, integer=True)
     check_number(c, "trainer.max_steps", -1, integer=True)
     check_shard(c)
     for key in ("resume", "out_dir"):

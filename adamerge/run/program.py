@@ -63,6 +63,10 @@ def run_locked(cfg: DictConfig, out_dir: Path, rank_zero: bool) -> dict:
     if not trains and c["resume"]:
         log.warning("method %s does not train, so it has nothing to resume: resume=%s ignored",
                     c["method"]["id"], c["resume"])
+    if c.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(c["threads"]))
     c["pool"] = resolve_recipe(c["pool"], PACKAGE)  # a recipe builds its experts first (once)
     if should_stream(c):  # a data-free merge, one tensor at a time from the experts' files into the export
         stream_run(c, out_dir, run_config if rank_zero else {})
