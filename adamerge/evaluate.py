@@ -72,6 +72,15 @@ def merge_accuracies(pool, merged: dict[str, torch.Tensor], test_sets: TestSets,
                            test_sets, batch_size)
 
 
+def task_model_accuracies(pool, params_for_task: Callable[[str], dict[str, torch.Tensor]], test_sets: TestSets,
+                          batch_size: int = 64) -> dict[str, float]:
+    """Accuracy per task of each task's own merged model (``params_for_task(task)``) with its head."""
+    base = pool.base_model
+    device = next(base.parameters()).device
+    return evaluate_params(base, lambda t: {**{n: v.to(device) for n, v in params_for_task(t).items()},
+                                            **{n: v.to(device) for n, v in pool.head(t).items()}}, test_sets, batch_size)
+
+
 def expert_row(pool, test_sets: TestSets, batch_size: int = 64, base: torch.nn.Module | None = None) -> dict[str, float]:
     """Each expert on its own task (the ceiling), run on ``base`` (default: the pool's) where it lives."""
     base = base if base is not None else pool.base_model

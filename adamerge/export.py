@@ -132,7 +132,8 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
 
     report = method.report()
     return write_export(pool, export_dir, write_model, lambda: report, overwrite, extra, losses, method_cfg,
-                        task_models, dtype, max_shard_size, lora_method=method, stages=method.stages)
+                        task_models, dtype, max_shard_size, lora_method=method, stages=method.stages,
+                        task_state=method.task_params if getattr(method, "per_task", False) else None)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -149,11 +150,14 @@ def in_dtype(t: torch.Tensor, dtype: str | None) -> torch.Tensor:
 def write_export(pool, export_dir: str | Path, write_model, make_report, overwrite: bool = False,
                  extra: dict[str, str] | None = None, losses: list[tuple[int, float]] | None = None,
                  method_cfg: dict | None = None, task_models: bool = True, dtype: str | None = None,
-                 max_shard_size: str | None = None, lora_method=None, plot: bool = True, stages=()) -> Path:
+                 max_shard_size: str | None = None, lora_method=None, plot: bool = True, stages=(),
+                 task_state=None) -> Path:
     """The export directory, atomically: ``write_model(model_dir)`` writes the merged model's weights and config
     (in memory: ``export_merged``; streamed: adamerge/streaming.py), then everything around them — tokenizer,
     LoRA adapter (``lora_method``'s merge, where it is one), heads, ``make_report()``'s coefficients (and their
-    heatmap with ``plot``), per-task models, model card, and what the transform ``stages`` keep (``write_state``)."""
+    heatmap with ``plot``), per-task models, model card, and what the transform ``stages`` keep (``write_state``).
+    ``task_state(task)`` (a method with one model per task): that task's merged tensors, written into its
+    ``tasks/<task>`` model, for every model family."""
     shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
 
     def write(tmp: Path) -> None:
@@ -192,10 +196,13 @@ def write_export(pool, export_dir: str | Path, write_model, make_report, overwri
             plot_coefficients(report, tmp / "coefficients.png", losses)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        if task_models and pool.family.task_models:
+        if task_models and (pool.family.task_models or task_state is not None):
             # model/ is the backbone alone: give each task a directory from_pretrained serves as is (a backbone copy each)
             for task in pool.tasks:
                 task_model = load_task_model(tmp, task)
+                if task_state is not None:  # its own merged tensors (names as in the pool's full model)
+                    own = {n: in_dtype(v, dtype).cpu() for n, v in task_state(task).items()}
+                    task_model.load_state_dict(own, strict=False)
                 (task_model.to(getattr(torch, dtype)) if dtype else task_model).save_pretrained(tmp / "tasks" / task,
                                                                                                 **shards)
                 if tok is not None:

@@ -44,6 +44,8 @@ def refusal(c: dict) -> str | None:
     cls = get_method(c["method"]["name"])
     if cls is not StaticMerge:
         return f"method {c['method'].get('id')} is not a per-tensor data-free merge"
+    if c["method"].get("task_masks"):
+        return "a model per task (method.task_masks) is evaluated and exported in memory"
     if c["method"].get("start_from"):
         return "method.start_from re-expresses the task vectors against a merge held in memory"
     if c["evaluate"]["enabled"]:

@@ -114,6 +114,13 @@ def fusionbench(case, pool: dict) -> dict:
         models = {"_pretrained_": load(pool["base"]), **dict(zip(pool["tasks"], experts))}
         algorithm = fusionbench_opcm()(**case.params, seed=None, save_on_every_step=False, evaluate_on_every_step=False)
         return dict(algorithm.run(BaseModelPool(models)).state_dict())
+    if case.method == "emr_merge":  # the task's own model: base + its rescaler · its mask ⊙ the unified vector
+        from fusion_bench.method.emr_merging.utils import emr_merge
+
+        base = load(pool["base"]).state_dict()
+        unified, masks, rescalers = emr_merge([{n: v - base[n] for n, v in e.state_dict().items()} for e in experts])
+        k = list(pool["tasks"]).index(case.task)
+        return {n: base[n] + rescalers[k] * masks[n][k] * unified[n] for n in base}
     if case.method == "magmax_merge":
         return dict(magmax_merge(load(pool["base"]), experts, case.params["scaling_factor"]).state_dict())
     from fusion_bench.method.wudi.wudi import wudi_merging
@@ -127,13 +134,15 @@ def fusionbench(case, pool: dict) -> dict:
 
 
 def adamerge(case, pool: dict, tmp: Path) -> dict:
-    """The case through train.py (streamed), every tensor of its export."""
+    """The case through train.py (streamed where it can), every tensor of its export's model (or task's model)."""
     import helpers
 
+    stream = "auto" if case.task else "true"  # a model per task is merged in memory
     code = helpers.run_inprocess([f"out_dir={tmp}/adamerge", *case.adamerge, "evaluate.enabled=false",
-                                  "task_vectors.stream=true"], pool)
+                                  f"task_vectors.stream={stream}"], pool)
     assert code == 0, f"train.py exited with {code}"
-    return model_tensors(tmp / "adamerge" / "export" / "model")
+    export = tmp / "adamerge" / "export"
+    return model_tensors(export / "tasks" / case.task if case.task else export / "model")
 
 
 def main() -> None:

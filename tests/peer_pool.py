@@ -44,6 +44,7 @@ class PeerCase:
     experts: int | None = None  # the first n experts only (None: all)
     exact: bool = False  # equal to the last bit; else to float rounding (the peer sums or divides in another order)
     rtol: float = 1e-6  # the rounding allowed when not exact, relative to each tensor's largest entry
+    task: str | None = None  # a method with one model per task: compare that task's (export/tasks/<task>)
 
 
 PEER_CASES = {  # fixture key prefix -> the case (tests/fixtures/*_merges.safetensors, written by bench/crosscheck.py)
@@ -81,6 +82,7 @@ PEER_CASES = {  # fixture key prefix -> the case (tests/fixtures/*_merges.safete
                      {"alpha": 0.5, "shuffle_order": False}, rtol=1e-5),  # the peer's full SVD, ours reduced
     "wudi_merging": PeerCase("fusionbench", "wudi_merging", ("method=wudi_merging",),
                              {"scaling_factor": 1.0, "iter_num": 400}),  # the gradient in another order
+    "emr_merging": PeerCase("fusionbench", "emr_merge", ("method=emr_merging",), task="lm1", exact=True),
     "iso_cts": PeerCase("fusionbench", "iso_cts", ("method=iso_cts",),
                         {"scaling_factor": 1.0, "common_space_fraction": 0.8}, exact=True),
 }

@@ -186,7 +186,7 @@ def test_a_nan_found_while_streaming_is_one_line_and_writes_nothing(llama_pool, 
     assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.tmp-*"))
 
 
-@pytest.mark.parametrize("case", sorted(PEER_CASES))
+@pytest.mark.parametrize("case", sorted(c for c in PEER_CASES if not PEER_CASES[c].task))
 @pytest.mark.parametrize("stream", ["true", "false"])
 def test_per_tensor_merges_equal_the_peers_own_output(tmp_path, case, stream):
     """Each merge on the seeded pool equals its peer's output there (mergekit 0.1.5, FusionBench 0.2.33; committed

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import yaml
-from peer_pool import make_seeded_llama_pool
+from peer_pool import PEER_CASES, make_seeded_llama_pool
 
 import helpers
 from adamerge.core.tensor_rules import Della, ModelStock, Sce
@@ -134,3 +134,54 @@ def test_knots_coordinates_map_back_to_the_task_vectors_and_ties_runs_on_them():
     merged = run_stages(TaskVectors({"w": stack.clone()}, ["a", "b", "c"]), stages).tensors["w"]
     assert merged.shape == stack.shape and not torch.allclose(merged, stack, atol=1e-3)
 
+
+
+def test_emr_gives_each_task_fusionbenchs_model_and_stores_it_as_one_vector_and_bit_masks(tmp_path):
+    """EMR merging's per-task model (export/tasks/<task>) equals FusionBench 0.2.33's on the seeded pool to the last
+    bit (bench/crosscheck.py), and the compact export (the unified vector, packed masks, scales) rebuilds it."""
+    from safetensors.torch import load_file
+    from test_streaming import model_tensors
+
+    from adamerge.core.task_masks import read_task_update
+
+    pool = make_seeded_llama_pool(tmp_path / "pool")
+    helpers.train_here(pool, tmp_path / "run", *PEER_CASES["emr_merging"].adamerge, "evaluate.enabled=false")
+    export = tmp_path / "run" / "export"
+    fixture = load_file(str(helpers.ROOT / "tests" / "fixtures" / "fusionbench_merges.safetensors"))
+    got = model_tensors(export / "tasks" / "lm1")
+    want = {n.split("/", 1)[1]: t for n, t in fixture.items() if n.startswith("emr_merging/")}
+    assert len(want) == 5 and all(torch.equal(got[n], t) for n, t in want.items())
+    scales = json.loads((export / "coefficients.json").read_text())["task_masks"]["scales"]
+    base = load_file(pool["base"] + "/model.safetensors")
+    rebuilt = read_task_update(export, 1, scales[1])
+    assert all(torch.equal(base[n] + u, got[n]) for n, u in rebuilt.items())
+    packed = (export / "task_masks" / "masks.safetensors").stat().st_size
+    assert packed < sum(t.numel() for t in base.values())  # 3 tasks' masks: 3 bits an entry, under a byte
+
+
+@pytest.mark.parametrize("method", ["emr_merging", "tall_masks"])
+def test_a_model_per_task_is_evaluated_per_task_and_served_from_its_directory(tiny_pool_cfg, tmp_path, method):
+    """The table has each task's own model and their average; export/tasks/<task> is the task's own model."""
+    from transformers import AutoModelForSequenceClassification
+
+    from adamerge.core.task_masks import TaskMasks
+    from adamerge.export import load_task_model
+
+    assert helpers.run_inprocess([f"out_dir={tmp_path / 'run'}", f"method={method}",
+                                  "evaluate.reference_rows=false"], tiny_pool_cfg) == 0
+    rows = json.loads((tmp_path / "run" / "eval.json").read_text())["rows"]
+    assert {f"{method} (each task's own model)", f"{method} (average of the task models)"} <= set(rows)
+    export = tmp_path / "run" / "export"
+    served = {t: AutoModelForSequenceClassification.from_pretrained(str(export / "tasks" / t)) for t in ("task0", "task1")}
+    backbones = [served[t].base_model.state_dict() for t in served]
+    assert any(not torch.equal(backbones[0][n], backbones[1][n]) for n in backbones[0])
+    average = load_task_model(export, "task0").base_model.state_dict()  # export/model: the task models' average
+    assert any(not torch.equal(backbones[0][n], average[n]) for n in average)
+    if method == "tall_masks":  # the authors' rule: |τ_t| > λ |Σ τ − τ_t|, then the summed vector where it holds
+        g = torch.Generator().manual_seed(0)
+        t = torch.randn(3, 8, 5, generator=g)
+        stage = TaskMasks("tall", 0.4)
+        stage.fit(lambda: [("w", t)], 3)
+        rows = stage("w", t.clone())
+        total = t.sum(0)
+        torch.testing.assert_close(rows, (t.abs() > 0.4 * (total - t).abs()) * total)

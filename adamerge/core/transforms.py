@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import continual, isotropic, knots, spherical
+from . import continual, isotropic, knots, spherical, task_masks
 from . import tensor_rules as rules
 from .stage import Stage
 from .topk import BLOCK_ENTRIES, Stream, column_blocks, topk_thresholds
@@ -197,6 +197,7 @@ TRANSFORMS = {
     "opcm": lambda c: [continual.Opcm(c.alpha, c.shuffle, c.seed, c.continue_from)],
     "wudi": lambda c: [rules.Wudi(c.iterations, c.lr)],
     "magmax": lambda c: [rules.MagMax()],
+    "task_masks": lambda c: [task_masks.TaskMasks(c.rule, c.lam)],
     "lines": lambda c: [Lines(c)] if c not in (None, False) else [],
 }
 

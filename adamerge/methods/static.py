@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..core.coefficients import Coefficients
 from ..core.task_vectors import TaskVectors
 from .algorithm import MergeAlgorithm
@@ -35,6 +37,22 @@ class StaticMerge(MergeAlgorithm):
     def scale(cfg: StaticConfig, K: int) -> float:
         """λ: the config's ``scale``, or 1/K (weight average)."""
         return 1.0 / K if cfg.scale is None else float(cfg.scale)
+
+    @property
+    def per_task(self) -> bool:
+        """Whether each task has its own model, θ0 + row k of the transformed task vectors (``task_masks``)."""
+        return self.cfg.task_masks is not None
+
+    def task_params(self, task: str) -> dict[str, torch.Tensor]:
+        """Task ``task``'s own model's merged tensors (``per_task`` methods): the merge with a one-hot coefficient."""
+        raw = self.merged.coefficients.raw
+        kept = raw.data.clone()
+        raw.data.zero_()
+        raw.data[self.merged.task_names.index(task)] = 1.0
+        try:
+            return {n: v.detach().clone() for n, v in self.merged.merged_params().items()}
+        finally:
+            raw.data.copy_(kept)
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
         coefs = Coefficients(tv.K, len(tv), granularity="task", init=self.scale(self.cfg, tv.K))

@@ -153,3 +153,13 @@ class WudiConfig(ConfigSection):
     def check(self, prefix: str) -> None:
         check_range(self.iterations, f"{prefix}.iterations", 0)
         check_range(self.lr, f"{prefix}.lr", 0, strict_lo=True)
+
+
+@dataclass
+class TaskMasksConfig(ConfigSection):
+    """One model per task: a shared vector and a binary mask per task (EMR merging, TALL masks)."""
+    rule: Literal["emr", "tall"] = "emr"
+    lam: float = 0.4  # TALL masks: keep entries where |τ_t| > lam · |Σ τ − τ_t|
+
+    def check(self, prefix: str) -> None:
+        check_range(self.lam, f"{prefix}.lam", 0)
