@@ -72,13 +72,19 @@ def merge_accuracies(pool, merged: dict[str, torch.Tensor], test_sets: TestSets,
                            test_sets, batch_size)
 
 
-def task_model_accuracies(pool, params_for_task: Callable[[str], dict[str, torch.Tensor]], test_sets: TestSets,
-                          batch_size: int = 64) -> dict[str, float]:
-    """Accuracy per task of each task's own merged model (``params_for_task(task)``) with its head."""
-    base = pool.base_model
-    device = next(base.parameters()).device
-    return evaluate_params(base, lambda t: {**{n: v.to(device) for n, v in params_for_task(t).items()},
-                                            **{n: v.to(device) for n, v in pool.head(t).items()}}, test_sets, batch_size)
+def merged_rows(method, label: str, merged: dict[str, torch.Tensor], test_sets: TestSets,
+                batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """The merge's row of the table; for a method with one model per task (``per_task``), each task's own model's
+    row and their average's (``merged``)."""
+    pool = method.pool
+    if not getattr(method, "per_task", False):
+        return {label: merge_accuracies(pool, merged, test_sets, batch_size)}
+    device = next(pool.base_model.parameters()).device
+    own = evaluate_params(pool.base_model, lambda t: {**{n: v.to(device) for n, v in method.task_params(t).items()},
+                                                      **{n: v.to(device) for n, v in pool.head(t).items()}},
+                          test_sets, batch_size)
+    return {f"{label} (average of the task models)": merge_accuracies(pool, merged, test_sets, batch_size),
+            f"{label} (each task's own model)": own}
 
 
 def expert_row(pool, test_sets: TestSets, batch_size: int = 64, base: torch.nn.Module | None = None) -> dict[str, float]:

@@ -204,10 +204,10 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
         load_test_sets,
         markdown,
         merge_accuracies,
+        merged_rows,
         reference_rows,
         save_report,
         summarize,
-        task_model_accuracies,
     )
     from .start_vs_end import exported_note
     from .states import merged_at, merged_now
@@ -227,13 +227,7 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
     rows = reference_rows(pool, tests, bs) if c["evaluate"]["reference_rows"] else {}
     if start_state is not None and c["evaluate"]["start_row"]:
         rows[method.start_label()] = accuracies(merged_at(method, start_state))
-    label = c["method"]["id"] + exported_note(selection)
-    if getattr(method, "per_task", False):  # one model per task: each task on its own, and their average
-        rows[label + " (average of the task models)"] = accuracies(merged_now(method))
-        label += " (each task's own model)"
-        rows[label] = task_model_accuracies(pool, method.task_params, tests, bs)
-    else:
-        rows[label] = accuracies(merged_now(method))
+    rows.update(merged_rows(method, c["method"]["id"] + exported_note(selection), merged_now(method), tests, bs))
     summary = summarize(rows)
     save_report(summary, out_dir)
     table = markdown(summary)
