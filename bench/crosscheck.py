@@ -133,6 +133,31 @@ def fusionbench(case, pool: dict) -> dict:
     return {n: base[n] + case.params["scaling_factor"] * update[n] for n in base}
 
 
+def knots_alignment_row() -> str:
+    """KnOTS: FusionBench ships only its ``subspace_alignment`` (no merge); adamerge's against it on a seeded stack of
+    three rank-6 updates (U and every S·V_k)."""
+    import importlib.util
+
+    import fusion_bench
+    import torch
+
+    from adamerge.core.knots import subspace_alignment
+
+    path = Path(fusion_bench.__file__).parent / "method" / "knots" / "knots_utils.py"
+    spec = importlib.util.spec_from_file_location("knots_utils", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    g = torch.Generator().manual_seed(0)
+    stack = torch.stack([torch.randn(48, 6, generator=g) @ torch.randn(6, 32, generator=g) for _ in range(3)])
+    u_peer, s_peer, vs_peer = module.subspace_alignment(list(stack), svd_dtype=torch.float64, eps=1e-5)
+    u, coordinates = subspace_alignment(stack)
+    peer = [u_peer] + [torch.diag(s_peer) @ v for v in vs_peer]
+    ours = [u, *coordinates]
+    rel = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(ours, peer))
+    equal = all(torch.equal(a, b) for a, b in zip(ours, peer))
+    return f"| knots (alignment) | fusionbench | `subspace_alignment` | 4 | {rel:.1e} | {'yes' if equal else 'no'} |"
+
+
 def adamerge(case, pool: dict, tmp: Path) -> dict:
     """The case through train.py (streamed where it can), every tensor of its export's model (or task's model)."""
     import helpers
@@ -176,6 +201,9 @@ def main() -> None:
                         f"{'yes' if equal else 'no'} |")
             print(rows[-1], flush=True)
             fixtures[case.peer.split("-")[0]].update({f"{name}/{n}": peer[n].contiguous() for n in FIXTURE_TENSORS})
+    if args.fusionbench:
+        rows.append(knots_alignment_row())
+        print(rows[-1], flush=True)
     print("\n".join(rows))
     if args.write_fixtures:
         versions = {"mergekit": {"mergekit": "0.1.5"}, "fusionbench": {"fusion_bench": "0.2.33"}}
