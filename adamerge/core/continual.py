@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .stage import Stage
-from .tensor_rules import _one_update
+from .stage import Stage, one_update
 
 STATE_DIR = "opcm"  # in the export: R_T, float32, one tensor per merged tensor
 
@@ -120,7 +119,7 @@ class Opcm(Stage):
             self.sink.write(name, r)
         else:
             self.kept[name] = r
-        return _one_update(t, r / self.lam)
+        return one_update(t, r / self.lam)
 
     def open_state(self, export_dir: Path) -> None:
         from ..safetensors_writer import StreamedCheckpoint

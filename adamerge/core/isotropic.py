@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .stage import Stage
-from .tensor_rules import _one_update
+from .stage import Stage, one_update
 
 
 def _svd_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -32,7 +31,7 @@ class IsoC(Stage):
         if t.dim() == 3:
             update *= K
             update = _isotropic(*torch.linalg.svd(update, full_matrices=False))
-        return _one_update(stack, update)
+        return one_update(stack, update)
 
 
 class IsoCts(Stage):
@@ -49,7 +48,7 @@ class IsoCts(Stage):
             mean = t[0].clone()
             for i in range(1, K):
                 mean += (t[i] - mean) / (i + 1)
-            return _one_update(stack, mean)
+            return one_update(stack, mean)
         rank = min(t.shape[1:])
         common = int(rank * self.common_space_fraction)
         common = rank - round((rank - common) / K) * K
@@ -67,4 +66,4 @@ class IsoCts(Stage):
         all_v[K * per_task:K * per_task + common, :] = cv
         uu, _, uv = torch.linalg.svd(all_u, full_matrices=False)  # the nearest orthonormal bases
         vu, _, vv = torch.linalg.svd(all_v, full_matrices=False)
-        return _one_update(stack, _isotropic(uu @ uv, all_s, vu @ vv))
+        return one_update(stack, _isotropic(uu @ uv, all_s, vu @ vv))

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .stage import Stage
-from .tensor_rules import _one_update
+from .stage import Stage, one_update
 
 
 def _two_experts(name: str, K: int) -> None:
@@ -39,7 +38,7 @@ class Slerp(Stage):
         a, b = v0.reshape(1, -1), v1.reshape(1, -1)
         tt = torch.tensor(self.t).reshape(-1, 1).to(dtype)
         if not a.shape[1]:
-            return _one_update(t, ((1 - tt) * a + tt * b).reshape(v0.shape) - w0)
+            return one_update(t, ((1 - tt) * a + tt * b).reshape(v0.shape) - w0)
         step = max(1, self._CHUNK // a.shape[0])
         chunks = range(0, a.shape[1], step)
         norm_a = torch.linalg.vector_norm(torch.stack(
@@ -56,7 +55,7 @@ class Slerp(Stage):
         result = torch.empty_like(a)
         for i in chunks:
             result[:, i:i + step] = coef_a * a[:, i:i + step].to(dtype) + coef_b * b[:, i:i + step].to(dtype)
-        return _one_update(t, result.reshape(v0.shape) - w0)
+        return one_update(t, result.reshape(v0.shape) - w0)
 
 
 class NuSlerp(Stage):
@@ -85,7 +84,7 @@ class NuSlerp(Stage):
         result = torch.where(colinear, (1 - self.t) * v0 + self.t * v1, result)
         if self.row_wise and not self.flatten:
             result = result.transpose(0, -1)
-        return _one_update(t, result.reshape(t.shape[1:]))
+        return one_update(t, result.reshape(t.shape[1:]))
 
 
 
@@ -114,7 +113,7 @@ class MultiSlerp(Stage):
         mean_norm = torch.norm(mean)
         if mean_norm < eps:
             if K == 2:
-                return _one_update(t, (t[0] * w[0] + t[1] * w[1]))
+                return one_update(t, (t[0] * w[0] + t[1] * w[1]))
             raise ConfigError(f"multislerp: the weighted mean direction of tensor {name} is zero (antipodal task "
                               "vectors); choose other method.multislerp.weights")
         mean = mean / mean_norm
@@ -122,7 +121,7 @@ class MultiSlerp(Stage):
         tangent = (tangents * w.view(-1, 1)).sum(0)
         tangent_norm = torch.norm(tangent) + eps
         result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
-        return _one_update(t, (result * (norms.squeeze(-1) * w).sum()).view(t.shape[1:]))
+        return one_update(t, (result * (norms.squeeze(-1) * w).sum()).view(t.shape[1:]))
 
 
 class Karcher(Stage):
@@ -139,7 +138,7 @@ class Karcher(Stage):
         tensors = [(w0 + t[k]).to(t.dtype) for k in range(t.shape[0])]
         if len(tensors) == 1:
             return t
-        return _one_update(t, self.mean(tensors, [1.0 / len(tensors)] * len(tensors)) - w0)
+        return one_update(t, self.mean(tensors, [1.0 / len(tensors)] * len(tensors)) - w0)
 
     def mean(self, tensors: list[torch.Tensor], alphas: list[float]) -> torch.Tensor:
         tol = self.tol

@@ -40,3 +40,10 @@ class Stage:
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def one_update(t: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``update`` in row 0 and zeros elsewhere: Σ_k λ τ̃_k = λ · update."""
+    t[0].copy_(update)
+    t[1:].zero_()
+    return t

@@ -13,14 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .stage import Stage
-
-
-def _one_update(t: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """``t`` with ``update`` in row 0 and zeros elsewhere: Σ_k λ τ̃_k = λ · update."""
-    t[0].copy_(update)
-    t[1:].zero_()
-    return t
+from .stage import Stage, one_update
 
 
 class Della(Stage):
@@ -84,7 +77,7 @@ class Sce(Stage):
         majority = (deltas.sum(dim=0) >= 0).to(t.dtype) * 2 - 1
         erased = weights * (deltas.sign() == majority).to(t.dtype)
         update = (deltas * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
-        return _one_update(t, update)
+        return one_update(t, update)
 
 
 class ModelStock(Stage):
@@ -124,7 +117,7 @@ class MagMax(Stage):
         best = t[0].clone()
         for k in range(1, t.shape[0]):
             best = torch.where(t[k].abs() >= best.abs(), t[k], best)
-        return _one_update(t, best)
+        return one_update(t, best)
 
 
 class Wudi(Stage):
@@ -141,7 +134,7 @@ class Wudi(Stage):
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
         taus = t.float()
         if t.dim() != 3:
-            return _one_update(t, taus.sum(0) / t.shape[0])
+            return one_update(t, taus.sum(0) / t.shape[0])
         merged = torch.nn.Parameter(taus.sum(0))
         optimizer = torch.optim.Adam([merged], lr=self.lr, weight_decay=0)
         sq_norms = taus.flatten(1).square().sum(1).view(-1, 1, 1)
@@ -151,4 +144,4 @@ class Wudi(Stage):
             inner = disturbing @ grams if grams is not None else (disturbing @ taus.transpose(1, 2)) @ taus
             merged.grad = (2 * inner / sq_norms).sum(0)
             optimizer.step()
-        return _one_update(t, merged.detach())
+        return one_update(t, merged.detach())
