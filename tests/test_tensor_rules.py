@@ -46,6 +46,9 @@ def test_della_keeps_large_entries_more_often_and_keeps_each_tasks_l1_norm():
     torch.testing.assert_close(out.abs().flatten(1).sum(1), t.abs().flatten(1).sum(1))
     again = Della(0.5, 0.15, seed=3)("w", t.clone())
     assert torch.equal(out, again)  # seeded
+    inverse = Della(0.5, 0.15, seed=3, rescale="inverse")("w", t.clone())  # the paper's: unbiased entry by entry
+    assert torch.equal(inverse != 0, out != 0)
+    assert abs(float(inverse.abs().sum() / t.abs().sum()) - 1) < 0.01  # E|x·B/p| = |x|
 
 
 def test_model_stock_keeps_the_base_where_the_ratio_is_singular():

@@ -20,10 +20,10 @@ class Della(Stage):
     """DELLA's MagPrune (Deep et al., 2024; mergekit's ``della_magprune``): per task and row, keep each entry with a
     probability rising linearly with its magnitude's rank, from ``density − epsilon`` (smallest) to
     ``density + epsilon`` (largest); survivors are rescaled so that each task's tensor keeps its L1 norm
-    (``rescale: true``, mergekit's default for ``della``). One seeded generator runs through the tensors and
+    (``rescale: l1``, mergekit's), or each by 1/its keep probability (``inverse``, the paper's), or not (``none``). One seeded generator runs through the tensors and
     tasks in order, restarted for every pass, drawing as ``torch.bernoulli`` does."""
 
-    def __init__(self, density: float, epsilon: float, seed: int, rescale: bool = True):
+    def __init__(self, density: float, epsilon: float, seed: int, rescale: str = "l1"):
         if not (0 < density - epsilon and density + epsilon < 1):
             raise ConfigError(f"della: density ± epsilon must lie in (0, 1), got density {density}, epsilon {epsilon}")
         self.density, self.epsilon, self.seed, self.rescale = density, epsilon, int(seed), rescale
@@ -42,10 +42,12 @@ class Della(Stage):
             mask = torch.bernoulli(probs, generator=self.generator).to(work)
             xw = x.to(work)
             kept = xw * mask
-            if self.rescale:
+            if self.rescale == "l1":
                 before, after = xw.abs().sum(), kept.abs().sum()
                 if before >= 1e-7 and after >= 1e-7:
                     kept = kept * (before / after)
+            elif self.rescale == "inverse":  # the paper's: each survivor divided by its keep probability
+                kept = kept / probs
             t[k].copy_(kept.view(t[k].shape))
         return t
 

@@ -61,7 +61,8 @@ class DellaConfig(ConfigSection):
     density: float = 0.5
     epsilon: float = 0.15
     seed: int = 0
-    rescale: bool = True  # survivors rescaled to each task tensor's L1 norm (mergekit); false: left as they are
+    # survivors rescaled: l1 to each task tensor's L1 norm (mergekit) | inverse: by 1/keep probability (the paper) | none
+    rescale: Literal["l1", "inverse", "none"] = "l1"
 
     def check(self, prefix: str) -> None:
         check_range(self.epsilon, f"{prefix}.epsilon", 0)
