@@ -146,7 +146,7 @@ def test_stream_auto_keeps_the_merge_in_memory_when_the_run_evaluates(llama_pool
 @pytest.mark.parametrize("args, why", [
     (("method=adamerging_layerwise", "evaluate.enabled=false"), "method adamerging_layerwise is not a per-tensor"),
     (("method=task_arithmetic",), "evaluation needs the merged model in memory"),
-    (("method=emr_merging", "evaluate.enabled=false"), "a model per task (method.task_masks)"),
+    (("method=emr_merging", "evaluate.enabled=false"), "a model per task .method.task_masks. is evaluated"),
 ])
 def test_stream_true_that_cannot_stream_is_refused_in_one_line(llama_pool, tmp_path, capsys, args, why):
     code = helpers.run_inprocess([f"out_dir={tmp_path / 'run'}", "task_vectors.stream=true", *args], llama_pool)
