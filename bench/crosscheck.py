@@ -24,6 +24,8 @@ from pathlib import Path
 from common import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
+from peer_pool import model_tensors  # noqa: E402  (tests/ on the path first)
+
 FIXTURES = {"mergekit": ROOT / "tests" / "fixtures" / "mergekit_merges.safetensors",
             "fusionbench": ROOT / "tests" / "fixtures" / "fusionbench_merges.safetensors"}
 FIXTURE_TENSORS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
@@ -43,12 +45,6 @@ for name in cfg["order"]:  # adamerge's tensor order, so that the draws meet the
     merged[name] = (base[name] + cfg["weight"] * sum(deltas)).contiguous()
 save_file(merged, out)
 """
-
-
-def model_tensors(model_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return {n: t for f in sorted(model_dir.glob("*.safetensors")) for n, t in load_file(str(f)).items()}
 
 
 def subset(pool: dict, n: int | None) -> dict:

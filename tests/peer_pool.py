@@ -7,8 +7,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from helpers import make_texts, save_tokenizer, write_jsonl
+
+
+def model_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``save_pretrained`` directory (one file or shards)."""
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({n: h.get_tensor(n) for n in h.keys()})
+    return out
 
 
 def make_seeded_llama_pool(tmp: Path, k: int = 3) -> dict:

@@ -8,8 +8,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 import torch
-from peer_pool import PEER_CASES, make_seeded_llama_pool
-from safetensors import safe_open
+from peer_pool import PEER_CASES, make_seeded_llama_pool, model_tensors
 
 import helpers
 from adamerge.core.task_vectors import TaskVectors
@@ -17,15 +16,6 @@ from adamerge.core.topk import topk_thresholds
 from adamerge.core.transforms import apply_transforms, build_stages, fit_stages, streamed
 from adamerge.errors import ExportError
 from adamerge.safetensors_writer import StreamedCheckpoint
-
-
-def model_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a ``save_pretrained`` directory (one file or shards)."""
-    out = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({n: h.get_tensor(n) for n in h.keys()})
-    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import yaml
-from peer_pool import PEER_CASES, make_seeded_llama_pool
+from peer_pool import PEER_CASES, make_seeded_llama_pool, model_tensors
 
 import helpers
 from adamerge.core.tensor_rules import Della, ModelStock, Sce
@@ -95,8 +95,6 @@ def test_a_rule_on_bfloat16_task_vectors_gives_the_float32_merge_to_bfloat16_pre
 @pytest.mark.parametrize("stream", ["true", "false"])
 def test_opcm_continued_from_an_earlier_export_equals_the_merge_in_one_run(tmp_path, capsys, stream):
     """Experts added to an OPCM export later, without its experts, give the one-run merge in the same order, bit for bit."""
-    from test_streaming import model_tensors
-
     pool = make_seeded_llama_pool(tmp_path / "pool")
     first, later = dict(pool, tasks=dict(list(pool["tasks"].items())[:2])), dict(pool, tasks={
         "lm2": pool["tasks"]["lm2"]})
@@ -143,7 +141,6 @@ def test_emr_gives_each_task_fusionbenchs_model_and_stores_it_as_one_vector_and_
     """EMR merging's per-task model (export/tasks/<task>) equals FusionBench 0.2.33's on the seeded pool to the last
     bit (bench/crosscheck.py), and the compact export (the unified vector, packed masks, scales) rebuilds it."""
     from safetensors.torch import load_file
-    from test_streaming import model_tensors
 
     from adamerge.core.task_masks import read_task_update
 
