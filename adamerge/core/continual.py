@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from .stage import Stage, one_update
+from .topk import column_blocks
 
 STATE_DIR = "opcm"  # in the export: R_T, float32, one tensor per merged tensor
 
@@ -101,7 +102,8 @@ class Opcm(Stage):
         self.shapes, self.kept, self.sink = {}, {}, None
         for name, t in stream():
             self.shapes[name] = tuple(t.shape[1:])
-            sq += t.float().flatten(1).square().sum(1, dtype=torch.float64)
+            for block in column_blocks(t):  # a few MiB at a time, not a K-row square of the stack
+                sq += block.float().square().sum(1, dtype=torch.float64)
             running_sq += float(self.running(name, t).square().sum(dtype=torch.float64))
         order = self.order(K)
         again = set(self.previous["experts"] if self.previous else ()) & set(self.pool.task_names)
