@@ -87,12 +87,13 @@ PEER_CASES = {  # fixture key prefix -> the case (tests/fixtures/*_merges.safete
     "della_linear": PeerCase("mergekit-della", "della_magprune", ("method=della_linear", "method.della.seed=7"),
                              {"density": 0.5, "epsilon": 0.15, "weight": 0.3, "seed": 7}),
     "magmax": PeerCase("fusionbench", "magmax_merge", ("method=magmax",), {"scaling_factor": 0.5}, exact=True),
-    "iso_c": PeerCase("fusionbench", "iso_c", ("method=iso_c",), {"scaling_factor": 1.0}, exact=True),
+    # SVDs: bit-equal with one thread, LAPACK's rounding moves with the thread count (1e-7 with two)
+    "iso_c": PeerCase("fusionbench", "iso_c", ("method=iso_c",), {"scaling_factor": 1.0}, rtol=1e-5),
     "opcm": PeerCase("fusionbench", "OPCM", ("method=opcm", "method.opcm.shuffle=false"),
                      {"alpha": 0.5, "shuffle_order": False}, rtol=1e-5),  # the peer's full SVD, ours reduced
     "wudi_merging": PeerCase("fusionbench", "wudi_merging", ("method=wudi_merging",),
                              {"scaling_factor": 1.0, "iter_num": 400}),  # the gradient in another order
     "emr_merging": PeerCase("fusionbench", "emr_merge", ("method=emr_merging",), task="lm1", exact=True),
     "iso_cts": PeerCase("fusionbench", "iso_cts", ("method=iso_cts",),
-                        {"scaling_factor": 1.0, "common_space_fraction": 0.8}, exact=True),
+                        {"scaling_factor": 1.0, "common_space_fraction": 0.8}, rtol=1e-5),
 }

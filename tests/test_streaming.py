@@ -201,8 +201,8 @@ def test_per_tensor_merges_equal_the_peers_own_output(tmp_path, case, stream):
         if PEER_CASES[case].exact:
             assert torch.equal(got[n], t), (n, (got[n] - t).abs().max())
         else:
-            rtol = PEER_CASES[case].rtol
-            torch.testing.assert_close(got[n], t, rtol=rtol, atol=rtol * float(t.abs().max()) / 10)
+            # relative to the tensor's largest entry, as bench/crosscheck.py measures it
+            torch.testing.assert_close(got[n], t, rtol=0, atol=PEER_CASES[case].rtol * float(t.abs().max()))
 
 
 def test_a_streamed_merge_judges_each_expert_once_however_many_passes(llama_pool, tmp_path, caplog):
