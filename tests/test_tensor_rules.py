@@ -185,3 +185,14 @@ def test_a_model_per_task_is_evaluated_per_task_and_served_from_its_directory(ti
         rows = stage("w", t.clone())
         total = t.sum(0)
         torch.testing.assert_close(rows, (t.abs() > 0.4 * (total - t).abs()) * total)
+
+
+def test_a_learned_method_starts_from_a_merge_rule(tmp_path):
+    """A merge rule is refused as a learned method's transform, but a learned method may start from its merge."""
+    pool = helpers.make_llama_pool(tmp_path / "pool", k=3)
+    helpers.train_here(pool, tmp_path / "run", "method=adamerging_layerwise", "+method.start_from=opcm",
+                       "method.steps=2", "evaluate.enabled=false")
+    report = json.loads((tmp_path / "run" / "export" / "coefficients.json").read_text())
+    assert report["method"] == "adamerging_layerwise" and report["tensors"]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert "opcm" in repr(checkpoint["adamerge"])  # the start merge is part of what the checkpoint means
