@@ -177,14 +177,14 @@ def test_a_model_per_task_is_evaluated_per_task_and_served_from_its_directory(ti
     assert any(not torch.equal(backbones[0][n], backbones[1][n]) for n in backbones[0])
     average = load_task_model(export, "task0").base_model.state_dict()  # export/model: the task models' average
     assert any(not torch.equal(backbones[0][n], average[n]) for n in average)
-    if method == "tall_masks":  # the authors' rule: |τ_t| > λ |Σ τ − τ_t|, then the summed vector where it holds
+    if method == "tall_masks":  # the paper's rule: |τ_t| ≥ λ |Σ τ − τ_t|, then the summed vector where it holds
         g = torch.Generator().manual_seed(0)
         t = torch.randn(3, 8, 5, generator=g)
         stage = TaskMasks("tall", 0.4)
         stage.fit(lambda: [("w", t)], 3)
         rows = stage("w", t.clone())
         total = t.sum(0)
-        torch.testing.assert_close(rows, (t.abs() > 0.4 * (total - t).abs()) * total)
+        torch.testing.assert_close(rows, (t.abs() >= 0.4 * (total - t).abs()) * total)
 
 
 def test_a_learned_method_starts_from_a_merge_rule(tmp_path):

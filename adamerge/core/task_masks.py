@@ -10,7 +10,8 @@ in coefficients.json.
   ``emr_merge``): v = the elected sign of Σ_k τ_k (a zero sum counts as −) times, per entry, the largest |τ_k| that
   agrees with it; m_k = τ_k agrees with that sign; s_k = Σ_tensors mean|τ_k| / Σ_tensors mean|m_k ⊙ v|.
 - TALL masks (Wang et al., "Localizing Task Information for Improved Model Merging and Compression", ICML 2024;
-  the authors' nik-dim/tall_masks): v = Σ_k τ_k; m_k = |τ_k| > λ_t · |v − τ_k|; s_k = 1.
+  the authors' nik-dim/tall_masks): v = Σ_k τ_k; m_k = |τ_k| ≥ λ_t · |v − τ_k| (``tall_masks``, as consensus
+  merging's); s_k = 1.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ import torch
 from .stage import Stage
 
 STATE_DIR = "task_masks"  # in the export: unified.safetensors (v), masks.safetensors (packed bits per tensor)
+
+
+def tall_masks(t: torch.Tensor, lam: float, total: torch.Tensor) -> torch.Tensor:
+    """The TALL masks of a stack ``[K, ...]`` (float): |τ_k| ≥ λ · |Σ τ − τ_k| (``total``: Σ_k τ_k), the entries where
+    a task's own vector dominates what the others add. Consensus merging (adamerge/core/transforms.py) counts them."""
+    return t.abs() >= lam * (total - t).abs()
 
 
 class TaskMasks(Stage):
@@ -41,7 +48,7 @@ class TaskMasks(Stage):
             masks = tf * flag > 0
             return (tf.abs() * masks).amax(0) * flag, masks
         unified = tf.sum(0)
-        return unified, tf.abs() > self.lam * (unified - tf).abs()
+        return unified, tall_masks(tf, self.lam, unified)
 
     def fit(self, stream, K: int) -> None:
         self.scales = torch.ones(K, dtype=torch.float64)

@@ -140,13 +140,11 @@ class Consensus(Stage):
     def __init__(self, k: int, lam: float):
         self.k, self.lam = k, lam
 
-    def tall_masks(self, t: torch.Tensor) -> torch.Tensor:
-        tf = t.float()
-        return tf.abs() >= self.lam * (tf.sum(0, keepdim=True) - tf).abs()
-
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
         for block in column_blocks(t):
-            block.masked_fill_((self.tall_masks(block).sum(0) < self.k).unsqueeze(0), 0)
+            tf = block.float()
+            masks = task_masks.tall_masks(tf, self.lam, tf.sum(0, keepdim=True))
+            block.masked_fill_((masks.sum(0) < self.k).unsqueeze(0), 0)
         return t
 
 

@@ -160,7 +160,7 @@ class WudiConfig(ConfigSection):
 class TaskMasksConfig(ConfigSection):
     """One model per task: a shared vector and a binary mask per task (EMR merging, TALL masks)."""
     rule: Literal["emr", "tall"] = "emr"
-    lam: float = 0.4  # TALL masks: keep entries where |τ_t| > lam · |Σ τ − τ_t|
+    lam: float = 0.4  # TALL masks: keep entries where |τ_t| ≥ lam · |Σ τ − τ_t|
 
     def check(self, prefix: str) -> None:
         check_range(self.lam, f"{prefix}.lam", 0)
