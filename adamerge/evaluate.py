@@ -79,10 +79,7 @@ def merged_rows(method, label: str, merged: dict[str, torch.Tensor], test_sets: 
     pool = method.pool
     if not getattr(method, "per_task", False):
         return {label: merge_accuracies(pool, merged, test_sets, batch_size)}
-    device = next(pool.base_model.parameters()).device
-    own = evaluate_params(pool.base_model, lambda t: {**{n: v.to(device) for n, v in method.task_params(t).items()},
-                                                      **{n: v.to(device) for n, v in pool.head(t).items()}},
-                          test_sets, batch_size)
+    own = {t: merge_accuracies(pool, method.task_params(t), {t: ts}, batch_size)[t] for t, ts in test_sets.items()}
     return {f"{label} (average of the task models)": merge_accuracies(pool, merged, test_sets, batch_size),
             f"{label} (each task's own model)": own}
 
