@@ -12,21 +12,24 @@ import json
 import sys
 from pathlib import Path
 
+import common  # noqa: F401  (the checkout's adamerge on the path)
+
 
 def pool_rows(folders: list[Path]) -> dict[str, float]:
-    """Normalized accuracy (%) of every merge row in ``folders``, by row label."""
-    rows, expert = {}, None
+    """Normalized accuracy (%) of every merge row in ``folders``, by row label (adamerge.evaluate.summarize, as the
+    runs' own tables, against the expert row found in any of them)."""
+    from adamerge.evaluate import summarize
+
+    rows, tasks = {}, None
     for f in folders:
         for run in sorted(f.glob("*/eval.json")):
-            for label, row in json.loads(run.read_text())["rows"].items():
-                if label == "expert":
-                    expert = row
-                elif label != "pretrained" and not label.startswith("start"):
-                    rows[label] = row
-    if expert is None:
+            report = json.loads(run.read_text())
+            tasks = report["tasks"]
+            rows.update({label: {t: row[t] for t in tasks} for label, row in report["rows"].items()})
+    if "expert" not in rows:
         raise SystemExit(f"no expert row in {folders}")
-    tasks = [t for t in expert if t not in ("avg", "norm")]
-    return {label: 100 * sum(row[t] / expert[t] for t in tasks) / len(tasks) for label, row in rows.items()}
+    return {label: 100 * row["norm"] for label, row in summarize(rows)["rows"].items()
+            if label not in ("expert", "pretrained") and not label.startswith("start")}
 
 
 def main(argv: list[str]) -> None:
