@@ -54,6 +54,10 @@ class Opcm(Stage):
         model = pool.base_model
         self.linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         self.previous = self.load_previous(Path(self.continue_from)) if self.continue_from else None
+        again = set(self.previous["experts"] if self.previous else ()) & set(pool.task_names)
+        if again:  # known before any pass over the tensors
+            raise ConfigError(f"method.opcm.continue_from: expert(s) {', '.join(sorted(again))} are in the earlier merge "
+                              "already; give only the new experts")
 
     def load_previous(self, export: Path) -> dict:
         from safetensors import safe_open
@@ -106,10 +110,6 @@ class Opcm(Stage):
                 sq += block.float().square().sum(1, dtype=torch.float64)
             running_sq += float(self.running(name, t).square().sum(dtype=torch.float64))
         order = self.order(K)
-        again = set(self.previous["experts"] if self.previous else ()) & set(self.pool.task_names)
-        if again:
-            raise ConfigError(f"method.opcm.continue_from: expert(s) {', '.join(sorted(again))} are in the earlier merge "
-                              "already; give only the new experts")
         self.norms = list(self.previous["norms"] if self.previous else []) + [float(sq[k].sqrt()) for k in order]
         self.experts = list(self.previous["experts"] if self.previous else []) + \
             [self.pool.task_names[k] for k in order]
