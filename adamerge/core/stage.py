@@ -1,7 +1,7 @@
 """``Stage``: one data-free rule applied to stacked task vectors ``[K, ...]``, tensor by tensor.
 
-The transforms (adamerge/core/transforms.py: DARE, TIES, …) and the per-tensor merge rules
-(adamerge/core/tensor_rules.py: DELLA, SCE, Model Stock, NuSLERP, MagMax) are stages: the same object runs
+The transforms (adamerge/core/transforms.py: DARE, TIES, …) and the per-tensor merge rules (tensor_rules.py,
+spherical.py, isotropic.py, continual.py, task_masks.py, knots.py beside it) are stages: the same object runs
 on task vectors held in memory and on tensors streamed from the experts' files (adamerge/streaming.py).
 """
 

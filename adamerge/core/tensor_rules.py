@@ -1,11 +1,11 @@
 """Per-tensor merge rules from mergekit and FusionBench, as stages on the stacked task vectors ``[K, ...]``.
 
 Each rule rewrites the stack so that the usual merge ``θ0 + λ Σ_k τ̃_k`` (adamerge/core/combine.py) is the
-rule's result: a rule that yields one merged update writes it into row 0 and zeros the others (SCE, NuSLERP,
-MagMax), a rule that reweights the experts scales their rows (Model Stock, with λ = 1/K). So they stream
+rule's result: a rule that yields one merged update writes it into row 0 and zeros the others (SCE, WUDI,
+MagMax; ``one_update``), a rule that reweights the experts scales their rows (Model Stock, with λ = 1/K). So they stream
 tensor by tensor like the transforms (adamerge/streaming.py), and their method yamls are ``name: static``.
 Each class follows its reference implementation's arithmetic (named in its docstring) so that their outputs
-can be compared on identical inputs (tests/test_tensor_rules.py).
+can be compared on identical inputs (bench/crosscheck.py, tests/test_streaming.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ class Della(Stage):
     """DELLA's MagPrune (Deep et al., 2024; mergekit's ``della_magprune``): per task and row, keep each entry with a
     probability rising linearly with its magnitude's rank, from ``density − epsilon`` (smallest) to
     ``density + epsilon`` (largest); survivors are rescaled so that each task's tensor keeps its L1 norm
-    (``rescale: l1``, mergekit's), or each by 1/its keep probability (``inverse``, the paper's), or not (``none``). One seeded generator runs through the tensors and
-    tasks in order, restarted for every pass, drawing as ``torch.bernoulli`` does."""
+    (``rescale: l1``, mergekit's), or each by 1/its keep probability (``inverse``, the paper's), or not
+    (``none``). One seeded generator runs through the tensors and tasks in order, restarted for every pass,
+    drawing as ``torch.bernoulli`` does."""
 
     def __init__(self, density: float, epsilon: float, seed: int, rescale: str = "l1"):
         if not (0 < density - epsilon and density + epsilon < 1):
