@@ -6,9 +6,13 @@ needs neither package.
 The cases (the peer's call and adamerge's overrides) are ``PEER_CASES`` in tests/peer_pool.py, on its seeded tiny
 Llama pool. The peers are not dependencies and this script installs nothing: install them beside, e.g.
 ``pip install --no-deps --target /tmp/peers mergekit==0.1.5 immutables accelerate`` and
-``pip install --no-deps --target /tmp/fb fusion-bench==0.2.33`` (plus what its modules import), then
+``pip install --no-deps --target /tmp/fb fusion-bench==0.2.33`` (plus what its modules import). Methods whose
+reference is their authors' code run it from a copy of that repository: WIDEN from yule-BUAA/MergeLLM (its
+``model_merging_methods/`` and ``utils/utils.py`` in ``--mergellm DIR``), OTA merging from pmahdavi/ota-merge (its
+``mergekit/`` package, a fork of mergekit, in ``--ota DIR``, beside ``immutables``). Then
 
-    python bench/crosscheck.py --peers /tmp/peers --fusionbench /tmp/fb /tmp/fbdeps [--write-fixtures]
+    python bench/crosscheck.py --peers /tmp/peers --fusionbench /tmp/fb /tmp/fbdeps --mergellm /tmp/mergellm \
+        --ota /tmp/otaroot [--write-fixtures]
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from common import ROOT
 sys.path.insert(0, str(ROOT / "tests"))
 from peer_pool import model_tensors  # noqa: E402  (tests/ on the path first)
 
-FIXTURES = {"mergekit": ROOT / "tests" / "fixtures" / "mergekit_merges.safetensors",
-            "fusionbench": ROOT / "tests" / "fixtures" / "fusionbench_merges.safetensors"}
+FIXTURES = {peer: ROOT / "tests" / "fixtures" / f"{peer}_merges.safetensors" for peer in ("mergekit", "fusionbench",
+                                                                                          "mergellm", "ota")}
 FIXTURE_TENSORS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
                    "model.layers.1.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight")
 NO_BASE = {"linear", "karcher"}  # mergekit methods whose merge the base takes no part in
@@ -129,6 +133,60 @@ def fusionbench(case, pool: dict) -> dict:
     return {n: base[n] + case.params["scaling_factor"] * update[n] for n in base}
 
 
+def mergellm(case, pool: dict) -> dict:
+    """The authors' own ``MergingMethod(...).<method>`` from MergeLLM (its directory on ``sys.path``) on the pool's
+    models: the merged parameters it returns."""
+    from model_merging_methods.merging_methods import MergingMethod
+    from transformers import AutoModelForCausalLM
+
+    load = AutoModelForCausalLM.from_pretrained
+    experts = [load(t["expert"]) for t in pool["tasks"].values()]
+    merging = MergingMethod(case.method)
+    return getattr(merging, case.method)(merged_model=load(pool["base"]), models_to_merge=experts,
+                                         exclude_param_names_regex=[], **case.params)
+
+
+OTA_SCRIPT = """
+import json, sys, types
+import mergekit
+from safetensors.torch import load_file, save_file
+package = types.ModuleType("mergekit.merge_methods")  # its registry does not import with today's pydantic
+package.__path__ = [mergekit.__path__[0] + "/merge_methods"]
+sys.modules["mergekit.merge_methods"] = package
+from mergekit.architecture import WeightInfo
+from mergekit.common import ImmutableMap, ModelReference
+from mergekit.merge_methods.ota import OTAMergeTask
+pool, params, thresholds, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+base = load_file(pool["base"] + "/model.safetensors")
+refs = {t: ModelReference.parse(spec["expert"]) for t, spec in pool["tasks"].items()}
+experts = {t: load_file(spec["expert"] + "/model.safetensors") for t, spec in pool["tasks"].items()}
+base_ref = ModelReference.parse(pool["base"])
+merged = {}
+for name in base:
+    per_model = ImmutableMap({refs[t]: ImmutableMap({"preconditioner_path": spec["optimizer_state"],
+                                                     "precond_threshold": thresholds[t]})
+                              for t, spec in pool["tasks"].items()})
+    task = OTAMergeTask.model_construct(gather_tensors=None, tensor_parameters=per_model, normalise_mode="none",
+                                        weight_info=WeightInfo(name=name), base_model_ref=base_ref,
+                                        fallback_to_base=True, rescale=False, precond_threshold=None,
+                                        masked_task_vector_merge_method="precond", **params)
+    task.model_post_init(None)
+    merged[name] = task.execute({base_ref: base[name], **{refs[t]: experts[t][name] for t in experts}}).contiguous()
+save_file(merged, out)
+"""
+
+
+def ota(case, pool: dict, tmp: Path, ota_dir: Path) -> dict:
+    """The authors' ``OTAMergeTask`` (pmahdavi/ota-merge, a mergekit fork), tensor by tensor, with each task's
+    ``optimizer_state`` and the per-model thresholds of ``OTA_THRESHOLDS``."""
+    from peer_pool import OTA_THRESHOLDS
+
+    subprocess.run([sys.executable, "-c", OTA_SCRIPT, json.dumps(pool), json.dumps(case.params),
+                    json.dumps(OTA_THRESHOLDS), str(tmp / "ota.safetensors")],
+                   env=dict(os.environ, PYTHONPATH=str(ota_dir)), check=True, capture_output=True)
+    return model_tensors(tmp)
+
+
 def knots_alignment_row() -> str:
     """KnOTS: FusionBench ships only its ``subspace_alignment`` (no merge); adamerge's against it on a seeded stack of
     three rank-6 updates (U and every S·V_k)."""
@@ -158,9 +216,8 @@ def adamerge(case, pool: dict, tmp: Path) -> dict:
     """The case through train.py (streamed where it can), every tensor of its export's model (or task's model)."""
     import helpers
 
-    stream = "auto" if case.task else "true"  # a model per task is merged in memory
     code = helpers.run_inprocess([f"out_dir={tmp}/adamerge", *case.adamerge, "evaluate.enabled=false",
-                                  f"task_vectors.stream={stream}"], pool)
+                                  f"task_vectors.stream={'true' if case.streams else 'auto'}"], pool)
     assert code == 0, f"train.py exited with {code}"
     export = tmp / "adamerge" / "export"
     return model_tensors(export / "tasks" / case.task if case.task else export / "model")
@@ -168,26 +225,34 @@ def adamerge(case, pool: dict, tmp: Path) -> dict:
 
 def main() -> None:
     import torch
-    from peer_pool import PEER_CASES, make_seeded_llama_pool
+    from peer_pool import PEER_CASES, make_seeded_llama_pool, write_optimizer_states
     from safetensors.torch import save_file
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers", type=Path, default=Path("/tmp/peers"), help="where mergekit 0.1.5 is installed")
     ap.add_argument("--fusionbench", type=Path, nargs="*", default=[],
                     help="paths that import fusion_bench 0.2.33 (and what it imports); none: its cases are skipped")
+    ap.add_argument("--mergellm", type=Path, default=None,
+                    help="a copy of yule-BUAA/MergeLLM (the authors' WIDEN); none: its cases are skipped")
+    ap.add_argument("--ota", type=Path, default=None,
+                    help="where pmahdavi/ota-merge's mergekit package is (the authors' OTA); none: its cases are skipped")
     ap.add_argument("--write-fixtures", action="store_true", help="also write the peers' outputs to tests/fixtures/")
     args = ap.parse_args()
-    sys.path[:0] = [str(p) for p in args.fusionbench]
-    fixtures: dict[str, dict] = {"mergekit": {}, "fusionbench": {}}
+    sys.path[:0] = [str(p) for p in args.fusionbench] + ([str(args.mergellm)] if args.mergellm else [])
+    fixtures: dict[str, dict] = {peer: {} for peer in FIXTURES}
     rows = ["| case | peer | peer's method | tensors | largest relative difference | bit-equal |", "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         seeded = make_seeded_llama_pool(Path(tmp) / "pool")
         for name, case in PEER_CASES.items():
-            if case.peer == "fusionbench" and not args.fusionbench:
+            if (case.peer == "fusionbench" and not args.fusionbench) or (case.peer == "mergellm" and not args.mergellm) \
+                    or (case.peer == "ota" and not args.ota):
                 continue
             pool, work = subset(seeded, case.experts), Path(tmp) / name
             work.mkdir()
-            peer = (fusionbench(case, pool) if case.peer == "fusionbench" else
+            if case.optimizer_states:
+                pool = write_optimizer_states(pool, Path(tmp) / "states")
+            peer = (fusionbench(case, pool) if case.peer == "fusionbench" else mergellm(case, pool) if case.peer == "mergellm" else
+                    ota(case, pool, work, args.ota) if case.peer == "ota" else
                     mergekit_della(case, pool, work, args.peers) if case.peer == "mergekit-della" else
                     mergekit(case, pool, work, args.peers))
             ours = adamerge(case, pool, work)
@@ -202,7 +267,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     print("\n".join(rows))
     if args.write_fixtures:
-        versions = {"mergekit": {"mergekit": "0.1.5"}, "fusionbench": {"fusion_bench": "0.2.33"}}
+        versions = {"mergekit": {"mergekit": "0.1.5"}, "fusionbench": {"fusion_bench": "0.2.33"},
+                    "mergellm": {"yule-BUAA/MergeLLM": "9178ef9384"}, "ota": {"pmahdavi/ota-merge": "eee703f5fd"}}
         for peer, tensors in fixtures.items():
             if tensors:
                 save_file(tensors, str(FIXTURES[peer]), metadata=versions[peer])

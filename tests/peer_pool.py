@@ -43,10 +43,31 @@ def make_seeded_llama_pool(tmp: Path, k: int = 3) -> dict:
     return {"base": str(tmp / "base"), "model_class": "causal_lm", "head_prefixes": [], "tasks": tasks}
 
 
+OTA_THRESHOLDS = {"lm0": 1e-8, "lm1": 2e-8, "lm2": 5e-9}  # per expert, about half of its saliencies v·τ² pass
+
+
+def write_optimizer_states(pool: dict, out: Path) -> dict:
+    """``pool`` with a seeded, positive Adam ``exp_avg_sq`` safetensors file per task (``optimizer_state``), named as
+    the model's parameters, as the authors of OTA merging release them."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(99)
+    base = model_tensors(Path(pool["base"]))
+    tasks = {}
+    for task, spec in pool["tasks"].items():
+        path = out / f"{task}_exp_avg_sq.safetensors"
+        save_file({n: 1e-4 * torch.rand(v.shape, generator=g) for n, v in base.items()}, str(path))
+        tasks[task] = dict(spec, optimizer_state=str(path))
+    return dict(pool, tasks=tasks)
+
+
 @dataclass(frozen=True)
 class PeerCase:
     """One merge both a peer and adamerge implement: the peer's call on the seeded pool and adamerge's overrides."""
-    peer: str  # "mergekit" (mergekit-yaml), "mergekit-della" (its della_magprune), "fusionbench" (its function)
+    # "mergekit" (mergekit-yaml), "mergekit-della" (its della_magprune), "fusionbench" (its function), "mergellm" (the
+    # authors' MergeLLM code)
+    peer: str
     method: str  # the peer's merge_method or function
     adamerge: tuple[str, ...]  # train.py overrides
     params: dict = field(default_factory=dict)  # the peer's global parameters
@@ -55,6 +76,12 @@ class PeerCase:
     exact: bool = False  # equal to the last bit; else to float rounding (the peer sums or divides in another order)
     rtol: float = 1e-6  # the rounding allowed when not exact, relative to each tensor's largest entry
     task: str | None = None  # a method with one model per task: compare that task's (export/tasks/<task>)
+    optimizer_states: bool = False  # each task gets a seeded Adam exp_avg_sq file (write_optimizer_states)
+
+    @property
+    def streams(self) -> bool:
+        """Merged tensor by tensor (a model per task, and a merge with statistics, are merged in memory)."""
+        return self.task is None and not self.optimizer_states
 
 
 PEER_CASES = {  # fixture key prefix -> the case (tests/fixtures/*_merges.safetensors, written by bench/crosscheck.py)
@@ -94,6 +121,12 @@ PEER_CASES = {  # fixture key prefix -> the case (tests/fixtures/*_merges.safete
     "wudi_merging": PeerCase("fusionbench", "wudi_merging", ("method=wudi_merging",),
                              {"scaling_factor": 1.0, "iter_num": 400}),  # the gradient in another order
     "emr_merging": PeerCase("fusionbench", "emr_merge", ("method=emr_merging",), task="lm1", exact=True),
+    "widen": PeerCase("mergellm", "widen_merging", ("method=widen",),
+                      {"above_average_value_ratio": 1.0, "score_calibration_value": 1.0}, exact=True),
+    # the authors' per-model absolute thresholds on v·τ²: an entry every expert masks keeps the base
+    "ota_merging": PeerCase("ota", "ota", ("method=ota_merging", "method.density=null", "method.threshold={"
+                                           + ",".join(f"{t}:{v}" for t, v in OTA_THRESHOLDS.items()) + "}"),
+                            {"epsilon": 1e-26, "precond_power": 0.5}, optimizer_states=True),
     "iso_cts": PeerCase("fusionbench", "iso_cts", ("method=iso_cts",),
                         {"scaling_factor": 1.0, "common_space_fraction": 0.8}, rtol=1e-5),
 }

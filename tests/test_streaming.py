@@ -177,10 +177,11 @@ def test_a_nan_found_while_streaming_is_one_line_and_writes_nothing(llama_pool, 
     assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.tmp-*"))
 
 
-@pytest.mark.parametrize("case", sorted(c for c in PEER_CASES if not PEER_CASES[c].task))
+@pytest.mark.parametrize("case", sorted(c for c in PEER_CASES if PEER_CASES[c].streams))
 @pytest.mark.parametrize("stream", ["true", "false"])
 def test_per_tensor_merges_equal_the_peers_own_output(tmp_path, case, stream):
-    """Each merge on the seeded pool equals its peer's output there (mergekit 0.1.5, FusionBench 0.2.33; committed
+    """Each merge on the seeded pool equals its peer's output there (mergekit 0.1.5, FusionBench 0.2.33, the authors'
+    MergeLLM code for WIDEN; committed
     by bench/crosscheck.py; the cases: tests/peer_pool.py): to the last bit where the case says ``exact``, else to
     float rounding (the peers divide or interpolate sums of entries or whole models, adamerge rewrites each τ and
     adds them)."""
@@ -193,8 +194,8 @@ def test_per_tensor_merges_equal_the_peers_own_output(tmp_path, case, stream):
                        f"export.dir={merge_dir}/export")
     got = model_tensors(merge_dir / "export" / "model")
     fixtures = helpers.ROOT / "tests" / "fixtures"
-    fixture = load_file(str(fixtures / "mergekit_merges.safetensors")) | load_file(
-        str(fixtures / "fusionbench_merges.safetensors"))
+    fixture = {n: t for peer in ("mergekit", "fusionbench", "mergellm", "ota")
+               for n, t in load_file(str(fixtures / f"{peer}_merges.safetensors")).items()}
     want = {n.split("/", 1)[1]: t for n, t in fixture.items() if n.split("/", 1)[0] == case}
     assert len(want) == 5
     for n, t in want.items():

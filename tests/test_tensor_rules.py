@@ -11,7 +11,7 @@ import yaml
 from peer_pool import PEER_CASES, make_seeded_llama_pool, model_tensors
 
 import helpers
-from adamerge.core.tensor_rules import Della, ModelStock, Sce
+from adamerge.core.tensor_rules import Della, ModelStock, Sce, Widen
 from adamerge.errors import ConfigError
 from adamerge.methods.adamerging import AdaMerging
 from adamerge.methods.static import StaticMerge
@@ -56,7 +56,7 @@ def test_model_stock_keeps_the_base_where_the_ratio_is_singular():
     assert not ModelStock()("w", t.clone()).any()
 
 
-@pytest.mark.parametrize("key", ["sce", "magmax", "slerp", "nuslerp", "multislerp", "karcher", "iso", "model_stock"])
+@pytest.mark.parametrize("key", ["sce", "magmax", "slerp", "nuslerp", "multislerp", "karcher", "iso", "model_stock", "widen"])
 def test_a_merge_rule_is_refused_as_a_learned_methods_transform(key):
     with pytest.raises(ConfigError, match=f"method.{key}' is a whole merge"):
         AdaMerging.parse_config({"id": "adamerging_layerwise", key: True if key == "magmax" else {}})
@@ -196,3 +196,23 @@ def test_a_learned_method_starts_from_a_merge_rule(tmp_path):
     assert report["method"] == "adamerging_layerwise" and report["tensors"]
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert "opcm" in repr(checkpoint["adamerge"])  # the start merge is part of what the checkpoint means
+
+
+def test_widen_gives_each_expert_its_own_columns_in_full_and_reads_an_embedding_by_token():
+    """Two experts that each moved their own half of a matrix's columns (of an embedding: its tokens, the rows) keep
+    them whole: WIDEN's weights are 1 there, not task arithmetic's shared λ; a column neither expert owns mixes them."""
+    from types import SimpleNamespace
+
+    modules = torch.nn.ModuleDict({"lin": torch.nn.Linear(6, 8), "emb": torch.nn.Embedding(6, 8)})
+    pool = SimpleNamespace(base_model=modules, base_tensor=lambda n: modules.get_parameter(n).detach())
+    widen = Widen()
+    widen.bind(pool)
+    g = torch.Generator().manual_seed(0)
+    for name, columns in (("lin.weight", lambda x: x), ("emb.weight", lambda x: x.T)):
+        own = torch.zeros(2, 6, dtype=torch.bool)  # [expert, column]: expert 0 moved columns 0-2, expert 1 3-5
+        own[0, :3] = own[1, 3:] = True
+        noise = 1e-4 * torch.randn(2, 8, 6, generator=g)
+        taus = torch.stack([columns(torch.where(own[k], torch.randn(8, 6, generator=g), noise[k])) for k in range(2)])
+        update = columns(widen(name, taus.clone())[0])
+        for k in range(2):
+            torch.testing.assert_close(update[:, own[k]], columns(taus[k])[:, own[k]], atol=1e-3, rtol=0)

@@ -2,7 +2,7 @@
 
 Each rule rewrites the stack so that the usual merge ``θ0 + λ Σ_k τ̃_k`` (adamerge/core/combine.py) is the
 rule's result: a rule that yields one merged update writes it into row 0 and zeros the others (SCE, WUDI,
-MagMax; ``one_update``), a rule that reweights the experts scales their rows (Model Stock, with λ = 1/K). So they stream
+MagMax, WIDEN; ``one_update``), a rule that reweights the experts scales their rows (Model Stock, with λ = 1/K). So they stream
 tensor by tensor like the transforms (adamerge/streaming.py), and their method yamls are ``name: static``.
 Each class follows its reference implementation's arithmetic (named in its docstring) so that their outputs
 can be compared on identical inputs (bench/crosscheck.py, tests/test_streaming.py).
@@ -148,3 +148,48 @@ class Wudi(Stage):
             merged.grad = (2 * inner / sq_norms).sum(0)
             optimizer.step()
         return one_update(t, merged.detach())
+
+
+class Widen(Stage):
+    """WIDEN (Yu et al., "Extend Model Merging from Fine-Tuned to Pre-Trained Large Language Models via Weight
+    Disentanglement", arXiv 2408.03092; the authors' MergeLLM ``widen_merging``): each matrix (an embedding transposed,
+    so that columns are tokens) is split into per-column magnitudes ‖W_:,j‖ and directions W_:,j / ‖W_:,j‖; per expert,
+    the columns are ranked by how far each moved from the base (|Δ magnitude| and 1 − cos of the directions), each rank
+    share is softmaxed over the experts and set to ``score_calibration_value`` where it is above
+    ``above_average_value_ratio`` × the expert's mean, and θ0 + Σ_k w_k ⊙ τ_k with w_k the mean of the two scores per
+    column (not normalized over the experts). Vectors (norms, biases) score |τ_k| itself the same way."""
+
+    needs_pool = True  # the base's tensors and which of them are embeddings
+
+    def __init__(self, above_average_value_ratio: float = 1.0, score_calibration_value: float = 1.0):
+        self.ratio, self.calibration = above_average_value_ratio, score_calibration_value
+
+    def scores(self, significance: torch.Tensor) -> torch.Tensor:
+        """[K, n] significance -> [K, n] scores: softmax over the experts, calibrated above each expert's mean."""
+        scores = torch.softmax(significance, dim=0)
+        scores[significance > significance.mean(dim=1, keepdim=True) * self.ratio] = self.calibration
+        return scores
+
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        taus = t.float()
+        if t.dim() <= 2:  # vectors and scalars: scored entry by entry
+            flat = taus.reshape(t.shape[0], -1)
+            return one_update(t, (flat * self.scores(flat.abs())).sum(0).view(t.shape[1:]).to(t.dtype))
+        module = self.pool.base_model.get_submodule(name.rpartition(".")[0])
+        flip = isinstance(module, torch.nn.Embedding)  # (vocab, dim): a token is a column once transposed
+        base = self.pool.base_tensor(name).to(t.device, torch.float32)
+        base, taus = (base.T, taus.transpose(1, 2)) if flip else (base.reshape(base.shape[0], -1), taus.flatten(2))
+        base_norm = base.norm(dim=0)
+        experts = base + taus
+        norms = experts.norm(dim=1)  # [K, columns]
+        moved = (norms - base_norm).abs()
+        turned = 1 - torch.cosine_similarity(experts / norms.unsqueeze(1), (base / base_norm).unsqueeze(0), dim=1)
+        weights = 0.5 * (self.scores(column_ranks(moved)) + self.scores(column_ranks(turned)))
+        update = (taus * weights.unsqueeze(1)).sum(0)
+        return one_update(t, (update.T if flip else update.reshape(t.shape[1:])).to(t.dtype))
+
+
+def column_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Per row of ``x`` [K, n], each entry's rank share in [0, 1): rank / n (ties in their order, as a stable sort)."""
+    share = (torch.arange(x.shape[1]) / x.shape[1]).to(x.device).expand_as(x)
+    return torch.zeros_like(x).scatter(1, x.argsort(dim=1, stable=True), share)

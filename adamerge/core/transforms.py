@@ -195,6 +195,7 @@ TRANSFORMS = {
     "opcm": lambda c: [continual.Opcm(c.alpha, c.shuffle, c.seed, c.continue_from)],
     "wudi": lambda c: [rules.Wudi(c.iterations, c.lr)],
     "magmax": lambda c: [rules.MagMax()],
+    "widen": lambda c: [rules.Widen(c.above_average_value_ratio, c.score_calibration_value)],
     "task_masks": lambda c: [task_masks.TaskMasks(c.rule, c.lam)],
     "lines": lambda c: [Lines(c)] if c not in (None, False) else [],
 }

@@ -27,11 +27,13 @@ from .transform_config import (
     SlerpConfig,
     TaskMasksConfig,
     TiesConfig,
+    WidenConfig,
     WudiConfig,
 )
 
 # keys whose rule (adamerge/core/tensor_rules.py) is a whole merge: only the data-free ``static`` method takes them
-MERGE_RULES = ("sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "iso", "opcm", "wudi", "task_masks", "magmax")
+MERGE_RULES = ("sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "iso", "opcm", "wudi", "task_masks", "magmax",
+               "widen")
 
 
 @dataclass
@@ -57,6 +59,7 @@ class MethodConfig(ConfigSection):
     iso: IsoConfig | None = None
     opcm: OpcmConfig | None = None
     wudi: WudiConfig | None = None
+    widen: WidenConfig | None = None
     task_masks: TaskMasksConfig | None = None  # one model per task (adamerge/core/task_masks.py)
     knots: bool | None = None  # KnOTS: the transforms run in the experts' shared SVD basis (adamerge/core/knots.py)
     magmax: bool | None = None  # MagMax: per entry, the task vector of largest magnitude

@@ -157,6 +157,16 @@ class WudiConfig(ConfigSection):
 
 
 @dataclass
+class WidenConfig(ConfigSection):
+    """WIDEN: per-column weights from how far each expert's magnitudes and directions moved from the base."""
+    above_average_value_ratio: float = 1.0  # a score is calibrated where its rank share > ratio × the expert's mean
+    score_calibration_value: float = 1.0  # the calibrated score (others: softmax over the experts)
+
+    def check(self, prefix: str) -> None:
+        check_range(self.above_average_value_ratio, f"{prefix}.above_average_value_ratio", 0)
+
+
+@dataclass
 class TaskMasksConfig(ConfigSection):
     """One model per task: a shared vector and a binary mask per task (EMR merging, TALL masks)."""
     rule: Literal["emr", "tall"] = "emr"

@@ -48,6 +48,7 @@ class TaskSpec:
     label_names: list[str] | None = None
     classes: list[str] | None = None  # LMs: label words scored after the prompt (none: exact match, first token)
     templates: list[str] | None = None  # clip_zero_shot: prompt templates of the zero-shot head ({} = class name)
+    optimizer_state: str | None = None  # the expert's Adam exp_avg_sq (safetensors), for ota_merging's curvature
 
 
 class ModelPool:
