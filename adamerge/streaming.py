@@ -38,14 +38,16 @@ def refusal(c: dict) -> str | None:
     """Why the run ``c`` (a resolved config) cannot stream (None: it can), known before the pool loads."""
     from .families import get_family
     from .methods import get_method
+    from .methods.method_config import PER_TASK_RULES
     from .methods.static import StaticMerge
     from .run.distributed import several_processes
 
     cls = get_method(c["method"]["name"])
     if cls is not StaticMerge:
         return f"method {c['method'].get('id')} is not a per-tensor data-free merge"
-    if c["method"].get("task_masks"):
-        return "a model per task (method.task_masks) is evaluated and exported in memory"
+    per_task = [key for key in PER_TASK_RULES if c["method"].get(key)]
+    if per_task:
+        return f"a model per task (method.{per_task[0]}) is evaluated and exported in memory"
     if c["method"].get("start_from"):
         return "method.start_from re-expresses the task vectors against a merge held in memory"
     if c["evaluate"]["enabled"]:

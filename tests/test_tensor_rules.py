@@ -56,7 +56,7 @@ def test_model_stock_keeps_the_base_where_the_ratio_is_singular():
     assert not ModelStock()("w", t.clone()).any()
 
 
-@pytest.mark.parametrize("key", ["sce", "magmax", "slerp", "nuslerp", "multislerp", "karcher", "iso", "model_stock", "widen"])
+@pytest.mark.parametrize("key", ["sce", "magmax", "slerp", "nuslerp", "multislerp", "karcher", "iso", "model_stock", "widen", "rmm"])
 def test_a_merge_rule_is_refused_as_a_learned_methods_transform(key):
     with pytest.raises(ConfigError, match=f"method.{key}' is a whole merge"):
         AdaMerging.parse_config({"id": "adamerging_layerwise", key: True if key == "magmax" else {}})

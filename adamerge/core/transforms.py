@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import continual, isotropic, knots, spherical, task_masks
+from . import continual, isotropic, knots, reversible, spherical, task_masks
 from . import tensor_rules as rules
 from .stage import Stage
 from .topk import BLOCK_ENTRIES, Stream, column_blocks, topk_thresholds
@@ -197,6 +197,7 @@ TRANSFORMS = {
     "magmax": lambda c: [rules.MagMax()],
     "widen": lambda c: [rules.Widen(c.above_average_value_ratio, c.score_calibration_value)],
     "task_masks": lambda c: [task_masks.TaskMasks(c.rule, c.lam)],
+    "rmm": lambda c: [reversible.Rmm(c.rank)],
     "lines": lambda c: [Lines(c)] if c not in (None, False) else [],
 }
 

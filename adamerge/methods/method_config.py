@@ -23,6 +23,7 @@ from .transform_config import (
     MultiSlerpConfig,
     NuSlerpConfig,
     OpcmConfig,
+    RmmConfig,
     SceConfig,
     SlerpConfig,
     TaskMasksConfig,
@@ -33,7 +34,8 @@ from .transform_config import (
 
 # keys whose rule (adamerge/core/tensor_rules.py) is a whole merge: only the data-free ``static`` method takes them
 MERGE_RULES = ("sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "iso", "opcm", "wudi", "task_masks", "magmax",
-               "widen")
+               "widen", "rmm")
+PER_TASK_RULES = ("task_masks", "rmm")  # rules that give each task its own model (export/tasks/<task>)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class MethodConfig(ConfigSection):
     opcm: OpcmConfig | None = None
     wudi: WudiConfig | None = None
     widen: WidenConfig | None = None
+    rmm: RmmConfig | None = None  # one model per task from a rank-p basis (adamerge/core/reversible.py)
     task_masks: TaskMasksConfig | None = None  # one model per task (adamerge/core/task_masks.py)
     knots: bool | None = None  # KnOTS: the transforms run in the experts' shared SVD basis (adamerge/core/knots.py)
     magmax: bool | None = None  # MagMax: per entry, the task vector of largest magnitude

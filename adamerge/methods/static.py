@@ -13,7 +13,7 @@ import torch
 from ..core.coefficients import Coefficients
 from ..core.task_vectors import TaskVectors
 from .algorithm import MergeAlgorithm
-from .method_config import MethodConfig
+from .method_config import PER_TASK_RULES, MethodConfig
 from .registry import register
 
 
@@ -40,8 +40,8 @@ class StaticMerge(MergeAlgorithm):
 
     @property
     def per_task(self) -> bool:
-        """Whether each task has its own model, θ0 + row k of the transformed task vectors (``task_masks``)."""
-        return self.cfg.task_masks is not None
+        """Whether each task has its own model, θ0 + row k of the transformed task vectors (``task_masks``, ``rmm``)."""
+        return any(getattr(self.cfg, key) is not None for key in PER_TASK_RULES)
 
     def task_params(self, task: str) -> dict[str, torch.Tensor]:
         """Task ``task``'s own model's merged tensors (``per_task`` methods): the merge with a one-hot coefficient."""

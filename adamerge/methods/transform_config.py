@@ -167,6 +167,15 @@ class WidenConfig(ConfigSection):
 
 
 @dataclass
+class RmmConfig(ConfigSection):
+    """RMM: each task's update rebuilt from a rank-``rank`` basis over the experts, per tensor."""
+    rank: int = 2  # model-equivalents kept (below the number of experts)
+
+    def check(self, prefix: str) -> None:
+        check_range(self.rank, f"{prefix}.rank", 1)
+
+
+@dataclass
 class TaskMasksConfig(ConfigSection):
     """One model per task: a shared vector and a binary mask per task (EMR merging, TALL masks)."""
     rule: Literal["emr", "tall"] = "emr"
