@@ -132,7 +132,7 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
 
     report = method.report()
     return write_export(pool, export_dir, write_model, lambda: report, overwrite, extra, losses, method_cfg,
-                        task_models, dtype, max_shard_size, lora_method=method, stages=method.stages,
+                        task_models, dtype, max_shard_size, lora_method=method, stages=(*method.stages, method),
                         task_state=method.task_params if getattr(method, "per_task", False) else None)
 
 

@@ -220,6 +220,9 @@ class MergeAlgorithm(nn.Module):
         return self.merged.merged_params()
 
     # -- reports ---------------------------------------------------------------------------------
+    def write_state(self, export_dir) -> None:
+        """Add what this method keeps beside the model (MAP's front) to the export in ``export_dir``."""
+
     def report(self) -> dict[str, Any]:
         """What ``coefficients.json`` holds: the learned (or fixed) combination, by task and tensor."""
         c = self.merged.coefficients
