@@ -60,7 +60,9 @@ def run_locked(cfg: DictConfig, out_dir: Path, rank_zero: bool) -> dict:
     # any check, so a refused rerun would overwrite the old run's); taken now, before start_from is inlined
     run_config = run_config_files(cfg)
     c, trains = checked_config(cfg, out_dir)
-    if not trains and c["resume"]:
+    from ..methods import get_method
+
+    if not trains and c["resume"] and not getattr(get_method(c["method"]["name"]), "keeps_state", False):
         log.warning("method %s does not train, so it has nothing to resume: resume=%s ignored",
                     c["method"]["id"], c["resume"])
     if c.get("threads"):

@@ -1,0 +1,49 @@
+"""Evolutionary merging (adamerge/methods/evolve.py) through train.py: a search resumed from its checkpointed state
+ends where one uninterrupted search ends, and a state is never taken over silently."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import helpers
+
+pytest.importorskip("cma")
+
+
+@pytest.fixture(scope="module")
+def pool3(tmp_path_factory):
+    return helpers.make_pool(tmp_path_factory.mktemp("pool3"), k=3)
+
+
+def evolve(pool, out, *overrides):
+    helpers.train_here(pool, out, "method=evolve", "method.popsize=5", "method.sigma0=0.3", "evaluate.enabled=false",
+                       *overrides)
+    return json.loads((out / "export" / "coefficients.json").read_text())
+
+
+def test_a_resumed_search_ends_where_one_search_ends(pool3, tmp_path):
+    whole = evolve(pool3, tmp_path / "whole", "method.evaluations=20")
+    evolve(pool3, tmp_path / "parts", "method.evaluations=10")
+    resumed = evolve(pool3, tmp_path / "parts", "method.evaluations=20", "resume=last", "export.overwrite=true")
+    assert resumed["evolve"]["evaluations"] == whole["evolve"]["evaluations"] == 20
+    assert resumed["evolve"]["best"] == whole["evolve"]["best"]
+    assert resumed["coefficients"] == whole["coefficients"]
+    history = json.loads((tmp_path / "parts" / "export" / "evolve.json").read_text())["history"]
+    assert [h["evaluations"] for h in history] == [5, 10, 15, 20]
+    assert all(a["best_fitness"] <= b["best_fitness"] for a, b in zip(history, history[1:]))
+
+
+def test_a_state_is_not_taken_over_without_resume_nor_resumed_with_other_settings(pool3, tmp_path, capsys):
+    evolve(pool3, tmp_path / "run", "method.evaluations=5")
+    capsys.readouterr()
+    base = [f"out_dir={tmp_path}/run", "method=evolve", "method.popsize=5", "evaluate.enabled=false",
+            "export.dir=" + str(tmp_path / "other_export")]
+    assert helpers.run_inprocess([*base, "method.evaluations=10"], pool3) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pass resume=last" in err, err
+    assert helpers.run_inprocess([*base, "method.evaluations=10", "method.sigma0=0.5", "resume=last"], pool3) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other settings (sigma0)" in err, err
+    assert not (tmp_path / "other_export").exists()
