@@ -185,8 +185,9 @@ def stream_run(c: dict, out_dir: Path, run_config: dict[str, str]) -> str:
 
     def report() -> dict:
         lam = StaticMerge.scale(method_cfg, K)
+        row = list(lam) if isinstance(lam, list) else [lam] * K
         rep = {"method": method_cfg.label, "tasks": pool.task_names, "tensors": merged, "granularity": "task",
-               "coefficients": [[lam] * K for _ in merged], "num_trainable": 0, "streamed": True}
+               "coefficients": [row for _ in merged], "num_trainable": 0, "streamed": True}
         for s in stages:
             rep.update(s.report())
         return rep

@@ -90,6 +90,7 @@ def merge(pool: dict, out: Path, method: str, stream: str, *extra: str) -> Path:
 
 @pytest.mark.parametrize("method, extra", [
     ("task_arithmetic", ()),
+    ("task_arithmetic", ("method.scale=[0.25,0.5,1.0]",)),  # one λ per task
     ("ties_merging", ("export.max_shard_size=40KB",)),
     ("dare_ties", ("task_vectors.dtype=bfloat16", "export.dtype=bfloat16")),
     ("weight_average", ("task_vectors.exclude=[norm]",)),

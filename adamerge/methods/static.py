@@ -12,6 +12,7 @@ import torch
 
 from ..core.coefficients import Coefficients
 from ..core.task_vectors import TaskVectors
+from ..errors import ConfigError
 from .algorithm import MergeAlgorithm
 from .method_config import PER_TASK_RULES, MethodConfig
 from .registry import register
@@ -19,7 +20,7 @@ from .registry import register
 
 @dataclass
 class StaticConfig(MethodConfig):
-    scale: float | None = 0.3  # λ; null: 1/K (weight average)
+    scale: float | list[float] | None = 0.3  # λ, or one λ per task (in the pool's order); null: 1/K (weight average)
 
 
 @register
@@ -34,8 +35,12 @@ class StaticMerge(MergeAlgorithm):
         return True  # λ Σ_k τ_k (the transforms, which read τ's entries, are checked by the caller)
 
     @staticmethod
-    def scale(cfg: StaticConfig, K: int) -> float:
-        """λ: the config's ``scale``, or 1/K (weight average)."""
+    def scale(cfg: StaticConfig, K: int) -> float | list[float]:
+        """λ: the config's ``scale`` (one value, or one per task), or 1/K (weight average)."""
+        if isinstance(cfg.scale, (list, tuple)):
+            if len(cfg.scale) != K:
+                raise ConfigError(f"method.scale gives {len(cfg.scale)} values for {K} tasks; give one λ or one per task")
+            return [float(v) for v in cfg.scale]
         return 1.0 / K if cfg.scale is None else float(cfg.scale)
 
     @property
