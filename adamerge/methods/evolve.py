@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,11 +19,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_bytes
 from ..core.coefficients import Coefficients
 from ..core.merged_model import MergedModel
 from ..core.task_vectors import TaskVectors
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..pool.model_pool import ModelPool
 from .method_config import check_range
 from .registry import register
@@ -32,7 +30,6 @@ from .search import MetricSearch, SearchConfig
 
 log = logging.getLogger("adamerge")
 STATE_FILE = "evolve_state.pkl"
-BUDGET_KEYS = ("evaluations",)  # may change between a run and its resumption
 
 
 @dataclass
@@ -101,36 +98,12 @@ class EvolveMerge(MetricSearch):
                                      "generation_best": fitness[best]})
             log.info("evolve: %d/%d evaluations, generation best %.4f, best %.4f", state["evaluations"],
                      m.evaluations, fitness[best], state["best"]["fitness"])
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(path, pickle.dumps(state))
+            self.save_state(path, state)
         if state["best"] is None:
             raise ConfigError(f"method.evaluations={m.evaluations} is below one generation ({es.popsize} candidates)")
         self.search = {k: state[k] for k in ("best", "history", "evaluations")}
         merged.coefficients.raw.data.copy_(torch.tensor(state["best"]["coefficients"]).view_as(merged.coefficients.raw))
         return merged
-
-    def fingerprint_cfg(self) -> dict:
-        """The keys a resumed search must share with the one it continues."""
-        return {k: v for k, v in self.cfg.as_dict().items() if k not in (*BUDGET_KEYS, "resume", "state_dir")}
-
-    def load_state(self, path: Path | None) -> dict | None:
-        """The checkpointed search to go on from (``resume=last``), None for a fresh one; a state left by another
-        run is never overwritten silently."""
-        if path is None or not path.exists():
-            if self.cfg.resume:
-                log.info("evolve: no search state at %s to resume: starting afresh", path)
-            return None
-        if not self.cfg.resume:
-            raise CheckpointError(f"evolve: a search state exists at {path}; pass resume=last to go on from it or "
-                                  "choose another out_dir")
-        state = pickle.loads(path.read_bytes())
-        if state["config"] != self.fingerprint_cfg():
-            changed = sorted(k for k in state["config"] if state["config"][k] != self.fingerprint_cfg().get(k))
-            raise CheckpointError(f"evolve: the search state at {path} was made with other settings ({', '.join(changed)}); "
-                                  "resume it with the same method keys (only method.evaluations may change)")
-        log.info("evolve: resuming from %s after %d evaluations", path, state["evaluations"])
-        return state
 
     def write_state(self, export_dir: Path) -> None:
         (export_dir / "evolve.json").write_text(json.dumps(self.search, indent=1))

@@ -7,17 +7,24 @@ else a label-free one: agreement with the task's expert, the share of its first 
 
 from __future__ import annotations
 
+import logging
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
+from ..atomic import atomic_write_bytes
 from ..core.merged_model import MergedModel
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..evaluate import load_test_sets, merge_accuracies
 from ..pool.model_pool import ModelPool
 from ..run.data import batches, read_split
 from .static import StaticConfig, StaticMerge
+
+log = logging.getLogger("adamerge")
+STATE_KEYS = ("evaluations", "resume", "state_dir")  # may differ between a search and its resumption
 
 
 @dataclass
@@ -47,8 +54,8 @@ class MetricSearch(StaticMerge):
             raise ConfigError(f"method.preference must be non-negative weights, not all zero: got {given}")
         return weights
 
-    def metric_fn(self, pool: ModelPool, merged: MergedModel):
-        """``f(merged, c) -> [K]`` metrics (higher is better) of θ0 + Σ c_k τ_k, and ``self.metric_name``."""
+    def metric_choice(self, pool: ModelPool) -> str:
+        """``validation`` or ``agreement`` (``method.metric``; auto: validation when every task has a file)."""
         m = self.cfg
         with_validation = all(t.validation for t in pool.tasks.values())
         choice = m.metric if m.metric != "auto" else ("validation" if with_validation else "agreement")
@@ -57,26 +64,48 @@ class MetricSearch(StaticMerge):
             raise ConfigError(f"method.metric=validation: tasks {', '.join(missing)} have no validation file; give "
                               "pool.tasks.<task>.validation or use metric=agreement (label-free)")
         self.metric_name = choice
-        if choice == "validation":
+        return choice
+
+    def metric_fn(self, pool: ModelPool, merged: MergedModel):
+        """``f(merged, c) -> [K]`` metrics (higher is better) of θ0 + Σ c_k τ_k; ``self.metric_name`` says which."""
+        if self.metric_choice(pool) == "validation":
+            m = self.cfg
             sets = load_test_sets(pool, pool.tokenizer(), m.max_length, split="validation")
             return lambda mm, c: self.at(mm, c, lambda params: torch.tensor(
                 [merge_accuracies(pool, params, sets, m.batch_size)[t] for t in pool.task_names]))
-        examples = {t: batches(self.family.encode(pool, read_split(pool, t, "calibration", needed_by=self.method_id)[0][:m.num_examples],
-                                                  pool.tokenizer(), m.max_length), m.batch_size)
-                    for t in pool.task_names}
-        expert = {t: self.predictions(merged, t, dict(pool.iter_expert_state(t)), examples[t]) for t in pool.task_names}
-        return lambda mm, c: self.at(mm, c, lambda params: torch.tensor(
-            [float((self.predictions(mm, t, params, examples[t]) == expert[t]).float().mean()) for t in pool.task_names]))
+        hits = self.hits_fn(pool, merged)
+        return lambda mm, c: torch.tensor([float(h.float().mean()) for h in hits(mm, c).values()], dtype=torch.float64)
+
+    def hits_fn(self, pool: ModelPool, merged: MergedModel):
+        """``f(merged, c) -> {task: [examples] bool}``: which examples the merge gets right, against the expert's
+        predictions on calibration texts (agreement) or the validation labels (classifiers)."""
+        m = self.cfg
+        if self.metric_choice(pool) == "validation":
+            sets = load_test_sets(pool, pool.tokenizer(), m.max_length, split="validation")
+            if not all(hasattr(ts, "labels") and hasattr(ts, "encoded") for ts in sets.values()):
+                raise ConfigError(f"{self.method_id}: per-example scores on validation files are implemented for "
+                                  "classifier pools; use method.metric=agreement")
+            examples = {t: batches(ts.encoded, m.batch_size) for t, ts in sets.items()}
+            wanted = {t: ts.labels for t, ts in sets.items()}
+        else:
+            examples = {t: batches(self.family.encode(pool, read_split(pool, t, "calibration", needed_by=self.method_id)[0]
+                                                      [:m.num_examples], pool.tokenizer(), m.max_length), m.batch_size)
+                        for t in pool.task_names}
+            wanted = {t: self.predictions(merged, t, dict(pool.iter_expert_state(t)), examples[t]) for t in pool.task_names}
+        return lambda mm, c: self.at(mm, c, lambda params: {
+            t: self.predictions(mm, t, params, examples[t]) == wanted[t] for t in pool.task_names}, tensors=False)
 
     @staticmethod
-    def at(merged: MergedModel, c: torch.Tensor, measure) -> torch.Tensor:
-        """``measure(params)`` of the merge with coefficients ``c`` (task-wise [K], or flattened layer-wise [L·K])."""
+    def at(merged: MergedModel, c: torch.Tensor, measure, tensors: bool = True):
+        """``measure(params)`` of the merge with coefficients ``c`` (task-wise [K], or flattened layer-wise [L·K]);
+        in float64 unless ``tensors`` is false."""
         raw = merged.coefficients.raw
         kept = raw.data.clone()
         raw.data.copy_(c.reshape(raw.shape).to(raw.dtype))
         try:
             with torch.no_grad():
-                return measure(merged.merged_params()).double()
+                out = measure(merged.merged_params())
+                return out.double() if tensors else out
         finally:
             raw.data.copy_(kept)
 
@@ -91,3 +120,33 @@ class MetricSearch(StaticMerge):
             out.append(pred[mask.bool()] if mask is not None else pred.reshape(-1))
         return torch.cat(out)
 
+
+    # -- a search checkpointed every generation (evolve, m2n2) -------------------------------------------------------
+    def fingerprint_cfg(self) -> dict:
+        """The keys a resumed search must share with the one it continues (the budget may grow)."""
+        return {k: v for k, v in self.cfg.as_dict().items() if k not in STATE_KEYS}
+
+    def load_state(self, path: Path | None) -> dict | None:
+        """The checkpointed search to go on from (``resume=last``), None for a fresh one; a state left by another
+        run is never taken over silently, nor resumed with other settings."""
+        if path is None or not path.exists():
+            if getattr(self.cfg, "resume", None):
+                log.info("%s: no search state at %s to resume: starting afresh", self.method_id, path)
+            return None
+        if not self.cfg.resume:
+            raise CheckpointError(f"{self.method_id}: a search state exists at {path}; pass resume=last to go on from "
+                                  "it or choose another out_dir")
+        state = pickle.loads(path.read_bytes())  # written by this run's own save_state
+        if state["config"] != self.fingerprint_cfg():
+            changed = sorted(k for k in state["config"] if state["config"][k] != self.fingerprint_cfg().get(k))
+            raise CheckpointError(f"{self.method_id}: the search state at {path} was made with other settings "
+                                  f"({', '.join(changed)}); resume it with the same method keys (only "
+                                  "method.evaluations may change)")
+        log.info("%s: resuming from %s after %d evaluations", self.method_id, path, state["evaluations"])
+        return state
+
+    @staticmethod
+    def save_state(path: Path | None, state: dict) -> None:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, pickle.dumps(state))
