@@ -77,6 +77,11 @@ def merged_rows(method, label: str, merged: dict[str, torch.Tensor], test_sets: 
     """The merge's row of the table; for a method with one model per task (``per_task``), each task's own model's
     row and their average's (``merged``)."""
     pool = method.pool
+    if getattr(method, "routed", None) is not None:  # a routed merge (twin_merging): the shared one and the routed one
+        from .routed import routed_accuracies
+
+        routed, method.routing = routed_accuracies(method.routed, test_sets, batch_size)
+        return {label: merge_accuracies(pool, merged, test_sets, batch_size), f"{label} routed (no task id)": routed}
     if not getattr(method, "per_task", False):
         return {label: merge_accuracies(pool, merged, test_sets, batch_size)}
     own = {t: merge_accuracies(pool, method.task_params(t), {t: ts}, batch_size)[t] for t, ts in test_sets.items()}
