@@ -176,9 +176,14 @@ class EvaluateConfig(ConfigSection):
     batch_size: int
     max_examples: int | None
     max_new_tokens: int
+    lm_eval_tasks: list[str] | None = None  # lm-evaluation-harness tasks run on the export (causal LMs)
+    lm_eval_batch_size: int = 8
+    lm_eval_limit: int | None = None  # examples per lm-eval task (null: all)
 
     def check(self, prefix: str) -> None:
         check_range(self.batch_size, f"{prefix}.batch_size", 1)
+        check_range(self.lm_eval_batch_size, f"{prefix}.lm_eval_batch_size", 1)
+        check_range(self.lm_eval_limit, f"{prefix}.lm_eval_limit", 1)
         check_range(self.monitor_batches, f"{prefix}.monitor_batches", 0)
         check_range(self.max_examples, f"{prefix}.max_examples", 1)
         check_range(self.max_new_tokens, f"{prefix}.max_new_tokens", 1)

@@ -125,6 +125,9 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
     check_no_missing(cfg, hydra_choices())  # a ``???`` key, named before an interpolation trips over it
     c = OmegaConf.to_container(cfg, resolve=True)
     check_config(c)
+    from ..lm_eval_hook import check_lm_eval
+
+    check_lm_eval(c)
     cls = get_method(c["method"].get("name"))
     method_cfg = cls.parse_config(c["method"])  # every method key typed and known
     trains = cls.trains(method_cfg)
@@ -251,6 +254,10 @@ def exported(c: dict) -> str:
     """Say where the export is, and upload it when ``export.push_to_hub`` asks."""
     export_dir = Path(c["export"]["dir"])
     print(f"exported merged model to {export_dir}", flush=True)
+    if c["evaluate"].get("lm_eval_tasks"):
+        from ..lm_eval_hook import run_lm_eval
+
+        run_lm_eval(export_dir, c["evaluate"])
     if c["export"]["push_to_hub"]:
         from ..pool.hub import push_export
 
