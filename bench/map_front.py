@@ -87,30 +87,16 @@ def main() -> None:
 
 
 def plot(path: Path, tasks: list[str], points: dict, sweep: dict) -> None:
-    import itertools
+    from adamerge.core.pareto import pair_grid
 
-    import matplotlib
+    lam, acc = list(sweep.values()), [a for _, a in points.values()]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pairs = list(itertools.combinations(range(len(tasks)), 2))
-    cols = min(4, len(pairs))
-    rows = -(-len(pairs) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False)
-    for ax, (i, j) in zip(axes.flat, pairs):
-        lam = list(sweep.values())
+    def draw(ax, i: int, j: int) -> None:
         ax.plot([100 * a[i] for a in lam], [100 * a[j] for a in lam], "o-", c="0.5", ms=3, label="task arithmetic λ")
-        acc = [a for _, a in points.values()]
         ax.scatter([100 * a[i] for a in acc], [100 * a[j] for a in acc], c="tab:blue", s=14, label="MAP front (measured)")
         ax.scatter([100 * acc[0][i]], [100 * acc[0][j]], c="tab:red", marker="*", s=70, label="uniform preference")
-        ax.set_xlabel(tasks[i])
-        ax.set_ylabel(tasks[j])
-    for ax in list(axes.flat)[len(pairs):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+
+    pair_grid(path, tasks, draw)
     print(f"plot: {path}")
 
 

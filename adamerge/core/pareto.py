@@ -98,29 +98,38 @@ def choose(predicted: torch.Tensor, preference: torch.Tensor) -> int:
     return int((predicted.double() @ (preference.double() / preference.double().norm())).argmax())
 
 
-def plot_front(path: Path, tasks: list[str], front: torch.Tensor, samples: torch.Tensor, chosen: torch.Tensor,
-               measured_chosen: torch.Tensor | None) -> None:
-    """Every pair of tasks' trade-off: the surrogates' front, the measured samples and the chosen point."""
+def pair_grid(path: Path, tasks: list[str], draw, scale: float = 1.0) -> None:
+    """One panel per pair of tasks (i on x, j on y), each drawn by ``draw(ax, i, j)``; the first panel's legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pairs = list(itertools.combinations(range(len(tasks)), 2))
-    cols = min(3, len(pairs))
+    cols = min(4, len(pairs))
     rows = math.ceil(len(pairs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols * scale, 3.4 * rows * scale), squeeze=False)
     for ax, (i, j) in zip(axes.flat, pairs):
+        draw(ax, i, j)
+        ax.set_xlabel(tasks[i])
+        ax.set_ylabel(tasks[j])
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_front(path: Path, tasks: list[str], front: torch.Tensor, samples: torch.Tensor, chosen: torch.Tensor,
+               measured_chosen: torch.Tensor | None) -> None:
+    """Every pair of tasks' trade-off: the surrogates' front, the measured samples and the chosen point."""
+
+    def draw(ax, i: int, j: int) -> None:
         ax.scatter(samples[:, i], samples[:, j], s=10, c="0.6", label="measured samples")
         ax.scatter(front[:, i], front[:, j], s=6, c="tab:blue", alpha=0.5, label="surrogate front")
         ax.scatter([chosen[i]], [chosen[j]], s=60, marker="*", c="tab:red", label="chosen (predicted)")
         if measured_chosen is not None:
             ax.scatter([measured_chosen[i]], [measured_chosen[j]], s=40, marker="x", c="k", label="chosen (measured)")
-        ax.set_xlabel(tasks[i])
-        ax.set_ylabel(tasks[j])
-    for ax in list(axes.flat)[len(pairs):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+    pair_grid(path, tasks, draw)

@@ -21,7 +21,7 @@ from ..errors import CheckpointError, ConfigError
 from ..evaluate import load_test_sets, merge_accuracies
 from ..pool.model_pool import ModelPool
 from ..run.data import batches, read_split
-from .static import StaticConfig, StaticMerge
+from .static import StaticConfig, StaticMerge, coefficients_at
 
 log = logging.getLogger("adamerge")
 STATE_KEYS = ("evaluations", "resume", "state_dir")  # may differ between a search and its resumption
@@ -99,15 +99,9 @@ class MetricSearch(StaticMerge):
     def at(merged: MergedModel, c: torch.Tensor, measure, tensors: bool = True):
         """``measure(params)`` of the merge with coefficients ``c`` (task-wise [K], or flattened layer-wise [L·K]);
         in float64 unless ``tensors`` is false."""
-        raw = merged.coefficients.raw
-        kept = raw.data.clone()
-        raw.data.copy_(c.reshape(raw.shape).to(raw.dtype))
-        try:
-            with torch.no_grad():
-                out = measure(merged.merged_params())
-                return out.double() if tensors else out
-        finally:
-            raw.data.copy_(kept)
+        with coefficients_at(merged, c), torch.no_grad():
+            out = measure(merged.merged_params())
+        return out.double() if tensors else out
 
     @torch.no_grad()
     def predictions(self, merged: MergedModel, task: str, params: dict, examples: list[dict]) -> torch.Tensor:

@@ -6,6 +6,8 @@ same MergedModel, export and evaluation as the learned methods — with no optim
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,19 @@ from ..errors import ConfigError
 from .algorithm import MergeAlgorithm
 from .method_config import PER_TASK_RULES, MethodConfig
 from .registry import register
+
+
+@contextlib.contextmanager
+def coefficients_at(merged, c: torch.Tensor) -> Iterator[None]:
+    """``merged``'s coefficients set to ``c`` (the raw tensor's values, in any shape with as many) inside the block,
+    restored after it."""
+    raw = merged.coefficients.raw
+    kept = raw.data.clone()
+    raw.data.copy_(c.reshape(raw.shape).to(raw.dtype))
+    try:
+        yield
+    finally:
+        raw.data.copy_(kept)
 
 
 @dataclass
@@ -50,14 +65,10 @@ class StaticMerge(MergeAlgorithm):
 
     def task_params(self, task: str) -> dict[str, torch.Tensor]:
         """Task ``task``'s own model's merged tensors (``per_task`` methods): the merge with a one-hot coefficient."""
-        raw = self.merged.coefficients.raw
-        kept = raw.data.clone()
-        raw.data.zero_()
-        raw.data[self.merged.task_names.index(task)] = 1.0
-        try:
+        one_hot = torch.zeros_like(self.merged.coefficients.raw)
+        one_hot[self.merged.task_names.index(task)] = 1.0
+        with coefficients_at(self.merged, one_hot):
             return {n: v.detach().clone() for n, v in self.merged.merged_params().items()}
-        finally:
-            raw.data.copy_(kept)
 
     def build_coefficients(self, tv: TaskVectors) -> Coefficients:
         coefs = Coefficients(tv.K, len(tv), granularity="task", init=self.scale(self.cfg, tv.K))
