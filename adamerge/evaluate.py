@@ -80,8 +80,11 @@ def merged_rows(method, label: str, merged: dict[str, torch.Tensor], test_sets: 
     if getattr(method, "routed", None) is not None:  # a routed merge (twin_merging): the shared one and the routed one
         from .routed import routed_accuracies
 
-        routed, method.routing = routed_accuracies(method.routed, test_sets, batch_size)
-        return {label: merge_accuracies(pool, merged, test_sets, batch_size), f"{label} routed (no task id)": routed}
+        routed = routed_accuracies(method.routed, test_sets, batch_size)
+        method.routing = routed["routing"]
+        return {label: merge_accuracies(pool, merged, test_sets, batch_size),
+                f"{label} routed (no task id)": routed["no_task_id"],
+                f"{label} routed, the task's own head": routed["own_head"]}
     if not getattr(method, "per_task", False):
         return {label: merge_accuracies(pool, merged, test_sets, batch_size)}
     own = {t: merge_accuracies(pool, method.task_params(t), {t: ts}, batch_size)[t] for t, ts in test_sets.items()}

@@ -103,14 +103,16 @@ class RoutedModel(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     @torch.no_grad()
-    def forward(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(routing weights [B, K], routed task index [B], predicted label [B]) of a batch, no task id given."""
+    def forward(self, head: int | None = None, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(routing weights [B, K], routed task index [B], predicted label [B]) of a batch: no task id given, the head
+        is the routed task's; ``head`` = k uses task k's head for every row (the weights are routed all the same)."""
         weights = torch.softmax(self.router(self.features(inputs)), dim=1)
         task = weights.argmax(1)
+        use = task if head is None else torch.full_like(task, head)
         labels = torch.zeros_like(task)
         try:
-            for k in task.unique().tolist():
-                rows = (task == k).nonzero().squeeze(1)
+            for k in use.unique().tolist():
+                rows = (use == k).nonzero().squeeze(1)
                 self.weights = weights[rows]
                 out = functional_call(self.model, self.heads[self.tasks[k]], args=(),
                                       kwargs={n: t[rows] for n, t in inputs.items()}, strict=False)
@@ -153,19 +155,22 @@ def load(export_dir: str | Path) -> RoutedModel:
     return RoutedModel(model, tasks, heads, twins, router)
 
 
-def routed_accuracies(routed: RoutedModel, test_sets: dict, batch_size: int = 64) -> tuple[dict[str, float], dict[str, float]]:
-    """Per task: (accuracy without the task id: the router must pick the task and the head its label, the router's
-    task accuracy), on classifier test sets (``encoded``, ``labels``)."""
+def routed_accuracies(routed: RoutedModel, test_sets: dict, batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """Per task, on classifier test sets (``encoded``, ``labels``): ``no_task_id`` (the router picks the task and its
+    head picks the label: an example counts when both are right), ``own_head`` (weights routed, the task's own head:
+    the authors' evaluation) and ``routing`` (the router's task accuracy)."""
     from .run.data import batches
 
-    accuracy, routing = {}, {}
+    out: dict[str, dict[str, float]] = {"no_task_id": {}, "own_head": {}, "routing": {}}
     for k, task in enumerate(routed.tasks):
         if task not in test_sets:
             continue
-        ts, right, chosen = test_sets[task], 0, 0
+        ts, n = test_sets[task], len(test_sets[task].labels)
+        right = own = chosen = 0
         for batch, y in zip(batches(ts.encoded, batch_size), ts.labels.split(batch_size)):
             _, routed_task, label = routed(**batch)
             right += int(((routed_task == k) & (label == y)).sum())
             chosen += int((routed_task == k).sum())
-        accuracy[task], routing[task] = right / len(ts.labels), chosen / len(ts.labels)
-    return accuracy, routing
+            own += int((routed(head=k, **batch)[2] == y).sum())
+        out["no_task_id"][task], out["own_head"][task], out["routing"][task] = right / n, own / n, chosen / n
+    return out

@@ -52,7 +52,9 @@ def test_the_router_learns_the_tasks_and_the_table_has_the_routed_row(pool3, tmp
     report = json.loads((tmp_path / "run" / "export" / "coefficients.json").read_text())["twin_merging"]
     assert all(share > 0.9 for share in report["router_test_accuracy"].values()), report
     rows = json.loads((tmp_path / "run" / "eval.json").read_text())["rows"]
-    assert "twin_merging routed (no task id)" in rows and "twin_merging" in rows
+    assert {"twin_merging", "twin_merging routed (no task id)", "twin_merging routed, the task's own head"} <= set(rows)
+    for task, acc in rows["twin_merging routed (no task id)"].items():  # both right is at most the head given right
+        assert acc <= rows["twin_merging routed, the task's own head"][task]
 
 
 def base_batch(pool: dict) -> dict:
