@@ -21,6 +21,7 @@ from ..errors import CheckpointError, ConfigError
 from ..evaluate import load_test_sets, merge_accuracies
 from ..pool.model_pool import ModelPool
 from ..run.data import batches, read_split
+from ..run.distributed import dist_rank_world
 from .static import StaticConfig, StaticMerge, coefficients_at
 
 log = logging.getLogger("adamerge")
@@ -78,22 +79,38 @@ class MetricSearch(StaticMerge):
 
     def hits_fn(self, pool: ModelPool, merged: MergedModel):
         """``f(merged, c) -> {task: [examples] bool}``: which examples the merge gets right, against the expert's
-        predictions on calibration texts (agreement) or the validation labels (classifiers)."""
+        predictions on calibration texts (agreement) or the validation labels (classifiers). Under ``trainer=ddp``
+        each process measures its share of every task's examples and the hits are gathered (in rank order), so
+        every process holds them all."""
         m = self.cfg
+        rank, world = dist_rank_world()
         if self.metric_choice(pool) == "validation":
             sets = load_test_sets(pool, pool.tokenizer(), m.max_length, split="validation")
             if not all(hasattr(ts, "labels") and hasattr(ts, "encoded") for ts in sets.values()):
                 raise ConfigError(f"{self.method_id}: per-example scores on validation files are implemented for "
                                   "classifier pools; use method.metric=agreement")
-            examples = {t: batches(ts.encoded, m.batch_size) for t, ts in sets.items()}
-            wanted = {t: ts.labels for t, ts in sets.items()}
+            examples = {t: batches({k: v[rank::world] for k, v in ts.encoded.items()}, m.batch_size)
+                        for t, ts in sets.items()}
+            wanted = {t: ts.labels[rank::world] for t, ts in sets.items()}
         else:
-            examples = {t: batches(self.family.encode(pool, read_split(pool, t, "calibration", needed_by=self.method_id)[0]
-                                                      [:m.num_examples], pool.tokenizer(), m.max_length), m.batch_size)
+            texts = {t: read_split(pool, t, "calibration", needed_by=self.method_id)[0][:m.num_examples][rank::world]
+                     for t in pool.task_names}
+            examples = {t: batches(self.family.encode(pool, texts[t], pool.tokenizer(), m.max_length), m.batch_size)
                         for t in pool.task_names}
             wanted = {t: self.predictions(merged, t, dict(pool.iter_expert_state(t)), examples[t]) for t in pool.task_names}
-        return lambda mm, c: self.at(mm, c, lambda params: {
-            t: self.predictions(mm, t, params, examples[t]) == wanted[t] for t in pool.task_names}, tensors=False)
+
+        def hits(mm: MergedModel, c: torch.Tensor) -> dict[str, torch.Tensor]:
+            mine = self.at(mm, c, lambda params: {t: self.predictions(mm, t, params, examples[t]) == wanted[t]
+                                                  for t in pool.task_names}, tensors=False)
+            if world == 1:
+                return mine
+            import torch.distributed as dist
+
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, mine)
+            return {t: torch.cat([g[t] for g in gathered]) for t in pool.task_names}
+
+        return hits
 
     @staticmethod
     def at(merged: MergedModel, c: torch.Tensor, measure, tensors: bool = True):
@@ -141,6 +158,7 @@ class MetricSearch(StaticMerge):
 
     @staticmethod
     def save_state(path: Path | None, state: dict) -> None:
-        if path is not None:
+        """The search state, atomically (by the first process only, under ``trainer=ddp``)."""
+        if path is not None and dist_rank_world()[0] == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, pickle.dumps(state))
