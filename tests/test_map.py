@@ -67,3 +67,15 @@ def test_metric_validation_without_validation_files_is_refused_in_one_line(pool3
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "task0, task1, task2 have no validation file" in err, err
     assert not (tmp_path / "run" / "export").exists()
+
+
+@pytest.mark.parametrize("preference, says", [("{task9:1}", "names task9, not tasks of the pool"),
+                                              ("{task0:0}", "non-negative weights, not all zero")])
+def test_a_preference_that_names_no_task_or_weighs_nothing_is_refused_in_one_line(pool3, tmp_path, capsys,
+                                                                                   preference, says):
+    capsys.readouterr()
+    code = helpers.run_inprocess([f"out_dir={tmp_path}/run", "method=map", f"+method.preference={preference}",
+                                  "evaluate.enabled=false"], pool3)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "run" / "export").exists()

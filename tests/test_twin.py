@@ -63,3 +63,13 @@ def base_batch(pool: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(pool["base"])
     texts = [json.loads(line)["text"] for line in open(next(iter(pool["tasks"].values()))["test"])]
     return dict(tok(texts, padding=True, return_tensors="pt"))
+
+
+def test_a_pool_without_classifier_heads_is_refused_in_one_line(tmp_path, capsys):
+    from peer_pool import make_seeded_llama_pool
+
+    pool = make_seeded_llama_pool(tmp_path / "llama", k=2)
+    capsys.readouterr()
+    code = helpers.run_inprocess([f"out_dir={tmp_path}/run", "method=twin_merging", "evaluate.enabled=false"], pool)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "twin_merging routes classifier heads" in err, err

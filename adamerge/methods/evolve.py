@@ -70,9 +70,9 @@ class EvolveMerge(MetricSearch):
         except ImportError as e:
             raise ConfigError("method=evolve needs the cma package: pip install 'adamerge[search]' (or pip install "
                               "cma)") from e
+        weights = self.preference(pool.task_names)  # a bad one refused before the task vectors are read
         merged = super().build_merged(pool, tv_cfg)
         m = self.cfg
-        weights = self.preference(pool.task_names)
         weights = weights / weights.sum()
         path = Path(m.state_dir) / STATE_FILE if m.state_dir else None
         state = self.load_state(path)

@@ -52,9 +52,9 @@ class MapMerge(MetricSearch):
     Config = MapConfig
 
     def build_merged(self, pool: ModelPool, tv_cfg: dict) -> MergedModel:
+        preference = self.preference(pool.task_names)  # a bad one refused before the task vectors are read
         merged = super().build_merged(pool, tv_cfg)
         m, K = self.cfg, merged.task_vectors.K
-        preference = self.preference(pool.task_names)
         metric = self.metric_fn(pool, merged)
         g = torch.Generator().manual_seed(m.seed)
         fit_c = pareto.map_samples(K, m.samples or (K + 1) * (K + 2), g)
