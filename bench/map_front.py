@@ -3,7 +3,7 @@
     python bench/map_front.py --pool minilm_frozen_head_lora --out runs/map_front_fh
 
 1. ``method=map`` (label-free agreement where the pool has no validation files) writes export/pareto/front.json.
-2. Task arithmetic at λ = 0.1 … 1.0 (``method=task_arithmetic method.scale=λ``).
+2. Task arithmetic at λ = 0.1 … 1.0 (``--lambdas``) (``method=task_arithmetic method.scale=λ``).
 3. Front points: the uniform preference's (MAP's export) and those ``--preferences`` seeded random preferences pick,
    each measured as ``method=task_arithmetic method.scale=[c_1, …, c_K]``.
 Prints, per pool: every point's per-task test accuracy, whether any λ point is strictly better on every task than
@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--pool", default="minilm_frozen_head_lora")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "map_front")
     ap.add_argument("--preferences", type=int, default=10, help="random preferences whose front points are measured")
+    ap.add_argument("--lambdas", type=float, nargs="+", default=[round(0.1 * i, 1) for i in range(1, 11)],
+                    help="task arithmetic's λ sweep")
     ap.add_argument("extra", nargs="*", help="more key=value overrides for the map run")
     a = ap.parse_args()
     quiet = ["export.task_models=false"]
@@ -59,7 +61,7 @@ def main() -> None:
         print(f"front point {i}: c={[round(v, 3) for v in c]} -> {[round(100 * v, 1) for v in points[f'front point {i}'][1]]}",
               flush=True)
     sweep = {}
-    for lam in [round(0.1 * i, 1) for i in range(1, 11)]:
+    for lam in a.lambdas:
         r = run_method("task_arithmetic", a.pool, a.out / f"lambda_{lam}", None, reference=False,
                        extra=[*quiet, f"method.scale={lam}"])
         sweep[lam] = accuracies(r, tasks)
