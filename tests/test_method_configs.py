@@ -23,6 +23,12 @@ FAST = {
     "regmean": ["method.num_examples=8"],
     "regmean_pp": ["method.num_examples=8"],
     "fisher_merging": ["method.num_examples=4"],
+    "ota_merging": ["method.num_examples=4"],
+    "rmm": ["method.rmm.rank=1"],  # the tiny pool has 2 experts
+    "map": ["method.check_points=2", "method.candidates=64"],
+    "evolve": ["method.evaluations=10", "method.popsize=5"],
+    "m2n2": ["method.evaluations=4"],
+    "twin_merging": ["method.router_epochs=2"],
 }
 
 
