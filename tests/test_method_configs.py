@@ -93,7 +93,8 @@ def test_only_methods_that_train_are_lightning_modules():
         if cls.trains(cfg):
             assert issubclass(cls, MergeMethod), name
     plain = {n for n, c in all_methods().items() if not issubclass(c, pl.LightningModule)}
-    assert plain == {"static", "regmean", "regmean_pp", "fisher_merging", "pcb_merging", "tsv_merging"}
+    assert plain == {"static", "regmean", "regmean_pp", "fisher_merging", "pcb_merging", "tsv_merging", "ota_merging",
+                     "map", "evolve", "m2n2", "twin_merging"}  # the last four search or route without optimizer steps
 
 
 def test_the_registry_names_the_module_of_every_registered_method():
