@@ -121,8 +121,9 @@ PEER_CASES = {  # fixture key prefix -> the case (tests/fixtures/*_merges.safete
     "wudi_merging": PeerCase("fusionbench", "wudi_merging", ("method=wudi_merging",),
                              {"scaling_factor": 1.0, "iter_num": 400}),  # the gradient in another order
     "emr_merging": PeerCase("fusionbench", "emr_merge", ("method=emr_merging",), task="lm1", exact=True),
+    # bit-equal with one thread; norms and cosines round differently with two (7e-9 relative)
     "widen": PeerCase("mergellm", "widen_merging", ("method=widen",),
-                      {"above_average_value_ratio": 1.0, "score_calibration_value": 1.0}, exact=True),
+                      {"above_average_value_ratio": 1.0, "score_calibration_value": 1.0}),
     # the authors' per-model absolute thresholds on v·τ²: an entry every expert masks keeps the base
     "ota_merging": PeerCase("ota", "ota", ("method=ota_merging", "method.density=null", "method.threshold={"
                                            + ",".join(f"{t}:{v}" for t, v in OTA_THRESHOLDS.items()) + "}"),

@@ -209,7 +209,8 @@ def test_which_method_configs_may_stay_factorized():
         reasons[values["id"]] = cls.dense_reason(cls.parse_config(values))
     assert {i for i, r in reasons.items() if r is None} == {"adamerging_layerwise", "adamerging_layerwise_paper",
                                                              "adamerging_taskwise",
-                                                            "task_arithmetic", "weight_average"}
+                                                            "task_arithmetic", "weight_average",
+                                                            "map", "evolve", "m2n2"}  # they only set coefficients
     assert reasons["adamerging_layerwise_pp"] == reasons["ties_merging"] == "ties needs τ's entries"
     assert reasons["dare_task_arithmetic"] == "dare needs τ's entries"
     assert reasons["regmean"] == "regmean needs dense task vectors"
