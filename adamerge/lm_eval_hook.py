@@ -35,7 +35,10 @@ def check_lm_eval(c: dict) -> None:
 
 
 def run_lm_eval(export_dir: str | Path, evaluate: dict) -> dict:
-    """The harness on ``export_dir/model``: {task: metrics}, also written to ``export_dir/lm_eval.json``."""
+    """The harness on ``export_dir/model``: {task: metrics}, also written to ``export_dir/lm_eval.json`` ({} when
+    ``evaluate.lm_eval_tasks`` is empty)."""
+    if not evaluate.get("lm_eval_tasks"):
+        return {}
     import lm_eval
 
     model = Path(export_dir) / "model"

@@ -224,6 +224,9 @@ def check_config(c: dict) -> None:
     check_number(c, "threads", 1, integer=True)
     check_number(c, "trainer.max_steps", -1, integer=True)
     check_shard(c)
+    from ..lm_eval_hook import check_lm_eval
+
+    check_lm_eval(c)
     for key in ("resume", "out_dir"):
         v = _get(c, key)
         if v is not None and not isinstance(v, str):

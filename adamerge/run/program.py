@@ -60,11 +60,6 @@ def run_locked(cfg: DictConfig, out_dir: Path, rank_zero: bool) -> dict:
     # any check, so a refused rerun would overwrite the old run's); taken now, before start_from is inlined
     run_config = run_config_files(cfg)
     c, trains = checked_config(cfg, out_dir)
-    from ..methods import get_method
-
-    if not trains and c["resume"] and not getattr(get_method(c["method"]["name"]), "keeps_state", False):
-        log.warning("method %s does not train, so it has nothing to resume: resume=%s ignored",
-                    c["method"]["id"], c["resume"])
     if c.get("threads"):
         import torch
 
@@ -125,12 +120,12 @@ def checked_config(cfg: DictConfig, out_dir: Path) -> tuple[dict, bool]:
     check_no_missing(cfg, hydra_choices())  # a ``???`` key, named before an interpolation trips over it
     c = OmegaConf.to_container(cfg, resolve=True)
     check_config(c)
-    from ..lm_eval_hook import check_lm_eval
-
-    check_lm_eval(c)
     cls = get_method(c["method"].get("name"))
     method_cfg = cls.parse_config(c["method"])  # every method key typed and known
     trains = cls.trains(method_cfg)
+    if not trains and c["resume"] and not getattr(cls, "keeps_state", False):  # evolve, m2n2: their search state
+        log.warning("method %s does not train, so it has nothing to resume: resume=%s ignored", c["method"]["id"],
+                    c["resume"])
     if c["task_vectors"].get("shard"):
         cls.check_shardable(method_cfg)
     c["logger"] = logger_names(c.get("logger"))
@@ -254,10 +249,9 @@ def exported(c: dict) -> str:
     """Say where the export is, and upload it when ``export.push_to_hub`` asks."""
     export_dir = Path(c["export"]["dir"])
     print(f"exported merged model to {export_dir}", flush=True)
-    if c["evaluate"].get("lm_eval_tasks"):
-        from ..lm_eval_hook import run_lm_eval
+    from ..lm_eval_hook import run_lm_eval
 
-        run_lm_eval(export_dir, c["evaluate"])
+    run_lm_eval(export_dir, c["evaluate"])  # evaluate.lm_eval_tasks, when given
     if c["export"]["push_to_hub"]:
         from ..pool.hub import push_export
 
