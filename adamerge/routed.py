@@ -168,9 +168,11 @@ def routed_accuracies(routed: RoutedModel, test_sets: dict, batch_size: int = 64
         ts, n = test_sets[task], len(test_sets[task].labels)
         right = own = chosen = 0
         for batch, y in zip(batches(ts.encoded, batch_size), ts.labels.split(batch_size)):
-            _, routed_task, label = routed(**batch)
-            right += int(((routed_task == k) & (label == y)).sum())
-            chosen += int((routed_task == k).sum())
-            own += int((routed(head=k, **batch)[2] == y).sum())
+            # one pass under task k's head: where the router picks k, that is also the pass without a task id
+            _, routed_task, label = routed(head=k, **batch)
+            picked = routed_task == k
+            right += int((picked & (label == y)).sum())
+            chosen += int(picked.sum())
+            own += int((label == y).sum())
         out["no_task_id"][task], out["own_head"][task], out["routing"][task] = right / n, own / n, chosen / n
     return out
