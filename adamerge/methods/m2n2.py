@@ -59,11 +59,15 @@ class M2n2Config(SearchConfig):
         check_range(self.checkpoint_every, f"{prefix}.checkpoint_every", 1)
 
 
-def worth(scores: torch.Tensor, alpha: float) -> torch.Tensor:
-    """[members, examples] hits -> each member's fitness: Σ_j s_ij / z_j, z_j = (Σ_i s_ij)^α (0 -> 1)."""
+def shares(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """[members, examples] hits -> each member's share of each example: s_ij / z_j, z_j = (Σ_i s_ij)^α (0 -> 1)."""
     z = scores.sum(0)
-    z = torch.where(z > 0, z, torch.ones_like(z)) ** alpha
-    return (scores / z).sum(1)
+    return scores / torch.where(z > 0, z, torch.ones_like(z)) ** alpha
+
+
+def worth(scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """[members, examples] hits -> each member's fitness: the sum of its shares."""
+    return shares(scores, alpha).sum(1)
 
 
 def slerp_split(w: float, split: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -135,8 +139,7 @@ class M2n2Merge(MetricSearch):
     def parents(self, scores: torch.Tensor, g: torch.Generator) -> tuple[int, int]:
         """Indices of the two parents (the authors' ``sample_parents``)."""
         m = self.cfg
-        z = scores.sum(0)
-        share = scores / (torch.where(z > 0, z, torch.ones_like(z)) ** m.alpha)
+        share = shares(scores, m.alpha)
         fitness = share.sum(1)
         first = int(torch.multinomial(fitness / fitness.sum(), 1, generator=g))
         if not m.matchmaker:
