@@ -26,7 +26,8 @@ from ..errors import ConfigError
 from ..pool.model_pool import ModelPool
 from .method_config import check_range
 from .registry import register
-from .search import MetricSearch, SearchConfig
+from .search import MetricSearch, SearchConfig, check_bounds
+from .static import set_coefficients
 
 log = logging.getLogger("adamerge")
 STATE_FILE = "evolve_state.pkl"
@@ -47,8 +48,7 @@ class EvolveConfig(SearchConfig):
         super().check(prefix)
         check_range(self.evaluations, f"{prefix}.evaluations", 1)
         check_range(self.sigma0, f"{prefix}.sigma0", 0, strict_lo=True)
-        if len(self.bounds) != 2 or not self.bounds[0] < self.bounds[1]:
-            raise ConfigError(f"config key '{prefix}.bounds' must be [low, high] with low < high, got {self.bounds}")
+        check_bounds(self.bounds, f"{prefix}.bounds")
 
 
 @register
@@ -102,7 +102,7 @@ class EvolveMerge(MetricSearch):
         if state["best"] is None:
             raise ConfigError(f"method.evaluations={m.evaluations} is below one generation ({es.popsize} candidates)")
         self.search = {k: state[k] for k in ("best", "history", "evaluations")}
-        merged.coefficients.raw.data.copy_(torch.tensor(state["best"]["coefficients"]).view_as(merged.coefficients.raw))
+        set_coefficients(merged, state["best"]["coefficients"])
         return merged
 
     def write_state(self, export_dir: Path) -> None:

@@ -34,6 +34,7 @@ from ..pool.model_pool import ModelPool
 from .method_config import check_range
 from .registry import register
 from .search import MetricSearch, SearchConfig
+from .static import set_coefficients
 
 log = logging.getLogger("adamerge")
 STATE_FILE = "m2n2_state.pkl"
@@ -133,7 +134,7 @@ class M2n2Merge(MetricSearch):
         self.search = {"best": best, "history": state["history"], "evaluations": state["evaluations"],
                        "archive": [c.tolist() for c in state["archive"]],
                        "archive_shares": [float(s.float().mean()) for s in state["scores"]]}
-        raw.data.copy_(torch.tensor(best["coefficients"]).view_as(raw))
+        set_coefficients(merged, best["coefficients"])
         return merged
 
     def parents(self, scores: torch.Tensor, g: torch.Generator) -> tuple[int, int]:

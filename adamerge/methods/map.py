@@ -19,11 +19,11 @@ import torch
 
 from ..core import pareto
 from ..core.merged_model import MergedModel
-from ..errors import ConfigError
 from ..pool.model_pool import ModelPool
 from .method_config import check_range
 from .registry import register
-from .search import MetricSearch, SearchConfig
+from .search import MetricSearch, SearchConfig, check_bounds
+from .static import set_coefficients
 
 log = logging.getLogger("adamerge")
 STATE_DIR = "pareto"  # in the export: front.json, samples.json, front.png
@@ -40,8 +40,7 @@ class MapConfig(SearchConfig):
         super().check(prefix)
         check_range(self.check_points, f"{prefix}.check_points", 2)
         check_range(self.candidates, f"{prefix}.candidates", 1)
-        if len(self.bounds) != 2 or not self.bounds[0] < self.bounds[1]:
-            raise ConfigError(f"config key '{prefix}.bounds' must be [low, high] with low < high, got {self.bounds}")
+        check_bounds(self.bounds, f"{prefix}.bounds")
 
 
 @register
@@ -72,7 +71,7 @@ class MapMerge(MetricSearch):
         r2 = {t: pareto.r_squared(check_y[:, k], surrogates[k](check_c)) for k, t in enumerate(pool.task_names)}
         front_c, front_y = pareto.surrogate_front(surrogates, (lo, hi), m.candidates, g)
         best = pareto.choose(front_y, preference)
-        chosen = measured_chosen = front_c[best]
+        chosen = front_c[best]
         measured_chosen = metric(merged, chosen)
         self.front = {"metric": self.metric_name, "tasks": pool.task_names, "preference": preference.tolist(),
                       "chosen": {"coefficients": chosen.tolist(), "predicted": front_y[best].tolist(),
@@ -84,7 +83,7 @@ class MapMerge(MetricSearch):
         log.info("MAP: %d front points; chosen c=%s, predicted %s, measured %s; R² on %d check points %s",
                  len(front_c), [round(v, 3) for v in chosen.tolist()], [round(v, 4) for v in front_y[best].tolist()],
                  [round(v, 4) for v in measured_chosen.tolist()], len(check_c), {t: round(v, 3) for t, v in r2.items()})
-        merged.coefficients.raw.data.copy_(chosen.to(merged.coefficients.raw.dtype))
+        set_coefficients(merged, chosen)
         return merged
 
     def write_state(self, export_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""What MAP and evolve share: measuring every task's metric of a merge with given coefficients.
+"""What map, evolve and m2n2 share: measuring a merge with given coefficients, and a checkpointed search state.
 
 The metric is each task's accuracy on its labelled ``validation:`` file when every task has one (``metric: auto``),
 else a label-free one: agreement with the task's expert, the share of its first ``num_examples`` calibration texts
@@ -26,6 +26,12 @@ from .static import StaticConfig, StaticMerge, coefficients_at
 
 log = logging.getLogger("adamerge")
 STATE_KEYS = ("evaluations", "resume", "state_dir")  # may differ between a search and its resumption
+
+
+def check_bounds(bounds: list[float], key: str) -> None:
+    """A search box ``[low, high]``: one ConfigError line naming ``key`` otherwise."""
+    if len(bounds) != 2 or not bounds[0] < bounds[1]:
+        raise ConfigError(f"config key '{key}' must be [low, high] with low < high, got {bounds}")
 
 
 @dataclass
@@ -130,7 +136,6 @@ class MetricSearch(StaticMerge):
             pred = logits.argmax(-1)
             out.append(pred[mask.bool()] if mask is not None else pred.reshape(-1))
         return torch.cat(out)
-
 
     # -- a search checkpointed every generation (evolve, m2n2) -------------------------------------------------------
     def fingerprint_cfg(self) -> dict:

@@ -20,17 +20,21 @@ from .method_config import PER_TASK_RULES, MethodConfig
 from .registry import register
 
 
+def set_coefficients(merged, c) -> None:
+    """``merged``'s coefficients set to ``c`` (the raw tensor's values, in any shape with as many, any dtype)."""
+    raw = merged.coefficients.raw
+    raw.data.copy_(torch.as_tensor(c).reshape(raw.shape).to(raw.dtype))
+
+
 @contextlib.contextmanager
 def coefficients_at(merged, c: torch.Tensor) -> Iterator[None]:
-    """``merged``'s coefficients set to ``c`` (the raw tensor's values, in any shape with as many) inside the block,
-    restored after it."""
-    raw = merged.coefficients.raw
-    kept = raw.data.clone()
-    raw.data.copy_(c.reshape(raw.shape).to(raw.dtype))
+    """``merged``'s coefficients set to ``c`` inside the block, restored after it."""
+    kept = merged.coefficients.raw.data.clone()
+    set_coefficients(merged, c)
     try:
         yield
     finally:
-        raw.data.copy_(kept)
+        merged.coefficients.raw.data.copy_(kept)
 
 
 @dataclass
