@@ -63,3 +63,13 @@ def test_optimizer_states_for_some_tasks_only_or_missing_a_tensor_are_refused_in
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lm1" in err and state in err and "model.norm.weight" in err, err
     assert not (tmp_path / "a" / "export").exists() and not (tmp_path / "b" / "export").exists()
+
+
+def test_a_threshold_missing_for_a_task_is_refused_in_one_line_before_any_curvature(tmp_path, capsys):
+    pool = write_optimizer_states(make_seeded_llama_pool(tmp_path / "pool"), tmp_path / "states")
+    capsys.readouterr()
+    code = helpers.run_inprocess([f"out_dir={tmp_path}/run", "method=ota_merging", "method.density=null",
+                                  "method.threshold={lm0:1e-8,lm1:1e-8}", "evaluate.enabled=false"], pool)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no value for task(s) lm2" in err, err
+    assert not (tmp_path / "run" / "export").exists()

@@ -28,13 +28,15 @@ from .method_config import check_range
 from .registry import register
 
 
+def inverse_norm(tensors: dict[str, torch.Tensor], floor: float) -> float:
+    """1 / (‖tensors‖ + floor), the norm over every tensor together: one expert's normalization."""
+    return 1.0 / (sum(float(f.double().pow(2).sum()) for f in tensors.values()) ** 0.5 + floor)
+
+
 def fisher_combine_step(num: dict, den: dict, fisher: dict[str, torch.Tensor], tau: dict[str, torch.Tensor],
                         floor: float, normalize: bool) -> None:
     """Add expert i's weighted Fisher terms to the running numerator/denominator (in place)."""
-    c = 1.0
-    if normalize:
-        norm = sum(float(f.double().pow(2).sum()) for f in fisher.values()) ** 0.5
-        c = 1.0 / (norm + floor)
+    c = inverse_norm(fisher, floor) if normalize else 1.0
     for n, f in fisher.items():
         w = c * (f + floor)
         num[n] = num[n] + w * tau[n] if n in num else w * tau[n]

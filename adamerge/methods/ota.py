@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from ..core.task_vectors import TaskVectors
 from ..errors import ConfigError, PoolError
-from .fisher import FisherConfig, FisherMerging
+from .fisher import FisherConfig, FisherMerging, inverse_norm
 from .method_config import check_range
 from .registry import register
 
@@ -52,6 +52,10 @@ class OtaMerging(FisherMerging):
     def merge_direction(self, tv: TaskVectors) -> dict[str, torch.Tensor]:
         m = self.cfg
         files = self.optimizer_states(tv)
+        missing = [t for t in tv.task_names if isinstance(m.threshold, dict) and t not in m.threshold]
+        if missing:
+            raise ConfigError(f"ota_merging: method.threshold has no value for task(s) {', '.join(missing)}; give one "
+                              f"per task ({', '.join(tv.task_names)}) or one number")
         self.kept: dict[str, float] = {}
         num: dict[str, torch.Tensor] = {}
         den: dict[str, torch.Tensor] = {}
@@ -62,7 +66,7 @@ class OtaMerging(FisherMerging):
             saliency = {n: v[n] * tau[n].square() for n in tv.names}
             cut = self.cut(task, saliency)
             kept, masked = 0, masked or cut is not None
-            c = 1 / (sum(float(x.double().square().sum()) for x in v.values()) ** 0.5 + m.floor) if m.normalize else 1
+            c = inverse_norm(v, m.floor) if m.normalize else 1
             for n in tv.names:
                 # a zero saliency (τ or v zero: no example reached it) is never kept, whatever the cut
                 mask = (saliency[n] >= cut) & (saliency[n] > 0) if cut is not None else torch.ones_like(
@@ -85,10 +89,7 @@ class OtaMerging(FisherMerging):
         if m.density is not None:
             flat = torch.cat([s.reshape(-1) for s in saliency.values()])
             return float(flat.kthvalue(max(1, flat.numel() - int(m.density * flat.numel()) + 1)).values)
-        if isinstance(m.threshold, dict):
-            if task not in m.threshold:
-                raise ConfigError(f"ota_merging: method.threshold has no value for task '{task}'; give one per task "
-                                  f"({', '.join(self.pool.task_names)}) or one number")
+        if isinstance(m.threshold, dict):  # every task's value was checked before any curvature
             return float(m.threshold[task])
         return None if m.threshold is None else float(m.threshold)
 
