@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import helpers
 from adamerge.core.concrete_mask import ConcreteMask
 from adamerge.methods import get_method
 from adamerge.pool.config import pool_from_config
@@ -29,10 +30,16 @@ def ckpt(path: Path) -> dict:
 EXCLUDE = ["word_embeddings"]
 
 
+COMMON = ["data.batch_size=8", "trainer.log_every_n_steps=1", "evaluate.enabled=false", f"task_vectors.exclude={EXCLUDE}"]
+
+
+def here(pool: dict, out: Path, *extra: str) -> None:
+    """``train`` in this process (train.py's cli)."""
+    helpers.train_here(pool, out, *COMMON, *extra)
+
+
 def train(conf, out, *extra, **kw):
-    return run_train(["--config-dir", str(conf), "pool=tiny", f"out_dir={out}", "data.batch_size=8",
-                      "trainer.log_every_n_steps=1", "evaluate.enabled=false", f"task_vectors.exclude={EXCLUDE}",
-                      *extra], **kw)
+    return run_train(["--config-dir", str(conf), "pool=tiny", f"out_dir={out}", *COMMON, *extra], **kw)
 
 
 def test_mask_sampling_shape_range_rescaling_determinism():
@@ -136,22 +143,27 @@ def test_concrete_ta_training_lowers_entropy_and_moves_the_mask(tiny_conf_dir, t
     assert after < before - 1e-3, (before, after)
 
 
-# One intra-op thread for these train.py processes. With 2 threads this test was reported to fail about
+# One intra-op thread for these runs. With 2 threads this test was reported to fail about
 # 1 run in 4 (resumed mask logits / λ off by more than 1e-6), never with OMP_NUM_THREADS=1. One step's
 # loss and gradients were bitwise equal across fresh processes in isolation, so the op whose result
 # follows thread scheduling inside the training loop is not pinned down. Adam divides each step by
 # the gradient's running scale (up to lr/eps = 5e6 per unit of gradient near zero), so last-bit
 # differences in small gradients grow over the steps; this exact comparison needs bitwise-equal
-# steps, which one thread gives. What is tested is the resume itself (state, RNG streams, data).
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+# steps, which one thread gives (``threads=1``, in this process: restored after the test). What is tested is
+# the resume itself (state, RNG streams, data).
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    yield "threads=1"
+    torch.set_num_threads(threads)
 
 
-def test_concrete_adamerging_resumes_exactly_in_both_phases(tiny_conf_dir, tmp_path):
+def test_concrete_adamerging_resumes_exactly_in_both_phases(tiny_pool_cfg, tmp_path, one_thread):
     args = ["method=concrete_adamerging_layerwise", "method.mask_steps=3", "trainer.max_steps=6",
             "method.lr=0.05", "method.adamerging_lr=0.05", "++method.lr_schedule=cosine",
-            "checkpoint.monitor=null"]  # resumed into another out_dir: no best checkpoint carried over
+            "checkpoint.monitor=null", one_thread]  # resumed into another out_dir: no best checkpoint carried over
     full = tmp_path / "full"
-    train(tiny_conf_dir, full, *args, "checkpoint.every_n_steps=1", env=ONE_THREAD)
+    here(tiny_pool_cfg, full, *args, "checkpoint.every_n_steps=1")  # in this process: no interpreter start-up
     # one optimizer step per training step goes through Lightning: global_step == number of batches
     assert sorted(p.name for p in (full / "checkpoints").glob("step*.ckpt")) == [f"step00000{i}.ckpt" for i in range(1, 7)]
     assert ckpt(full / "checkpoints" / "last.ckpt")["global_step"] == 6
@@ -170,7 +182,7 @@ def test_concrete_adamerging_resumes_exactly_in_both_phases(tiny_conf_dir, tmp_p
     assert any(v.abs().max() > 0 for k, v in mid.items() if "mask.logits" in k)  # ... after learning in phase 1
     for step, phase in (("step000002", 1), ("step000004", 2)):
         part = tmp_path / f"part{phase}"
-        train(tiny_conf_dir, part, *args, f"resume={full / 'checkpoints' / (step + '.ckpt')}", env=ONE_THREAD)
+        here(tiny_pool_cfg, part, *args, f"resume={full / 'checkpoints' / (step + '.ckpt')}")
         got = ckpt(part / "checkpoints" / "last.ckpt")
         assert got["global_step"] == 6
         for k, v in ref.items():

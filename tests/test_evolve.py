@@ -49,14 +49,14 @@ def test_a_state_is_not_taken_over_without_resume_nor_resumed_with_other_setting
     assert not (tmp_path / "other_export").exists()
 
 
-def test_under_ddp_each_process_measures_its_share_and_the_search_equals_one_process(tiny_conf_dir, tmp_path):
+def test_under_ddp_each_process_measures_its_share_and_the_search_equals_one_process(tiny_conf_dir, tiny_pool_cfg,
+                                                                                     tmp_path):
     """``trainer=ddp``: 2 CPU processes over gloo split every candidate's examples; the hits are gathered, so the
     search and its export equal the single-process ones."""
-    args = ["--config-dir", str(tiny_conf_dir), "pool=tiny", "method=evolve", "method.evaluations=10",
-            "method.popsize=5", "evaluate.enabled=false"]
-    helpers.run_train([*args, f"out_dir={tmp_path / 'one'}"])
-    proc = helpers.run_train([*args, f"out_dir={tmp_path / 'two'}", "trainer=ddp", "trainer.accelerator=cpu",
-                              "trainer.devices=2"])
+    args = ["method=evolve", "method.evaluations=10", "method.popsize=5", "evaluate.enabled=false"]
+    helpers.train_here(tiny_pool_cfg, tmp_path / "one", *args)  # in this process: no interpreter start-up
+    proc = helpers.run_train(["--config-dir", str(tiny_conf_dir), "pool=tiny", *args, f"out_dir={tmp_path / 'two'}",
+                              "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"])
     assert "Initializing distributed: GLOBAL_RANK: 1" in proc.stdout + proc.stderr  # really two processes
     one, two = (json.loads((tmp_path / d / "export" / "coefficients.json").read_text()) for d in ("one", "two"))
     assert two["evolve"] == one["evolve"] and two["coefficients"] == one["coefficients"]

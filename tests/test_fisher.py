@@ -136,16 +136,16 @@ def test_two_processes_equal_one(pool, tiny_pool_cfg, tmp_path):
             torch.testing.assert_close(got[key][n], one[key][n], atol=1e-5, rtol=1e-4, msg=f"{key} {n}")
 
 
-def test_train_py_ddp_closed_form_equals_one_process(tiny_conf_dir, tmp_path):
+def test_train_py_ddp_closed_form_equals_one_process(tiny_conf_dir, tiny_pool_cfg, tmp_path):
     """``trainer=ddp`` reaches closed-form methods through train.py: 2 CPU processes over gloo, statistics
     all-reduced, one export (rank 0) equal to the single-process one."""
     from safetensors.torch import load_file
 
-    args = ["--config-dir", str(tiny_conf_dir), "pool=tiny", "method=regmean_pp", "method.num_examples=6",
-            "method.batch_size=2", f"method.max_length={MAX_LEN}", "evaluate.enabled=false"]
-    helpers.run_train([*args, f"out_dir={tmp_path / 'one'}"])
-    proc = helpers.run_train([*args, f"out_dir={tmp_path / 'two'}", "trainer=ddp", "trainer.accelerator=cpu",
-                              "trainer.devices=2"])
+    args = ["method=regmean_pp", "method.num_examples=6", "method.batch_size=2", f"method.max_length={MAX_LEN}",
+            "evaluate.enabled=false"]
+    helpers.train_here(tiny_pool_cfg, tmp_path / "one", *args)  # in this process: no interpreter start-up
+    proc = helpers.run_train(["--config-dir", str(tiny_conf_dir), "pool=tiny", *args, f"out_dir={tmp_path / 'two'}",
+                              "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"])
     assert "Initializing distributed: GLOBAL_RANK: 1" in proc.stdout + proc.stderr  # really two processes
     one = load_file(tmp_path / "one" / "export" / "model" / "model.safetensors")
     two = load_file(tmp_path / "two" / "export" / "model" / "model.safetensors")
