@@ -20,6 +20,7 @@ an interrupted or failed export never leaves a half-written directory and never 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from .atomic import atomic_directory
 from .errors import ExportError
 from .lora_export import why_not_lora, write_lora_adapter
 from .pool.validation import all_finite
+from .safetensors_writer import StreamedCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -116,24 +118,63 @@ def export_merged(method, export_dir: str | Path, overwrite: bool = False, extra
     files, atomically; floating-point weights in ``dtype`` (None: as merged), model files of at most
     ``max_shard_size`` (None: transformers' default)."""
     pool = method.pool
-    merged_sd = method.merged.merged_state_dict()
-    for n, t in merged_sd.items():  # in place: each full-precision tensor is released as it is cast
-        check_finite(n, t)
-        merged_sd[n] = in_dtype(t, dtype)
-    shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
 
     def write_model(model_dir: Path) -> None:
-        model, state = pool.base_model, merged_sd
-        if pool.family.backbone_export:  # the backbone's own tensors, without its prefix (bert.…)
-            prefix = model.base_model_prefix + "."
-            model = model.base_model
-            state = {n[len(prefix):]: t for n, t in merged_sd.items() if n.startswith(prefix)}
-        model.save_pretrained(model_dir, state_dict=state, **shards)  # clip_zero_shot: + image processor
+        write_merged_model(pool, method.merged, model_dir, dtype, max_shard_size)
 
     report = method.report()
     return write_export(pool, export_dir, write_model, lambda: report, overwrite, extra, losses, method_cfg,
                         task_models, dtype, max_shard_size, lora_method=method, stages=(*method.stages, method),
                         task_state=method.task_params if getattr(method, "per_task", False) else None)
+
+
+def save_model_config(model, model_dir: Path, dtype: str | None) -> None:
+    """export/model's config (and generation config) as ``save_pretrained`` writes them, in ``dtype``."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    if dtype:
+        config.dtype = getattr(torch, dtype)
+    config.save_pretrained(model_dir)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(model_dir)
+
+
+@torch.no_grad()
+def write_merged_model(pool, merged, model_dir: Path, dtype: str | None, max_shard_size: str | None) -> None:
+    """export/model from a merge held in memory, tensor by tensor: each merged tensor is computed, checked, cast
+    and written at its place in the shards, then released, so the merged model is never whole in memory; the
+    other tensors are the base's. Names as ``save_pretrained`` writes the family's exported module (tied
+    weights once, under their first name)."""
+    model = pool.family.exported_module(pool.base_model)
+    first: dict[int, str] = {}  # a tensor's canonical name in the pool: its first name in the whole model
+    for n, p in pool.base_model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), n)
+    plan, files_of, written = {}, {}, set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) in written:
+            continue  # a tied weight: from_pretrained ties it back
+        written.add(id(t))
+        plan[key] = t
+        files_of.setdefault(first.get(id(t)), []).append(key)
+    save_model_config(model, model_dir, dtype)
+    writer = StreamedCheckpoint(model_dir, {k: (tuple(t.shape), export_dtype(t.dtype, dtype)) for k, t in plan.items()},
+                                max_shard_size or "5GB")
+    was = merged.training
+    merged.eval()  # a Concrete mask's expected value, not a sample
+    try:
+        for name, value in merged.merged_tensors():
+            check_finite(name, value)
+            for key in files_of.get(name, []):
+                writer.write(key, in_dtype(value, dtype))
+        for key in sorted(writer.left):  # what no expert changes, buffers, what is not merged: the base's
+            writer.write(key, in_dtype(plan[key].detach(), dtype))
+    except BaseException:
+        writer.close(complete=False)  # the files go with the export's temporary directory
+        raise
+    finally:
+        merged.train(was)
+    writer.close()
+    pool.family.save_extra_files(pool.base_model, model_dir)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -142,9 +183,14 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise ExportError(f"refusing to export: merged tensor '{name}' has NaN/Inf values")
 
 
+def export_dtype(dt: torch.dtype, dtype: str | None) -> torch.dtype:
+    """What a tensor of ``dt`` is exported as: ``export.dtype`` for floating point (None: as it is)."""
+    return getattr(torch, dtype) if dtype and dt.is_floating_point else dt
+
+
 def in_dtype(t: torch.Tensor, dtype: str | None) -> torch.Tensor:
     """``t`` in ``export.dtype`` (floating-point tensors only; None: as it is)."""
-    return t.to(getattr(torch, dtype)) if dtype and t.is_floating_point() else t
+    return t.to(export_dtype(t.dtype, dtype))
 
 
 def write_export(pool, export_dir: str | Path, write_model, make_report, overwrite: bool = False,

@@ -14,7 +14,6 @@ whose experts are local full checkpoints; ``true`` insists (one line says why it
 
 from __future__ import annotations
 
-import copy
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,10 +24,10 @@ from .core.coefficients import Coefficients
 from .core.combine import combine
 from .core.merged_model import tied_sources
 from .core.task_vectors import resolve_dtype, select_names
-from .core.tensor_stream import logged_passes, tensor_stacks
+from .core.tensor_stream import expert_rows, logged_passes, tensor_stacks
 from .core.transforms import build_stages, fit_stages, streamed
 from .errors import ConfigError
-from .export import check_finite, write_export
+from .export import check_finite, export_dtype, save_model_config, write_export
 from .safetensors_writer import StreamedCheckpoint
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ def output_plan(pool, dtype: str | None) -> dict[str, tuple[str | None, tuple[in
         else:
             t = pool.base_files.source.get(key)
             shape, dt = tuple(t.shape), t.dtype
-        plan[out] = (canon, shape, getattr(torch, dtype) if dtype and dt.is_floating_point else dt)
+        plan[out] = (canon, shape, export_dtype(dt, dtype))
     return plan
 
 
@@ -109,19 +108,14 @@ def stream_merge(pool, method_cfg, stages: list, tv_cfg: dict, model_dir: Path, 
 
     names = select_names(pool.shared_names(), tv_cfg.get("include") or None, tv_cfg.get("exclude") or None)
     K = len(pool.task_names)
-    source = logged_passes(tensor_stacks(pool, names, resolve_dtype(tv_cfg.get("dtype", "float32")),
-                                         bool(tv_cfg.get("keep_unchanged", False))), len(names), "read")
+    # stages that read one expert at a time (OPCM) get each tensor's experts as they are asked for, not a K-row stack
+    read = expert_rows if stages and all(s.reads_rows for s in stages) else tensor_stacks
+    source = logged_passes(read(pool, names, resolve_dtype(tv_cfg.get("dtype", "float32")),
+                                bool(tv_cfg.get("keep_unchanged", False))), len(names), "read")
     fit_stages(source, stages, K)
     coefs = Coefficients(K, 1, granularity="task", init=StaticMerge.scale(method_cfg, K))()[0]
     plan = output_plan(pool, dtype)
-    model = pool.base_model.base_model if pool.family.backbone_export else pool.base_model
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
-    if dtype:
-        config.dtype = getattr(torch, dtype)
-    config.save_pretrained(model_dir)
-    if model.can_generate() and model.generation_config is not None:
-        model.generation_config.save_pretrained(model_dir)
+    save_model_config(pool.family.exported_module(pool.base_model), model_dir, dtype)
     writer = StreamedCheckpoint(model_dir, {n: (shape, dt) for n, (_, shape, dt) in plan.items()},
                                 max_shard_size or "5GB")
     outputs: dict[str, list[str]] = {}
@@ -142,7 +136,8 @@ def stream_merge(pool, method_cfg, stages: list, tv_cfg: dict, model_dir: Path, 
             for name, stack in streamed(source, stages)():
                 w0 = pool.base_tensor(name)
                 # w0 + Σ c τ as MergedModel.merged_params, added into the fresh sum (the same bits: + commutes)
-                value = combine(coefs, stack, w0.device).to(w0.dtype).add_(w0)
+                # a one-row stack (ExpertRows' stages) holds the merge in row 0: the rows after it would be zeros
+                value = combine(coefs[:len(stack)], stack, w0.device).to(w0.dtype).add_(w0)
                 check_finite(name, value)
                 for out in outputs.pop(name, []):
                     write(out, value)

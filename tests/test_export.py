@@ -41,6 +41,40 @@ def test_export_roundtrip_from_pretrained(tiny_pool_cfg, tmp_path):
     assert (out / "model" / "tokenizer_config.json").exists()
 
 
+@pytest.mark.parametrize("family", ["sequence_classification", "causal_lm_tied", "causal_lm"])
+def test_export_writes_what_save_pretrained_writes_one_tensor_at_a_time(tiny_pool_cfg, tmp_path, monkeypatch, family):
+    """export/model holds the tensors (names, values, dtype) that ``save_pretrained`` writes for the merged model
+    (a classifier's backbone; a Llama with tied or untied embeddings), without the merged model ever being whole:
+    the dict-building merges are not called."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    import helpers
+    from adamerge.core.merged_model import MergedModel
+
+    cfg = tiny_pool_cfg if family == "sequence_classification" else \
+        helpers.make_llama_pool(tmp_path / "pool", vocab=300, tie=family == "causal_lm_tied")
+    pool, m = task_arithmetic(cfg)
+    merged = m.merged.merged_state_dict()
+    module = pool.family.exported_module(pool.base_model)
+    prefix = pool.base_model.base_model_prefix + "." if module is not pool.base_model else ""
+    reference = copy.deepcopy(module)  # the merged model as a module (tied weights stay tied), saved as transformers does
+    reference.load_state_dict({n[len(prefix):]: v for n, v in merged.items() if n.startswith(prefix)})
+    reference.save_pretrained(tmp_path / "reference")
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the export built the whole merged model")
+
+    monkeypatch.setattr(MergedModel, "merged_params", whole)
+    monkeypatch.setattr(MergedModel, "merged_state_dict", whole)
+    out = export_merged(m, tmp_path / "export", dtype="bfloat16")
+    want, got = load_file(tmp_path / "reference" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for n, v in want.items():
+        assert torch.equal(got[n], v.to(torch.bfloat16) if v.is_floating_point() else v), n
+
+
 def test_interrupted_export_leaves_previous_export_intact(tiny_pool_cfg, tmp_path, monkeypatch):
     import adamerge.export as ex
 

@@ -114,6 +114,21 @@ def test_streamed_merge_writes_the_in_memory_merge_bit_for_bit(llama_pool, tmp_p
         assert (streamed_dir / "model" / "model.safetensors.index.json").is_file()
 
 
+def test_streamed_opcm_reads_one_expert_at_a_time(llama_pool, tmp_path, monkeypatch):
+    """OPCM's stage reads the experts' rows one at a time: streamed, it never reads a K-row stack of a tensor, so its
+    memory does not grow with K (its merge equals the in-memory one: above)."""
+    import adamerge.core.tensor_stream as tensor_stream
+
+    def stacked(*args, **kwargs):
+        raise AssertionError("a K-row stack was read")
+
+    monkeypatch.setattr(tensor_stream, "read_stack", stacked)
+    export = merge(llama_pool, tmp_path / "s", "opcm", "true")
+    assert json.loads((export / "coefficients.json").read_text())["opcm"]["experts"]
+    with pytest.raises(AssertionError, match="K-row stack"):  # the stacked reader is what other merges use
+        merge(llama_pool, tmp_path / "t", "task_arithmetic", "true")
+
+
 def test_a_classifier_pool_streams_its_backbone_and_serves_each_task(tmp_path):
     from adamerge.export import load_task_model
 

@@ -24,7 +24,6 @@ import torch
 
 from ..errors import ConfigError
 from .stage import Stage, one_update
-from .topk import column_blocks
 
 STATE_DIR = "opcm"  # in the export: R_T, float32, one tensor per merged tensor
 
@@ -45,6 +44,7 @@ class Opcm(Stage):
     into row 0 (λ = 1). Its report (``opcm``) keeps what ``continue_from`` needs."""
 
     needs_pool = True
+    reads_rows = True  # streamed: one expert's tensor at a time, so memory does not grow with K
 
     def __init__(self, alpha: float, shuffle: bool, seed: int, continue_from: str | None):
         self.alpha, self.shuffle, self.seed, self.continue_from = alpha, shuffle, seed, continue_from
@@ -87,11 +87,14 @@ class Opcm(Stage):
             random.Random(self.seed).shuffle(order)
         return order
 
-    def running(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """R after every expert of this run, for one tensor."""
+    def running(self, name: str, t, sq: torch.Tensor | None = None) -> torch.Tensor:
+        """R after every expert of this run, for one tensor (``t``: a stack or ``ExpertRows``, read a row at a time);
+        each τ_k's squared norm added into ``sq[k]`` when given."""
         r = self.previous_running(name)
         for k in self.order(t.shape[0]):
             tau = t[k].float()
+            if sq is not None:
+                sq[k] += tau.square().sum(dtype=torch.float64)
             if r is None:
                 r = tau.clone()
             elif name in self.linear and r.dim() == 2:
@@ -106,9 +109,7 @@ class Opcm(Stage):
         self.shapes, self.kept, self.sink = {}, {}, None
         for name, t in stream():
             self.shapes[name] = tuple(t.shape[1:])
-            for block in column_blocks(t):  # a few MiB at a time, not a K-row square of the stack
-                sq += block.float().square().sum(1, dtype=torch.float64)
-            running_sq += float(self.running(name, t).square().sum(dtype=torch.float64))
+            running_sq += float(self.running(name, t, sq).square().sum(dtype=torch.float64))
         order = self.order(K)
         self.norms = list(self.previous["norms"] if self.previous else []) + [float(sq[k].sqrt()) for k in order]
         self.experts = list(self.previous["experts"] if self.previous else []) + \
@@ -121,7 +122,7 @@ class Opcm(Stage):
             self.sink.write(name, r)
         else:
             self.kept[name] = r
-        return one_update(t, r / self.lam)
+        return one_update(t, r / self.lam) if isinstance(t, torch.Tensor) else (r / self.lam).unsqueeze(0)
 
     def open_state(self, export_dir: Path) -> None:
         from ..safetensors_writer import StreamedCheckpoint

@@ -13,7 +13,7 @@ adamerge/core/sharded.py): the step merges its slices and all-gathers them (``sh
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import nn
@@ -174,11 +174,7 @@ class MergedModel(nn.Module):
             return self.gathered_merge()
         if not reuse_buffers or self.task_vectors is None or self.mask is not None:
             self._out, self._dirty = {}, {}  # evaluation/export: the training step's buffers may go
-            out = {}
-            for n, d in self._deltas():
-                w0 = self._base_params[n]
-                out[n] = w0 + (d + self.offset[n] if n in self.offset else d).to(w0.dtype)
-            return out
+            return dict(self.merged_tensors())
         coefs = self.coefficients()
         factors = self.task_vectors.factors
         out = {}
@@ -203,6 +199,16 @@ class MergedModel(nn.Module):
             # a fresh alias each step: the buffer itself never carries an autograd history
             out[n] = Combine.apply(coefs[i], self.task_vectors[n], w0.device, size, adds, buf.detach(), r)
         return out
+
+    def merged_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, merged value in the base's dtype) one tensor at a time: an export never holds the merged model
+        (sharded: the merge gathered or kept after training, which is whole already)."""
+        if self.sharded:
+            yield from self.gathered_merge().items()
+            return
+        for n, d in self._deltas():
+            w0 = self._base_params[n]
+            yield n, w0 + (d + self.offset[n] if n in self.offset else d).to(w0.dtype)
 
     # -- sharded task vectors (task_vectors.shard=true, adamerge/core/sharded.py) ----------------------
     @property

@@ -17,6 +17,9 @@ class Stage:
     which changes ``stack`` in place and returns it (the caller owns it: a streamed buffer, or a copy)."""
 
     needs_pool = False  # True: ``bind(pool)`` is called by ``build_stages`` (the base's tensors, module types, tasks)
+    # True: the stage reads the experts' rows one at a time (``t[k]``) and returns the merge as a one-row stack when
+    # ``t`` is ``ExpertRows`` (adamerge/core/tensor_stream.py): a streamed merge then never holds a K-row stack
+    reads_rows = False
 
     def bind(self, pool) -> None:
         """Keep what this stage reads from the pool (only called when ``needs_pool``)."""

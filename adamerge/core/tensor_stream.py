@@ -2,6 +2,7 @@
 
 ``tensor_stacks`` reads ``(name, τ stack [K, ...])`` in the pool's order with a second thread reading ahead
 and two reused buffers; the streamed merge (adamerge/streaming.py) and ``task_vectors_on_disk`` consume it.
+``expert_rows`` gives each tensor's experts one at a time instead, for stages that read them so (OPCM).
 ``task_vectors.device=disk`` writes the stacks (after the method's data-free transforms) once into safetensors
 files beside the run and maps them back: a learned method's stacked τ then costs page cache, which the kernel
 can reclaim, not anonymous memory.
@@ -63,6 +64,40 @@ def tensor_stacks(pool, names: list[str], dtype: torch.dtype, keep_unchanged: bo
                 if stack is not None:
                     yield n, stack
         if pool.deferred_values is not None and not judged:  # the first pass read every value: judge the experts
+            judged = True
+            pool.check_fine_tuned_experts()
+
+    return stream
+
+
+class ExpertRows:
+    """Tensor ``name``'s task vectors, each read from its expert's files when indexed (``rows[k]``, then released by
+    the caller): a stage with ``reads_rows`` holds one expert's tensor at a time, whatever K."""
+
+    def __init__(self, pool, name: str, dtype: torch.dtype):
+        self.pool, self.name, self.dtype = pool, name, dtype
+        self.shape = (len(pool.task_names), *pool._params[name].shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.pool.task_vector(self.pool.task_names[k], self.name).to(self.dtype)
+
+
+def expert_rows(pool, names: list[str], dtype: torch.dtype, keep_unchanged: bool) -> Stream:
+    """The stream of (name, ``ExpertRows``) in the pool's order, tensors no expert changes left out (read one
+    expert at a time to know it), as ``tensor_stacks``."""
+
+    judged = False
+
+    def stream():
+        nonlocal judged
+        for n in names:
+            rows = ExpertRows(pool, n, dtype)
+            if keep_unchanged or any(bool(rows[k].any()) for k in range(len(rows))):
+                yield n, rows
+        if pool.deferred_values is not None and not judged:  # every value read: judge the experts (as tensor_stacks)
             judged = True
             pool.check_fine_tuned_experts()
 

@@ -132,6 +132,14 @@ class ModelFamily:
     def saves_tokenizer(self) -> bool:
         return True
 
+    def exported_module(self, model: nn.Module) -> nn.Module:
+        """The module export/model is (its tensors' names, config and class): the backbone alone with
+        ``backbone_export``, else the pool's model."""
+        return model.base_model if self.backbone_export else model
+
+    def save_extra_files(self, model: nn.Module, model_dir: Path) -> None:
+        """What export/model needs beside its weights and config (CLIP: the image processor)."""
+
     def how_to_load(self, pool) -> list[str]:
         """The model card's "How to load" lines."""
         c = self.auto_class

@@ -92,11 +92,6 @@ class ZeroShotCLIP(nn.Module):
         emb = F.normalize(self.visual_projection(out.pooler_output), dim=-1)
         return ImageClassifierOutput(logits=self.classifier(emb), hidden_states=out.hidden_states)
 
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **kwargs) -> None:
-        """A ``CLIPVisionModelWithProjection`` directory (``state_dict``'s vision weights) with the image processor."""
-        sd = {k: v for k, v in (state_dict or self.state_dict()).items() if not k.startswith("classifier.")}
-        self.hf_model.save_pretrained(path, state_dict=sd, **kwargs)
-        self.image_processor.save_pretrained(path)
 
 
 def _vision_config(path: Path, what: str):
@@ -239,6 +234,12 @@ class CLIPZeroShot(ModelFamily):
 
     def saves_tokenizer(self) -> bool:
         return False  # the export is the vision tower (+ image processor)
+
+    def exported_module(self, model: nn.Module) -> nn.Module:
+        return model.hf_model  # a CLIPVisionModelWithProjection over the wrapper's modules: no zero-shot head
+
+    def save_extra_files(self, model: nn.Module, model_dir: Path) -> None:
+        model.image_processor.save_pretrained(model_dir)
 
     def how_to_load(self, pool) -> list[str]:
         return how_to_load(pool)
