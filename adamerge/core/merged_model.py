@@ -173,7 +173,6 @@ class MergedModel(nn.Module):
         if self.sharded:
             return self.gathered_merge()
         if not reuse_buffers or self.task_vectors is None or self.mask is not None:
-            self._out, self._dirty = {}, {}  # evaluation/export: the training step's buffers may go
             return dict(self.merged_tensors())
         coefs = self.coefficients()
         factors = self.task_vectors.factors
@@ -206,6 +205,7 @@ class MergedModel(nn.Module):
         if self.sharded:
             yield from self.gathered_merge().items()
             return
+        self._out, self._dirty = {}, {}  # evaluation/export: the training step's buffers may go
         for n, d in self._deltas():
             w0 = self._base_params[n]
             yield n, w0 + (d + self.offset[n] if n in self.offset else d).to(w0.dtype)
