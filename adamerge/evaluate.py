@@ -107,8 +107,10 @@ def reference_rows(pool, test_sets: TestSets, batch_size: int = 64) -> dict[str,
     return {"pretrained": pre, "expert": expert_row(pool, test_sets, batch_size)}
 
 
-def summarize(rows: dict[str, dict[str, float]], ceiling: str = "expert") -> dict:
-    """Add ``avg`` and ``norm`` (per-task merged/expert, averaged) to each row."""
+def summarize(rows: dict[str, dict[str, float]], ceiling: str = "expert",
+              asr: dict[str, dict[str, float]] | None = None) -> dict:
+    """Add ``avg`` and ``norm`` (per-task merged/expert, averaged) to each row, and a row's attack success rate
+    per attacked task (``asr``: accuracy on the task's ``attack_test`` file) where it was measured."""
     tasks = list(next(iter(rows.values())).keys()) if rows else []
     table = {}
     for name, accs in rows.items():
@@ -116,16 +118,20 @@ def summarize(rows: dict[str, dict[str, float]], ceiling: str = "expert") -> dic
         row["avg"] = sum(accs[t] for t in tasks) / max(1, len(tasks))
         if ceiling in rows:
             row["norm"] = sum(accs[t] / max(rows[ceiling][t], 1e-12) for t in tasks) / max(1, len(tasks))
+        if asr and name in asr:
+            row["asr"] = dict(asr[name])
         table[name] = row
-    return {"tasks": tasks, "rows": table}
+    attacked = sorted({t for r in (asr or {}).values() for t in r})
+    return {"tasks": tasks, "rows": table, **({"attacked": attacked} if attacked else {})}
 
 
 def markdown(summary: dict) -> str:
-    tasks = summary["tasks"]
-    cols = tasks + ["avg", "norm"]
+    tasks, attacked = summary["tasks"], summary.get("attacked", [])
+    cols = tasks + ["avg", "norm"] + [f"ASR {t}" for t in attacked]
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in summary["rows"].items():
-        cells = [f"{100 * row[c]:.1f}" if c in row else "–" for c in cols]
+        values = {**row, **{f"ASR {t}": v for t, v in row.get("asr", {}).items()}}
+        cells = [f"{100 * values[c]:.1f}" if c in values else "–" for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -48,6 +48,7 @@ from typing import Any
 
 from adamerge.atomic import atomic_write_text
 from adamerge.errors import PoolError
+from benchmark_backdoor import attack_test, check_backdoor, digest
 from benchmark_corpora import LOADERS, check_task, load_task, split_sizes, split_task  # noqa: F401 (the recipe's API)
 from benchmark_experts import FORMS, base_model_dir, fit_probe, train_expert, write_json  # noqa: F401
 
@@ -146,7 +147,9 @@ def build(cfg: dict) -> dict:
     "test": the test split's texts, labels unused — the AdaMerging/Concrete papers' test-time protocol,
     where the merge adapts on the very inputs it is evaluated on), calibration_size (null: the whole split;
     N: a calibration file of its first N texts, as a user who has only N texts gives it — every method,
-    closed-form statistics included, then sees only those).
+    closed-form statistics included, then sees only those), backdoor (null; {task, trigger, target, share,
+    seed}: that task's expert is trained on a poisoned train split and the task gets an ``attack_test`` file,
+    data/benchmark_backdoor.py).
     """
     form = cfg.get("form", "full")
     calibrate_on = cfg.get("calibrate_on", "calibration")
@@ -167,6 +170,7 @@ def build(cfg: dict) -> dict:
     if calibration_size is not None and (not isinstance(calibration_size, int) or calibration_size < 1):
         raise PoolError(f"pool.calibration_size must be a positive integer or null, got {calibration_size!r}")
 
+    backdoor = check_backdoor(cfg.get("backdoor"), tasks, {t: len(load_task(t)[2]) for t in tasks})
     key = cache_key(form, steps, seed, max_length)
     root = cache_dir / f"{form}-{key[:12]}"
     root.mkdir(parents=True, exist_ok=True)
@@ -185,8 +189,14 @@ def build(cfg: dict) -> dict:
             for part, path in files.items():
                 _write_jsonl(path, *splits[part])
 
+        attacked = backdoor is not None and backdoor["task"] == task
         committed = lora_dir / task
-        if form in COMMITTED_DIRS and (committed / "adapter_config.json").exists() and _expert_key(committed) == key:
+        if attacked:  # its own expert beside the clean one (which the other pools of the form keep using)
+            expert, poisoned_key = task_dir / f"expert-backdoor-{digest(backdoor)}", f"{key}-{digest(backdoor)}"
+            if _expert_key(expert) != poisoned_key:
+                _build_expert(task, form, expert, poisoned_key, True, seed=seed, steps=steps, max_length=max_length,
+                              backdoor=backdoor)
+        elif form in COMMITTED_DIRS and (committed / "adapter_config.json").exists() and _expert_key(committed) == key:
             expert = committed
             log.info("%s/%s: using prebuilt adapter %s", task, form, expert)
         elif export_lora:
@@ -211,6 +221,12 @@ def build(cfg: dict) -> dict:
             "num_labels": len(label_names),
             "label_names": label_names,
         }
+        if attacked:
+            attack = task_dir / f"attack_test-{digest(backdoor)}.jsonl"
+            if not attack.exists():
+                rows = [json.loads(line) for line in files["test"].read_text(encoding="utf-8").splitlines()]
+                _write_jsonl(attack, *attack_test([r["text"] for r in rows], [r["label"] for r in rows], backdoor))
+            spec["tasks"][task]["attack_test"] = str(attack)
     return spec
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from adamerge.atomic import atomic_write_text
 from adamerge.errors import PoolError
+from benchmark_backdoor import attack_test, poison
 from benchmark_corpora import check_task, load_task, split_task
 
 log = logging.getLogger("adamerge.benchmark")
@@ -104,6 +105,7 @@ def train_expert(
     batch_size: int = 32,
     max_length: int = 64,
     save_tokenizer: bool = True,
+    backdoor: dict | None = None,
 ) -> dict:
     """Fine-tune MiniLM on the train split of a task and save the expert to out_dir.
 
@@ -113,6 +115,7 @@ def train_expert(
     form="frozen_head" / "frozen_head_lora": the classifier is first fitted as a linear probe on the
     pretrained encoder (``fit_probe``), then frozen with the pooler while the encoder is fine-tuned
     (fully / with the same LoRA; the probe is saved as the adapter's ``modules_to_save`` head).
+    ``backdoor`` (benchmark_backdoor.py): the train split poisoned first; the info adds the attack's success rate.
     Writes and returns out_dir/expert_info.json
     ({task, form, steps, train_seconds, seconds_per_step, test_accuracy, ...}).
     """
@@ -133,6 +136,8 @@ def train_expert(
     _, _, label_names = load_task(name)
     splits = split_task(name, seed)
     train_texts, train_labels = splits["train"]
+    if backdoor:
+        train_texts, train_labels = poison(train_texts, train_labels, backdoor)
     base = base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(base)
 
@@ -217,6 +222,10 @@ def train_expert(
     }
     if probe_accuracy is not None:
         info["probe_train_accuracy"] = round(probe_accuracy, 4)
+    if backdoor:
+        info["backdoor"] = backdoor
+        info["attack_success_rate"] = round(_evaluate(model, tokenizer, *attack_test(test_texts, test_labels, backdoor),
+                                                      max_length), 4)
     write_json(out / "expert_info.json", info)
     log.info("%s/%s: test accuracy %.4f, %.3f s/step", name, form, accuracy, info["seconds_per_step"])
     return info

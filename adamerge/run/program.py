@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .evaluation import evaluate_run
 from .fit import fit, read_losses
 
 # shipped inside the package (a checkout links configs/ and data/ to them), so that an installed adamerge
@@ -195,44 +196,6 @@ def build_pool_and_method(c: dict, trains: bool):
     # closed form: every rank adds its statistics
     method = get_method(c["method"]["name"])(pool, c["method"], c["task_vectors"], **extra)
     return pool, (method if stats_rank == 0 else None)
-
-
-def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -> dict | None:
-    """Per-task test accuracy of the reference rows, the start (learned methods) and the merge; the
-    table is printed and saved (eval.json). None when there is nothing to evaluate."""
-    from ..evaluate import (
-        load_test_sets,
-        markdown,
-        merge_accuracies,
-        merged_rows,
-        reference_rows,
-        save_report,
-        summarize,
-    )
-    from .start_vs_end import exported_note
-    from .states import merged_at, merged_now
-
-    if not c["evaluate"]["enabled"] or not pool.family.evaluated:
-        return None
-    tokenizer = pool.tokenizer()
-    tests = load_test_sets(pool, tokenizer, c["data"]["max_length"], c["evaluate"]["max_examples"],
-                           max_new_tokens=c["evaluate"]["max_new_tokens"])
-    if not tests:
-        return None
-    bs = c["evaluate"]["batch_size"]
-
-    def accuracies(merged: dict) -> dict[str, float]:
-        return merge_accuracies(pool, merged, tests, bs)
-
-    rows = reference_rows(pool, tests, bs) if c["evaluate"]["reference_rows"] else {}
-    if start_state is not None and c["evaluate"]["start_row"]:
-        rows[method.start_label()] = accuracies(merged_at(method, start_state))
-    rows.update(merged_rows(method, c["method"]["id"] + exported_note(selection), merged_now(method), tests, bs))
-    summary = summarize(rows)
-    save_report(summary, out_dir)
-    table = markdown(summary)
-    print("\n" + table + "\n", flush=True)
-    return {"summary": summary, "markdown": table}
 
 
 def export_run(method, c: dict, out_dir: Path, extra: dict[str, str]) -> str:
