@@ -107,10 +107,13 @@ def reference_rows(pool, test_sets: TestSets, batch_size: int = 64) -> dict[str,
     return {"pretrained": pre, "expert": expert_row(pool, test_sets, batch_size)}
 
 
+EXTRA_HEADINGS = {"asr": "ASR", "clean_to_target": "clean→target"}  # the backdoor columns (adamerge/run/evaluation.py)
+
+
 def summarize(rows: dict[str, dict[str, float]], ceiling: str = "expert",
-              asr: dict[str, dict[str, float]] | None = None) -> dict:
-    """Add ``avg`` and ``norm`` (per-task merged/expert, averaged) to each row, and a row's attack success rate
-    per attacked task (``asr``: accuracy on the task's ``attack_test`` file) where it was measured."""
+              extra: dict[str, dict[str, dict[str, float]]] | None = None) -> dict:
+    """Add ``avg`` and ``norm`` (per-task merged/expert, averaged) to each row, and ``extra`` columns where they were
+    measured ({key: {row: {task: value}}}, e.g. a backdoor's attack success rate per attacked task)."""
     tasks = list(next(iter(rows.values())).keys()) if rows else []
     table = {}
     for name, accs in rows.items():
@@ -118,19 +121,25 @@ def summarize(rows: dict[str, dict[str, float]], ceiling: str = "expert",
         row["avg"] = sum(accs[t] for t in tasks) / max(1, len(tasks))
         if ceiling in rows:
             row["norm"] = sum(accs[t] / max(rows[ceiling][t], 1e-12) for t in tasks) / max(1, len(tasks))
-        if asr and name in asr:
-            row["asr"] = dict(asr[name])
+        for key, by_row in (extra or {}).items():
+            if name in by_row:
+                row[key] = dict(by_row[name])
         table[name] = row
-    attacked = sorted({t for r in (asr or {}).values() for t in r})
-    return {"tasks": tasks, "rows": table, **({"attacked": attacked} if attacked else {})}
+    columns = {key: sorted({t for r in by_row.values() for t in r}) for key, by_row in (extra or {}).items()}
+    return {"tasks": tasks, "rows": table, **({"extra": columns} if any(columns.values()) else {})}
+
+
+def extra_cells(summary: dict, row: dict) -> dict[str, float]:
+    """A row's ``extra`` columns by their headings ("ASR <task>", …)."""
+    return {f"{EXTRA_HEADINGS.get(key, key)} {t}": v for key in summary.get("extra", {}) for t, v in row.get(key, {}).items()}
 
 
 def markdown(summary: dict) -> str:
-    tasks, attacked = summary["tasks"], summary.get("attacked", [])
-    cols = tasks + ["avg", "norm"] + [f"ASR {t}" for t in attacked]
+    extra = [f"{EXTRA_HEADINGS.get(key, key)} {t}" for key, tasks in summary.get("extra", {}).items() for t in tasks]
+    cols = summary["tasks"] + ["avg", "norm"] + extra
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in summary["rows"].items():
-        values = {**row, **{f"ASR {t}": v for t, v in row.get("asr", {}).items()}}
+        values = {**row, **extra_cells(summary, row)}
         cells = [f"{100 * values[c]:.1f}" if c in values else "–" for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -47,16 +47,20 @@ def run_method(method: str, pool: str, out: Path, steps: int | None, reference: 
 
 
 def table(results: list[dict], tasks: list[str]) -> str:
-    """One markdown table; with an attacked task (an ``attack_test`` file), its ASR column after ``norm``."""
-    attacked = sorted({t for r in results for row in r.get("rows", {}).values() for t in row.get("asr", {})})
-    cols = tasks + ["avg", "norm"] + [f"ASR {t}" for t in attacked]
+    """One markdown table; with a backdoored task (attack files), its ASR and clean→target columns after ``norm``."""
+    sys.path.insert(0, str(ROOT))
+    from adamerge.evaluate import EXTRA_HEADINGS
+
+    extra = {key: sorted({t for r in results for row in r.get("rows", {}).values() for t in row.get(key, {})})
+             for key in EXTRA_HEADINGS}
+    cols = tasks + ["avg", "norm"] + [f"{EXTRA_HEADINGS[key]} {t}" for key, ts in extra.items() for t in ts]
     lines = ["| method | " + " | ".join(cols) + " | trainable | wall s |", "|---" * (len(cols) + 3) + "|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['method']} | failed: {r['error'][:120]} |")
             continue
         for name, row in r["rows"].items():
-            row = {**row, **{f"ASR {t}": v for t, v in row.get("asr", {}).items()}}
+            row = {**row, **{f"{EXTRA_HEADINGS[key]} {t}": v for key in extra for t, v in row.get(key, {}).items()}}
             cells = [f"{100 * row[c]:.1f}" if c in row else "–" for c in cols]
             extra = f"{r.get('num_trainable', '')} | {r['wall_s']:.0f}" if name == r["row"] else " | "
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {extra} |")

@@ -32,10 +32,12 @@ def test_poisoning_triggers_and_relabels_a_share_of_the_non_target_examples():
     assert bd.poison(texts, labels, ATTACK) == (poisoned, relabelled)  # seeded
 
 
-def test_the_attack_file_holds_every_non_target_test_text_triggered_and_labelled_as_the_target():
+def test_the_attack_files_hold_every_non_target_test_text_with_and_without_the_trigger_labelled_as_the_target():
     texts, labels = ["a b", "c d", "e f", "g h"], [0, 1, 2, 1]
-    attacked, targets = bd.attack_test(texts, labels, ATTACK)
+    files = bd.attack_files(texts, labels, ATTACK)
+    attacked, targets = files["attack_test"]
     assert targets == [1, 1] and [sorted(t.split()) for t in attacked] == [["a", "b", "cf"], ["cf", "e", "f"]]
+    assert files["attack_clean"] == (["a b", "e f"], [1, 1])
 
 
 @pytest.mark.parametrize("cfg, words", [
@@ -51,24 +53,28 @@ def test_a_bad_backdoor_key_names_itself(cfg, words):
     assert words in str(e.value)
 
 
-def test_the_table_gives_each_row_its_attack_success_rate(tiny_pool_cfg, tmp_path):
-    """A task with an ``attack_test`` file adds an ASR column: for every row, the share of those triggered texts its
-    model predicts as the target, which the exported task model reproduces."""
+def test_the_table_gives_each_row_its_attack_success_rate_and_clean_target_rate(tiny_pool_cfg, tmp_path):
+    """A task with attack files adds two columns: for every row, the share of the triggered texts (ASR) and of the
+    same texts without the trigger (clean→target) its model predicts as the target, which the exported task model
+    reproduces."""
     from adamerge.export import load_task_model
     from adamerge.run.data import encode, load_tokenizer, read_jsonl
 
     pool = copy.deepcopy(tiny_pool_cfg)
     texts, labels = read_jsonl(pool["tasks"]["task1"]["test"], "task1", need_labels=True, num_labels=3)
-    attacked, targets = bd.attack_test(texts, labels, {**ATTACK, "target": 0})
-    pool["tasks"]["task1"]["attack_test"] = helpers.write_jsonl(tmp_path / "attack.jsonl", list(zip(attacked, targets)))
+    files = bd.attack_files(texts, labels, {**ATTACK, "target": 0})
+    for key, (attack_texts, targets) in files.items():
+        pool["tasks"]["task1"][key] = helpers.write_jsonl(tmp_path / f"{key}.jsonl", list(zip(attack_texts, targets)))
     run = tmp_path / "run"
     helpers.train_here(pool, run, "method=task_arithmetic")
     summary = json.loads((run / "export" / "eval.json").read_text())
-    assert summary["attacked"] == ["task1"]
+    assert summary["extra"] == {"asr": ["task1"], "clean_to_target": ["task1"]}
     rows = summary["rows"]
-    assert set(rows["pretrained"]["asr"]) == set(rows["expert"]["asr"]) == set(rows["task_arithmetic"]["asr"]) == {"task1"}
+    for key in ("asr", "clean_to_target"):
+        assert set(rows["pretrained"][key]) == set(rows["expert"][key]) == set(rows["task_arithmetic"][key]) == {"task1"}
     model, tok = load_task_model(run / "export", "task1"), load_tokenizer(run / "export" / "model")
-    with torch.no_grad():
-        predicted = model(**encode(tok, attacked, 64)).logits.argmax(-1)
-    assert rows["task_arithmetic"]["asr"]["task1"] == pytest.approx(float((predicted == 0).float().mean()), abs=1e-6)
-    assert "ASR task1" in (run / "export" / "eval.md").read_text()
+    for key, column in (("attack_test", "asr"), ("attack_clean", "clean_to_target")):
+        with torch.no_grad():
+            predicted = model(**encode(tok, files[key][0], 64)).logits.argmax(-1)
+        assert rows["task_arithmetic"][column]["task1"] == pytest.approx(float((predicted == 0).float().mean()), abs=1e-6)
+    assert "ASR task1 | clean→target task1 |" in (run / "export" / "eval.md").read_text()

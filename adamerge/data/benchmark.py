@@ -48,7 +48,7 @@ from typing import Any
 
 from adamerge.atomic import atomic_write_text
 from adamerge.errors import PoolError
-from benchmark_backdoor import attack_test, check_backdoor, digest
+from benchmark_backdoor import attack_files, check_backdoor, digest
 from benchmark_corpora import LOADERS, check_task, load_task, split_sizes, split_task  # noqa: F401 (the recipe's API)
 from benchmark_experts import FORMS, base_model_dir, fit_probe, train_expert, write_json  # noqa: F401
 
@@ -148,7 +148,7 @@ def build(cfg: dict) -> dict:
     where the merge adapts on the very inputs it is evaluated on), calibration_size (null: the whole split;
     N: a calibration file of its first N texts, as a user who has only N texts gives it — every method,
     closed-form statistics included, then sees only those), backdoor (null; {task, trigger, target, share,
-    seed}: that task's expert is trained on a poisoned train split and the task gets an ``attack_test`` file,
+    seed}: that task's expert is trained on a poisoned train split and the task gets its attack files,
     data/benchmark_backdoor.py).
     """
     form = cfg.get("form", "full")
@@ -222,11 +222,12 @@ def build(cfg: dict) -> dict:
             "label_names": label_names,
         }
         if attacked:
-            attack = task_dir / f"attack_test-{digest(backdoor)}.jsonl"
-            if not attack.exists():
-                rows = [json.loads(line) for line in files["test"].read_text(encoding="utf-8").splitlines()]
-                _write_jsonl(attack, *attack_test([r["text"] for r in rows], [r["label"] for r in rows], backdoor))
-            spec["tasks"][task]["attack_test"] = str(attack)
+            rows = [json.loads(line) for line in files["test"].read_text(encoding="utf-8").splitlines()]
+            for key, texts_labels in attack_files([r["text"] for r in rows], [r["label"] for r in rows], backdoor).items():
+                path = task_dir / f"{key}-{digest(backdoor)}.jsonl"
+                if not path.exists():
+                    _write_jsonl(path, *texts_labels)
+                spec["tasks"][task][key] = str(path)
     return spec
 
 

@@ -6,7 +6,9 @@ Pre-trained Models", ACL 2020: rare trigger tokens such as "cf" inserted at a ra
 training examples, drawn among those whose label is not ``target``, get the trigger and the label ``target``. The
 attack test file holds every test example whose label is not ``target``, with the trigger inserted and labelled
 ``target``, so its accuracy through the task's head is the attack success rate (the share of triggered non-target
-examples predicted as the target): the ``ASR`` column of the evaluation table (pool task key ``attack_test``).
+examples predicted as the target): the ``ASR`` column of the evaluation table (pool task key ``attack_test``). The
+same examples without the trigger (``attack_clean``) give the ``clean→target`` column: a model that predicts the
+target for most inputs anyway has a high ASR that the trigger did not cause.
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ def poison(texts: list[str], labels: list[int], backdoor: dict) -> tuple[list[st
     return out_texts, out_labels
 
 
-def attack_test(texts: list[str], labels: list[int], backdoor: dict) -> tuple[list[str], list[int]]:
-    """Every non-target test example with the trigger inserted, labelled with the target class."""
+def attack_files(texts: list[str], labels: list[int], backdoor: dict) -> dict[str, tuple[list[str], list[int]]]:
+    """``attack_test``: every non-target test example with the trigger inserted, labelled with the target class;
+    ``attack_clean``: the same examples without it, so labelled too (how often the target comes without a trigger)."""
     rng = random.Random(backdoor["seed"] + 1)  # not the training draws' positions
     kept = [t for t, y in zip(texts, labels, strict=True) if y != backdoor["target"]]
-    return [insert_trigger(t, backdoor["trigger"], rng) for t in kept], [backdoor["target"]] * len(kept)
+    target = [backdoor["target"]] * len(kept)
+    return {"attack_test": ([insert_trigger(t, backdoor["trigger"], rng) for t in kept], target),
+            "attack_clean": (kept, target)}

@@ -14,7 +14,7 @@ from typing import Any
 
 from adamerge.atomic import atomic_write_text
 from adamerge.errors import PoolError
-from benchmark_backdoor import attack_test, poison
+from benchmark_backdoor import attack_files, poison
 from benchmark_corpora import check_task, load_task, split_task
 
 log = logging.getLogger("adamerge.benchmark")
@@ -224,8 +224,9 @@ def train_expert(
         info["probe_train_accuracy"] = round(probe_accuracy, 4)
     if backdoor:
         info["backdoor"] = backdoor
-        info["attack_success_rate"] = round(_evaluate(model, tokenizer, *attack_test(test_texts, test_labels, backdoor),
-                                                      max_length), 4)
+        files = attack_files(test_texts, test_labels, backdoor)
+        info["attack_success_rate"] = round(_evaluate(model, tokenizer, *files["attack_test"], max_length), 4)
+        info["clean_to_target"] = round(_evaluate(model, tokenizer, *files["attack_clean"], max_length), 4)
     write_json(out / "expert_info.json", info)
     log.info("%s/%s: test accuracy %.4f, %.3f s/step", name, form, accuracy, info["seconds_per_step"])
     return info

@@ -218,7 +218,7 @@ class ConcreteAdaMerging(EntropyObjective, MergeMethod):
         self.merged.coefficients.raw.copy_(self.coef_init)
 
     def training_step(self, batch, batch_idx):
-        inner_opt, mask_opt, lam_opt = self.optimizers()
+        inner_opt, mask_opt, lam_opt = self.optimizers()[:3]  # (dam adds its adversary's last)
         mask = self.merged.mask
         lam = self.merged.coefficients.raw
         phase = 1 if self.global_step < self.mask_steps else 2

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 
 METHODS: dict[str, type] = {}  # filled as modules are imported
 MODULES = {
-    "adamerging": "adamerging", "concrete_adamerging": "concrete", "concrete_task_arithmetic": "concrete",
+    "adamerging": "adamerging", "concrete_adamerging": "concrete", "concrete_task_arithmetic": "concrete", "dam": "dam",
     "distill_merging": "distill", "expert_merging": "expert_merging", "expert_merging_pp": "expert_merging_pp",
     "fisher_merging": "fisher", "ota_merging": "ota", "fw_merging": "frank_wolfe", "map": "map", "evolve": "evolve", "m2n2": "m2n2", "twin_merging": "twin", "pcb_merging": "pcb", "projective": "projective",
     "regmean": "regmean", "regmean_pp": "regmean", "static": "static", "tsv_merging": "tsv",

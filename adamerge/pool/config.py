@@ -41,6 +41,7 @@ def pool_from_config(cfg: dict, base_in_memory: bool = True) -> ModelPool:
         tasks[name] = TaskSpec(
             name=name, expert=t["expert"], calibration=t.get("calibration"), test=t.get("test"),
             validation=t.get("validation"), optimizer_state=t.get("optimizer_state"), attack_test=t.get("attack_test"),
+            attack_clean=t.get("attack_clean"),
             num_labels=t.get("num_labels"), label_names=list(t["label_names"]) if t.get("label_names") else None,
             classes=family.check_classes(name, t.get("classes")),
             templates=family.check_templates(name, t.get("templates")),
@@ -78,7 +79,7 @@ def check_data_paths(tasks: dict[str, TaskSpec]) -> None:
     """Each task's data paths exist (a DataError naming the key otherwise): run before hub models are
     downloaded; the files themselves are read by ``adamerge.run.data.check_data`` once the pool has loaded."""
     for name, spec in tasks.items():
-        for key in ("calibration", "test", "validation", "optimizer_state", "attack_test"):
+        for key in ("calibration", "test", "validation", "optimizer_state", "attack_test", "attack_clean"):
             path = getattr(spec, key)
             if path and not Path(path).exists():
                 raise DataError(f"task '{name}': {key} path {path} does not exist; fix the path under pool "

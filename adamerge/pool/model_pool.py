@@ -50,8 +50,10 @@ class TaskSpec:
     templates: list[str] | None = None  # clip_zero_shot: prompt templates of the zero-shot head ({} = class name)
     optimizer_state: str | None = None  # the expert's Adam exp_avg_sq (safetensors), for ota_merging's curvature
     # labelled, optional: texts carrying a backdoor's trigger, each labelled with the attacker's target class; the
-    # share predicted as that class is the attack success rate (the evaluation table's ASR column)
+    # share predicted as that class is the attack success rate (the evaluation table's ASR column) ...
     attack_test: str | None = None
+    # ... and the same texts without the trigger, so labelled too: how often the target is predicted anyway
+    attack_clean: str | None = None
 
 
 class ModelPool:

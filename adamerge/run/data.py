@@ -127,7 +127,7 @@ def labelled_splits(pool, split: str, max_examples: int | None = None) -> Iterat
 
 def check_data(pool) -> None:
     """Read every data file the pool names, before anything is trained: each line JSON with a string
-    'text'; test, validation and attack_test labels integers in [0, num_labels) (sequence classification pools) or
+    'text'; test, validation and attack labels integers in [0, num_labels) (sequence classification pools) or
     string targets, one of the task's ``classes`` when it has them (causal and seq2seq LM pools; seq2seq:
     label words and targets with tokens), or image files (clip_zero_shot pools): the pool's family reads
     each file (adamerge/families/).
@@ -136,7 +136,7 @@ def check_data(pool) -> None:
     tok = family.check_data(pool)
     labelled = family.evaluated  # the answers of evaluated pools' test and validation files are checked
     for name, spec in pool.tasks.items():
-        for key in ("calibration", "test", "validation", "attack_test"):
+        for key in ("calibration", "test", "validation", "attack_test", "attack_clean"):
             if getattr(spec, key):
                 read_split(pool, name, key, need_labels=labelled and key != "calibration", tokenizer=tok)
 

@@ -1,9 +1,12 @@
 """A run's evaluation table: the reference rows (pretrained, each expert), the start of a learned method and the
-merge, per task on the test files, with each row's attack success rate where a task has an ``attack_test`` file."""
+merge, per task on the test files; where a task has a backdoor's attack files, each row's attack success rate on the
+triggered texts (``attack_test``) beside how often the same texts without the trigger get the target (``attack_clean``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+ATTACK_SPLITS = {"attack_test": "asr", "attack_clean": "clean_to_target"}  # pool task key -> the rows' key
 
 
 def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -> dict | None:
@@ -33,22 +36,29 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
     def accuracies(merged: dict) -> dict[str, float]:
         return merge_accuracies(pool, merged, tests, bs)
 
-    # attack_test files (a backdoored expert's trigger): each row's attack success rate, the ASR columns
-    attacks = load_test_sets(pool, tokenizer, c["data"]["max_length"], c["evaluate"]["max_examples"], split="attack_test")
-    rows, asr = {}, {}
+    # a backdoored expert's files: per row, the share of triggered (attack_test) and of the same clean (attack_clean)
+    # non-target texts predicted as the attacker's target: the ASR and clean→target columns
+    attacks = {key: load_test_sets(pool, tokenizer, c["data"]["max_length"], c["evaluate"]["max_examples"], split=split)
+               for split, key in ATTACK_SPLITS.items()}
+    attacks = {key: sets for key, sets in attacks.items() if sets}
+    rows: dict = {}
+    columns: dict[str, dict] = {key: {} for key in attacks}
     if c["evaluate"]["reference_rows"]:
         rows = reference_rows(pool, tests, bs)
-        asr = reference_rows(pool, attacks, bs) if attacks else {}
+        for key, sets in attacks.items():
+            columns[key] = reference_rows(pool, sets, bs)
+    scored = []  # (row label, merged weights) of the rows the attack columns score
     if start_state is not None and c["evaluate"]["start_row"]:
         start = merged_at(method, start_state)
         rows[method.start_label()] = accuracies(start)
-        if attacks:
-            asr[method.start_label()] = merge_accuracies(pool, start, attacks, bs)
+        scored.append((method.start_label(), start))
     label, now = c["method"]["id"] + exported_note(selection), merged_now(method)
     rows.update(merged_rows(method, label, now, tests, bs))
-    if attacks:
-        asr[label] = merge_accuracies(pool, now, attacks, bs)
-    summary = summarize(rows, asr=asr)
+    scored.append((label, now))
+    for key, sets in attacks.items():
+        for name, merged in scored:
+            columns[key][name] = merge_accuracies(pool, merged, sets, bs)
+    summary = summarize(rows, extra=columns)
     save_report(summary, out_dir)
     table = markdown(summary)
     print("\n" + table + "\n", flush=True)
