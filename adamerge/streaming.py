@@ -15,7 +15,6 @@ whose experts are local full checkpoints; ``true`` insists (one line says why it
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,8 +26,7 @@ from .core.task_vectors import resolve_dtype, select_names
 from .core.tensor_stream import expert_rows, logged_passes, tensor_stacks
 from .core.transforms import build_stages, fit_stages, streamed
 from .errors import ConfigError
-from .export import check_finite, export_dtype, save_model_config, write_export
-from .safetensors_writer import StreamedCheckpoint
+from .export import export_dtype, save_model_config, write_export, write_weights
 
 log = logging.getLogger(__name__)
 
@@ -116,44 +114,23 @@ def stream_merge(pool, method_cfg, stages: list, tv_cfg: dict, model_dir: Path, 
     coefs = Coefficients(K, 1, granularity="task", init=StaticMerge.scale(method_cfg, K))()[0]
     plan = output_plan(pool, dtype)
     save_model_config(pool.family.exported_module(pool.base_model), model_dir, dtype)
-    writer = StreamedCheckpoint(model_dir, {n: (shape, dt) for n, (_, shape, dt) in plan.items()},
-                                max_shard_size or "5GB")
-    outputs: dict[str, list[str]] = {}
-    for out, (canon, _, _) in plan.items():
-        outputs.setdefault(canon, []).append(out)
-    merged, writing = [], None
 
-    def write(out: str, value: torch.Tensor) -> None:  # by a second thread, one tensor behind the merge
-        nonlocal writing
-        if writing is not None:
-            writing.result()
-        writing = disk.submit(writer.write, out, value.to(plan[out][2]))
+    def merged():
+        for name, stack in streamed(source, stages)():
+            w0 = pool.base_tensor(name)
+            # w0 + Σ c τ as MergedModel.merged_params, added into the fresh sum (the same bits: + commutes)
+            # a one-row stack (ExpertRows' stages) holds the merge in row 0: the rows after it would be zeros
+            yield name, combine(coefs[:len(stack)], stack, w0.device).to(w0.dtype).add_(w0)
+
+    def base_value(key: str, name: str | None) -> torch.Tensor:
+        return pool.base_tensor(name) if name is not None else pool.base_files.source.get(key)
 
     for s in stages:
         s.open_state(model_dir.parent)
-    try:
-        with torch.no_grad(), ThreadPoolExecutor(1) as disk:
-            for name, stack in streamed(source, stages)():
-                w0 = pool.base_tensor(name)
-                # w0 + Σ c τ as MergedModel.merged_params, added into the fresh sum (the same bits: + commutes)
-                # a one-row stack (ExpertRows' stages) holds the merge in row 0: the rows after it would be zeros
-                value = combine(coefs[:len(stack)], stack, w0.device).to(w0.dtype).add_(w0)
-                check_finite(name, value)
-                for out in outputs.pop(name, []):
-                    write(out, value)
-                merged.append(name)
-            for canon, outs in outputs.items():  # what no expert changes, what is not merged, buffers: the base's
-                for out in outs:
-                    write(out, pool.base_tensor(canon) if canon is not None else pool.base_files.source.get(out))
-            if writing is not None:
-                writing.result()
-            for s in stages:
-                s.write_state(model_dir.parent)
-    except BaseException:
-        writer.close(complete=False)  # the files go with the export's temporary directory
-        raise
-    writer.close()
-    return merged
+    names = write_weights(model_dir, plan, merged(), base_value, max_shard_size)
+    for s in stages:
+        s.write_state(model_dir.parent)
+    return names
 
 
 def stream_run(c: dict, out_dir: Path, run_config: dict[str, str]) -> str:
