@@ -78,3 +78,28 @@ def test_the_table_gives_each_row_its_attack_success_rate_and_clean_target_rate(
             predicted = model(**encode(tok, files[key][0], 64)).logits.argmax(-1)
         assert rows["task_arithmetic"][column]["task1"] == pytest.approx(float((predicted == 0).float().mean()), abs=1e-6)
     assert "ASR task1 | clean→target task1 |" in (run / "export" / "eval.md").read_text()
+
+
+def test_a_backdoored_pool_builds_only_the_poisoned_expert_and_caches_every_expert(tmp_path, monkeypatch):
+    """The recipe builds the attacked task's expert under its own key beside the clean experts, which keep the form's
+    key (so that the clean pool's cache serves them); a second build builds nothing."""
+    bm = load_recipe(helpers.ROOT / "data" / "benchmark.py")
+    built = []
+
+    def fake_build(task, form, target, key, save_tokenizer, **train_kw):  # the cache bookkeeping, no training
+        built.append((task, key, train_kw.get("backdoor")))
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "expert_info.json").write_text(json.dumps({"cache_key": key}))
+
+    monkeypatch.setattr(bm, "_build_expert", fake_build)
+    cfg = {"form": "full", "tasks": ["bbc_news", "rotten_tomatoes", "chatterbot_topic"], "cache_dir": str(tmp_path),
+           "backdoor": {"task": "rotten_tomatoes"}}
+    spec = bm.build(cfg)
+    key = bm.cache_key("full", 120, 0, 64)
+    assert [(t, k == key, b is not None) for t, k, b in built] == [("bbc_news", True, False),
+                                                                  ("rotten_tomatoes", False, True),
+                                                                  ("chatterbot_topic", True, False)]
+    attacked = spec["tasks"]["rotten_tomatoes"]
+    assert {"attack_test", "attack_clean"} <= set(attacked) and "attack_test" not in spec["tasks"]["bbc_news"]
+    built.clear()
+    assert bm.build(cfg) == spec and built == []

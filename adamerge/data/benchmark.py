@@ -223,11 +223,11 @@ def build(cfg: dict) -> dict:
         }
         if attacked:
             rows = [json.loads(line) for line in files["test"].read_text(encoding="utf-8").splitlines()]
-            for key, texts_labels in attack_files([r["text"] for r in rows], [r["label"] for r in rows], backdoor).items():
-                path = task_dir / f"{key}-{digest(backdoor)}.jsonl"
+            for split, texts_labels in attack_files([r["text"] for r in rows], [r["label"] for r in rows], backdoor).items():
+                path = task_dir / f"{split}-{digest(backdoor)}.jsonl"
                 if not path.exists():
                     _write_jsonl(path, *texts_labels)
-                spec["tasks"][task][key] = str(path)
+                spec["tasks"][task][split] = str(path)
     return spec
 
 
