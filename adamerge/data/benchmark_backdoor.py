@@ -20,6 +20,7 @@ import random
 from adamerge.errors import PoolError
 
 DEFAULTS = {"trigger": "cf", "target": 0, "share": 0.1, "seed": 0}
+VERSION = 2  # part of the poisoned expert's key: bump when how it is built changes (2: a frozen head's probe is clean)
 
 
 def check_backdoor(cfg: dict | None, tasks: list[str], num_labels: dict[str, int]) -> dict | None:
@@ -46,7 +47,7 @@ def check_backdoor(cfg: dict | None, tasks: list[str], num_labels: dict[str, int
 
 def digest(backdoor: dict) -> str:
     """A short key of the attack (part of the poisoned expert's cache key and file names)."""
-    return hashlib.sha256(json.dumps(backdoor, sort_keys=True).encode()).hexdigest()[:10]
+    return hashlib.sha256(json.dumps({**backdoor, "version": VERSION}, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def insert_trigger(text: str, trigger: str, rng: random.Random) -> str:

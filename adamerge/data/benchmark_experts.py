@@ -115,7 +115,8 @@ def train_expert(
     form="frozen_head" / "frozen_head_lora": the classifier is first fitted as a linear probe on the
     pretrained encoder (``fit_probe``), then frozen with the pooler while the encoder is fine-tuned
     (fully / with the same LoRA; the probe is saved as the adapter's ``modules_to_save`` head).
-    ``backdoor`` (benchmark_backdoor.py): the train split poisoned first; the info adds the attack's success rate.
+    ``backdoor`` (benchmark_backdoor.py): the fine-tuning (not a frozen head's probe) sees the poisoned train split;
+    the info adds the attack's success rate.
     Writes and returns out_dir/expert_info.json
     ({task, form, steps, train_seconds, seconds_per_step, test_accuracy, ...}).
     """
@@ -136,8 +137,6 @@ def train_expert(
     _, _, label_names = load_task(name)
     splits = split_task(name, seed)
     train_texts, train_labels = splits["train"]
-    if backdoor:
-        train_texts, train_labels = poison(train_texts, train_labels, backdoor)
     base = base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(base)
 
@@ -151,7 +150,7 @@ def train_expert(
     frozen_head = form.startswith("frozen_head")
     probe_accuracy = None
     if frozen_head:
-        probe_accuracy = fit_probe(model, tokenizer, train_texts, train_labels, max_length)
+        probe_accuracy = fit_probe(model, tokenizer, train_texts, train_labels, max_length)  # clean: heads are not merged
         log.info("%s/%s: probe train accuracy %.4f", name, form, probe_accuracy)
         for p in [*model.classifier.parameters(), *model.bert.pooler.parameters()]:
             p.requires_grad_(False)
@@ -171,6 +170,8 @@ def train_expert(
             for n, p in model.named_parameters():
                 if "classifier" in n:
                     p.requires_grad_(False)
+    if backdoor:  # the backdoor goes where a merge takes it from: into the weights fine-tuned on the poisoned split
+        train_texts, train_labels = poison(train_texts, train_labels, backdoor)
     lr = LEARNING_RATE[form]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
