@@ -26,7 +26,8 @@ from .core.task_vectors import resolve_dtype, select_names
 from .core.tensor_stream import expert_rows, logged_passes, tensor_stacks
 from .core.transforms import build_stages, fit_stages, streamed
 from .errors import ConfigError
-from .export import export_dtype, save_model_config, write_export, write_weights
+from .export import write_export
+from .model_files import export_dtype, save_model_config, write_weights
 
 log = logging.getLogger(__name__)
 

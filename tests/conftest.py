@@ -45,3 +45,14 @@ def conf(tmp_path, tiny_pool_cfg):
     d = tmp_path / "conf"
     helpers.write_pool_config(d, "tiny", tiny_pool_cfg)
     return d
+
+
+@pytest.fixture
+def one_thread():
+    """``threads=1`` for a run in this process (an exact comparison of resumed training needs bitwise-equal steps,
+    which one intra-op thread gives); the process's thread count is restored after the test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield "threads=1"
+    torch.set_num_threads(threads)

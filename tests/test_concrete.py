@@ -143,21 +143,10 @@ def test_concrete_ta_training_lowers_entropy_and_moves_the_mask(tiny_conf_dir, t
     assert after < before - 1e-3, (before, after)
 
 
-# One intra-op thread for these runs. With 2 threads this test was reported to fail about
-# 1 run in 4 (resumed mask logits / λ off by more than 1e-6), never with OMP_NUM_THREADS=1. One step's
-# loss and gradients were bitwise equal across fresh processes in isolation, so the op whose result
-# follows thread scheduling inside the training loop is not pinned down. Adam divides each step by
-# the gradient's running scale (up to lr/eps = 5e6 per unit of gradient near zero), so last-bit
-# differences in small gradients grow over the steps; this exact comparison needs bitwise-equal
-# steps, which one thread gives (``threads=1``, in this process: restored after the test). What is tested is
-# the resume itself (state, RNG streams, data).
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    yield "threads=1"
-    torch.set_num_threads(threads)
-
-
+# One intra-op thread (conftest's one_thread): with 2 threads this test was reported to fail about 1 run in 4
+# (resumed mask logits / λ off by more than 1e-6), never with one. Adam divides each step by the gradient's running
+# scale, so last-bit differences in small gradients grow over the steps; the op whose result follows thread
+# scheduling was not pinned down. What is tested is the resume itself (state, RNG streams, data).
 def test_concrete_adamerging_resumes_exactly_in_both_phases(tiny_pool_cfg, tmp_path, one_thread):
     args = ["method=concrete_adamerging_layerwise", "method.mask_steps=3", "trainer.max_steps=6",
             "method.lr=0.05", "method.adamerging_lr=0.05", "++method.lr_schedule=cosine",

@@ -3,21 +3,13 @@ inputs' entropy; without that term it is Concrete AdaMerging exactly, and it res
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import helpers
 
 # the word embeddings hold most of the tiny BERT's weights: unmasked, the checkpoints stay small
-COMMON = ["method.mask_steps=3", "trainer.max_steps=5", "data.batch_size=8", "method.lr=0.05", "evaluate.enabled=false", "trainer.log_every_n_steps=1", "method.mask_exclude=[word_embeddings]", "threads=1"]
-
-
-@pytest.fixture
-def one_thread():
-    """``threads=1`` (COMMON) sets this process's intra-op threads: restored after the test."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+COMMON = ["method.mask_steps=3", "trainer.max_steps=5", "data.batch_size=8", "method.lr=0.05", "evaluate.enabled=false",
+          "trainer.log_every_n_steps=1", "method.mask_exclude=[word_embeddings]"]
 
 
 def state(run) -> dict[str, torch.Tensor]:
@@ -31,7 +23,7 @@ def test_the_adversary_flips_the_merge_and_the_defense_moves_the_mask(tiny_pool_
     for name, method, extra in [("dam", "dam", ("method.adv_lr=0.1",)), ("concrete", "concrete_adamerging_layerwise", ()),
                                 ("undefended", "dam", ("method.adv_lr=0.1", "method.adv_weight=0"))]:
         runs[name] = tmp_path / name
-        helpers.train_here(tiny_pool_cfg, runs[name], f"method={method}", *COMMON, *extra)
+        helpers.train_here(tiny_pool_cfg, runs[name], f"method={method}", *COMMON, one_thread, *extra)
     dam, concrete, undefended = (state(runs[n]) for n in ("dam", "concrete", "undefended"))
     assert dam["perturbation"].abs().max() > 0
     ce = [v for _, v in helpers.logged(runs["dam"], "adversary_ce")][:3]
@@ -44,9 +36,10 @@ def test_the_adversary_flips_the_merge_and_the_defense_moves_the_mask(tiny_pool_
 
 def test_dam_resumes_exactly_in_its_defended_phase(tiny_pool_cfg, tmp_path, one_thread):
     full, part = tmp_path / "full", tmp_path / "part"
-    helpers.train_here(tiny_pool_cfg, full, "method=dam", "method.adv_lr=0.1", *COMMON, "checkpoint.every_n_steps=1",
+    dam = ["method=dam", "method.adv_lr=0.1", *COMMON, one_thread]
+    helpers.train_here(tiny_pool_cfg, full, *dam, "checkpoint.every_n_steps=1",
                        "checkpoint.monitor=null")
-    helpers.train_here(tiny_pool_cfg, part, "method=dam", "method.adv_lr=0.1", *COMMON, "checkpoint.monitor=null",
+    helpers.train_here(tiny_pool_cfg, part, *dam, "checkpoint.monitor=null",
                        f"resume={full / 'checkpoints' / 'step000002.ckpt'}")
     want, got = state(full), state(part)
     for k, v in want.items():

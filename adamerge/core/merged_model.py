@@ -163,13 +163,11 @@ class MergedModel(nn.Module):
 
     def merged_params(self, reuse_buffers: bool = False, rows: torch.Tensor | None = None,
                       adapters: Collection[str] = ()) -> dict[str, torch.Tensor]:
-        """Merged values of every merged tensor, in the base's dtype, merged one tensor at a time (no
-        model-sized dict of deltas beside the merged weights). ``reuse_buffers`` (the training step): into
-        buffers kept across calls, valid until the next such call. ``rows`` (with it): the token ids this step
-        looks up; the input embedding table (``lookup_name``) is merged on those rows only (the others hold the
-        base value), exact for a lookup. ``adapters`` (with it): factorized LoRA weights left out for
-        ``low_rank``; the other factorized weights are merged from their factors (``lora_step``). Sharded: the
-        merge gathered from every process (``sharded_params``), or after training one kept by ``keep_merges``."""
+        """Merged values of every merged tensor, in the base's dtype (``merged_tensors``, as one dict).
+        ``reuse_buffers`` (the training step): into buffers kept across calls, valid until the next such call.
+        ``rows`` (with it): the token ids this step looks up; the input embedding table (``lookup_name``) is merged
+        on those rows only (the others hold the base value), exact for a lookup. ``adapters`` (with it): factorized
+        LoRA weights left out for ``low_rank``; the others are merged from their factors (``lora_step``)."""
         if self.sharded:
             return self.gathered_merge()
         if not reuse_buffers or self.task_vectors is None or self.mask is not None:
@@ -200,8 +198,8 @@ class MergedModel(nn.Module):
         return out
 
     def merged_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, merged value in the base's dtype) one tensor at a time: an export never holds the merged model
-        (sharded: the merge gathered or kept after training, which is whole already)."""
+        """(name, merged value in the base's dtype) one tensor at a time, so an export never holds the merged model.
+        Sharded: the merge gathered from every process, or after training one kept by ``keep_merges`` (whole)."""
         if self.sharded:
             yield from self.gathered_merge().items()
             return
@@ -287,11 +285,9 @@ class MergedModel(nn.Module):
 
     def forward(self, task: str | None = None, params: dict[str, torch.Tensor] | None = None, **inputs):
         """Run the base module with merged weights (``params``, default: merge now) and ``task``'s head."""
-        if params is None:
-            params = self.merged_params()
-        if task is not None and task in self.heads:
-            params = {**params, **self.heads[task]}
-        return functional_call(self.base, params, args=(), kwargs=inputs)
+        params = self.merged_params() if params is None else params
+        head = self.heads.get(task, {}) if task is not None else {}
+        return functional_call(self.base, {**params, **head} if head else params, args=(), kwargs=inputs)
 
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
