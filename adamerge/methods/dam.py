@@ -94,15 +94,16 @@ class DefenseAwareMerging(ConcreteAdaMerging):
         """One Adam step of every task's δ on −CE(f(x + δ), argmax f(x)), the merge detached (its current sample)."""
         with torch.no_grad():
             params = {n: v.detach() for n, v in self.merged.merged_params().items()}
-        total = torch.zeros(())
+        total, grad = torch.zeros(()), torch.zeros_like(self.perturbation)
         for task, inputs in batch.items():
             with torch.no_grad():
                 target = self.task_logits(task, inputs, params)[0].argmax(-1)
             with self.perturbed(task, trains=True):
                 loss = -F.cross_entropy(self.task_logits(task, inputs, params)[0].float(), target)
-            loss.backward()
+            # autograd.grad, not backward: a second backward per step would break DDP's reducer (as concrete.py's)
+            grad += torch.autograd.grad(loss, [self.perturbation])[0]
             total = total - loss.detach()
-        self.perturbation.grad = all_reduce_mean(self.perturbation.grad)
+        self.perturbation.grad = all_reduce_mean(grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total
