@@ -47,17 +47,19 @@ def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -
         rows = reference_rows(pool, tests, bs)
         for key, sets in attacks.items():
             columns[key] = reference_rows(pool, sets, bs)
-    scored = []  # (row label, merged weights) of the rows the attack columns score
-    if start_state is not None and c["evaluate"]["start_row"]:
+
+    def score_attacks(name: str, merged: dict) -> None:
+        for key, sets in attacks.items():
+            columns[key][name] = merge_accuracies(pool, merged, sets, bs)
+
+    if start_state is not None and c["evaluate"]["start_row"]:  # the start's weights released before the end's
         start = merged_at(method, start_state)
         rows[method.start_label()] = accuracies(start)
-        scored.append((method.start_label(), start))
+        score_attacks(method.start_label(), start)
+        del start
     label, now = c["method"]["id"] + exported_note(selection), merged_now(method)
     rows.update(merged_rows(method, label, now, tests, bs))
-    scored.append((label, now))
-    for key, sets in attacks.items():
-        for name, merged in scored:
-            columns[key][name] = merge_accuracies(pool, merged, sets, bs)
+    score_attacks(label, now)
     summary = summarize(rows, extra=columns)
     save_report(summary, out_dir)
     table = markdown(summary)
