@@ -217,6 +217,12 @@ class ConcreteAdaMerging(EntropyObjective, MergeMethod):
     def _reset_coefficients(self) -> None:
         self.merged.coefficients.raw.copy_(self.coef_init)
 
+    in_mask_step = False  # set while the phase-1 mask step computes its loss (dam adds a term there)
+
+    def before_mask_step(self, batch, rng) -> None:
+        """A sub-step between the inner step and the mask step of phase 1 (dam's adversary), on the mask step's
+        ``batch``; it leaves the mask generator at ``rng``, so the mask step sees the same sample. None here."""
+
     def training_step(self, batch, batch_idx):
         inner_opt, mask_opt, lam_opt = self.optimizers()[:3]  # (dam adds its adversary's last)
         mask = self.merged.mask
@@ -231,7 +237,12 @@ class ConcreteAdaMerging(EntropyObjective, MergeMethod):
             inner_opt.optimizer.step()  # bare torch step: not counted in global_step
             inner_opt.optimizer.zero_grad(set_to_none=True)
             mask.set_rng_state(rng)
-            value = self._grads_into(second, list(mask.parameters()))
+            self.before_mask_step(second, rng)
+            self.in_mask_step = True
+            try:
+                value = self._grads_into(second, list(mask.parameters()))
+            finally:
+                self.in_mask_step = False
             mask_opt.step()
             mask_opt.zero_grad(set_to_none=True)
             self.log("loss_inner", inner, on_step=True)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..run.distributed import all_reduce_mean
-from .concrete import ConcreteAdaMerging, ConcreteAdaMergingConfig, split_halves
+from .concrete import ConcreteAdaMerging, ConcreteAdaMergingConfig
 from .method_config import check_range
 from .registry import register
 
@@ -56,7 +56,6 @@ class DefenseAwareMerging(ConcreteAdaMerging):
         positions = pool.base_model.config.max_position_embeddings
         hidden = pool.base_model.get_input_embeddings().embedding_dim
         self.perturbation = torch.nn.Parameter(torch.zeros(len(pool.task_names), positions, hidden))
-        self.defending = False  # the mask step of phase 1: its loss adds the perturbed inputs' entropy
 
     @contextmanager
     def perturbed(self, task: str, trains: bool) -> Iterator[None]:
@@ -85,15 +84,16 @@ class DefenseAwareMerging(ConcreteAdaMerging):
     def task_loss(self, task: str, inputs: dict[str, torch.Tensor], params: dict | None = None) -> torch.Tensor:
         """The entropy on clean inputs; in the mask step, plus ``adv_weight`` × the entropy on the perturbed ones."""
         clean = super().task_loss(task, inputs, params)
-        if not self.defending:
+        if not self.in_mask_step:
             return clean
         with self.perturbed(task, trains=False):
             return clean + self.cfg.adv_weight * super().task_loss(task, inputs, params)
 
-    def adversary_step(self, batch: dict[str, dict[str, torch.Tensor]], optimizer) -> torch.Tensor:
-        """One Adam step of every task's δ on −CE(f(x + δ), argmax f(x)), the merge detached (its current sample)."""
+    def before_mask_step(self, batch: dict[str, dict[str, torch.Tensor]], rng) -> None:
+        """The adversary: one Adam step of every task's δ on −CE(f(x + δ), argmax f(x)), the merge detached (the mask
+        step's sample, which it then hands back)."""
         with torch.no_grad():
-            params = {n: v.detach() for n, v in self.merged.merged_params().items()}
+            params = self.merged.merged_params()
         total, grad = torch.zeros(()), torch.zeros_like(self.perturbation)
         for task, inputs in batch.items():
             with torch.no_grad():
@@ -104,31 +104,8 @@ class DefenseAwareMerging(ConcreteAdaMerging):
             grad += torch.autograd.grad(loss, [self.perturbation])[0]
             total = total - loss.detach()
         self.perturbation.grad = all_reduce_mean(grad)
+        optimizer = self.optimizers()[3].optimizer  # a bare torch step: only the mask step counts in global_step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return total
-
-    def training_step(self, batch, batch_idx):
-        if self.global_step >= self.mask_steps:
-            return super().training_step(batch, batch_idx)
-        inner_opt, mask_opt, _, adversary_opt = self.optimizers()
-        mask = self.merged.mask
-        mask.frozen = False
-        first, second = split_halves(batch)
-        rng = mask.get_rng_state()  # one mask sample for the three sub-steps
-        self._reset_coefficients()
-        inner = self._grads_into(first, [self.merged.coefficients.raw])
-        inner_opt.optimizer.step()  # bare torch steps: only the mask step counts in global_step
-        inner_opt.optimizer.zero_grad(set_to_none=True)
-        mask.set_rng_state(rng)
-        attack = self.adversary_step(second, adversary_opt.optimizer)
-        mask.set_rng_state(rng)
-        self.defending = True
-        try:
-            value = self._grads_into(second, list(mask.parameters()))
-        finally:
-            self.defending = False
-        mask_opt.step()
-        mask_opt.zero_grad(set_to_none=True)
-        self.log("loss", value, prog_bar=True, on_step=True)
-        self.log_dict({"loss_inner": inner, "adversary_ce": attack, "phase": 1.0}, on_step=True)
+        self.merged.mask.set_rng_state(rng)
+        self.log("adversary_ce", total, on_step=True)
