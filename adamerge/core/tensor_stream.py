@@ -48,13 +48,11 @@ def tensor_stacks(pool, names: list[str], dtype: torch.dtype, keep_unchanged: bo
     ``TaskVectors.from_pool``); the next tensor is read by a second thread while this one is merged. A stack
     is valid until the next one is asked for (its buffer is then refilled)."""
     buffers = Buffers()
-    judged = False
 
     def read(i: int):
         return read_stack(pool, names[i], dtype, keep_unchanged, alloc=lambda shape, dt: buffers.alloc(i % 2, shape, dt))
 
     def stream():
-        nonlocal judged
         with ThreadPoolExecutor(1) as reader:
             ahead = reader.submit(read, 0) if names else None
             for i, n in enumerate(names):
@@ -63,11 +61,23 @@ def tensor_stacks(pool, names: list[str], dtype: torch.dtype, keep_unchanged: bo
                     ahead = reader.submit(read, i + 1)
                 if stack is not None:
                     yield n, stack
-        if pool.deferred_values is not None and not judged:  # the first pass read every value: judge the experts
+
+    return judged_after_first_pass(pool, stream)
+
+
+def judged_after_first_pass(pool, stream: Stream) -> Stream:
+    """``stream``, which judges the experts (``check_fine_tuned_experts``) once its first pass has read every value,
+    for a pool that defers its value checks to the first read."""
+    judged = False
+
+    def run():
+        nonlocal judged
+        yield from stream()
+        if pool.deferred_values is not None and not judged:
             judged = True
             pool.check_fine_tuned_experts()
 
-    return stream
+    return run
 
 
 class ExpertRows:
@@ -86,22 +96,22 @@ class ExpertRows:
 
 
 def expert_rows(pool, names: list[str], dtype: torch.dtype, keep_unchanged: bool) -> Stream:
-    """The stream of (name, ``ExpertRows``) in the pool's order, tensors no expert changes left out (read one
-    expert at a time to know it), as ``tensor_stacks``."""
-
-    judged = False
+    """The stream of (name, ``ExpertRows``) in the pool's order, tensors no expert changes left out, as
+    ``tensor_stacks``: which those are is read once, one expert at a time, in the first pass."""
+    changed: list[str] | None = None
 
     def stream():
-        nonlocal judged
-        for n in names:
+        nonlocal changed
+        first, found = changed is None, []
+        for n in names if first else changed:
             rows = ExpertRows(pool, n, dtype)
-            if keep_unchanged or any(bool(rows[k].any()) for k in range(len(rows))):
+            if not first or keep_unchanged or any(bool(rows[k].any()) for k in range(len(rows))):
+                found.append(n)
                 yield n, rows
-        if pool.deferred_values is not None and not judged:  # every value read: judge the experts (as tensor_stacks)
-            judged = True
-            pool.check_fine_tuned_experts()
+        if first:  # a whole pass: the later ones skip the check
+            changed = found
 
-    return stream
+    return judged_after_first_pass(pool, stream)
 
 
 def logged_passes(stream: Stream, total: int, what: str) -> Stream:
