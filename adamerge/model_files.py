@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .core.merged_model import tied_sources
 from .errors import ExportError
 from .pool.validation import all_finite
 from .safetensors_writer import StreamedCheckpoint
@@ -33,15 +34,15 @@ def write_merged_model(pool, merged, model_dir: Path, dtype: str | None, max_sha
     in memory. Names as ``save_pretrained`` writes the family's exported module (tied weights once, under their first
     name); the tensors no expert changes are the base's."""
     model = pool.family.exported_module(pool.base_model)
-    first: dict[int, str] = {}  # a tensor's name in the pool: its first name in the whole model
-    for n, p in pool.base_model.named_parameters(remove_duplicate=False):
-        first.setdefault(id(p), n)
+    tied = tied_sources(pool.base_model)
     tensors, seen = {}, set()
     for key, t in model.state_dict(keep_vars=True).items():
         if id(t) not in seen:  # a tied weight once: from_pretrained ties it back
             seen.add(id(t))
             tensors[key] = t
-    plan = {k: (first.get(id(t)), tuple(t.shape), export_dtype(t.dtype, dtype)) for k, t in tensors.items()}
+    # each key's name in the pool, as a streamed merge's plan names the keys of the base's files
+    plan = {k: (pool.canonical_name(k) or tied.get(k), tuple(t.shape), export_dtype(t.dtype, dtype))
+            for k, t in tensors.items()}
     save_model_config(model, model_dir, dtype)
     was = merged.training
     merged.eval()  # a Concrete mask's expected value, not a sample

@@ -93,7 +93,6 @@ class ZeroShotCLIP(nn.Module):
         return ImageClassifierOutput(logits=self.classifier(emb), hidden_states=out.hidden_states)
 
 
-
 def _vision_config(path: Path, what: str):
     from transformers import AutoConfig
 
