@@ -48,7 +48,8 @@ from typing import Any
 
 from adamerge.atomic import atomic_write_text
 from adamerge.errors import PoolError
-from benchmark_backdoor import attack_files, check_backdoor, digest
+from adamerge.run.data import read_jsonl
+from benchmark_backdoor import ATTACK_SPLITS, attack_files, check_backdoor, digest
 from benchmark_corpora import LOADERS, check_task, load_task, split_sizes, split_task  # noqa: F401 (the recipe's API)
 from benchmark_experts import FORMS, base_model_dir, fit_probe, train_expert, write_json  # noqa: F401
 
@@ -221,13 +222,13 @@ def build(cfg: dict) -> dict:
             "num_labels": len(label_names),
             "label_names": label_names,
         }
-        if attacked:
-            rows = [json.loads(line) for line in files["test"].read_text(encoding="utf-8").splitlines()]
-            for split, texts_labels in attack_files([r["text"] for r in rows], [r["label"] for r in rows], backdoor).items():
-                path = task_dir / f"{split}-{digest(backdoor)}.jsonl"
-                if not path.exists():
-                    _write_jsonl(path, *texts_labels)
-                spec["tasks"][task][split] = str(path)
+        if attacked:  # from the test file, once
+            paths = {split: task_dir / f"{split}-{digest(backdoor)}.jsonl" for split in ATTACK_SPLITS}
+            if not all(p.exists() for p in paths.values()):
+                test = read_jsonl(str(files["test"]), task, need_labels=True, num_labels=len(label_names))
+                for split, texts_labels in attack_files(*test, backdoor).items():
+                    _write_jsonl(paths[split], *texts_labels)
+            spec["tasks"][task].update({split: str(p) for split, p in paths.items()})
     return spec
 
 
