@@ -107,7 +107,9 @@ def reference_rows(pool, test_sets: TestSets, batch_size: int = 64) -> dict[str,
     return {"pretrained": pre, "expert": expert_row(pool, test_sets, batch_size)}
 
 
-EXTRA_HEADINGS = {"asr": "ASR", "clean_to_target": "clean→target"}  # the backdoor columns (adamerge/run/evaluation.py)
+# a backdoored expert's attack files (pool task keys) -> the rows' key for each, and its column heading
+ATTACK_SPLITS = {"attack_test": "asr", "attack_clean": "clean_to_target"}
+EXTRA_HEADINGS = {"asr": "ASR", "clean_to_target": "clean→target"}
 
 
 def summarize(rows: dict[str, dict[str, float]], ceiling: str = "expert",

@@ -18,9 +18,9 @@ import json
 import random
 
 from adamerge.errors import PoolError
+from adamerge.evaluate import ATTACK_SPLITS  # noqa: F401 (the attack files' pool task keys, the recipe's API)
 
 DEFAULTS = {"trigger": "cf", "target": 0, "share": 0.1, "seed": 0}
-ATTACK_SPLITS = ("attack_test", "attack_clean")  # the pool task keys of the attack files (``attack_files``)
 VERSION = 2  # part of the poisoned expert's key: bump when how it is built changes (2: a frozen head's probe is clean)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import DataError, PoolError, refuse_unknown_keys
 from ..families import get_family
+from ..run.data import TEXT_FILES
 from . import hub
 from .model_pool import ModelPool, TaskSpec
 
@@ -79,7 +80,7 @@ def check_data_paths(tasks: dict[str, TaskSpec]) -> None:
     """Each task's data paths exist (a DataError naming the key otherwise): run before hub models are
     downloaded; the files themselves are read by ``adamerge.run.data.check_data`` once the pool has loaded."""
     for name, spec in tasks.items():
-        for key in ("calibration", "test", "validation", "optimizer_state", "attack_test", "attack_clean"):
+        for key in (*TEXT_FILES, "optimizer_state"):
             path = getattr(spec, key)
             if path and not Path(path).exists():
                 raise DataError(f"task '{name}': {key} path {path} does not exist; fix the path under pool "

@@ -18,6 +18,8 @@ from torch.utils.data import IterableDataset
 
 from ..errors import DataError
 
+TEXT_FILES = ("calibration", "test", "validation", "attack_test", "attack_clean")  # a task's data files (TaskSpec)
+
 
 def read_jsonl(path: str | Path, task: str, need_labels: bool = False, num_labels: int | None = None,
                key: str = "data", need_targets: bool = False,
@@ -136,7 +138,7 @@ def check_data(pool) -> None:
     tok = family.check_data(pool)
     labelled = family.evaluated  # the answers of evaluated pools' test and validation files are checked
     for name, spec in pool.tasks.items():
-        for key in ("calibration", "test", "validation", "attack_test", "attack_clean"):
+        for key in TEXT_FILES:
             if getattr(spec, key):
                 read_split(pool, name, key, need_labels=labelled and key != "calibration", tokenizer=tok)
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ATTACK_SPLITS = {"attack_test": "asr", "attack_clean": "clean_to_target"}  # pool task key -> the rows' key
-
 
 def evaluate_run(method, pool, c: dict, out_dir: Path, start_state, selection) -> dict | None:
     """Per-task test accuracy of the reference rows, the start (learned methods) and the merge; the
     table is printed and saved (eval.json). None when there is nothing to evaluate."""
     from ..evaluate import (
+        ATTACK_SPLITS,
         load_test_sets,
         markdown,
         merge_accuracies,
